@@ -1,0 +1,38 @@
+"""Google Local reviews 2021 (Li, Ni, McAuley), one state's review-<State>.json and meta-<State>.json.
+
+Review lines: {user_id, name, time (unix ms), rating (1..5), text, pics, resp, gmap_id};
+meta lines: {name, gmap_id, address, category, ...}. The title is the meta `address`, which starts with
+the business name ("Name, street, city, ST zip", as in the DEEPER authors' windows), else `name`.
+"""
+
+from __future__ import annotations
+
+from deeper.data.readers.common import (
+    STARS_1_5,
+    Source,
+    clean_title,
+    field,
+    id_text,
+    iter_json_objects,
+    parse_time,
+    require_file,
+)
+
+
+def read(src: Source, sink) -> None:
+    path = require_file(src.path)
+    if src.meta is not None:
+        require_file(src.meta)
+    sink.add_domain(src.domain, src.item_type, src.format, str(path))
+    rated: set[str] = set()
+    for row, obj in iter_json_objects(path):
+        place = id_text(field(obj, "gmap_id", path, row), "gmap_id", path, row)
+        sink.rating(src.domain, id_text(field(obj, "user_id", path, row), "user_id", path, row), place,
+                    STARS_1_5.parse(field(obj, "rating", path, row), path, row),
+                    parse_time(field(obj, "time", path, row), path, row, unit="ms"))
+        rated.add(place)
+    if src.meta is not None:
+        for row, obj in iter_json_objects(src.meta):
+            place = obj.get("gmap_id")
+            if isinstance(place, str) and place in rated:
+                sink.title(src.domain, place, clean_title(obj.get("address")) or clean_title(obj.get("name")))

@@ -1,0 +1,43 @@
+"""Stage `ingest`: read the raw sources of one preset into data/ingest/ratings.duckdb.
+
+    python -m stages.ingest                      # the preset in params.yaml (embedded: MovieLens 100K)
+    dvc exp run -S ingest.root=../shared/data -S ingest.preset=deeper_authors
+"""
+
+from __future__ import annotations
+
+import click
+
+from deeper.config import get, load_params
+from deeper.data.ingest import ingest, sources_from_params
+from deeper.metrics import write_json
+from stages._cli import PARAMS_OPTION, user_errors
+
+
+@click.command(help="""Read every source of `ingest.presets.<ingest.preset>` (paths under `ingest.root`) into
+one DuckDB database with the tables domains, items and ratings (docs/ARCHITECTURE.md).
+
+Each source names a format: movielens100k_parquet, ml100k, movielens_csv, amazon2018, amazon2014,
+foodcom, google_local or deeper_windows (the DEEPER authors' windows; domains from its folder names).
+Every row is validated: a bad row stops the stage with one line naming the file and row; rows that are
+known not to be ratings (duplicates, Food.com's 0 = no stars, ...) are skipped and counted per reason in
+the metrics file, with users, items and ratings per domain.""")
+@PARAMS_OPTION
+@click.option("--out", default="data/ingest/ratings.duckdb", show_default=True, type=click.Path(dir_okay=False),
+              help="The database to write (replaced as a whole).")
+@click.option("--metrics", "metrics_path", default="metrics/data.json", show_default=True,
+              type=click.Path(dir_okay=False), help="Per-domain counts and skips by reason.")
+@user_errors
+def main(params_path: str, out: str, metrics_path: str) -> None:
+    params = load_params(params_path)
+    sources = sources_from_params(get(params, "ingest.root"), get(params, "ingest.preset"),
+                                  get(params, "ingest.presets"))
+    summary = ingest(sources, out)
+    write_json(metrics_path, summary)
+    for domain, s in summary["domains"].items():
+        dropped = ", ".join(f"{k} {v}" for k, v in s["dropped"].items() if v) or "none"
+        click.echo(f"{domain}: {s['users']} users, {s['items']} items, {s['ratings']} ratings; dropped: {dropped}")
+
+
+if __name__ == "__main__":
+    main()

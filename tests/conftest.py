@@ -1,0 +1,30 @@
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """The real test files of ../shared/data; tests skip where the folder is absent."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"real test data absent: {SHARED_DATA} (see DEVELOPERS.md: ../shared/data beside the repo)")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> Path:
+    """A tiny random Llama + ChatML tokenizer saved as an HF folder (built in-process, no download)."""
+    from tests.tiny import make_tiny_llama
+
+    return make_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _isolated_cache(tmp_path_factory):
+    """Tests never write into the user's response cache unless a test sets DEEPER_CACHE_DIR itself."""
+    os.environ.setdefault("DEEPER_RESPONSE_CACHE", str(tmp_path_factory.mktemp("responses")))
+    yield
