@@ -7,10 +7,15 @@
 
 A chat is a list of {"role", "content"} messages. A rating group is the chats of one window: they share
 the persona prefix, so backends may encode it once (KV cache / prefix caching).
+
+Sample k of `generate(chats, n, sampling)` is drawn with seed `sampling.seed + k`, independently of the other
+chats in the call: it equals sample 0 of `generate(chats, 1, replace(sampling, seed=sampling.seed + k))`.
+That is what lets the response cache fetch any missing (chat, sample) alone after a crash.
 """
 
 from __future__ import annotations
 
+import threading
 from dataclasses import asdict, dataclass, field
 from typing import Protocol, runtime_checkable
 
@@ -44,6 +49,48 @@ class RatingGroup:
 class RatingResult:
     probs: np.ndarray  # (n_items, 5), rows sum to 1 (renormalised over "1".."5")
     digit_mass: np.ndarray = field(default=None)  # (n_items,), mass on the five digits before renormalising
+    # (n_items,) bool or None (= none failed): True where the backend gave up (e.g. malformed server output) and
+    # returned the stated fallback (uniform probs, digit_mass 0). Such rows are counted, never cached.
+    failed: np.ndarray | None = None
+
+
+def uniform_result(n_items: int) -> RatingResult:
+    """The fallback for items a backend could not score: uniform over 1..5, no mass on the digits, failed."""
+    return RatingResult(
+        probs=np.full((n_items, len(RATINGS)), 1.0 / len(RATINGS)),
+        digit_mass=np.zeros(n_items),
+        failed=np.ones(n_items, dtype=bool),
+    )
+
+
+class Counters:
+    """Per-backend call counters for metrics (thread-safe: the openai backend counts from worker threads).
+
+    calls: prompts answered (one per generated sample, one per rated item); prompt_tokens: their prompt
+    lengths; completion_tokens: generated tokens; retries: repeated requests; failures: items that got a
+    fallback after the last retry.
+    """
+
+    FIELDS = ("calls", "prompt_tokens", "completion_tokens", "retries", "failures")
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._values = dict.fromkeys(self.FIELDS, 0)
+
+    def add(self, **amounts: int) -> None:
+        with self._lock:
+            for name, amount in amounts.items():
+                self._values[name] += int(amount)
+
+    def __getattr__(self, name):
+        values = self.__dict__.get("_values")
+        if values is not None and name in values:
+            return values[name]
+        raise AttributeError(name)
+
+    def as_dict(self) -> dict:
+        with self._lock:
+            return dict(self._values)
 
 
 @runtime_checkable

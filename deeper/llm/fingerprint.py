@@ -1,0 +1,110 @@
+"""Model and adapter fingerprints: they change whenever a backend's outputs could change.
+
+- A local HF folder: its `fingerprint.txt` (written by the fetch stage) if present, else sha256 over
+  config.json and every safetensors file's name, size and sha256.
+- A GGUF file: sha256 of the file.
+- A Hugging Face hub id: the id and revision (the hub pins the weights by revision).
+- A peft adapter folder: sha256 over adapter_config.json and its safetensors files.
+
+File hashes are cached in memory by (path, size, mtime), so a 0.5 GB model is hashed once per process.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from deeper.errors import ConfigError
+
+FINGERPRINT_FILE = "fingerprint.txt"
+_CHUNK = 1 << 20
+_file_hashes: dict[tuple, str] = {}
+_lock = threading.Lock()
+
+
+def file_sha256(path: str | Path) -> str:
+    path = Path(path).resolve()
+    stat = path.stat()
+    key = (str(path), stat.st_size, stat.st_mtime_ns)
+    with _lock:
+        if key in _file_hashes:
+            return _file_hashes[key]
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(_CHUNK):
+            digest.update(chunk)
+    with _lock:
+        _file_hashes[key] = digest.hexdigest()
+    return _file_hashes[key]
+
+
+def _folder_hash(folder: Path, config_name: str, weights_glob: str) -> str:
+    digest = hashlib.sha256()
+    config = folder / config_name
+    if config.is_file():
+        digest.update(config.read_bytes())
+    for weights in sorted(folder.glob(weights_glob)):
+        digest.update(f"\n{weights.name}:{weights.stat().st_size}:{file_sha256(weights)}".encode())
+    return "sha256:" + digest.hexdigest()
+
+
+def folder_fingerprint(folder: str | Path) -> str:
+    folder = Path(folder)
+    stored = folder / FINGERPRINT_FILE
+    if stored.is_file():
+        return stored.read_text(encoding="utf-8").strip()
+    return _folder_hash(folder, "config.json", "*.safetensors")
+
+
+def adapter_fingerprint(folder: str | Path) -> str:
+    return _folder_hash(Path(folder), "adapter_config.json", "*.safetensors")
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where `from_pretrained` finds a model: a local folder (or a GGUF file in it) or a hub id."""
+
+    location: str  # folder path or hub id
+    gguf_file: str | None
+    revision: str | None
+    fingerprint: str
+    is_local: bool
+
+
+def _looks_like_path(name: str) -> bool:
+    # A hub id is "name" or "org/name"; anything deeper, relative-looking or absolute is a path on disk.
+    return name.startswith((".", "/", "~", "models/")) or name.count("/") > 1 or name.endswith(".gguf")
+
+
+def resolve_model(name: str, revision: str | None = None, where: str = "model.name") -> ModelSource:
+    """A local folder or GGUF file when it exists, a hub id when `name` looks like one; else a ConfigError."""
+    path = Path(name).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return ModelSource(str(path.parent), path.name, None, "sha256:" + file_sha256(path), True)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ConfigError(where, f"{name} is a folder without config.json (not a Hugging Face model folder)")
+        return ModelSource(str(path), None, None, folder_fingerprint(path), True)
+    if _looks_like_path(name):
+        raise ConfigError(where, f"model not found: {name} (run `dvc repro fetch` for the embedded models)")
+    revision = revision or "main"
+    return ModelSource(name, None, revision, f"hf:{name}@{revision}", False)
+
+
+def resolve_adapter(adapter: str | Path | None, where: str = "adapter") -> str | None:
+    """The adapter's fingerprint, or None without an adapter; a missing folder is a ConfigError."""
+    if adapter is None:
+        return None
+    folder = Path(adapter)
+    if not (folder / "adapter_config.json").is_file():
+        raise ConfigError(where, f"no peft adapter at {adapter} (adapter_config.json missing)")
+    return adapter_fingerprint(folder)
+
+
+def combine(weights: str, adapter: str | None, **extra) -> str:
+    """One fingerprint string: weights, then the adapter, then settings that change outputs (e.g. dtype)."""
+    parts = [weights] + ([f"adapter={adapter}"] if adapter else [])
+    parts += [f"{k}={v}" for k, v in sorted(extra.items()) if v is not None]
+    return ";".join(parts)

@@ -1,0 +1,228 @@
+"""Stage init_personas: the initial persona S_0 of every windowed user (train and eval), written by the
+frozen model from the user's first window W_0 (DEEPER Appendix A.1, template deeper/prompts/init.txt).
+
+    python -m stages.init_personas                         # as `dvc repro` runs it
+    python -m stages.init_personas --params my.yaml --out /tmp/init.parquet --metrics /tmp/personas.json
+
+Reads params `models.frozen` (the backend, loaded with deeper.llm.load_llm and wrapped in the response
+cache, so a killed run resumes where it stopped) and `persona` (generation settings, degenerate-output
+handling, the tokenizer that counts persona tokens).
+
+Degenerate generations (no letters, fewer than `persona.min_words` words, or a loop) are re-sampled with
+seeds seed+1 .. seed+retries (not when temperature is 0: greedy decoding would repeat itself). A user whose
+every attempt is degenerate keeps the longest attempt, flagged in the `degenerate` column (the reason) and
+counted in metrics/personas.json; it is never dropped silently and never replaced by made-up text.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import click
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from deeper.config import get, load_params
+from deeper.errors import ConfigError, InputError
+from deeper.llm.base import Sampling
+from deeper.metrics import write_json
+from deeper.personas import clean_persona, count_words, degenerate_reason, token_counter
+from deeper.prompts import load_prompts
+from stages._cli import PARAMS_OPTION, user_errors
+
+WINDOW_COLUMNS = ("domain", "item_type", "user_id", "split", "window", "pos", "title", "rating")
+SPLITS = ("train", "eval")
+OUT_SCHEMA = pa.schema(
+    [
+        ("domain", pa.string()), ("user_id", pa.string()), ("split", pa.string()), ("persona", pa.string()),
+        ("persona_tokens", pa.int64()), ("persona_words", pa.int64()), ("attempts", pa.int64()),
+        ("degenerate", pa.string()),
+    ]
+)
+LONG_PERSONA_WORDS = 200  # the paper asks the initial persona for at least 200 words
+
+
+@dataclass(frozen=True)
+class PersonaSettings:
+    sampling: Sampling
+    retries: int
+    min_words: int
+    tokenizer: str
+
+    @classmethod
+    def from_params(cls, params: dict) -> PersonaSettings:
+        block = get(params, "persona")
+        if not isinstance(block, dict):
+            raise ConfigError("persona", "must be a mapping")
+
+        def number(key, kind, default, low):
+            value = block.get(key, default)
+            try:
+                value = kind(value)
+            except (TypeError, ValueError):
+                raise ConfigError(f"persona.{key}", f"must be a number, got {value!r}") from None
+            if value < low:
+                raise ConfigError(f"persona.{key}", f"must be >= {low}, got {value!r}")
+            return value
+
+        sampling = Sampling(
+            temperature=number("temperature", float, 0.7, 0.0),
+            top_p=number("top_p", float, 0.9, 0.0),
+            repetition_penalty=number("repetition_penalty", float, 1.1, 0.0),
+            max_new_tokens=number("max_new_tokens", int, 256, 1),
+            seed=number("seed", int, 0, 0),
+        )
+        tokenizer = block.get("tokenizer")
+        if not tokenizer:
+            raise ConfigError("persona.tokenizer", "missing: a tokenizer folder or hub id to count persona tokens")
+        return cls(sampling, number("retries", int, 2, 0), number("min_words", int, 20, 0), str(tokenizer))
+
+
+def read_first_windows(path: Path) -> pd.DataFrame:
+    """The W_0 rows of windows.parquet, validated; InputError (file and row) on anything unusable."""
+    if not path.exists():
+        raise InputError(path, "not found; run `dvc repro window` first")
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowInvalid, OSError) as e:
+        raise InputError(path, f"not a readable Parquet file: {str(e).splitlines()[0]}") from None
+    missing = [c for c in WINDOW_COLUMNS if c not in table.column_names]
+    if missing:
+        raise InputError(path, f"missing column(s) {', '.join(missing)}")
+    df = table.select(list(WINDOW_COLUMNS)).to_pandas()
+    df["row"] = np.arange(1, len(df) + 1)  # 1-based row in the file, for messages
+    for column in ("domain", "item_type", "user_id", "split", "title"):
+        bad = df[~df[column].map(lambda v: isinstance(v, str) and v.strip() != "")]
+        if len(bad):
+            raise InputError(path, f"{column} is missing or empty", int(bad["row"].iloc[0]))
+    bad = df[~df["split"].isin(SPLITS)]
+    if len(bad):
+        raise InputError(path, f"split must be one of {list(SPLITS)}, got {bad['split'].iloc[0]!r}", int(bad["row"].iloc[0]))
+    for column in ("window", "pos", "rating"):
+        values = pd.to_numeric(df[column], errors="coerce")
+        bad = df[values.isna() | ~np.isfinite(values.astype(float))]
+        if len(bad):
+            raise InputError(path, f"{column} is not a finite number: {bad[column].iloc[0]!r}", int(bad["row"].iloc[0]))
+        df[column] = values
+    users = df.groupby(["domain", "user_id"], sort=False)
+    for column in ("split", "item_type"):
+        mixed = users[column].transform("nunique") > 1
+        if mixed.any():
+            first = df[mixed].iloc[0]
+            raise InputError(path, f"user {first['user_id']} of {first['domain']} has more than one {column}", int(first["row"]))
+    first_window = users["window"].transform("min")
+    without_w0 = df[first_window != 0]
+    if len(without_w0):
+        first = without_w0.iloc[0]
+        raise InputError(path, f"user {first['user_id']} of {first['domain']} has no window 0", int(first["row"]))
+    w0 = df[df["window"] == 0]
+    duplicated = w0.duplicated(["domain", "user_id", "pos"])
+    if duplicated.any():
+        raise InputError(path, "duplicate (domain, user_id, window, pos)", int(w0[duplicated]["row"].iloc[0]))
+    return w0.sort_values(["domain", "user_id", "pos"], kind="stable")
+
+
+def _best_attempt(attempts: list[str], min_words: int) -> tuple[str, str | None]:
+    """The first usable attempt, else the longest one with its degenerate reason."""
+    for text in attempts:
+        if degenerate_reason(text, min_words) is None:
+            return text, None
+    text = max(attempts, key=count_words)
+    return text, degenerate_reason(text, min_words)
+
+
+def generate_personas(llm, chats: list, settings: PersonaSettings) -> tuple[list[str], list[int]]:
+    """One persona per chat (cleaned), with the number of attempts each took. The cached LLM shows the
+    progress bar, chunks the calls and stores each chunk as it finishes (a killed run resumes)."""
+    attempts: list[list[str]] = [[] for _ in chats]
+    todo = list(range(len(chats)))
+    max_attempts = 1 + (settings.retries if settings.sampling.temperature > 0 else 0)
+    for attempt in range(max_attempts):
+        if attempt:
+            click.echo(f"retry {attempt}: {len(todo)} degenerate personas, seed +{attempt}", err=True)
+        sampling = replace(settings.sampling, seed=settings.sampling.seed + attempt)
+        texts = llm.generate([chats[i] for i in todo], 1, sampling)
+        for i, text in zip(todo, texts):
+            attempts[i].append(clean_persona(text[0] if text else ""))
+        todo = [i for i in todo if degenerate_reason(attempts[i][-1], settings.min_words) is not None]
+        if not todo:
+            break
+    return [_best_attempt(a, settings.min_words)[0] for a in attempts], [len(a) for a in attempts]
+
+
+def summarise(df: pd.DataFrame, retried: int, tokenizer: str) -> dict:
+    def spread(column):
+        values = df[column]
+        return {"mean": float(values.mean()), "min": int(values.min()), "max": int(values.max())} if len(df) else {}
+
+    reasons = df["degenerate"].dropna().value_counts()
+    return {
+        "count": len(df),
+        "by_split": {s: int((df["split"] == s).sum()) for s in SPLITS},
+        "tokens": spread("persona_tokens"),
+        "words": spread("persona_words"),
+        "share_200_words": float((df["persona_words"] >= LONG_PERSONA_WORDS).mean()) if len(df) else None,
+        "empty": int((df["persona_words"] == 0).sum()),
+        "degenerate": {r: int(reasons.get(r, 0)) for r in ("empty", "too_short", "repetitive")},
+        "retried_users": retried,
+        "token_counter": tokenizer,
+    }
+
+
+def run(params: dict, windows: Path, out: Path, metrics: Path) -> dict:
+    from deeper.llm import load_llm
+    from deeper.llm.cache import CachedLLM
+
+    settings = PersonaSettings.from_params(params)
+    spec = get(params, "models.frozen")
+    if not isinstance(spec, dict):
+        raise ConfigError("models.frozen", "must be a mapping such as {backend: transformers, name: ...}")
+    prompts = load_prompts()  # a broken template fails here, before the model loads
+    counter = token_counter(settings.tokenizer)
+    w0 = read_first_windows(windows)
+
+    users = []
+    chats = []
+    for (domain, user_id), rows in w0.groupby(["domain", "user_id"], sort=True):
+        users.append((domain, user_id, rows["split"].iloc[0]))
+        chats.append(
+            prompts.render("init", item_type=rows["item_type"].iloc[0], ratings=list(zip(rows["title"], rows["rating"])))
+        )
+    click.echo(f"{len(users)} users: writing S0 with {spec.get('name')} ({spec.get('backend')})", err=True)
+
+    llm = CachedLLM(load_llm(spec, where="models.frozen"))
+    personas, tries = generate_personas(llm, chats, settings)
+
+    df = pd.DataFrame(users, columns=["domain", "user_id", "split"])
+    df["persona"] = personas
+    df["persona_tokens"] = [counter(p) for p in personas]
+    df["persona_words"] = [count_words(p) for p in personas]
+    df["attempts"] = tries
+    df["degenerate"] = [degenerate_reason(p, settings.min_words) for p in personas]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pandas(df, schema=OUT_SCHEMA, preserve_index=False), out)
+    summary = summarise(df, retried=int((df["attempts"] > 1).sum()), tokenizer=settings.tokenizer)
+    write_json(metrics, summary)
+    flagged = sum(summary["degenerate"].values())
+    click.echo(f"wrote {out}: {len(df)} personas, {flagged} flagged degenerate; metrics in {metrics}", err=True)
+    return summary
+
+
+@click.command(help=__doc__.split("\n\n")[0] + "\n\nOutputs: --out (one row per user) and --metrics (lengths, failures).")
+@PARAMS_OPTION
+@click.option("--windows", default="data/window/windows.parquet", show_default=True, type=click.Path(dir_okay=False),
+              help="The window stage's output; the W_0 rows are used.")
+@click.option("--out", default="data/personas/init.parquet", show_default=True, type=click.Path(dir_okay=False),
+              help="Columns domain, user_id, split, persona, persona_tokens, persona_words, attempts, degenerate.")
+@click.option("--metrics", "metrics_path", default="metrics/personas.json", show_default=True,
+              type=click.Path(dir_okay=False), help="Persona count, lengths, degenerate generations.")
+@user_errors
+def main(params_path, windows, out, metrics_path):
+    run(load_params(params_path), Path(windows), Path(out), Path(metrics_path))
+
+
+if __name__ == "__main__":
+    main()

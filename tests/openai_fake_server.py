@@ -1,0 +1,160 @@
+"""A local OpenAI-compatible chat server on 127.0.0.1 for the openai backend's tests.
+
+It speaks POST /v1/chat/completions (messages, seed, temperature, max_tokens, logprobs, top_logprobs) with a
+deterministic "model": a generated text names the last message and the seed; a rating distribution is a
+function of the messages (`rating_logprobs`), spread over "1".."5", " 4" and non-digit tokens.
+
+Scripted faults are consumed one per request, in order: "429", "500", "sleep:<seconds>" (answers late, after
+the client has timed out), "nojson" (a 200 whose body is not JSON), "nochoices", "nologprobs".
+It records every request (headers and body), and the largest number of requests in flight at once.
+`hold_first=k` makes the first k requests wait until k are in flight (or 5 s pass), so a concurrency
+bound shows up in `max_in_flight` whatever the machine's speed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import threading
+import time
+from collections import deque
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+RATING_TOKENS = ["1", "2", "3", "4", "5", " 4", "I", "\n", "The"]
+
+
+def rating_logprobs(messages: list[dict]) -> list[tuple[str, float]]:
+    """The fake model's next-token distribution for these messages: (token, logprob), summing to 1."""
+    digest = hashlib.sha256(json.dumps(messages, sort_keys=True).encode()).digest()
+    weights = [1 + digest[i] for i in range(len(RATING_TOKENS))]
+    total = sum(weights)
+    return sorted(
+        ((token, math.log(w / total)) for token, w in zip(RATING_TOKENS, weights)), key=lambda p: -p[1]
+    )
+
+
+def expected_probs(messages: list[dict]) -> tuple[list[float], float]:
+    """What a correct client makes of `rating_logprobs`: P(1..5) renormalised (" 4" counts as 4) and the mass."""
+    sums = [0.0] * 5
+    for token, logprob in rating_logprobs(messages):
+        if token.strip() in "12345" and token.strip():
+            sums[int(token.strip()) - 1] += math.exp(logprob)
+    mass = sum(sums)
+    return [s / mass for s in sums], mass
+
+
+def generated_text(messages: list[dict], seed, temperature) -> str:
+    return f"reply to {messages[-1]['content']!r} seed={seed} temperature={temperature}"
+
+
+class FakeOpenAIServer:
+    def __init__(self, faults=(), hold_first: int = 0, delay: float = 0.0):
+        self.faults = deque(faults)
+        self.hold_first, self.delay = hold_first, delay
+        self.requests: list[dict] = []
+        self.in_flight = self.max_in_flight = self.arrived = 0
+        self._lock = threading.Lock()
+        self._enough = threading.Event()
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    @property
+    def base_url(self) -> str:
+        host, port = self._server.server_address[:2]
+        return f"http://{host}:{port}/v1"
+
+    def add_faults(self, *faults: str) -> None:
+        with self._lock:
+            self.faults.extend(faults)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._server.shutdown()
+        self._server.server_close()
+
+    # --- the handler ---------------------------------------------------------------------------------
+
+    def _enter(self) -> tuple[str | None, bool]:
+        with self._lock:
+            self.in_flight += 1
+            self.arrived += 1
+            self.max_in_flight = max(self.max_in_flight, self.in_flight)
+            held = self.arrived <= self.hold_first
+            if self.in_flight >= self.hold_first:
+                self._enough.set()
+            return (self.faults.popleft() if self.faults else None), held
+
+    def _leave(self) -> None:
+        with self._lock:
+            self.in_flight -= 1
+
+    def _reply(self, body: dict, fault: str | None) -> tuple[int, bytes]:
+        messages = body.get("messages", [])
+        if fault == "429":
+            return 429, json.dumps({"error": {"message": "rate limited", "type": "rate_limit"}}).encode()
+        if fault == "500":
+            return 500, json.dumps({"error": {"message": "internal error", "type": "server_error"}}).encode()
+        if fault == "nojson":
+            return 200, b"<html>not json"
+        if fault == "nochoices":
+            return 200, json.dumps({"id": "x", "object": "chat.completion", "created": 0, "model": "m", "choices": []}).encode()
+        choice = {"index": 0, "finish_reason": "stop", "logprobs": None}
+        if body.get("logprobs") and fault != "nologprobs":
+            top = rating_logprobs(messages)[: int(body.get("top_logprobs") or 1)]
+            token, logprob = top[0]
+            choice["message"] = {"role": "assistant", "content": token}
+            choice["logprobs"] = {"content": [{
+                "token": token, "logprob": logprob, "bytes": list(token.encode()),
+                "top_logprobs": [{"token": t, "logprob": lp, "bytes": list(t.encode())} for t, lp in top],
+            }]}
+        else:
+            text = generated_text(messages, body.get("seed"), body.get("temperature"))
+            choice["message"] = {"role": "assistant", "content": text}
+        prompt_tokens = sum(len(m.get("content", "").split()) for m in messages)
+        return 200, json.dumps({
+            "id": "chatcmpl-fake", "object": "chat.completion", "created": 0, "model": body.get("model", "m"),
+            "choices": [choice], "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": 1, "total_tokens": prompt_tokens + 1},
+        }).encode()
+
+    def _handler(self):
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):  # keep test output quiet
+                pass
+
+            def do_POST(self):
+                fault, held = server._enter()
+                try:
+                    length = int(self.headers.get("Content-Length", 0))
+                    body = json.loads(self.rfile.read(length) or b"{}")
+                    with server._lock:
+                        server.requests.append({"path": self.path, "headers": {k.lower(): v for k, v in self.headers.items()}, "body": body, "fault": fault})
+                    if held:
+                        server._enough.wait(timeout=5)
+                    if server.delay:
+                        time.sleep(server.delay)
+                    if fault and fault.startswith("sleep:"):
+                        time.sleep(float(fault.split(":", 1)[1]))
+                    if self.path.rstrip("/") != "/v1/chat/completions":
+                        status, payload = 404, b'{"error": {"message": "not found"}}'
+                    else:
+                        status, payload = server._reply(body, fault)
+                    self.send_response(status)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(payload)))
+                    if status == 429:
+                        self.send_header("Retry-After", "0")
+                    self.end_headers()
+                    self.wfile.write(payload)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the client gave up (timeout) before the answer
+                finally:
+                    server._leave()
+
+        return Handler

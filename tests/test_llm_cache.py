@@ -1,0 +1,181 @@
+"""The response cache: hits skip the backend, keys separate what could differ, several processes, resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from deeper.llm import load_llm
+from deeper.llm.base import RatingGroup, Sampling
+from deeper.llm.cache import CachedLLM, ResponseStore, default_cache_dir, generate_key, rating_key
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLING = Sampling(temperature=1.0, top_p=0.9, max_new_tokens=6, seed=0)
+
+
+def chat(i: int) -> list[dict]:
+    return [{"role": "system", "content": "Persona: a curious reader."}, {"role": "user", "content": f"Rate item {i}"}]
+
+
+class CountingLLM:
+    """Delegates to a real backend; records what reached it and can slow each call down (for the kill test)."""
+
+    def __init__(self, llm, delay: float = 0.0):
+        self.llm, self.delay = llm, delay
+        self.backend, self.fingerprint, self.batch_size = llm.backend, llm.fingerprint, llm.batch_size
+        self.counters, self.asked = llm.counters, []
+
+    def generate(self, chats, n, sampling):
+        self.asked.append(("generate", len(chats), n, sampling.seed))
+        time.sleep(self.delay)
+        return self.llm.generate(chats, n, sampling)
+
+    def rating_probs(self, groups):
+        self.asked.append(("rating", [len(g.chats) for g in groups]))
+        return self.llm.rating_probs(groups)
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_llama):
+    return load_llm({"backend": "transformers", "name": str(tiny_llama), "batch_size": 4})
+
+
+def test_hits_skip_the_backend(tiny, tmp_path):
+    first = CachedLLM(CountingLLM(tiny), tmp_path)
+    chats = [chat(i) for i in range(5)]
+    groups = [RatingGroup(chats[:3]), RatingGroup(chats[3:])]
+    texts = first.generate(chats, 2, SAMPLING)
+    probs = first.rating_probs(groups)
+    assert first.misses == 10 + 5 and first.hits == 0
+    again = CachedLLM(CountingLLM(tiny), tmp_path)  # a new process would see the same
+    assert again.generate(chats, 2, SAMPLING) == texts
+    cached = again.rating_probs(groups)
+    assert again.llm.asked == [] and again.hits == 15 and again.misses == 0
+    for a, b in zip(probs, cached):
+        np.testing.assert_array_equal(a.probs, b.probs)  # JSON keeps float64 exactly
+        np.testing.assert_array_equal(a.digit_mass, b.digit_mass)
+    assert again.stats()["cache_hits"] == 15
+
+
+def test_only_missing_samples_and_items_reach_the_backend(tiny, tmp_path):
+    cached = CachedLLM(CountingLLM(tiny), tmp_path)
+    chats = [chat(i) for i in range(3)]
+    one = cached.generate(chats[:2], 1, SAMPLING)  # sample 0 of chats 0, 1
+    cached.llm.asked.clear()
+    three = cached.generate(chats, 3, SAMPLING)
+    # chat 2 had nothing: one call for its 3 samples; chats 0, 1 need samples 1 and 2: seeds 1 and 2 alone.
+    assert sorted(cached.llm.asked) == [("generate", 1, 3, 0), ("generate", 2, 1, 1), ("generate", 2, 1, 2)]
+    assert [row[0] for row in three[:2]] == [row[0] for row in one]
+    assert three == tiny.generate(chats, 3, SAMPLING)  # the same as one uncached call
+    cached.llm.asked.clear()
+    group = RatingGroup(chats)
+    cached.rating_probs([RatingGroup(chats[1:2])])
+    cached.llm.asked.clear()
+    full = cached.rating_probs([group])[0]
+    assert cached.llm.asked == [("rating", [2])]
+    np.testing.assert_allclose(full.probs, tiny.rating_probs([group])[0].probs, atol=1e-4)
+
+
+def test_keys_separate_everything_that_changes_outputs():
+    base = SimpleNamespace(backend="transformers", fingerprint="sha256:w")
+    key = generate_key(base, chat(0), SAMPLING, 0)
+    assert generate_key(base, chat(0), SAMPLING, 0) == key
+    others = [
+        generate_key(base, chat(1), SAMPLING, 0),
+        generate_key(base, chat(0), Sampling(temperature=0.5, top_p=0.9, max_new_tokens=6), 0),
+        generate_key(base, chat(0), Sampling(temperature=1.0, top_p=0.9, max_new_tokens=7), 0),
+        generate_key(base, chat(0), Sampling(temperature=1.0, top_p=0.9, max_new_tokens=6, repetition_penalty=1.1), 0),
+        generate_key(base, chat(0), Sampling(temperature=1.0, top_p=0.9, max_new_tokens=6, seed=5), 0),
+        generate_key(base, chat(0), SAMPLING, 1),
+        generate_key(SimpleNamespace(backend="transformers", fingerprint="sha256:w;adapter=sha256:a"), chat(0), SAMPLING, 0),
+        generate_key(SimpleNamespace(backend="vllm", fingerprint="sha256:w"), chat(0), SAMPLING, 0),
+        rating_key(base, chat(0), "Rating: "),
+    ]
+    assert len({key, *others}) == len(others) + 1
+    assert rating_key(base, chat(0), "Rating: ") != rating_key(base, chat(0), "Score: ")
+    # sample k of seed s is the sample of seed s + k: the same call, the same key
+    assert generate_key(base, chat(0), SAMPLING, 2) == generate_key(base, chat(0), Sampling(1.0, 0.9, 1.0, 6, 2), 0)
+
+
+def test_cache_location_from_the_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("DEEPER_RESPONSE_CACHE", str(tmp_path / "a"))
+    monkeypatch.setenv("DEEPER_CACHE_DIR", str(tmp_path / "b"))
+    assert default_cache_dir() == tmp_path / "a"
+    monkeypatch.delenv("DEEPER_RESPONSE_CACHE")
+    assert default_cache_dir() == tmp_path / "b" / "responses"
+    monkeypatch.delenv("DEEPER_CACHE_DIR")
+    monkeypatch.chdir(tmp_path)
+    assert default_cache_dir() == tmp_path / ".cache" / "deeper" / "responses"
+
+
+WRITER = """
+import sys
+from deeper.llm.cache import ResponseStore
+store = ResponseStore(sys.argv[1])
+name = sys.argv[2]
+for start in range(0, 300, 10):
+    rows = [(f"{name}-{i}", "generate", {"text": f"{name} {i}"}) for i in range(start, start + 10)]
+    rows += [(f"shared-{start // 10}", "generate", {"text": "same"})]
+    store.put_many(rows)
+print(len(store))
+"""
+
+
+def test_two_processes_write_at_once(tmp_path):
+    procs = [
+        subprocess.Popen([sys.executable, "-c", WRITER, str(tmp_path), name], cwd=REPO, stdout=subprocess.PIPE, text=True)
+        for name in ("a", "b")
+    ]
+    outs = [p.communicate(timeout=120)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    store = ResponseStore(tmp_path)
+    assert len(store) == 630
+    found = store.get_many([f"{n}-{i}" for n in "ab" for i in range(300)])
+    assert found["b-299"] == {"text": "b 299"} and len(found) == 600
+
+
+def resumable_stage(llm, cache_dir, n_chats: int, delay: float) -> dict:
+    """The stage of the kill test: many generate calls through CachedLLM; reports what reached the backend."""
+    cached = CachedLLM(CountingLLM(llm, delay), cache_dir)
+    texts = cached.generate([chat(i) for i in range(n_chats)], 2, SAMPLING)
+    return {"calls": llm.counters.calls, "hits": cached.hits, "misses": cached.misses, "texts": texts}
+
+
+def run_worker(model_dir: str, cache_dir: str, n_chats: str, delay: str) -> None:
+    llm = load_llm({"backend": "transformers", "name": model_dir, "batch_size": 4})
+    print(json.dumps(resumable_stage(llm, cache_dir, int(n_chats), float(delay))))
+
+
+def test_killed_run_resumes_with_only_the_missing_calls(tiny, tiny_llama, tmp_path):
+    n_chats, total = 30, 60  # 2 samples each; chunks of 2 chats (4 sequences), each committed on return
+    store = ResponseStore(tmp_path)
+    code = "import sys; from tests.test_llm_cache import run_worker; run_worker(*sys.argv[1:])"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, str(tiny_llama), str(tmp_path), str(n_chats), "0.15"],
+        cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 240
+    while len(store) < 8:
+        assert proc.poll() is None, "the worker finished before it could be killed"
+        assert time.monotonic() < deadline, "the worker committed nothing in time"
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    committed = len(store)
+    assert 8 <= committed < total and committed % 4 == 0  # whole chunks only
+    # The re-run (a fresh backend, so its counters start at 0) asks the backend only for what is missing.
+    fresh = load_llm({"backend": "transformers", "name": str(tiny_llama), "batch_size": 4})
+    report = resumable_stage(fresh, tmp_path, n_chats, 0.0)
+    assert report["calls"] == total - committed
+    assert report["hits"] == committed and report["misses"] == total - committed
+    assert len(store) == total
+    assert report["texts"] == tiny.generate([chat(i) for i in range(n_chats)], 2, SAMPLING)

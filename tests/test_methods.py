@@ -1,0 +1,174 @@
+"""Persona update methods on the tiny random Llama: which prompts each one sends, in how many calls, and
+what it does with the answers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from deeper.llm.base import Sampling
+from deeper.methods import METHODS, FullRegen, HierMerge, IncUpdate, Refine, SlideRegen, UpdateInput, Window
+from deeper.methods.base import finish
+from deeper.personas import clean_persona
+from deeper.prompts import quote_title
+from deeper.prompts.render import free_text
+
+REPO = Path(__file__).resolve().parents[1]
+# Seeded sampling: the random model answers greedily with line breaks only (an empty persona).
+SAMPLED = Sampling(temperature=1.0, max_new_tokens=12, seed=0)
+
+
+class Recording:
+    """The real backend, with every generate call's chats kept for inspection."""
+
+    def __init__(self, llm):
+        self.llm, self.calls, self.answers = llm, [], []
+        self.backend, self.fingerprint = llm.backend, llm.fingerprint
+
+    def generate(self, chats, n, sampling):
+        self.calls.append(chats)
+        self.answers.append(self.llm.generate(chats, n, sampling))
+        return self.answers[-1]
+
+    def rating_probs(self, groups):
+        return self.llm.rating_probs(groups)
+
+
+@pytest.fixture(scope="module")
+def tiny_llm(tiny_llama):
+    from deeper.llm import load_llm
+
+    return load_llm({"backend": "transformers", "name": str(tiny_llama), "batch_size": 4})
+
+
+def _user(tag: str) -> UpdateInput:
+    # Windows W_0..W_2; titles carry the window number so a prompt shows which windows it saw.
+    windows = tuple(
+        Window(
+            titles=(f'{tag} W{w} "Quoted" {{braces}}', f"{tag} W{w} Second\nline"),
+            ratings=(float(w + 1), 4.5),
+        )
+        for w in range(3)
+    )
+    return UpdateInput(item_type="movie", persona=f"Old persona of {tag}: likes quiet films.", history=windows,
+                       predictions=(2.25, 3.75))
+
+
+def _user_text(chat) -> str:
+    return next(m["content"] for m in chat if m["role"] == "user")
+
+
+def _run(cls, tiny_llm):
+    llm = Recording(tiny_llm)
+    method = cls(llm, SAMPLED)
+    inputs = [_user("alice"), _user("bob")]
+    return method.update(inputs), llm, inputs
+
+
+def test_refine_shows_old_persona_and_predicted_vs_actual_of_current_window(tiny_llm):
+    results, llm, inputs = _run(Refine, tiny_llm)
+    calls = llm.calls
+    assert len(calls) == 1 and len(calls[0]) == 2  # all users in one call
+    text = _user_text(calls[0][0])
+    assert inputs[0].persona in text
+    assert f'{quote_title(inputs[0].current.titles[0])}: predicted 2.2, actual 3' in text  # 2.25 -> "2.2" (one decimal)
+    assert f'{quote_title(inputs[0].current.titles[1])}: predicted 3.8, actual 4.5' in text
+    assert "W0" not in text and "W1" not in text and "bob" not in text
+    for result, item, (answer,) in zip(results, inputs, llm.answers[0]):
+        assert result.generated == (answer,)
+        if clean_persona(answer):
+            assert (result.persona, result.failure) == (clean_persona(answer), None)
+        else:
+            assert (result.persona, result.failure) == (item.persona, "empty")
+
+
+def test_incupdate_shows_old_persona_and_latest_ratings_only(tiny_llm):
+    _, llm, inputs = _run(IncUpdate, tiny_llm)
+    calls = llm.calls
+    assert len(calls) == 1 and len(calls[0]) == 2
+    text = _user_text(calls[0][1])
+    assert inputs[1].persona in text
+    assert f"{quote_title(inputs[1].current.titles[1])}: 4.5" in text
+    assert "W2" in text and "W0" not in text and "W1" not in text and "predicted" not in text
+
+
+def test_fullregen_sees_all_ratings_so_far_and_not_the_old_persona(tiny_llm):
+    _, llm, inputs = _run(FullRegen, tiny_llm)
+    calls = llm.calls
+    assert len(calls) == 1
+    text = _user_text(calls[0][0])
+    positions = [text.index(quote_title(t)) for w in inputs[0].history for t in w.titles]
+    assert positions == sorted(positions)  # oldest first, all six items
+    assert f"{quote_title(inputs[0].history[0].titles[0])}: 1" in text
+    assert inputs[0].persona not in text
+
+
+def test_slideregen_sees_only_the_latest_window(tiny_llm):
+    _, llm, inputs = _run(SlideRegen, tiny_llm)
+    calls = llm.calls
+    assert len(calls) == 1
+    text = _user_text(calls[0][0])
+    assert "W2" in text and "W0" not in text and "W1" not in text
+    assert inputs[0].persona not in text
+
+
+def test_hiermerge_makes_a_short_term_persona_then_merges_it(tiny_llm):
+    results, llm, inputs = _run(HierMerge, tiny_llm)
+    calls = llm.calls
+    assert len(calls) == 2  # two batched calls: short-term personas, then merges
+    short_text = _user_text(calls[0][0])
+    assert "W2" in short_text and "W0" not in short_text and inputs[0].persona not in short_text
+    short_answers = [texts[0] for texts in llm.answers[0]]
+    assert len(calls[1]) == sum(1 for a in short_answers if clean_persona(a))
+    merge_text = _user_text(calls[1][0])
+    assert inputs[0].persona in merge_text
+    assert free_text(clean_persona(short_answers[0])) in merge_text  # as rendered: control characters -> spaces
+    assert "W2" not in merge_text  # the merge sees personas only
+    assert results[0].generated[0] == short_answers[0]
+
+
+def test_an_empty_answer_keeps_the_old_persona_and_counts_as_failed():
+    failed = finish("old persona", "  **Refined Persona:**  \n ")
+    assert (failed.persona, failed.failure) == ("old persona", "empty")
+    used = finish("old persona", "Persona: likes jazz. " + "loop loop loop " * 20)
+    assert used.persona.startswith("likes jazz.") and used.failure is None and used.flag == "repetitive"
+
+
+def test_registry_matches_dvc_yaml_and_params():
+    dvc = yaml.safe_load((REPO / "dvc.yaml").read_text())
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    items = dvc["stages"]["evaluate"]["foreach"]
+    assert list(items) == list(METHODS) == params["evaluate"]["methods"]
+    for name, item in items.items():
+        spec = METHODS[name]
+        assert item["model"] == f"models.{spec.role}", name
+        assert item["weights"] == (spec.adapter or "models/embedded"), name
+    report_deps = dvc["stages"]["report"]["deps"]
+    for name in METHODS:
+        assert f"data/eval/{name}.parquet" in report_deps
+
+
+def test_only_the_trained_refiners_depend_on_training():
+    """`dvc exp run -S delta=0.8` must not re-run the baselines or the untrained refiner: neither they nor any
+    stage upstream of them reads a pair/train/iteration-2 param or a training output (DVC's own graph)."""
+    import networkx as nx
+    from dvc.repo import Repo
+
+    training_params = ("delta", "alpha", "tau_pos", "tau_neg", "iter2", "train", "pair", "sample", "reward")
+    with Repo(str(REPO)) as repo:
+        stages = {s.addressing: s for s in repo.index.stages}
+        for name, spec in METHODS.items():
+            stage = stages[f"evaluate@{name}"]
+            upstream = {s.addressing for s in nx.descendants(repo.index.graph, stage)}
+            params = {p for s in [stage, *nx.descendants(repo.index.graph, stage)]
+                      for d in s.deps if hasattr(d, "params") for p in d.params}
+            trained = {s for s in upstream if s.startswith(("train@", "pair@", "sample@", "reward@", "contexts@"))}
+            if spec.adapter is None:
+                assert not trained, name
+                assert not [p for p in params if p.split(".")[0] in training_params], name
+            else:
+                iteration = spec.adapter[-1]
+                assert f"train@{iteration}" in upstream, name
+                assert "train@2" not in upstream or iteration == "2", name

@@ -1,0 +1,237 @@
+"""Multi-round rollout on the tiny random Llama: which persona predicts which window, the errors against
+hand-computed MAEs, the first-update errors (Table 1) and the summaries the report stage writes."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from deeper.llm.base import Sampling
+from deeper.methods.base import UpdateMethod, UpdateResult, Window
+from deeper.predict import FALLBACK_RATING, PredictSettings, WindowRequest, predict_windows
+from deeper.reward import compute_rewards
+from deeper.rollout import (
+    EvalUser,
+    first_update_errors,
+    mae_by_round,
+    rollout,
+    summarize_domain,
+    summarize_method,
+)
+
+
+class Tagging(UpdateMethod):
+    """A real (if simple) update method: appends what it saw to the persona, so each S_t is known."""
+
+    name = "tagging"
+
+    def __init__(self):
+        super().__init__(llm=None, sampling=Sampling())
+        self.seen_inputs = []
+
+    def update(self, inputs):
+        self.seen_inputs.append(list(inputs))
+        return [
+            UpdateResult(persona=f"{item.persona} | saw W{len(item.history) - 1}, predicted {list(item.predictions)}")
+            for item in inputs
+        ]
+
+
+def _users(n_windows: int = 4, n_users: int = 2) -> list[EvalUser]:
+    users = []
+    for u, (domain, seen) in enumerate([("books", True), ("garden", False), ("books", True)][:n_users]):
+        windows = tuple(
+            Window(titles=(f"Item {u}-{w}-a", f"Item {u}-{w}-b", f'"Odd" {{title}} {u}-{w}'),
+                   ratings=(float(1 + (u + w) % 5), float(1 + (u + 2 * w) % 5), 3.5))
+            for w in range(n_windows)
+        )
+        users.append(EvalUser(domain, f"user{u}", "book", seen, windows, f"Persona zero of user {u}."))
+    return users
+
+
+@pytest.fixture(scope="module")
+def tiny_llm(tiny_llama):
+    from deeper.llm import load_llm
+
+    return load_llm({"backend": "transformers", "name": str(tiny_llama), "batch_size": 8})
+
+
+def test_json_mode_failed_answers_give_the_midpoint_and_hand_computed_errors(tiny_llm):
+    """The random model writes no JSON: every item falls back to rating 3, so every error is known."""
+    users = _users()
+    settings = PredictSettings(mode="json", json_sampling=Sampling(temperature=0.0, max_new_tokens=8))
+    result = rollout(users, Tagging(), tiny_llm, rounds=2, predict_settings=settings, count_tokens=len, progress=False)
+    table = result.table.set_index(["user_id", "round"])
+    for u, user in enumerate(users):
+        for s in range(3):
+            row = table.loc[(user.user_id, s)]
+            actual = user.windows[s + 1].ratings
+            assert row["mae"] == pytest.approx(sum(abs(FALLBACK_RATING - a) for a in actual) / 3)
+            assert row["predict_failed_items"] == 3 and row["items"] == 3
+        for s in (0, 1):
+            for w in (0, 1, 2):
+                hand = sum(abs(FALLBACK_RATING - a) for a in user.windows[w].ratings) / 3
+                assert table.loc[(user.user_id, s), f"mae_w{w}"] == pytest.approx(hand)
+        assert math.isnan(table.loc[(user.user_id, 2), "mae_w0"])
+    # the method saw the fallback predictions of S_{t-1} on W_t and the history W_0..W_t
+    assert result.predict_stats.parse_failed_items == result.predict_stats.items
+
+
+def test_each_round_predicts_the_next_window_with_the_latest_persona(tiny_llm):
+    users = _users()
+    method = Tagging()
+    settings = PredictSettings(mode="logprob")
+    result = rollout(users, method, tiny_llm, rounds=2, predict_settings=settings, count_tokens=len, progress=False)
+    table = result.table
+    assert list(table.columns[:4]) == ["domain", "user_id", "seen", "round"]
+    assert len(table) == len(users) * 3 and result.updates == len(users) * 2
+    # the updates saw S_{t-1}, W_0..W_t, and the predictions made with S_{t-1} on W_t
+    assert len(method.seen_inputs) == 2 and all(len(batch) == len(users) for batch in method.seen_inputs)
+    rows = {user.user_id: table[table.user_id == user.user_id].set_index("round") for user in users}
+    # independent predictions of S_s on W_{s+1}, s = 0..2 (the first two are also what update t = s + 1 saw)
+    keys = [(user, s) for user in users for s in range(3)]
+    requests = [WindowRequest(rows[u.user_id].loc[s, "persona"], "book", u.windows[s + 1].titles) for u, s in keys]
+    independent = dict(zip([(u.user_id, s) for u, s in keys], predict_windows(tiny_llm, requests)[0]))
+    for t, batch in enumerate(method.seen_inputs, start=1):
+        for user, item in zip(users, batch):
+            assert item.history == user.windows[: t + 1]
+            assert item.persona == rows[user.user_id].loc[t - 1, "persona"]
+            np.testing.assert_allclose(item.predictions, independent[(user.user_id, t - 1)].ratings, atol=1e-6)
+    # errors: hand-computed from the independent predictions
+    for user in users:
+        mine = rows[user.user_id]
+        assert mine.loc[0, "persona"] == user.persona0
+        assert mine.loc[2, "persona"].startswith(mine.loc[1, "persona"] + " | saw W2")
+        for s in range(3):
+            predicted = independent[(user.user_id, s)].ratings
+            hand = float(np.mean(np.abs(predicted - np.array(user.windows[s + 1].ratings))))
+            assert mine.loc[s, "mae"] == pytest.approx(hand, abs=1e-6)
+            assert mine.loc[s, "persona_tokens"] == len(mine.loc[s, "persona"])
+        # Table 1 errors agree with the rollout's own where they coincide
+        assert mine.loc[0, "mae_w1"] == pytest.approx(mine.loc[0, "mae"])
+        assert mine.loc[1, "mae_w2"] == pytest.approx(mine.loc[1, "mae"])
+
+
+def test_one_round_still_measures_the_first_update(tiny_llm):
+    result = rollout(_users(3, n_users=1), Tagging(), tiny_llm, rounds=1, count_tokens=len, progress=False)
+    assert result.table[["mae_w0", "mae_w1", "mae_w2"]].notna().all().all()
+
+
+def test_too_few_windows_is_refused():
+    with pytest.raises(ValueError, match="3 windows; 2 rounds need 4"):
+        rollout(_users(3), Tagging(), None, rounds=2, progress=False)
+
+
+def _hand_table() -> pd.DataFrame:
+    rows = []
+    # two users in "books" (seen), one in "garden" (unseen); rounds 0..2
+    for user, domain, seen, maes, tokens in [
+        ("a", "books", True, [1.0, 0.8, 0.6], [100, 120, 140]),
+        ("b", "books", True, [2.0, 1.2, 1.0], [200, 220, 240]),
+        ("c", "garden", False, [0.5, 0.5, 0.25], [50, 60, 70]),
+    ]:
+        for s in range(3):
+            rows.append({
+                "domain": domain, "user_id": user, "seen": seen, "round": s, "persona_tokens": tokens[s],
+                "mae": maes[s], "predict_failed_items": 1 if user == "c" else 0,
+                "update_failure": "empty" if (user, s) == ("a", 2) else None, "update_flag": None,
+                # on W0, W1, W2: S0 errors, S1 errors (mae_w1 of S0 and mae_w2 of S1 are the rollout's)
+                "mae_w0": {0: 0.4, 1: 0.6}.get(s, math.nan),
+                "mae_w1": {0: maes[0], 1: 0.2}.get(s, math.nan),
+                "mae_w2": {0: 1.5, 1: maes[1]}.get(s, math.nan),
+            })
+    return pd.DataFrame(rows)
+
+
+def test_summaries_match_hand_computed_numbers():
+    table = _hand_table()
+    books = summarize_domain(table[table.domain == "books"], rounds=2)
+    assert books["users"] == 2
+    assert books["mae_r0"] == pytest.approx(1.5) and books["mae_r2"] == pytest.approx(0.8)
+    assert books["reduction_pct"] == pytest.approx(100 * (1.5 - 0.8) / 1.5)
+    assert books["persona_tokens"] == {"r0": 150, "r1": 170, "r2": 190}
+    assert books["first_update"]["prev"] == pytest.approx({"before": 0.4, "after": 0.6, "delta": 0.2})
+    assert books["first_update"]["curr"] == pytest.approx({"before": 1.5, "after": 0.2, "delta": -1.3})
+    assert books["first_update"]["fut"] == pytest.approx({"before": 1.5, "after": 1.0, "delta": -0.5})
+    assert books["update_failures"] == 1 and books["predict_failed_items"] == 0
+
+    summary = summarize_method(table, rounds=2)
+    assert set(summary) == {"domains", "seen", "unseen", "all"}
+    assert summary["unseen"]["mae_r2"] == pytest.approx(0.25) and summary["unseen"]["domains"] == 1
+    # averages weigh domains equally: (0.8 + 0.25) / 2, not the mean over three users
+    assert summary["all"]["mae_r2"] == pytest.approx((0.8 + 0.25) / 2)
+    assert summary["all"]["reduction_pct"] == pytest.approx((100 * 0.7 / 1.5 + 50.0) / 2)
+    assert summary["all"]["users"] == 3 and summary["all"]["predict_failed_items"] == 3
+    assert mae_by_round(table, 2) == pytest.approx([(1.5 + 0.5) / 2, (1.0 + 0.5) / 2, (0.8 + 0.25) / 2])
+
+    rewards = compute_rewards(first_update_errors(table)).set_index("user_id")
+    # user a: r_prev = 0.4 - 0.6, r_curr = 1.0 - 0.2, r_fut = 1.5 - 0.8
+    assert rewards.loc["a", "r"] == pytest.approx(-0.2 + 0.8 + 0.7)
+
+
+# ---------------------------------------------------------------- stage errors: one line, no traceback
+
+def _invoke(command, tmp_path, params: dict, *args):
+    import yaml
+    from click.testing import CliRunner
+
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    return CliRunner().invoke(command, ["--params", str(path), *map(str, args)])
+
+
+EVAL_PARAMS = {
+    "evaluate": {"rounds": 2, "methods": ["untrained", "incupdate"], "users": {"domains": None, "per_domain": None},
+                 "sampling": {"temperature": 0.0, "max_new_tokens": 8}},
+    "reward": {"weights": {"prev": 1.0, "curr": 1.0, "fut": 1.0}}, "tau_pos": 0.5, "tau_neg": 0.0,
+}
+
+
+def _one_line_error(result, *fragments):
+    assert result.exit_code == 1, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+def test_report_names_the_missing_table_and_the_stage_to_run(tmp_path):
+    from stages import report
+
+    result = _invoke(report.main, tmp_path, EVAL_PARAMS, "--eval-dir", tmp_path / "eval")
+    _one_line_error(result, "untrained.parquet", "dvc repro evaluate@untrained")
+
+
+def test_report_refuses_a_table_with_other_rounds(tmp_path):
+    from stages import report
+
+    (tmp_path / "eval").mkdir()
+    table = _hand_table()  # rounds 0..2
+    for name in ("untrained", "incupdate"):
+        complete = table.assign(persona="p", persona_words=1, answers=[[]] * len(table), items=10)
+        complete.to_parquet(tmp_path / "eval" / f"{name}.parquet")
+    params = {**EVAL_PARAMS, "evaluate": {**EVAL_PARAMS["evaluate"], "rounds": 4}}
+    result = _invoke(report.main, tmp_path, params, "--eval-dir", tmp_path / "eval")
+    _one_line_error(result, "untrained.parquet", "rounds [0, 1, 2]", "evaluate.rounds=4")
+    # with matching rounds the same tables make a report
+    ok = _invoke(report.main, tmp_path, EVAL_PARAMS, "--eval-dir", tmp_path / "eval",
+                 "--metrics", tmp_path / "eval.json", "--plot", tmp_path / "mae.csv")
+    assert ok.exit_code == 0, ok.output
+    assert (tmp_path / "mae.csv").read_text().splitlines()[0] == "method,round,mae"
+
+
+@pytest.mark.parametrize("edit, args, fragments", [
+    ({"rounds": 0}, ["--method", "incupdate"], ["evaluate.rounds", "integer >= 1"]),
+    ({"sampling": {"temperature": "hot"}}, ["--method", "incupdate"], ["evaluate.sampling.temperature"]),
+    ({"users": {"per_domain": -1}}, ["--method", "incupdate"], ["evaluate.users.per_domain"]),
+    ({}, ["--method", "deeper", "--adapter", "no/such/adapter"], ["no/such/adapter", "run the training stage"]),
+    ({}, ["--method", "incupdate", "--adapter", "."], ["--adapter", "without an adapter"]),
+])
+def test_evaluate_bad_settings_are_one_line_errors(tmp_path, edit, args, fragments):
+    from stages import evaluate
+
+    params = {**EVAL_PARAMS, "evaluate": {**EVAL_PARAMS["evaluate"], **edit}}
+    _one_line_error(_invoke(evaluate.main, tmp_path, params, *args), *fragments)
