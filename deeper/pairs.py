@@ -1,0 +1,243 @@
+"""Preference pairs from rewarded candidates (paper Sec. 3.4), the validation split and iteration-2 replay.
+
+Input: one row per candidate, columns `context_id, prompt, sample, text, r` (`prompt` is the refine prompt as
+chat-messages JSON, the same for every candidate of a context; `sample` the candidate's index in its context;
+`r` from `deeper.reward.compute_rewards`, NaN when unscored).
+
+Rules:
+- positive set r >= tau_pos, negative set r <= tau_neg (tau_neg < tau_pos, so the sets are disjoint), and a
+  pair (chosen w, rejected l) needs r_w - r_l >= delta. Thresholds allow float rounding (reward.THRESHOLD_TOLERANCE).
+- Candidates with the same text in one context are one candidate (the lowest sample index is kept): a small
+  policy repeats itself, and a repeated text must not be trained on as several pairs.
+- Among all valid positive x negative combinations of a context, `strategy` chooses (the paper does not say how;
+  it reports ~3.2 pairs per context from 15 candidates):
+  - `largest_margin`: greedily take the combination with the largest margin, then the next among those whose
+    chosen and rejected are both unused, ...: every candidate appears in at most one pair, up to
+    `max_per_context` pairs (null: no cap). The first pair is best vs worst, the second second-best vs
+    second-worst, and so on.
+  - `best_vs_worst`: only the first of those (one pair per context).
+  - `all`: every valid combination (candidates reused), up to `max_per_context` if set.
+  Order, and so the tie-break: margin desc, chosen reward desc, chosen sample asc, rejected sample asc.
+- Validation: whole contexts are held out, never single pairs (a context's pairs never straddle train/val).
+  A context is `val` when a seeded hash of its id, read as a number in [0, 1), is below `val_fraction`; the
+  same context id gets the same split in both iterations. Two guards for small runs: with pairs in at least two
+  contexts and val_fraction > 0, val gets at least the context of smallest hash; train always keeps at least
+  the context of largest hash (so a single context trains).
+- Replay (iteration 2): iteration-1 pairs whose margin exceeds (strictly) the iteration-2 delta, the largest
+  margins first (ties: chosen reward desc, context id asc, samples asc), at most `replay_max`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from deeper.config import get
+from deeper.errors import ConfigError, InputError
+from deeper.reward import THRESHOLD_TOLERANCE, is_negative, is_positive
+
+CANDIDATE_COLUMNS = ("context_id", "prompt", "sample", "text", "r")
+PAIR_COLUMNS = (
+    "context_id", "prompt", "chosen", "rejected", "chosen_reward", "rejected_reward", "margin", "split",
+    "chosen_sample", "rejected_sample", "iteration",
+)
+STRATEGIES = ("largest_margin", "best_vs_worst", "all")
+# Margins are sorted after rounding so that float noise (0.30000000000000004 vs 0.3) does not decide a tie.
+MARGIN_DECIMALS = 9
+
+
+@dataclass(frozen=True)
+class PairConfig:
+    tau_pos: float = 0.5
+    tau_neg: float = 0.0
+    delta: float = 0.5
+    strategy: str = "largest_margin"
+    max_per_context: int | None = 3
+    val_fraction: float = 0.1
+    seed: int = 0
+
+    def __post_init__(self):
+        if not self.tau_neg < self.tau_pos:
+            raise ConfigError("tau_neg", f"must be below tau_pos ({self.tau_neg} >= {self.tau_pos})")
+        if self.delta < 0:
+            raise ConfigError("delta", f"must be >= 0, got {self.delta}")
+        if self.strategy not in STRATEGIES:
+            raise ConfigError("pair.strategy", f"must be one of {list(STRATEGIES)}, got {self.strategy!r}")
+        if self.max_per_context is not None and (not isinstance(self.max_per_context, int) or self.max_per_context < 1):
+            raise ConfigError("pair.max_per_context", f"must be a positive integer or null, got {self.max_per_context!r}")
+        if not 0 <= self.val_fraction < 1:
+            raise ConfigError("pair.val_fraction", f"must be in [0, 1), got {self.val_fraction}")
+
+    @classmethod
+    def from_params(cls, params: dict, iteration: int) -> PairConfig:
+        """Iteration 1 uses the top-level delta, iteration 2 `iter2.delta` (paper: 0.5 then 0.8)."""
+        delta = get(params, "delta") if iteration == 1 else get(params, "iter2.delta")
+        return cls(
+            tau_pos=float(get(params, "tau_pos")), tau_neg=float(get(params, "tau_neg")), delta=float(delta),
+            strategy=get(params, "pair.strategy"), max_per_context=get(params, "pair.max_per_context"),
+            val_fraction=float(get(params, "pair.val_fraction")), seed=int(get(params, "pair.seed")),
+        )
+
+
+def validate_candidates(candidates: pd.DataFrame, source: str) -> pd.DataFrame:
+    """Check the columns and that each context has one prompt and unique sample indices; return a clean copy."""
+    missing = [c for c in CANDIDATE_COLUMNS if c not in candidates.columns]
+    if missing:
+        raise InputError(source, f"missing columns {missing}; have {list(candidates.columns)}")
+    df = candidates.reset_index(drop=True)
+    for col in ("context_id", "prompt", "text"):
+        bad = df[col].isna()
+        if bad.any():
+            raise InputError(source, f"{col} is empty", int(np.flatnonzero(bad.to_numpy())[0]) + 1)
+    df = df.assign(context_id=df["context_id"].astype(str), r=pd.to_numeric(df["r"], errors="coerce"))
+    samples = pd.to_numeric(df["sample"], errors="coerce")
+    if samples.isna().any():
+        raise InputError(source, "sample is not an integer", int(np.flatnonzero(samples.isna().to_numpy())[0]) + 1)
+    df["sample"] = samples.astype(np.int64)
+    dup = df.duplicated(["context_id", "sample"])
+    if dup.any():
+        row = int(np.flatnonzero(dup.to_numpy())[0])
+        raise InputError(source, f"context {df['context_id'][row]!r} has sample {df['sample'][row]} twice", row + 1)
+    prompts = df.groupby("context_id")["prompt"].nunique()
+    if (prompts > 1).any():
+        ctx = prompts[prompts > 1].index[0]
+        row = int(np.flatnonzero((df["context_id"] == ctx).to_numpy())[0])
+        raise InputError(source, f"context {ctx!r} has candidates with different prompts", row + 1)
+    return df
+
+
+def select_pairs(candidates: pd.DataFrame, config: PairConfig, source: str = "candidates",
+                 iteration: int = 1) -> tuple[pd.DataFrame, dict]:
+    """Pairs of one iteration (split column not set yet) and counts for the summary."""
+    df = validate_candidates(candidates, source)
+    scored = df[df["r"].notna()]
+    unique = scored.sort_values(["context_id", "sample"]).drop_duplicates(["context_id", "text"], keep="first")
+    pos = unique[is_positive(unique["r"], config.tau_pos)]
+    neg = unique[is_negative(unique["r"], config.tau_neg)]
+    combos = pos.merge(neg[["context_id", "sample", "text", "r"]], on="context_id", suffixes=("_w", "_l"))
+    combos["margin"] = combos["r_w"] - combos["r_l"]
+    combos = combos[combos["margin"] >= config.delta - THRESHOLD_TOLERANCE]
+    combos = (
+        combos.assign(_margin_key=combos["margin"].round(MARGIN_DECIMALS), _reward_key=combos["r_w"].round(MARGIN_DECIMALS))
+        .sort_values(["context_id", "_margin_key", "_reward_key", "sample_w", "sample_l"],
+                     ascending=[True, False, False, True, True], kind="mergesort")
+        .reset_index(drop=True)
+    )
+    if config.strategy == "all":
+        chosen = combos if config.max_per_context is None else combos.groupby("context_id").head(config.max_per_context)
+    else:
+        cap = 1 if config.strategy == "best_vs_worst" else config.max_per_context
+        chosen = combos.loc[_greedy_disjoint(combos, cap)]
+    pairs = pd.DataFrame({
+        "context_id": chosen["context_id"], "prompt": chosen["prompt"],
+        "chosen": chosen["text_w"], "rejected": chosen["text_l"],
+        "chosen_reward": chosen["r_w"].astype(float), "rejected_reward": chosen["r_l"].astype(float),
+        "margin": chosen["margin"].astype(float), "split": "",
+        "chosen_sample": chosen["sample_w"].astype(np.int64), "rejected_sample": chosen["sample_l"].astype(np.int64),
+        "iteration": np.int64(iteration),
+    }).reset_index(drop=True)
+    counts = {
+        "candidates": len(df),
+        "unscored": int(len(df) - len(scored)),
+        "duplicate_texts": int(len(scored) - len(unique)),
+        "positives": len(pos),
+        "negatives": len(neg),
+        "contexts_total": int(df["context_id"].nunique()),
+        "valid_combinations": len(combos),
+    }
+    return pairs, counts
+
+
+def _greedy_disjoint(combos: pd.DataFrame, cap: int | None) -> list[int]:
+    """Indices of combos (sorted per context by preference) taken greedily, each candidate at most once
+    (positives and negatives are disjoint sets, so a sample index names one candidate of a context)."""
+    taken: list[int] = []
+    used: set[tuple[str, int]] = set()
+    per_context: dict[str, int] = {}
+    for idx, ctx, w, l in zip(combos.index, combos["context_id"], combos["sample_w"], combos["sample_l"]):
+        if cap is not None and per_context.get(ctx, 0) >= cap:
+            continue
+        if (ctx, w) in used or (ctx, l) in used:
+            continue
+        used.update(((ctx, w), (ctx, l)))
+        per_context[ctx] = per_context.get(ctx, 0) + 1
+        taken.append(idx)
+    return taken
+
+
+def context_hash_unit(context_id: str, seed: int) -> float:
+    """A context id's seeded hash as a number in [0, 1): stable across runs, machines and iterations."""
+    digest = hashlib.sha256(f"{seed}\x00{context_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2.0**64
+
+
+def assign_splits(pairs: pd.DataFrame, val_fraction: float, seed: int) -> pd.DataFrame:
+    """Set `split` to train/val per context (see the module docstring)."""
+    out = pairs.copy()
+    contexts = sorted(out["context_id"].unique())
+    if not contexts:
+        out["split"] = pd.Series(dtype=str)
+        return out
+    units = pd.Series({c: context_hash_unit(c, seed) for c in contexts})
+    val = set(units.index[units < val_fraction])
+    if not val and len(contexts) >= 2 and val_fraction > 0:
+        val.add(units.idxmin())
+    if len(val) == len(contexts):
+        val.discard(units.idxmax())  # training needs pairs; a lone context always trains
+    out["split"] = np.where(out["context_id"].isin(val), "val", "train")
+    return out
+
+
+def select_replay(previous_pairs: pd.DataFrame, min_margin: float, max_pairs: int | None) -> pd.DataFrame:
+    """Iteration-1 pairs with margin > min_margin, largest first, at most max_pairs (null: all)."""
+    kept = previous_pairs[previous_pairs["margin"] > min_margin + THRESHOLD_TOLERANCE]
+    kept = (
+        kept.assign(_m=kept["margin"].round(MARGIN_DECIMALS), _r=kept["chosen_reward"].round(MARGIN_DECIMALS))
+        .sort_values(["_m", "_r", "context_id", "chosen_sample", "rejected_sample"],
+                     ascending=[False, False, True, True, True], kind="mergesort")
+        .drop(columns=["_m", "_r"])
+    )
+    if max_pairs is not None:
+        kept = kept.head(int(max_pairs))
+    return kept.reset_index(drop=True)
+
+
+def build_pairs(candidates: pd.DataFrame, config: PairConfig, iteration: int = 1, source: str = "candidates",
+                replay_from: pd.DataFrame | None = None, replay_max: int | None = None,
+                replay_source: str = "replay pairs") -> tuple[pd.DataFrame, dict]:
+    """Pairs of one iteration with their split, plus replay pairs for iteration 2, and the summary for metrics.
+
+    `replay_from`: the previous iteration's pairs; those with margin > config.delta (up to `replay_max`) join
+    the new pairs before the split is assigned, so their contexts split the same way as new ones.
+    """
+    pairs, counts = select_pairs(candidates, config, source, iteration)
+    replay_count = 0
+    if replay_from is not None:
+        missing = [c for c in PAIR_COLUMNS if c not in replay_from.columns]
+        if missing:
+            raise InputError(replay_source, f"missing columns {missing}; have {list(replay_from.columns)}")
+        replay = select_replay(replay_from[list(PAIR_COLUMNS)], config.delta, replay_max)
+        replay_count = len(replay)
+        pairs = pd.concat([pairs, replay], ignore_index=True)
+    pairs = assign_splits(pairs, config.val_fraction, config.seed)
+    pairs = pairs[list(PAIR_COLUMNS)].reset_index(drop=True)
+    return pairs, summarize_pairs(pairs, counts, replay_count)
+
+
+def summarize_pairs(pairs: pd.DataFrame, counts: dict, replay_pairs: int = 0) -> dict:
+    n = len(pairs)
+    contexts_with_pair = int(pairs["context_id"].nunique())
+    return {
+        **counts,
+        "pairs": int(n),
+        "replay_pairs": int(replay_pairs),
+        "mean_margin": float(pairs["margin"].mean()) if n else None,
+        "contexts_with_pair": contexts_with_pair,
+        "pairs_per_context_with_pair": float(n / contexts_with_pair) if contexts_with_pair else None,
+        "train_pairs": int((pairs["split"] == "train").sum()),
+        "val_pairs": int((pairs["split"] == "val").sum()),
+        "val_contexts": int(pairs.loc[pairs["split"] == "val", "context_id"].nunique()),
+    }

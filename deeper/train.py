@@ -1,0 +1,309 @@
+"""DPO with a LoRA adapter and an SFT term on the chosen answer (paper Sec. 3.4): L = L_DPO + alpha * L_SFT.
+
+TRL 1.16 DPOTrainer: `loss_type=["sigmoid", "sft"]`, `loss_weights=[1.0, alpha]` (`rpo_alpha` is gone since
+TRL 0.29). TRL's "sft" term is the mean negative log-likelihood of the chosen completion tokens of the batch.
+The dataset is conversational (prompt = the refine chat, chosen/rejected = one assistant message), so the
+model's chat template is applied.
+
+The DPO reference model (nothing is loaded twice; the base weights are shared):
+- iteration 1 (a fresh adapter): TRL disables the adapter -> the base model.
+- iteration 2 continues from Model 1's adapter (`init_adapter`); `reference` chooses
+  - "base": the adapter-1 weights are loaded into a fresh adapter made by TRL from the same LoRA config, so
+    TRL again disables the adapter for the reference -> the base model (as the authors' LLaMA-Factory run had it).
+  - "previous": the model is passed to TRL as a PeftModel with adapter 1 trainable; TRL 1.16 then copies it
+    into a frozen adapter named "ref" and uses that for the reference -> Model 1 (base + adapter 1).
+    The "ref" copy's LoRA dropout is switched off so the reference is deterministic in train mode.
+
+TRL keeps every completion token up to `max_length` (prompt + completion; `keep_start` cuts the completion's
+end) and drops pairs whose prompt alone fills `max_length`; both are counted and reported.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import pandas as pd
+
+from deeper.config import get
+from deeper.errors import ConfigError, DeeperError, InputError
+
+REFERENCES = ("base", "previous")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    # Paper values (Table 12, LLaMA-Factory) in the comments; defaults here fit a 2-core CPU in minutes.
+    lora_r: int = 16                    # paper 16
+    lora_alpha: int = 32                # paper 32
+    lora_dropout: float = 0.2           # paper 0.2
+    target_modules: str | list = "all-linear"  # paper: all linear layers
+    beta: float = 0.2                   # paper 0.2 (sigmoid loss)
+    sft_weight: float = 0.1             # alpha, top-level param; paper 0.1
+    max_length: int = 768               # prompt + completion tokens; paper 2048
+    truncation_mode: str = "keep_start"  # the only mode TRL 1.16 supports without deprecation
+    per_device_batch: int = 1           # paper 4
+    grad_accum: int = 2                 # paper 8
+    lr: float = 1e-4                    # paper 5e-6
+    scheduler: str = "cosine"           # paper cosine
+    warmup_steps: int = 0               # paper 250
+    epochs: float = 1.0                 # paper 4
+    max_steps: int = 6                  # > 0 overrides epochs; paper: -1 (epochs)
+    eval_steps: int | None = None       # paper 100; null: evaluate once at the end
+    max_grad_norm: float = 1.0          # paper 1.0
+    bf16: bool = False                  # paper true (GPU); CPU autocast to bf16 is slow
+    dtype: str = "float32"              # weights as loaded; bfloat16 halves memory on a GPU
+    gradient_checkpointing: bool = True
+    disable_dropout: bool = False       # TRL's default (true) would also zero the LoRA dropout above
+    seed: int = 0
+
+    @classmethod
+    def from_params(cls, params: dict, iteration: int = 1) -> TrainConfig:
+        """`train` (+ `iter2.train` overrides for iteration 2) and the top-level `alpha`."""
+        raw, overrides, lora = get(params, "train"), {}, {}
+        if iteration == 2:
+            overrides = get(params, "iter2.train", None) or {}
+        for key, value in (("train", raw), ("iter2.train", overrides)):
+            if not isinstance(value, dict):
+                raise ConfigError(key, f"must be a mapping, got {value!r}")
+        raw = {**raw, **overrides}
+        lora = raw.pop("lora", None) or {}
+        if not isinstance(lora, dict):
+            raise ConfigError("train.lora", f"must be a mapping, got {lora!r}")
+        known = {f.name for f in fields(cls)}
+        values = {f"lora_{k}" if k in ("r", "alpha", "dropout") else k: v for k, v in lora.items()}
+        values.update(raw)
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError("train", f"unknown keys {unknown}")
+        values["sft_weight"] = get(params, "alpha")
+        config = cls(**{name: _coerce(name, value) for name, value in values.items()})
+        config.validate()
+        return config
+
+    def validate(self) -> None:
+        if self.max_length is None or self.max_length < 16:
+            raise ConfigError("train.max_length", f"must be an integer >= 16, got {self.max_length!r}")
+        if self.truncation_mode != "keep_start":
+            raise ConfigError("train.truncation_mode", "TRL 1.16 supports only keep_start (keep_end is deprecated)")
+        if self.per_device_batch < 1 or self.grad_accum < 1:
+            raise ConfigError("train.per_device_batch", "batch size and grad_accum must be >= 1")
+        if self.sft_weight < 0:
+            raise ConfigError("alpha", f"must be >= 0, got {self.sft_weight}")
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise ConfigError("train.dtype", f"must be float32, bfloat16 or float16, got {self.dtype!r}")
+        if not (self.max_steps and self.max_steps > 0) and not self.epochs > 0:
+            raise ConfigError("train.max_steps", "set max_steps > 0 or epochs > 0")
+
+
+_FLOATS = {"lora_dropout", "beta", "sft_weight", "lr", "epochs", "max_grad_norm"}
+_INTS = {"lora_r", "lora_alpha", "max_length", "per_device_batch", "grad_accum", "warmup_steps", "max_steps",
+         "eval_steps", "seed"}
+
+
+def _coerce(name: str, value):
+    """YAML reads `1e-4` (no dot) as a string, and `dvc exp run -S` writes what it is given: accept numbers."""
+    if value is None or name not in _FLOATS | _INTS:
+        return value
+    key = "alpha" if name == "sft_weight" else f"train.lora.{name[5:]}" if name.startswith("lora_") else f"train.{name}"
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(key, f"must be a number, got {value!r}") from None
+    if name in _INTS:
+        if number != int(number):
+            raise ConfigError(key, f"must be an integer, got {value!r}")
+        return int(number)
+    return number
+
+
+def pairs_to_examples(pairs: pd.DataFrame, source: str) -> list[dict]:
+    """Rows (prompt as chat JSON, chosen, rejected texts) -> TRL conversational preference examples."""
+    missing = [c for c in ("prompt", "chosen", "rejected") if c not in pairs.columns]
+    if missing:
+        raise InputError(source, f"missing columns {missing}; have {list(pairs.columns)}")
+    examples = []
+    for i, (prompt, chosen, rejected) in enumerate(zip(pairs["prompt"], pairs["chosen"], pairs["rejected"]), 1):
+        try:
+            messages = json.loads(prompt)
+        except (TypeError, json.JSONDecodeError):
+            raise InputError(source, "prompt is not chat-messages JSON", i) from None
+        if not (isinstance(messages, list) and messages and all(
+                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                for m in messages)):
+            raise InputError(source, "prompt must be a non-empty JSON list of {role, content} messages", i)
+        if messages[-1]["role"] != "user":
+            raise InputError(source, f"prompt must end with a user message, ends with {messages[-1]['role']!r}", i)
+        for name, text in (("chosen", chosen), ("rejected", rejected)):
+            if not isinstance(text, str) or not text.strip():
+                raise InputError(source, f"{name} is empty", i)
+        examples.append({
+            "prompt": [{"role": m["role"], "content": m["content"]} for m in messages],
+            "chosen": [{"role": "assistant", "content": chosen}],
+            "rejected": [{"role": "assistant", "content": rejected}],
+        })
+    return examples
+
+
+def length_counts(dataset, max_length: int) -> dict:
+    """Over a dataset tokenized by TRL (prompt_ids, chosen_ids, rejected_ids): pairs whose longer sequence
+    exceeds max_length (their completion end is cut) and the longest sequence."""
+    longest, truncated = 0, 0
+    for p, c, r in zip(dataset["prompt_ids"], dataset["chosen_ids"], dataset["rejected_ids"]):
+        n = len(p) + max(len(c), len(r))
+        longest = max(longest, n)
+        truncated += n > max_length
+    return {"truncated": int(truncated), "longest_tokens": int(longest)}
+
+
+def build_trainer(base_model: str | Path, train_examples: list[dict], val_examples: list[dict], config: TrainConfig,
+                  work_dir: str | Path, init_adapter: str | Path | None = None, reference: str = "base"):
+    """A ready DPOTrainer (see the module docstring for the reference model)."""
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig, PeftConfig, PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import DPOConfig, DPOTrainer
+
+    if reference not in REFERENCES:
+        raise ConfigError("iter2.reference", f"must be one of {list(REFERENCES)}, got {reference!r}")
+    if not train_examples:
+        raise DeeperError("no training pairs: nothing to train on (see the pair stage's metrics)")
+    base_model = str(base_model)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(base_model)
+        model = AutoModelForCausalLM.from_pretrained(base_model, dtype=getattr(torch, config.dtype))
+    except OSError as e:
+        raise ConfigError("models.policy.name", f"cannot load {base_model}: {str(e).splitlines()[0]}") from None
+    args = DPOConfig(
+        output_dir=str(work_dir),
+        loss_type=["sigmoid", "sft"], loss_weights=[1.0, config.sft_weight], beta=config.beta,
+        max_length=config.max_length, truncation_mode=config.truncation_mode,
+        per_device_train_batch_size=config.per_device_batch, per_device_eval_batch_size=config.per_device_batch,
+        gradient_accumulation_steps=config.grad_accum, gradient_checkpointing=config.gradient_checkpointing,
+        learning_rate=config.lr, lr_scheduler_type=config.scheduler, warmup_steps=config.warmup_steps,
+        num_train_epochs=config.epochs, max_steps=config.max_steps if config.max_steps and config.max_steps > 0 else -1,
+        max_grad_norm=config.max_grad_norm, bf16=config.bf16, seed=config.seed, data_seed=config.seed,
+        disable_dropout=config.disable_dropout,
+        eval_strategy="steps" if (config.eval_steps and val_examples) else "no", eval_steps=config.eval_steps or None,
+        logging_steps=1, save_strategy="no", report_to="none", dataloader_pin_memory=False,
+    )
+    lora = LoraConfig(
+        r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+        target_modules=config.target_modules, task_type="CAUSAL_LM", bias="none",
+    )
+    load_after = None
+    if init_adapter is not None:
+        init_adapter = Path(init_adapter)
+        if not (init_adapter / "adapter_config.json").is_file():
+            raise InputError(init_adapter, "not a LoRA adapter folder (adapter_config.json missing)")
+        if reference == "previous":
+            # TRL copies the trainable "default" adapter into a frozen "ref" adapter: reference = Model 1.
+            model = PeftModel.from_pretrained(model, str(init_adapter), is_trainable=True)
+            lora = None
+        else:
+            # Same LoRA shape as adapter 1 (continuing needs it); weights are loaded once TRL made the adapter.
+            lora = PeftConfig.from_pretrained(str(init_adapter))
+            lora.inference_mode = False
+            load_after = init_adapter
+    train_ds = Dataset.from_list(train_examples)
+    val_ds = Dataset.from_list(val_examples) if val_examples else None
+    trainer = DPOTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=val_ds,
+                         processing_class=tokenizer, peft_config=lora)
+    if load_after is not None:
+        _load_adapter_weights(trainer.model, load_after)
+    if init_adapter is not None and reference == "previous":
+        _freeze_reference_dropout(trainer.model)
+    return trainer
+
+
+def _load_adapter_weights(model, adapter_dir: Path) -> None:
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    weights = adapter_dir / "adapter_model.safetensors"
+    if not weights.is_file():
+        raise InputError(adapter_dir, "adapter_model.safetensors missing")
+    result = set_peft_model_state_dict(model, load_file(str(weights)), adapter_name="default")
+    missing_lora = [k for k in result.missing_keys if "lora_" in k]
+    if result.unexpected_keys or missing_lora:
+        raise InputError(weights, f"adapter does not fit the model: unexpected {result.unexpected_keys[:3]}, "
+                                  f"missing {missing_lora[:3]}")
+
+
+def _freeze_reference_dropout(model) -> None:
+    import torch
+
+    if "ref" not in model.peft_config:
+        raise DeeperError("TRL did not create the 'ref' adapter for reference=previous (TRL version changed?)")
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Dropout) and name.endswith(".ref"):
+            module.p = 0.0
+
+
+def _last_logged(history: list[dict], key: str):
+    for entry in reversed(history):
+        if key in entry:
+            return entry[key]
+    return None
+
+
+def train_dpo(base_model: str | Path, train_pairs: pd.DataFrame, val_pairs: pd.DataFrame, out_dir: str | Path,
+              config: TrainConfig, init_adapter: str | Path | None = None, reference: str = "base",
+              source: str = "pairs") -> dict:
+    """Train, save the adapter (safetensors) to out_dir and return the summary for metrics."""
+    started = time.monotonic()
+    train_examples = pairs_to_examples(train_pairs, source)
+    val_examples = pairs_to_examples(val_pairs, source)
+    with tempfile.TemporaryDirectory(prefix="deeper-train-") as work_dir, warnings.catch_warnings():
+        # transformers 5 renamed gradient_checkpointing; TRL 1.16 still uses the old name on every step.
+        warnings.filterwarnings("ignore", message=".*gradient_checkpointing.* is deprecated", category=FutureWarning)
+        trainer = build_trainer(base_model, train_examples, val_examples, config, work_dir, init_adapter, reference)
+        train_ds, val_ds = trainer.train_dataset, trainer.eval_dataset
+        dropped = {"train": len(train_examples) - len(train_ds),
+                   "val": len(val_examples) - (len(val_ds) if val_ds is not None else 0)}
+        if len(train_ds) == 0:
+            raise ConfigError("train.max_length", f"every training prompt is >= {config.max_length} tokens")
+        lengths = {"train": length_counts(train_ds, config.max_length)}
+        if val_ds is not None and len(val_ds):
+            lengths["val"] = length_counts(val_ds, config.max_length)
+        output = trainer.train()
+        history = trainer.state.log_history
+        final_eval = trainer.evaluate() if val_ds is not None and len(val_ds) else {}
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        trainer.model.save_pretrained(str(out_dir), selected_adapters=["default"])
+    summary = {
+        "pairs": {"train": len(train_examples), "val": len(val_examples)},
+        "dropped_prompt_too_long": dropped,
+        "truncated_pairs": {k: v["truncated"] for k, v in lengths.items()},
+        "longest_tokens": max(v["longest_tokens"] for v in lengths.values()),
+        "max_length": config.max_length,
+        "steps": int(trainer.state.global_step),
+        "epochs": float(trainer.state.epoch or 0.0),
+        "train": {
+            "loss_mean": float(output.training_loss),
+            "loss_last": _last_logged(history, "loss"),
+            "reward_accuracy_last": _last_logged(history, "rewards/accuracies"),
+            "reward_margin_last": _last_logged(history, "rewards/margins"),
+            "reward_chosen_last": _last_logged(history, "rewards/chosen"),
+            "reward_rejected_last": _last_logged(history, "rewards/rejected"),
+        },
+        "eval": {
+            "loss": final_eval.get("eval_loss"),
+            "reward_accuracy": final_eval.get("eval_rewards/accuracies"),
+            "reward_margin": final_eval.get("eval_rewards/margins"),
+            "reward_chosen": final_eval.get("eval_rewards/chosen"),
+            "reward_rejected": final_eval.get("eval_rewards/rejected"),
+        },
+        "init_adapter": init_adapter is not None,
+        "reference": reference if init_adapter is not None else "base",
+        "seconds": time.monotonic() - started,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+    return summary

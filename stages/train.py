@@ -1,0 +1,101 @@
+"""Stage train@k: DPO + LoRA + SFT term on the preference pairs (paper Sec. 3.4): Model 1, then Model 2.
+
+\b
+    python -m stages.train --iteration 1   # base policy + a fresh LoRA adapter -> models/adapters/it1
+    python -m stages.train --iteration 2   # continues models/adapters/it1 -> models/adapters/it2
+
+Loss L = L_DPO(sigmoid, beta) + alpha * L_SFT(chosen). Reads params `models.policy.name` (the base model: an HF
+folder or hub id), `train` (LoRA shape, beta, lengths, optimiser, steps), the top-level `alpha`, and for
+iteration 2 `iter2.reference` (the DPO reference: `base` model or `previous` = Model 1) and `iter2.train`
+(overrides of `train`). The pairs file's `split` column gives train and validation pairs (whole contexts).
+Writes the adapter (adapter_config.json + adapter_model.safetensors) and metrics: final train/eval DPO loss,
+reward accuracy and margins, steps, pairs, pairs cut at train.max_length, seconds, peak memory.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import click
+import pandas as pd
+import pyarrow as pa
+
+from deeper.config import get, load_params
+from deeper.errors import ConfigError, InputError
+from deeper.metrics import write_json
+from deeper.train import TrainConfig, train_dpo
+from stages._cli import PARAMS_OPTION, user_errors
+
+PAIR_COLUMNS = ("context_id", "prompt", "chosen", "rejected", "split")
+
+
+def read_pairs(path: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+    if not path.exists():
+        raise InputError(path, "not found; run the pair stage first (`dvc repro`)")
+    try:
+        pairs = pd.read_parquet(path)
+    except (OSError, ValueError, pa.ArrowException) as e:  # a damaged or non-Parquet file
+        raise InputError(path, f"not a readable Parquet file: {str(e).splitlines()[0]}") from None
+    missing = [c for c in PAIR_COLUMNS if c not in pairs.columns]
+    if missing:
+        raise InputError(path, f"missing column(s) {', '.join(missing)}; have {list(pairs.columns)}")
+    bad = ~pairs["split"].isin(["train", "val"])
+    if bad.any():
+        row = int(bad.to_numpy().nonzero()[0][0])
+        raise InputError(path, f"split must be train or val, got {pairs['split'].iloc[row]!r}", row + 1)
+    straddling = pairs.groupby("context_id")["split"].nunique()
+    if (straddling > 1).any():
+        raise InputError(path, f"context {straddling[straddling > 1].index[0]!r} has pairs in both train and val")
+    return pairs[pairs["split"] == "train"], pairs[pairs["split"] == "val"]
+
+
+def base_model_path(params: dict) -> str:
+    name = str(get(params, "models.policy.name"))
+    if name.endswith(".gguf"):
+        raise ConfigError("models.policy.name", "training needs an HF model folder or hub id, not a GGUF file")
+    return name
+
+
+def run(params: dict, iteration: int, pairs_path: Path, init_adapter: Path | None, out: Path, metrics: Path) -> dict:
+    config = TrainConfig.from_params(params, iteration)
+    reference = get(params, "iter2.reference") if iteration > 1 else "base"
+    base = base_model_path(params)
+    if init_adapter is not None and not (init_adapter / "adapter_config.json").is_file():
+        raise InputError(init_adapter, "no LoRA adapter here; run the previous iteration's train stage first")
+    train_pairs, val_pairs = read_pairs(pairs_path)
+    click.echo(f"training on {len(train_pairs)} pairs ({len(val_pairs)} validation), base {base}"
+               + (f", from {init_adapter}, reference {reference}" if init_adapter else ""), err=True)
+    if out.exists():
+        shutil.rmtree(out)  # a DVC output: no stale files from an earlier run
+    summary = train_dpo(base, train_pairs, val_pairs, out, config, init_adapter=init_adapter, reference=reference,
+                        source=str(pairs_path))
+    write_json(metrics, summary)
+    click.echo(f"wrote {out} after {summary['steps']} steps in {summary['seconds']:.0f} s; "
+               f"eval loss {summary['eval']['loss']}, truncated pairs {summary['truncated_pairs']}", err=True)
+    return summary
+
+
+@click.command(help=__doc__)
+@PARAMS_OPTION
+@click.option("--iteration", type=click.IntRange(1, 2), required=True, help="Training iteration k (1 or 2).")
+@click.option("--pairs", "pairs_path", default=None, type=click.Path(dir_okay=False),
+              help="Pairs with their split [default: data/pairs/it{k}/pairs.parquet].")
+@click.option("--init-adapter", default=None, type=click.Path(file_okay=False),
+              help="Iteration 2: the adapter to continue [default: models/adapters/it{k-1}].")
+@click.option("--out", default=None, type=click.Path(file_okay=False),
+              help="Adapter folder to write [default: models/adapters/it{k}].")
+@click.option("--metrics", "metrics_path", default=None, type=click.Path(dir_okay=False),
+              help="Training summary [default: metrics/train_it{k}.json].")
+@user_errors
+def main(params_path, iteration, pairs_path, init_adapter, out, metrics_path):
+    k = iteration
+    run(
+        load_params(params_path), k, Path(pairs_path or f"data/pairs/it{k}/pairs.parquet"),
+        Path(init_adapter or f"models/adapters/it{k - 1}") if k > 1 else None,
+        Path(out or f"models/adapters/it{k}"), Path(metrics_path or f"metrics/train_it{k}.json"),
+    )
+
+
+if __name__ == "__main__":
+    main()

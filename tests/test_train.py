@@ -1,0 +1,213 @@
+"""DPO + LoRA + SFT training on the tiny random Llama: what is trained, the loss, the reference model, lengths."""
+
+import json
+import math
+
+import pandas as pd
+import pytest
+import torch
+import yaml
+from click.testing import CliRunner
+from peft import PeftModel
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from deeper.config import load_params
+from deeper.errors import ConfigError, InputError
+from deeper.train import TrainConfig, build_trainer, pairs_to_examples, train_dpo
+from tests.conftest import REPO
+
+PROMPT = json.dumps([
+    {"role": "system", "content": "Refine the persona."},
+    {"role": "user", "content": "Persona: a curious reader who rates mysteries highly. Predicted rating 3, actual rating 5."},
+])
+CHOSEN = "The user enjoys thoughtful dramas and dislikes loud action films."
+# Fast settings for the tiny model: a high learning rate so that a few steps visibly move the adapter.
+FAST = {"max_steps": 2, "per_device_batch": 2, "grad_accum": 1, "lr": 1e-2, "warmup_steps": 0, "max_length": 256}
+
+
+def make_pairs(n=8, chosen=None):
+    return pd.DataFrame({
+        "context_id": [f"c{i}" for i in range(n)], "prompt": PROMPT,
+        "chosen": [chosen or f"{CHOSEN} {i}" for i in range(n)],
+        "rejected": [f"Toy Story (1995), Fargo (1996) {i}" for i in range(n)],
+    })
+
+
+def completion_logps(model, batch):
+    """Sum of log p(token) over the completion tokens, computed directly (no TRL): (chosen, rejected)."""
+    model.eval()
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+    logps = torch.log_softmax(logits[:, :-1], -1).gather(-1, batch["input_ids"][:, 1:, None])[..., 0]
+    return (logps * batch["completion_mask"][:, 1:]).sum(-1).chunk(2)
+
+
+@pytest.fixture(scope="module")
+def model_1(tiny_llama, tmp_path_factory):
+    """Iteration 1 through the public entry point: the adapter folder and the summary."""
+    out = tmp_path_factory.mktemp("it1") / "adapter"
+    summary = train_dpo(tiny_llama, make_pairs(8), make_pairs(2), out, TrainConfig(**{**FAST, "max_steps": 3}))
+    return out, summary
+
+
+def test_iteration_1_saves_a_trained_adapter_and_a_summary(model_1):
+    out, summary = model_1
+    assert sorted(p.name for p in out.iterdir() if p.suffix in (".json", ".safetensors")) == \
+        ["adapter_config.json", "adapter_model.safetensors"]
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert (config["r"], config["lora_alpha"], config["lora_dropout"]) == (16, 32, 0.2)
+    weights = load_file(out / "adapter_model.safetensors")
+    lora_b = [v for k, v in weights.items() if "lora_B" in k]
+    assert lora_b and all(v.abs().sum() > 0 for v in lora_b)  # LoRA B starts at zero: all were trained
+    assert not any(".ref." in k for k in weights)
+    assert summary["steps"] == 3 and summary["pairs"] == {"train": 8, "val": 2}
+    assert summary["reference"] == "base" and summary["init_adapter"] is False
+    for key in ("loss", "reward_accuracy", "reward_margin", "reward_chosen", "reward_rejected"):
+        assert isinstance(summary["eval"][key], float)
+    assert summary["train"]["loss_last"] is not None and summary["truncated_pairs"] == {"train": 0, "val": 0}
+    assert summary["peak_rss_mb"] > 0 and summary["seconds"] > 0
+
+
+def test_only_the_adapter_learns_and_the_sft_term_is_in_the_loss(tiny_llama, tmp_path):
+    # Every pair has the same prompt and chosen text, so the first batch's SFT term is known in advance.
+    pairs = make_pairs(4, chosen=CHOSEN)
+    trainer = build_trainer(tiny_llama, pairs_to_examples(pairs, "p"), [], TrainConfig(**FAST, sft_weight=1.0), tmp_path)
+    params = dict(trainer.model.named_parameters())
+    before = {k: v.detach().clone() for k, v in params.items()}
+    assert all(not v.requires_grad for k, v in params.items() if "lora_" not in k)
+    trainer.train()
+    lora_b = [k for k in params if "lora_B" in k]
+    base = [k for k in params if "lora_" not in k]
+    assert lora_b and all(not torch.equal(before[k], params[k]) for k in lora_b)
+    assert base and all(torch.equal(before[k], params[k]) for k in base)
+    # Step 1: the policy equals the reference (B = 0), so sigmoid DPO gives log 2 and the rest is
+    # alpha (1.0) x the mean NLL of the chosen tokens under the base model.
+    batch = trainer.data_collator([trainer.train_dataset[0], trainer.train_dataset[1]])
+    base_model = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    with torch.no_grad():
+        logits = base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    logps = torch.log_softmax(logits[:, :-1], -1).gather(-1, batch["input_ids"][:, 1:, None])[..., 0]
+    mask = batch["completion_mask"][:, 1:].bool()
+    chosen_nll = -logps[:2][mask[:2]].mean().item()
+    first_loss = trainer.state.log_history[0]["loss"]
+    assert first_loss == pytest.approx(math.log(2) + chosen_nll, abs=1e-3)
+    assert chosen_nll > 1.0  # the SFT term is not negligible here: without it the loss would be log 2
+
+
+@pytest.mark.parametrize("reference", ["base", "previous"])
+def test_iteration_2_reference_is_base_or_model_1(tiny_llama, model_1, tmp_path, reference):
+    adapter, _ = model_1
+    trainer = build_trainer(tiny_llama, pairs_to_examples(make_pairs(4), "p"), [], TrainConfig(**FAST), tmp_path,
+                            init_adapter=adapter, reference=reference)
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(2)])
+    trainer.model.train()  # as during training: LoRA dropout is active in the policy
+    ref_chosen, ref_rejected = trainer.compute_ref_log_probs(trainer.model, batch)
+    base_chosen, base_rejected = completion_logps(AutoModelForCausalLM.from_pretrained(tiny_llama), batch)
+    model1 = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama), str(adapter)).merge_and_unload()
+    m1_chosen, m1_rejected = completion_logps(model1, batch)
+    assert (base_chosen - m1_chosen).abs().min() > 0.05  # the two references differ measurably
+    expected = (base_chosen, base_rejected) if reference == "base" else (m1_chosen, m1_rejected)
+    torch.testing.assert_close(ref_chosen, expected[0], atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(ref_rejected, expected[1], atol=1e-4, rtol=1e-5)
+    # whatever the reference, the policy starts as Model 1 (its adapter is loaded and trainable)
+    policy_chosen, _ = completion_logps(trainer.model, batch)
+    torch.testing.assert_close(policy_chosen, m1_chosen, atol=1e-4, rtol=1e-5)
+    assert any(p.requires_grad for n, p in trainer.model.named_parameters() if ".default." in n)
+
+
+def test_iteration_2_continues_model_1(tiny_llama, model_1, tmp_path):
+    adapter, _ = model_1
+    out = tmp_path / "it2"
+    summary = train_dpo(tiny_llama, make_pairs(4), make_pairs(0), out, TrainConfig(**{**FAST, "max_steps": 1}),
+                        init_adapter=adapter, reference="previous")
+    assert summary["reference"] == "previous" and summary["eval"]["loss"] is None  # no val pairs: no eval
+    before, after = load_file(adapter / "adapter_model.safetensors"), load_file(out / "adapter_model.safetensors")
+    assert set(before) == set(after)  # only the trained adapter is saved, not TRL's frozen "ref" copy
+    assert any(not torch.equal(before[k], after[k]) for k in before if "lora_B" in k)
+    assert not (out / "ref").exists()
+
+
+def test_long_pairs_are_counted_truncated_or_dropped(tiny_llama, tmp_path):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    pairs = make_pairs(4)
+    pairs.loc[1, "chosen"] = "Toy Story (1995) " * 30
+    pairs.loc[2, "rejected"] = "GoldenEye (1995) " * 30
+    long_prompt = json.dumps([{"role": "user", "content": "Predicted rating 3, actual rating 5. " * 40}])
+    pairs.loc[3, "prompt"] = long_prompt
+    max_length = 100
+
+    def length(messages, **kw):
+        return len(tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True, **kw)["input_ids"])
+
+    examples = pairs_to_examples(pairs, "p")
+    prompt_lengths = [length(e["prompt"], add_generation_prompt=True) for e in examples]
+    full = [max(length(e["prompt"] + e["chosen"]), length(e["prompt"] + e["rejected"])) for e in examples]
+    assert prompt_lengths[3] >= max_length > prompt_lengths[0]  # the case TRL drops
+    expected_truncated = sum(f > max_length for f, p in zip(full, prompt_lengths) if p < max_length)
+    assert expected_truncated == 2
+    summary = train_dpo(tiny_llama, pairs, make_pairs(0), tmp_path / "a",
+                        TrainConfig(**{**FAST, "max_length": max_length, "max_steps": 1}))
+    assert summary["dropped_prompt_too_long"] == {"train": 1, "val": 0}
+    assert summary["truncated_pairs"] == {"train": expected_truncated}
+    assert summary["longest_tokens"] == max(f for f, p in zip(full, prompt_lengths) if p < max_length)
+
+
+def test_config_from_params():
+    params = load_params(REPO / "params.yaml")
+    config = TrainConfig.from_params(params, 1)
+    assert (config.lora_r, config.lora_alpha, config.lora_dropout, config.beta) == (16, 32, 0.2, 0.2)
+    assert config.sft_weight == params["alpha"] and config.target_modules == "all-linear"
+    params["train"]["lr"] = "1e-4"  # YAML reads this as a string
+    params["iter2"]["train"] = {"max_steps": 3}
+    assert TrainConfig.from_params(params, 1).lr == 1e-4
+    assert TrainConfig.from_params(params, 2).max_steps == 3 and TrainConfig.from_params(params, 1).max_steps != 3
+    params["train"]["lr"] = "fast"
+    with pytest.raises(ConfigError, match="train.lr: must be a number"):
+        TrainConfig.from_params(params, 1)
+    params["train"]["lr"] = 1e-4
+    params["train"]["optimiser"] = "sgd"
+    with pytest.raises(ConfigError, match=r"train: unknown keys \['optimiser'\]"):
+        TrainConfig.from_params(params, 1)
+
+
+def test_bad_pair_rows_are_one_line_errors():
+    pairs = make_pairs(3)
+    pairs.loc[1, "prompt"] = "not json"
+    with pytest.raises(InputError, match=r"^p.parquet:2: prompt is not chat-messages JSON$"):
+        pairs_to_examples(pairs, "p.parquet")
+    pairs = make_pairs(3)
+    pairs.loc[2, "prompt"] = json.dumps([{"role": "assistant", "content": "x"}])
+    with pytest.raises(InputError, match=r"^p.parquet:3: prompt must end with a user message"):
+        pairs_to_examples(pairs, "p.parquet")
+    pairs = make_pairs(3)
+    pairs.loc[0, "rejected"] = " "
+    with pytest.raises(InputError, match=r"^p.parquet:1: rejected is empty$"):
+        pairs_to_examples(pairs, "p.parquet")
+
+
+def test_stage_writes_adapter_and_metrics_and_reports_bad_input(tiny_llama, tmp_path):
+    from stages.train import main
+
+    params = load_params(REPO / "params.yaml")
+    params["models"] = {"policy": {"backend": "transformers", "name": str(tiny_llama)}}
+    params["train"].update(max_steps=1, per_device_batch=2, grad_accum=1)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    pairs = make_pairs(6).assign(split=["train"] * 5 + ["val"])
+    pairs.to_parquet(tmp_path / "pairs.parquet")
+    args = ["--params", str(tmp_path / "params.yaml"), "--pairs", str(tmp_path / "pairs.parquet"),
+            "--out", str(tmp_path / "it1"), "--metrics", str(tmp_path / "train_it1.json")]
+    result = CliRunner().invoke(main, ["--iteration", "1", *args])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "it1" / "adapter_model.safetensors").is_file()
+    metrics = json.loads((tmp_path / "train_it1.json").read_text())
+    assert metrics["steps"] == 1 and metrics["pairs"] == {"train": 5, "val": 1}
+    assert isinstance(metrics["eval"]["loss"], float)
+
+    pairs.loc[5, "context_id"] = "c0"  # c0 now has a train and a val pair
+    pairs.to_parquet(tmp_path / "pairs.parquet")
+    result = CliRunner().invoke(main, ["--iteration", "1", *args])
+    assert result.exit_code == 1
+    assert result.output.strip().endswith("pairs.parquet: context 'c0' has pairs in both train and val")
+    result = CliRunner().invoke(main, ["--iteration", "2", "--init-adapter", str(tmp_path / "none"), *args])
+    assert result.exit_code == 1 and "none: no LoRA adapter here" in result.output
