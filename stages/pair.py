@@ -1,0 +1,89 @@
+"""Stage pair@k: DPO preference pairs from the rewarded candidates (paper Sec. 3.4, Appendix A.5).
+
+\b
+    python -m stages.pair --iteration 1   # tau_pos, tau_neg, delta
+    python -m stages.pair --iteration 2   # tau_pos, tau_neg, iter2.delta + replay of iteration-1 pairs
+
+Positive set r >= tau_pos, negative set r <= tau_neg, and a pair needs a margin of at least delta; how pairs
+are chosen among the valid combinations, the validation split and the replay are deeper/pairs.py's (params
+`pair`, and `iter2.delta`, `iter2.replay_max` for iteration 2). Each pair carries its context's refine
+prompt (chat messages as JSON), so training needs this file only.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+import pandas as pd
+
+from deeper.config import get, load_params
+from deeper.errors import InputError
+from deeper.iteration import read_contexts
+from deeper.metrics import write_json
+from deeper.pairs import PairConfig, build_pairs
+from stages._cli import PARAMS_OPTION, user_errors
+
+REWARD_COLUMNS = ("context_id", "sample", "text", "r")
+
+
+def _read(path: Path, columns, hint: str) -> pd.DataFrame:
+    if not path.exists():
+        raise InputError(path, f"not found; {hint}")
+    df = pd.read_parquet(path)
+    missing = [c for c in columns if c not in df.columns]
+    if missing:
+        raise InputError(path, f"missing column(s) {', '.join(missing)}; have {list(df.columns)}")
+    return df
+
+
+def run(params: dict, iteration: int, contexts_path: Path, rewards_path: Path, previous: Path | None,
+        out: Path, metrics: Path) -> dict:
+    config = PairConfig.from_params(params, iteration)
+    contexts = read_contexts(contexts_path)
+    rewards = _read(rewards_path, REWARD_COLUMNS, "run `dvc repro reward` first")[list(REWARD_COLUMNS)]
+    unknown = ~rewards["context_id"].isin(contexts["context_id"])
+    if unknown.any():
+        row = int(unknown.to_numpy().nonzero()[0][0]) + 1
+        raise InputError(rewards_path, f"context {rewards['context_id'][unknown].iloc[0]!r} is not in {contexts_path}", row)
+    candidates = rewards.merge(contexts[["context_id", "prompt"]], on="context_id", how="left")
+    replay = replay_max = None
+    if iteration > 1:
+        replay = _read(previous, ("margin",), "run the previous iteration's pair stage first")
+        replay_max = get(params, "iter2.replay_max")
+    pairs, summary = build_pairs(candidates, config, iteration, source=str(rewards_path),
+                                 replay_from=replay, replay_max=replay_max, replay_source=str(previous))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    pairs.to_parquet(out, index=False)
+    write_json(metrics, summary)
+    click.echo(f"wrote {out}: {summary['pairs']} pairs ({summary['replay_pairs']} replayed) from "
+               f"{summary['contexts_with_pair']} of {summary['contexts_total']} contexts", err=True)
+    return summary
+
+
+@click.command(help=__doc__)
+@PARAMS_OPTION
+@click.option("--iteration", type=click.IntRange(1, 2), required=True, help="Training iteration k (1 or 2).")
+@click.option("--contexts", "contexts_path", default=None, type=click.Path(dir_okay=False),
+              help="The contexts (for the prompts) [default: data/contexts/it{k}.parquet].")
+@click.option("--rewards", "rewards_path", default=None, type=click.Path(dir_okay=False),
+              help="The rewarded candidates [default: data/rewards/it{k}.parquet].")
+@click.option("--previous", default=None, type=click.Path(dir_okay=False),
+              help="Iteration 2: the previous pairs to replay [default: data/pairs/it{k-1}/pairs.parquet].")
+@click.option("--out", default=None, type=click.Path(dir_okay=False),
+              help="Pairs with their split [default: data/pairs/it{k}/pairs.parquet].")
+@click.option("--metrics", "metrics_path", default=None, type=click.Path(dir_okay=False),
+              help="Pair counts, mean margin, contexts with a pair [default: metrics/pairs_it{k}.json].")
+@user_errors
+def main(params_path, iteration, contexts_path, rewards_path, previous, out, metrics_path):
+    k = iteration
+    run(
+        load_params(params_path), k, Path(contexts_path or f"data/contexts/it{k}.parquet"),
+        Path(rewards_path or f"data/rewards/it{k}.parquet"),
+        Path(previous or f"data/pairs/it{k - 1}/pairs.parquet") if k > 1 else None,
+        Path(out or f"data/pairs/it{k}/pairs.parquet"), Path(metrics_path or f"metrics/pairs_it{k}.json"),
+    )
+
+
+if __name__ == "__main__":
+    main()
