@@ -10,8 +10,8 @@
 - generate: one request per sample with `seed = sampling.seed + k` (servers without `n` work too);
   repetition_penalty != 1 goes in extra_body (vLLM and llama.cpp read it; OpenAI itself does not).
 - rating_probs: one request per item, max_tokens=1, logprobs with top_logprobs=20. With
-  `prefill: assistant` the prefill is sent as a last assistant message, which llama.cpp's server continues
-  (a vLLM server needs `extra_body: {continue_final_message: true, add_generation_prompt: false}`);
+  `prefill: assistant` the prefill is sent as a last assistant message; the server must continue it rather than
+  open a new turn (llama-cpp-python's server does so only when started by scripts/llamacpp_server.py; a vLLM server needs `extra_body: {continue_final_message: true, add_generation_prompt: false}`);
   with `prefill: none` the item's chat is sent as is and the first answer token is read.
 """
 
