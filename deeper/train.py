@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import resource
+import shutil
 import tempfile
 import time
 import warnings
@@ -253,6 +254,45 @@ def _last_logged(history: list[dict], key: str):
     return None
 
 
+def _carry_over(base_model, out_dir, config: TrainConfig, init_adapter, reference: str, val_pairs: int,
+                started: float) -> dict:
+    """No training pairs: the output adapter is the input model (adapter 1, or a fresh LoRA whose B is zero)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if init_adapter is not None:
+        for item in Path(init_adapter).iterdir():
+            if item.is_file():
+                shutil.copy2(item, out_dir / item.name)
+    else:
+        import torch
+        from peft import LoraConfig, get_peft_model
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(str(base_model), dtype=getattr(torch, config.dtype))
+        lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                          target_modules=config.target_modules, task_type="CAUSAL_LM", bias="none")
+        get_peft_model(model, lora).save_pretrained(str(out_dir))
+    none = {"loss": None, "reward_accuracy": None, "reward_margin": None, "reward_chosen": None,
+            "reward_rejected": None}
+    return {
+        "trained": False,
+        "pairs": {"train": 0, "val": val_pairs},
+        "dropped_prompt_too_long": {"train": 0, "val": 0},
+        "truncated_pairs": {"train": 0},
+        "longest_tokens": 0,
+        "max_length": config.max_length,
+        "steps": 0,
+        "epochs": 0.0,
+        "train": {"loss_mean": None, "loss_last": None, "reward_accuracy_last": None, "reward_margin_last": None,
+                  "reward_chosen_last": None, "reward_rejected_last": None},
+        "eval": none,
+        "init_adapter": init_adapter is not None,
+        "reference": reference if init_adapter is not None else "base",
+        "seconds": time.monotonic() - started,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+
+
 def train_dpo(base_model: str | Path, train_pairs: pd.DataFrame, val_pairs: pd.DataFrame, out_dir: str | Path,
               config: TrainConfig, init_adapter: str | Path | None = None, reference: str = "base",
               source: str = "pairs") -> dict:
@@ -260,6 +300,10 @@ def train_dpo(base_model: str | Path, train_pairs: pd.DataFrame, val_pairs: pd.D
     started = time.monotonic()
     train_examples = pairs_to_examples(train_pairs, source)
     val_examples = pairs_to_examples(val_pairs, source)
+    if not train_examples:
+        # A knob such as -S delta=0.8 can leave no pair. The DAG must still run to the evaluation, so the
+        # model is carried over untrained (reported as steps 0, trained false) instead of failing the stage.
+        return _carry_over(base_model, out_dir, config, init_adapter, reference, len(val_examples), started)
     with tempfile.TemporaryDirectory(prefix="deeper-train-") as work_dir, warnings.catch_warnings():
         # transformers 5 renamed gradient_checkpointing; TRL 1.16 still uses the old name on every step.
         warnings.filterwarnings("ignore", message=".*gradient_checkpointing.* is deprecated", category=FutureWarning)
@@ -279,6 +323,7 @@ def train_dpo(base_model: str | Path, train_pairs: pd.DataFrame, val_pairs: pd.D
         out_dir.mkdir(parents=True, exist_ok=True)
         trainer.model.save_pretrained(str(out_dir), selected_adapters=["default"])
     summary = {
+        "trained": True,
         "pairs": {"train": len(train_examples), "val": len(val_examples)},
         "dropped_prompt_too_long": dropped,
         "truncated_pairs": {k: v["truncated"] for k, v in lengths.items()},

@@ -71,6 +71,9 @@ def run(params: dict, iteration: int, pairs_path: Path, init_adapter: Path | Non
     summary = train_dpo(base, train_pairs, val_pairs, out, config, init_adapter=init_adapter, reference=reference,
                         source=str(pairs_path))
     write_json(metrics, summary)
+    if not summary["trained"]:
+        click.echo(f"warning: no training pairs in {pairs_path} (see the pair stage's metrics); "
+                   f"{out} carries the input model over untrained", err=True)
     click.echo(f"wrote {out} after {summary['steps']} steps in {summary['seconds']:.0f} s; "
                f"eval loss {summary['eval']['loss']}, truncated pairs {summary['truncated_pairs']}", err=True)
     return summary

@@ -211,3 +211,20 @@ def test_stage_writes_adapter_and_metrics_and_reports_bad_input(tiny_llama, tmp_
     assert result.output.strip().endswith("pairs.parquet: context 'c0' has pairs in both train and val")
     result = CliRunner().invoke(main, ["--iteration", "2", "--init-adapter", str(tmp_path / "none"), *args])
     assert result.exit_code == 1 and "none: no LoRA adapter here" in result.output
+
+
+def test_no_training_pairs_carries_the_model_over_untrained(tiny_llama, model_1, tmp_path):
+    """-S delta=0.8 can leave no pair: the stage still writes an adapter (the input model) and says so."""
+    empty = make_pairs(0)
+    fresh = train_dpo(tiny_llama, empty, make_pairs(1), tmp_path / "it1", TrainConfig(**FAST))
+    assert fresh["trained"] is False and fresh["steps"] == 0 and fresh["pairs"] == {"train": 0, "val": 1}
+    weights = load_file(tmp_path / "it1" / "adapter_model.safetensors")
+    lora_b = [v for k, v in weights.items() if "lora_B" in k]
+    assert lora_b and all(v.abs().sum() == 0 for v in lora_b)  # B = 0: exactly the base model
+
+    adapter_1, _ = model_1
+    carried = train_dpo(tiny_llama, empty, empty, tmp_path / "it2", TrainConfig(**FAST), init_adapter=adapter_1)
+    assert carried["trained"] is False and carried["init_adapter"] is True
+    assert (tmp_path / "it2" / "adapter_model.safetensors").read_bytes() == \
+        (adapter_1 / "adapter_model.safetensors").read_bytes()
+    assert set(carried) == set(model_1[1])  # the metrics keep their shape
