@@ -22,9 +22,9 @@ progress and stores each chunk as it returns, so a killed stage resumes where it
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import pandas as pd
@@ -68,7 +68,7 @@ class SampleSettings:
     sampling: Sampling
 
     @classmethod
-    def from_params(cls, params: dict) -> SampleSettings:
+    def from_params(cls, params: dict) -> "SampleSettings":
         def value(key, kind, low):
             raw = get(params, f"sample.{key}")
             try:

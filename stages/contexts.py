@@ -22,12 +22,7 @@ import pandas as pd
 from deeper.config import load_params
 from deeper.errors import InputError
 from deeper.iteration import (
-    build_contexts,
-    load_frozen,
-    read_contexts,
-    read_personas,
-    read_user_windows,
-    states_from_personas,
+    build_contexts, load_frozen, read_contexts, read_personas, read_user_windows, states_from_personas,
 )
 from deeper.metrics import write_json
 from deeper.predict import PredictSettings

@@ -22,7 +22,7 @@ import pytest
 import yaml
 
 from deeper.errors import InputError
-from deeper.iteration import State, clean_candidate, read_contexts, read_user_windows, update_input
+from deeper.iteration import clean_candidate, read_contexts, read_user_windows, update_input, State
 from deeper.llm import load_llm
 from deeper.llm.base import Sampling
 from deeper.methods import Refine
@@ -316,7 +316,7 @@ def _policy_stats(stderr: str) -> dict:
 
 
 def test_sample_stage_killed_midway_resumes_with_only_the_missing_calls(world, iteration1, tmp_path):
-    _, _, model = world
+    root, params, model = world
     it1, _ = iteration1
     n = 2
     # batch_size 1: the cache commits after each context's n samples, so a kill lands half-way.
