@@ -10,6 +10,7 @@ from deeper.errors import ConfigError
 from deeper.llm import load_llm
 from deeper.llm.base import RatingGroup, Sampling
 from deeper.llm.transformers_backend import (
+    PrefixMemo,
     common_prefix_length,
     packing_supported,
     score_naive,
@@ -115,6 +116,23 @@ def test_prefix_reuse_with_identical_and_unrelated_prompts(llm, method):
             score_prefix_reuse(llm.model, other, llm.pad_id, 4, method), score_naive(llm.model, other, llm.pad_id, 4),
             atol=1e-4, rtol=0,
         )
+
+
+@pytest.mark.parametrize("method", ["packed", "batched"])
+def test_prefix_memo_reuses_a_repeated_persona_only(llm, method):
+    # Consecutive windows of one persona (a candidate's three reward windows) encode the persona once; a new
+    # persona, or the same persona after another, is encoded again. Results equal the naive path either way.
+    memo = PrefixMemo()
+    windows = [TITLES[:3], TITLES[3:6], TITLES[1:4], TITLES[:3]]
+    personas = [PERSONA, PERSONA, "Someone who only likes cartoons. " * 5, PERSONA]
+    with torch.inference_mode():
+        for titles, persona in zip(windows, personas):
+            prompts = llm.rating_prompt_ids(RatingGroup([item_chat(t, persona) for t in titles]))
+            torch.testing.assert_close(
+                score_prefix_reuse(llm.model, prompts, llm.pad_id, 2, method, memo=memo),
+                score_naive(llm.model, prompts, llm.pad_id, 2), atol=1e-4, rtol=0,
+            )
+    assert memo.hits == 1  # only the second window; the last one follows another persona
 
 
 def test_packed_prefix_reuse_with_eager_attention(llm, tiny_llama):

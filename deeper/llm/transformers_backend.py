@@ -6,7 +6,8 @@ on the chat and `seed + k`, never on which other chats share the batch (the cach
 
 Rating: the chats of one RatingGroup share the persona prefix. Their prompts are tokenised, the longest
 common token prefix is run once, and all items' suffixes are scored in one forward against its KV cache
-(`score_prefix_reuse`). `score_naive` runs the full prompts as a left-padded batch; it is the reference
+(`score_prefix_reuse`). The last prefix's KV cache is kept (`PrefixMemo`), so consecutive groups with the same
+persona (a candidate's previous, current and next window) encode it once. `score_naive` runs the full prompts as a left-padded batch; it is the reference
 (tests, bench) and the path for single-item groups.
 """
 
@@ -72,7 +73,31 @@ def packing_supported(model) -> bool:
     return getattr(config, "_attn_implementation", None) in ("sdpa", "eager") and not sliding
 
 
-def score_prefix_reuse(model, prompts: Sequence[Sequence[int]], pad_id: int, batch_size: int, method: str = "auto"):
+class PrefixMemo:
+    """The KV cache of the last scored prefix. Never mutated: every use scores against a deep copy."""
+
+    def __init__(self):
+        self.tokens: tuple[int, ...] = ()
+        self.cache = None
+        self.hits = 0
+
+    def get(self, model, tokens: Sequence[int]):
+        import torch
+
+        tokens = tuple(tokens)
+        if tokens == self.tokens and self.cache is not None:
+            self.hits += 1
+            return self.cache
+        prefix = torch.tensor([list(tokens)], device=model.device)
+        self.cache = model(input_ids=prefix, use_cache=True, logits_to_keep=1).past_key_values
+        self.tokens = tokens
+        return self.cache
+
+
+def score_prefix_reuse(
+    model, prompts: Sequence[Sequence[int]], pad_id: int, batch_size: int, method: str = "auto",
+    memo: PrefixMemo | None = None,
+):
     """Same result as `score_naive`, computing the shared token prefix once.
 
     The prefix runs once; its KV cache then serves every batch of suffixes, in one of two ways:
@@ -82,7 +107,8 @@ def score_prefix_reuse(model, prompts: Sequence[Sequence[int]], pad_id: int, bat
     - "batched": the cache is copied to a batch of right-padded suffixes (real tokens never see padding), the
       attention mask covers prefix + suffix, and positions continue after the prefix. For attention kernels
       that take no custom mask (flash attention) or models with sliding windows.
-    Either way each item's logits are read at its own last real token.
+    Either way each item's logits are read at its own last real token. With a `memo`, a prefix equal to the
+    previous call's is not run again.
     """
     import torch
 
@@ -92,9 +118,7 @@ def score_prefix_reuse(model, prompts: Sequence[Sequence[int]], pad_id: int, bat
     if method == "auto":
         method = "packed" if packing_supported(model) else "batched"
     score_suffixes = {"packed": _score_packed, "batched": _score_batched}[method]
-    device = model.device
-    prefix = torch.tensor([list(prompts[0][:prefix_len])], device=device)
-    prefix_cache = model(input_ids=prefix, use_cache=True, logits_to_keep=1).past_key_values
+    prefix_cache = (memo or PrefixMemo()).get(model, prompts[0][:prefix_len])
     out = []
     for chunk in _batches([p[prefix_len:] for p in prompts], batch_size):
         cache = copy.deepcopy(prefix_cache)  # each forward appends to the cache it is given
@@ -210,6 +234,7 @@ class TransformersLLM:
         eos.update(configured if isinstance(configured, list) else [configured])
         self.eos_ids = sorted(i for i in eos if i is not None)
         self._digit_ids = None
+        self.prefix_memo = PrefixMemo()
 
     # --- prompts ---------------------------------------------------------------------------------------
 
@@ -283,7 +308,9 @@ class TransformersLLM:
         with torch.inference_mode():
             if prefix_reuse:
                 method = prefix_reuse if isinstance(prefix_reuse, str) else "auto"
-                logits = score_prefix_reuse(self.model, prompts, self.pad_id, self.batch_size, method)
+                logits = score_prefix_reuse(
+                    self.model, prompts, self.pad_id, self.batch_size, method, memo=self.prefix_memo
+                )
             else:
                 logits = score_naive(self.model, prompts, self.pad_id, self.batch_size)
         self.counters.add(calls=len(prompts), prompt_tokens=sum(len(p) for p in prompts))
