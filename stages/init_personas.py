@@ -195,6 +195,7 @@ def run(params: dict, windows: Path, out: Path, metrics: Path) -> dict:
 
     llm = CachedLLM(load_llm(spec, where="models.frozen"))
     personas, tries = generate_personas(llm, chats, settings)
+    click.echo(f"frozen: {llm.stats()}", err=True)  # cache hits vs new calls: what a resumed run redid
 
     df = pd.DataFrame(users, columns=["domain", "user_id", "split"])
     df["persona"] = personas
