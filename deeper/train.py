@@ -33,8 +33,10 @@ import pandas as pd
 
 from deeper.config import get
 from deeper.errors import ConfigError, DeeperError, InputError
+from deeper.tables import first_bad_row, read_parquet_checked
 
 REFERENCES = ("base", "previous")
+PAIR_COLUMNS = ("context_id", "prompt", "chosen", "rejected", "split")  # what training reads of pairs.parquet
 
 
 @dataclass(frozen=True)
@@ -121,6 +123,19 @@ def _coerce(name: str, value):
             raise ConfigError(key, f"must be an integer, got {value!r}")
         return int(number)
     return number
+
+
+def read_pairs(path: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The pair stage's output split into (train, val) pairs; InputError (file, row) if unusable."""
+    path = Path(path)
+    pairs = read_parquet_checked(path, PAIR_COLUMNS, "run the pair stage first (`dvc repro`)")
+    bad = ~pairs["split"].isin(["train", "val"])
+    if bad.any():
+        raise InputError(path, f"split must be train or val, got {pairs['split'][bad].iloc[0]!r}", first_bad_row(bad))
+    straddling = pairs.groupby("context_id")["split"].nunique()
+    if (straddling > 1).any():
+        raise InputError(path, f"context {straddling[straddling > 1].index[0]!r} has pairs in both train and val")
+    return pairs[pairs["split"] == "train"], pairs[pairs["split"] == "val"]
 
 
 def pairs_to_examples(pairs: pd.DataFrame, source: str) -> list[dict]:

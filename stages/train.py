@@ -18,36 +18,12 @@ import shutil
 from pathlib import Path
 
 import click
-import pandas as pd
-import pyarrow as pa
 
 from deeper.config import get, load_params
 from deeper.errors import ConfigError, InputError
 from deeper.metrics import write_json
-from deeper.train import TrainConfig, train_dpo
+from deeper.train import TrainConfig, read_pairs, train_dpo
 from stages._cli import PARAMS_OPTION, user_errors
-
-PAIR_COLUMNS = ("context_id", "prompt", "chosen", "rejected", "split")
-
-
-def read_pairs(path: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
-    if not path.exists():
-        raise InputError(path, "not found; run the pair stage first (`dvc repro`)")
-    try:
-        pairs = pd.read_parquet(path)
-    except (OSError, ValueError, pa.ArrowException) as e:  # a damaged or non-Parquet file
-        raise InputError(path, f"not a readable Parquet file: {str(e).splitlines()[0]}") from None
-    missing = [c for c in PAIR_COLUMNS if c not in pairs.columns]
-    if missing:
-        raise InputError(path, f"missing column(s) {', '.join(missing)}; have {list(pairs.columns)}")
-    bad = ~pairs["split"].isin(["train", "val"])
-    if bad.any():
-        row = int(bad.to_numpy().nonzero()[0][0])
-        raise InputError(path, f"split must be train or val, got {pairs['split'].iloc[row]!r}", row + 1)
-    straddling = pairs.groupby("context_id")["split"].nunique()
-    if (straddling > 1).any():
-        raise InputError(path, f"context {straddling[straddling > 1].index[0]!r} has pairs in both train and val")
-    return pairs[pairs["split"] == "train"], pairs[pairs["split"] == "val"]
 
 
 def base_model_path(params: dict) -> str:

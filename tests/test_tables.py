@@ -9,11 +9,15 @@ import re
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
+from click.testing import CliRunner
 
+from deeper.config import load_params
 from deeper.data.schema import WINDOW_COLUMNS
 from deeper.errors import InputError
 from deeper.iteration import read_user_windows
 from deeper.tables import domain_seen, read_parquet_checked, read_windows
+from tests.conftest import REPO, one_line_error
 
 
 def windows_frame() -> pd.DataFrame:
@@ -139,6 +143,23 @@ def test_a_gap_inside_the_file_points_at_the_first_out_of_place_row(tmp_path):
 # ---------------------------------------------------------------- the stages pass the line through
 
 
+def test_train_stage_reports_a_pairs_file_that_is_not_parquet_and_a_bad_split_row(tmp_path):
+    from stages.train import main
+
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(load_params(REPO / "params.yaml")))
+    pairs = tmp_path / "pairs.parquet"
+    args = ["--iteration", "1", "--params", str(tmp_path / "params.yaml"), "--pairs", str(pairs),
+            "--out", str(tmp_path / "it1"), "--metrics", str(tmp_path / "train_it1.json")]
+    pairs.write_text("context_id,prompt\n")
+    one_line_error(CliRunner().invoke(main, args), f"{pairs}: not a readable Parquet file: ")
+    pd.DataFrame({"context_id": ["c0", "c1"], "prompt": "[]", "chosen": "a", "rejected": "b",
+                  "split": ["train", "test"]}).to_parquet(pairs, index=False)
+    one_line_error(CliRunner().invoke(main, args), f"{pairs}:2: split must be train or val, got 'test'")
+    pd.DataFrame({"context_id": ["c0"], "prompt": "[]"}).to_parquet(pairs, index=False)
+    one_line_error(CliRunner().invoke(main, args), f"{pairs}: missing column(s) chosen, rejected, split")
+    assert not (tmp_path / "it1").exists() and not (tmp_path / "train_it1.json").exists()
+
+
 def test_evaluate_reads_windows_through_the_shared_reader(tmp_path):
     from stages.evaluate import load_eval_users
 
@@ -156,3 +177,29 @@ def test_evaluate_reads_windows_through_the_shared_reader(tmp_path):
     windows.write_bytes(b"not parquet")
     assert error_of(load_eval_users, windows, personas, 1, None, None).startswith(
         f"{windows}: not a readable Parquet file: ")
+
+
+def test_pair_stage_reports_a_rewards_file_that_is_not_parquet(tmp_path):
+    from deeper.pairs import read_candidates
+
+    contexts = pd.DataFrame({"context_id": ["c0"], "prompt": ["[]"]})
+    rewards = tmp_path / "rewards.parquet"
+    rewards.write_text("context_id,sample,text,r\n")
+    assert error_of(read_candidates, rewards, contexts, "contexts.parquet").startswith(
+        f"{rewards}: not a readable Parquet file: ")
+    pd.DataFrame({"context_id": ["c0", "c9"], "sample": [0, 0], "text": ["a", "b"], "r": [0.1, 0.2]}).to_parquet(
+        rewards, index=False)
+    assert error_of(read_candidates, rewards, contexts, "contexts.parquet") == \
+        f"{rewards}:2: context 'c9' is not in contexts.parquet"
+
+
+def test_report_reads_evaluation_tables_through_the_shared_reader(tmp_path):
+    from deeper.rollout import read_eval_table
+
+    path = tmp_path / "untrained.parquet"
+    path.write_text("domain,user_id\n")
+    assert error_of(read_eval_table, path, "untrained", 2).startswith(f"{path}: not a readable Parquet file: ")
+    pd.DataFrame({"domain": ["movies"], "round": [0]}).to_parquet(path, index=False)
+    text = error_of(read_eval_table, path, "untrained", 2)
+    assert text.startswith(f"{path}: missing column(s) user_id, seen, persona,")
+    assert text.endswith("; run `dvc repro evaluate@untrained`")
