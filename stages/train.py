@@ -9,7 +9,9 @@ folder or hub id), `train` (LoRA shape, beta, lengths, optimiser, steps), the to
 iteration 2 `iter2.reference` (the DPO reference: `base` model or `previous` = Model 1) and `iter2.train`
 (overrides of `train`). The pairs file's `split` column gives train and validation pairs (whole contexts).
 Writes the adapter (adapter_config.json + adapter_model.safetensors) and metrics: final train/eval DPO loss,
-reward accuracy and margins, steps, pairs, pairs cut at train.max_length, seconds, peak memory.
+reward accuracy and margins, steps, pairs, pairs cut at train.max_length. The run's wall-clock seconds and
+peak memory are not metrics (they change on every run): they are printed and written to train_log.json in
+the adapter folder.
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ def run(params: dict, iteration: int, pairs_path: Path, init_adapter: Path | Non
     if not summary["trained"]:
         click.echo(f"warning: no training pairs in {pairs_path} (see the pair stage's metrics); "
                    f"{out} carries the input model over untrained", err=True)
-    click.echo(f"wrote {out} after {summary['steps']} steps in {summary['seconds']:.0f} s; "
+    click.echo(f"wrote {out} after {summary['steps']} steps; "
                f"eval loss {summary['eval']['loss']}, truncated pairs {summary['truncated_pairs']}", err=True)
     return summary
 
