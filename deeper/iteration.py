@@ -28,11 +28,8 @@ from typing import Sequence
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
-import pyarrow.parquet as pq
 
 from deeper.config import get
-from deeper.data.schema import WINDOW_COLUMNS
 from deeper.errors import ConfigError, InputError
 from deeper.llm.base import LLM, Sampling
 from deeper.methods.base import FAILED_REASONS, FLAGGED_REASONS, UpdateInput, Window
@@ -41,6 +38,7 @@ from deeper.personas import clean_persona, count_words, degenerate_reason
 from deeper.predict import PredictSettings, PredictStats, WindowRequest, predict_windows
 from deeper.prompts import PromptSet, load_prompts
 from deeper.reward import NEW_COLUMNS, OLD_COLUMNS, PARTS
+from deeper.tables import first_bad_row, read_parquet_checked, read_windows
 
 # Windows of refinement step t, relative to t: previous, current, future (the reward's three parts).
 OFFSETS = dict(zip(PARTS, (-1, 0, 1)))
@@ -125,69 +123,33 @@ class State:
     persona: str
 
 
-def _read_parquet(path: Path, columns: Sequence[str], hint: str) -> pd.DataFrame:
-    if not path.exists():
-        raise InputError(path, f"not found; {hint}")
-    try:
-        table = pq.read_table(path)
-    except (pa.ArrowInvalid, OSError) as e:
-        raise InputError(path, f"not a readable Parquet file: {str(e).splitlines()[0]}") from None
-    missing = [c for c in columns if c not in table.column_names]
-    if missing:
-        raise InputError(path, f"missing column(s) {', '.join(missing)}; have {table.column_names}")
-    return table.to_pandas()
-
-
-def _first_bad_row(mask) -> int:
-    return int(np.flatnonzero(np.asarray(mask))[0]) + 1
+def user_windows(windows: pd.DataFrame, split: str = "train") -> list[UserWindows]:
+    """The users of `split` with all their windows, from a table validated by `deeper.tables.read_windows`."""
+    users = []
+    for (domain, user_id), rows in windows[windows["split"] == split].groupby(["domain", "user_id"], sort=True):
+        windows_of_user = tuple(
+            Window(titles=tuple(w["title"]), ratings=tuple(float(r) for r in w["rating"]))
+            for _, w in rows.groupby("window", sort=True)
+        )
+        users.append(UserWindows(domain, str(user_id), rows["item_type"].iloc[0], windows_of_user))
+    return users
 
 
 def read_user_windows(path: str | Path, split: str = "train") -> list[UserWindows]:
     """The users of `split` in windows.parquet with all their windows; InputError (file, row) on bad rows."""
-    path = Path(path)
-    df = _read_parquet(path, WINDOW_COLUMNS, "run `dvc repro window` first")[list(WINDOW_COLUMNS)]
-    for column in ("domain", "item_type", "user_id", "split", "title"):
-        bad = ~df[column].map(lambda v: isinstance(v, str) and v.strip() != "")
-        if bad.any():
-            raise InputError(path, f"{column} is missing or empty", _first_bad_row(bad))
-    for column in ("window", "pos", "rating"):
-        values = pd.to_numeric(df[column], errors="coerce")
-        bad = values.isna() | ~np.isfinite(values.astype(float))
-        if bad.any():
-            raise InputError(path, f"{column} is not a finite number: {df[column][bad].iloc[0]!r}", _first_bad_row(bad))
-        df[column] = values
-    dup = df.duplicated(["domain", "user_id", "window", "pos"])
-    if dup.any():
-        raise InputError(path, "duplicate (domain, user_id, window, pos)", _first_bad_row(dup))
-    df["row"] = np.arange(1, len(df) + 1)
-    users = []
-    for (domain, user_id), rows in df[df["split"] == split].groupby(["domain", "user_id"], sort=True):
-        if rows["item_type"].nunique() > 1:
-            raise InputError(path, f"user {user_id} of {domain} has more than one item_type", int(rows["row"].iloc[0]))
-        rows = rows.sort_values(["window", "pos"], kind="stable")
-        numbers = sorted(int(w) for w in rows["window"].unique())
-        if numbers != list(range(len(numbers))):
-            first_bad = next(w for i, w in enumerate(numbers) if w != i)
-            raise InputError(path, f"user {user_id} of {domain} has windows {numbers}, not 0..k-1",
-                             int(rows.loc[rows["window"] == first_bad, "row"].iloc[0]))
-        windows = tuple(
-            Window(titles=tuple(w["title"]), ratings=tuple(float(r) for r in w["rating"]))
-            for _, w in rows.groupby("window", sort=True)
-        )
-        users.append(UserWindows(domain, str(user_id), rows["item_type"].iloc[0], windows))
-    return users
+    return user_windows(read_windows(path), split)
 
 
 def read_personas(path: str | Path, split: str = "train") -> dict[tuple[str, str], str]:
     """(domain, user_id) -> S_0 from init_personas' output."""
     path = Path(path)
-    df = _read_parquet(path, PERSONA_COLUMNS, "run `dvc repro init_personas` first")
+    df = read_parquet_checked(path, PERSONA_COLUMNS, "run `dvc repro init_personas` first")
     bad = ~df["persona"].map(lambda v: isinstance(v, str))
     if bad.any():
-        raise InputError(path, "persona is missing", _first_bad_row(bad))
+        raise InputError(path, "persona is missing", first_bad_row(bad))
     dup = df.duplicated(["domain", "user_id"])
     if dup.any():
-        raise InputError(path, "duplicate (domain, user_id)", _first_bad_row(dup))
+        raise InputError(path, "duplicate (domain, user_id)", first_bad_row(dup))
     rows = df[df["split"] == split]
     return {(str(d), str(u)): p for d, u, p in zip(rows["domain"], rows["user_id"], rows["persona"])}
 
@@ -256,10 +218,10 @@ def build_contexts(
 
 def read_contexts(path: str | Path) -> pd.DataFrame:
     path = Path(path)
-    df = _read_parquet(path, CONTEXT_COLUMNS, "run `dvc repro contexts` first")
+    df = read_parquet_checked(path, CONTEXT_COLUMNS, "run `dvc repro contexts` first")
     dup = df.duplicated("context_id")
     if dup.any():
-        raise InputError(path, f"context {df['context_id'][dup].iloc[0]!r} appears twice", _first_bad_row(dup))
+        raise InputError(path, f"context {df['context_id'][dup].iloc[0]!r} appears twice", first_bad_row(dup))
     for i, prompt in enumerate(df["prompt"], 1):
         try:
             chat = json.loads(prompt)
@@ -353,16 +315,16 @@ def sample_candidates(contexts: pd.DataFrame, policy: LLM, n: int, sampling: Sam
 
 def read_samples(path: str | Path, contexts: pd.DataFrame) -> pd.DataFrame:
     path = Path(path)
-    df = _read_parquet(path, SAMPLE_COLUMNS, "run `dvc repro sample` first")
+    df = read_parquet_checked(path, SAMPLE_COLUMNS, "run `dvc repro sample` first")
     dup = df.duplicated(["context_id", "sample"])
     if dup.any():
-        raise InputError(path, "duplicate (context_id, sample)", _first_bad_row(dup))
+        raise InputError(path, "duplicate (context_id, sample)", first_bad_row(dup))
     unknown = ~df["context_id"].isin(contexts["context_id"])
     if unknown.any():
-        raise InputError(path, f"context {df['context_id'][unknown].iloc[0]!r} is not in the contexts file", _first_bad_row(unknown))
+        raise InputError(path, f"context {df['context_id'][unknown].iloc[0]!r} is not in the contexts file", first_bad_row(unknown))
     bad = ~df["text"].map(lambda v: isinstance(v, str) and v.strip() != "")
     if bad.any():
-        raise InputError(path, "text is missing or empty", _first_bad_row(bad))
+        raise InputError(path, "text is missing or empty", first_bad_row(bad))
     return df
 
 

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -38,8 +39,10 @@ import pandas as pd
 from deeper.config import get
 from deeper.errors import ConfigError, InputError
 from deeper.reward import THRESHOLD_TOLERANCE, is_negative, is_positive
+from deeper.tables import first_bad_row, read_parquet_checked
 
 CANDIDATE_COLUMNS = ("context_id", "prompt", "sample", "text", "r")
+REWARD_COLUMNS = ("context_id", "sample", "text", "r")  # what pairing reads of the reward stage's output
 PAIR_COLUMNS = (
     "context_id", "prompt", "chosen", "rejected", "chosen_reward", "rejected_reward", "margin", "split",
     "chosen_sample", "rejected_sample", "iteration",
@@ -80,6 +83,23 @@ class PairConfig:
             strategy=get(params, "pair.strategy"), max_per_context=get(params, "pair.max_per_context"),
             val_fraction=float(get(params, "pair.val_fraction")), seed=int(get(params, "pair.seed")),
         )
+
+
+def read_candidates(rewards_path: str | Path, contexts: pd.DataFrame, contexts_source: str) -> pd.DataFrame:
+    """The reward stage's candidates (REWARD_COLUMNS) with their context's prompt: CANDIDATE_COLUMNS.
+    InputError (file, row) for an unreadable file or a candidate whose context is not in `contexts`."""
+    path = Path(rewards_path)
+    rewards = read_parquet_checked(path, REWARD_COLUMNS, "run `dvc repro reward` first")[list(REWARD_COLUMNS)]
+    unknown = ~rewards["context_id"].isin(contexts["context_id"])
+    if unknown.any():
+        raise InputError(path, f"context {rewards['context_id'][unknown].iloc[0]!r} is not in {contexts_source}",
+                         first_bad_row(unknown))
+    return rewards.merge(contexts[["context_id", "prompt"]], on="context_id", how="left")
+
+
+def read_replay_pairs(path: str | Path) -> pd.DataFrame:
+    """The previous iteration's pairs (PAIR_COLUMNS), replayed in iteration 2."""
+    return read_parquet_checked(path, PAIR_COLUMNS, "run the previous iteration's pair stage first")
 
 
 def validate_candidates(candidates: pd.DataFrame, source: str) -> pd.DataFrame:

@@ -25,15 +25,18 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
+from deeper.errors import InputError
 from deeper.llm.base import LLM
 from deeper.methods.base import UpdateInput, UpdateMethod, Window
 from deeper.personas import count_words
 from deeper.predict import PredictSettings, PredictStats, WindowRequest, predict_windows
+from deeper.tables import read_parquet_checked
 
 # Windows the first update is measured on (Table 1): previous, current, future.
 FIRST_UPDATE_WINDOWS = (0, 1, 2)
@@ -163,6 +166,17 @@ def rollout(
 # ---------------------------------------------------------------- summaries (the report stage)
 
 FIRST_UPDATE_PARTS = {"prev": "mae_w0", "curr": "mae_w1", "fut": "mae_w2"}
+
+
+def read_eval_table(path: str | Path, method: str, rounds: int) -> pd.DataFrame:
+    """A method's evaluation table (COLUMNS) with rows for rounds 0..rounds; InputError if not."""
+    path = Path(path)
+    table = read_parquet_checked(path, COLUMNS, f"run `dvc repro evaluate@{method}`")
+    have = sorted(table["round"].unique().tolist())
+    if have != list(range(rounds + 1)):
+        raise InputError(path, f"has rounds {have}, params evaluate.rounds={rounds} needs 0..{rounds}; "
+                               f"re-run `dvc repro evaluate@{method}`")
+    return table
 
 
 def _mean(values) -> float | None:

@@ -16,6 +16,9 @@ The DPO reference model (nothing is loaded twice; the base weights are shared):
 
 TRL keeps every completion token up to `max_length` (prompt + completion; `keep_start` cuts the completion's
 end) and drops pairs whose prompt alone fills `max_length`; both are counted and reported.
+
+The returned summary (the stage's metrics) holds only what the run's inputs decide; the wall-clock seconds
+and peak memory are printed on one line and written to `train_log.json` in the adapter folder.
 """
 
 from __future__ import annotations
@@ -33,8 +36,12 @@ import pandas as pd
 
 from deeper.config import get
 from deeper.errors import ConfigError, DeeperError, InputError
+from deeper.metrics import write_json
+from deeper.tables import first_bad_row, read_parquet_checked
 
 REFERENCES = ("base", "previous")
+PAIR_COLUMNS = ("context_id", "prompt", "chosen", "rejected", "split")  # what training reads of pairs.parquet
+TRAIN_LOG = "train_log.json"  # in the adapter folder: wall-clock seconds and peak RSS of the run
 
 
 @dataclass(frozen=True)
@@ -121,6 +128,19 @@ def _coerce(name: str, value):
             raise ConfigError(key, f"must be an integer, got {value!r}")
         return int(number)
     return number
+
+
+def read_pairs(path: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The pair stage's output split into (train, val) pairs; InputError (file, row) if unusable."""
+    path = Path(path)
+    pairs = read_parquet_checked(path, PAIR_COLUMNS, "run the pair stage first (`dvc repro`)")
+    bad = ~pairs["split"].isin(["train", "val"])
+    if bad.any():
+        raise InputError(path, f"split must be train or val, got {pairs['split'][bad].iloc[0]!r}", first_bad_row(bad))
+    straddling = pairs.groupby("context_id")["split"].nunique()
+    if (straddling > 1).any():
+        raise InputError(path, f"context {straddling[straddling > 1].index[0]!r} has pairs in both train and val")
+    return pairs[pairs["split"] == "train"], pairs[pairs["split"] == "val"]
 
 
 def pairs_to_examples(pairs: pd.DataFrame, source: str) -> list[dict]:
@@ -254,6 +274,17 @@ def _last_logged(history: list[dict], key: str):
     return None
 
 
+def _write_train_log(out_dir: Path, started: float) -> dict:
+    """Wall-clock seconds and peak memory: printed on one line and written to <out_dir>/train_log.json, not
+    into the metrics (they differ on every run and would make `dvc metrics diff` noisy)."""
+    log = {"seconds": time.monotonic() - started,
+           "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    path = Path(out_dir) / TRAIN_LOG
+    write_json(path, log)
+    print(f"train: {log['seconds']:.1f} s, peak RSS {log['peak_rss_mb']:.0f} MB (in {path})", flush=True)
+    return log
+
+
 def _carry_over(base_model, out_dir, config: TrainConfig, init_adapter, reference: str, val_pairs: int,
                 started: float) -> dict:
     """No training pairs: the output adapter is the input model (adapter 1, or a fresh LoRA whose B is zero)."""
@@ -272,6 +303,7 @@ def _carry_over(base_model, out_dir, config: TrainConfig, init_adapter, referenc
         lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
                           target_modules=config.target_modules, task_type="CAUSAL_LM", bias="none")
         get_peft_model(model, lora).save_pretrained(str(out_dir))
+    _write_train_log(out_dir, started)
     none = {"loss": None, "reward_accuracy": None, "reward_margin": None, "reward_chosen": None,
             "reward_rejected": None}
     return {
@@ -288,8 +320,6 @@ def _carry_over(base_model, out_dir, config: TrainConfig, init_adapter, referenc
         "eval": none,
         "init_adapter": init_adapter is not None,
         "reference": reference if init_adapter is not None else "base",
-        "seconds": time.monotonic() - started,
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
 
 
@@ -348,7 +378,6 @@ def train_dpo(base_model: str | Path, train_pairs: pd.DataFrame, val_pairs: pd.D
         },
         "init_adapter": init_adapter is not None,
         "reference": reference if init_adapter is not None else "base",
-        "seconds": time.monotonic() - started,
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
+    _write_train_log(out_dir, started)
     return summary

@@ -34,6 +34,7 @@ from deeper.methods import METHODS, method_spec
 from deeper.metrics import write_json
 from deeper.predict import PredictSettings
 from deeper.rollout import EvalUser, rollout, windows_needed
+from deeper.tables import domain_seen, read_windows
 from stages._cli import PARAMS_OPTION, user_errors
 
 SAMPLING_KEYS = ("temperature", "top_p", "repetition_penalty", "max_new_tokens", "seed")
@@ -90,25 +91,13 @@ def user_filter_from_params(params: dict) -> tuple[list[str] | None, int | None]
     return domains, per_domain
 
 
-def domain_seen(path: Path) -> dict[str, bool]:
-    """domain -> seen (in training) from windows.parquet; one value per domain."""
-    try:
-        table = pq.read_table(path, columns=["domain", "seen"]).to_pandas()
-    except (pa.ArrowInvalid, OSError, KeyError) as e:
-        raise InputError(path, f"cannot read columns domain, seen: {str(e).splitlines()[0]}") from None
-    flags = table.drop_duplicates()
-    twice = flags[flags.duplicated("domain")]
-    if len(twice):
-        raise InputError(path, f"domain {twice['domain'].iloc[0]!r} is both seen and unseen")
-    return {str(d): bool(s) for d, s in zip(flags["domain"], flags["seen"])}
-
-
 def load_eval_users(windows: Path, personas: Path, rounds: int, domains: list[str] | None,
                     per_domain: int | None) -> tuple[list[EvalUser], dict]:
     """The evaluation users with S_0 and enough windows; skips counted by reason."""
-    from deeper.iteration import read_personas, read_user_windows
+    from deeper.iteration import read_personas, user_windows
 
-    seen = domain_seen(windows)
+    table = read_windows(windows)
+    seen = domain_seen(table)
     if domains is not None:
         unknown = sorted(set(domains) - set(seen))
         if unknown:
@@ -116,7 +105,7 @@ def load_eval_users(windows: Path, personas: Path, rounds: int, domains: list[st
     initial = read_personas(personas, split="eval")
     skipped = {"too_few_windows": 0, "no_persona": 0}
     users, taken = [], {}
-    for user in read_user_windows(windows, split="eval"):  # sorted by domain, user_id
+    for user in user_windows(table, split="eval"):  # sorted by domain, user_id
         if domains is not None and user.domain not in domains:
             continue
         if per_domain is not None and taken.get(user.domain, 0) >= per_domain:

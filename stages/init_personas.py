@@ -20,21 +20,20 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import click
-import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from deeper.config import get, load_params
-from deeper.errors import ConfigError, InputError
+from deeper.data.schema import SPLITS
+from deeper.errors import ConfigError
 from deeper.llm.base import Sampling
 from deeper.metrics import write_json
 from deeper.personas import clean_persona, count_words, degenerate_reason, token_counter
 from deeper.prompts import load_prompts
+from deeper.tables import read_windows
 from stages._cli import PARAMS_OPTION, user_errors
 
-WINDOW_COLUMNS = ("domain", "item_type", "user_id", "split", "window", "pos", "title", "rating")
-SPLITS = ("train", "eval")
 OUT_SCHEMA = pa.schema(
     [
         ("domain", pa.string()), ("user_id", pa.string()), ("split", pa.string()), ("persona", pa.string()),
@@ -79,50 +78,6 @@ class PersonaSettings:
         if not tokenizer:
             raise ConfigError("persona.tokenizer", "missing: a tokenizer folder or hub id to count persona tokens")
         return cls(sampling, number("retries", int, 2, 0), number("min_words", int, 20, 0), str(tokenizer))
-
-
-def read_first_windows(path: Path) -> pd.DataFrame:
-    """The W_0 rows of windows.parquet, validated; InputError (file and row) on anything unusable."""
-    if not path.exists():
-        raise InputError(path, "not found; run `dvc repro window` first")
-    try:
-        table = pq.read_table(path)
-    except (pa.ArrowInvalid, OSError) as e:
-        raise InputError(path, f"not a readable Parquet file: {str(e).splitlines()[0]}") from None
-    missing = [c for c in WINDOW_COLUMNS if c not in table.column_names]
-    if missing:
-        raise InputError(path, f"missing column(s) {', '.join(missing)}")
-    df = table.select(list(WINDOW_COLUMNS)).to_pandas()
-    df["row"] = np.arange(1, len(df) + 1)  # 1-based row in the file, for messages
-    for column in ("domain", "item_type", "user_id", "split", "title"):
-        bad = df[~df[column].map(lambda v: isinstance(v, str) and v.strip() != "")]
-        if len(bad):
-            raise InputError(path, f"{column} is missing or empty", int(bad["row"].iloc[0]))
-    bad = df[~df["split"].isin(SPLITS)]
-    if len(bad):
-        raise InputError(path, f"split must be one of {list(SPLITS)}, got {bad['split'].iloc[0]!r}", int(bad["row"].iloc[0]))
-    for column in ("window", "pos", "rating"):
-        values = pd.to_numeric(df[column], errors="coerce")
-        bad = df[values.isna() | ~np.isfinite(values.astype(float))]
-        if len(bad):
-            raise InputError(path, f"{column} is not a finite number: {bad[column].iloc[0]!r}", int(bad["row"].iloc[0]))
-        df[column] = values
-    users = df.groupby(["domain", "user_id"], sort=False)
-    for column in ("split", "item_type"):
-        mixed = users[column].transform("nunique") > 1
-        if mixed.any():
-            first = df[mixed].iloc[0]
-            raise InputError(path, f"user {first['user_id']} of {first['domain']} has more than one {column}", int(first["row"]))
-    first_window = users["window"].transform("min")
-    without_w0 = df[first_window != 0]
-    if len(without_w0):
-        first = without_w0.iloc[0]
-        raise InputError(path, f"user {first['user_id']} of {first['domain']} has no window 0", int(first["row"]))
-    w0 = df[df["window"] == 0]
-    duplicated = w0.duplicated(["domain", "user_id", "pos"])
-    if duplicated.any():
-        raise InputError(path, "duplicate (domain, user_id, window, pos)", int(w0[duplicated]["row"].iloc[0]))
-    return w0.sort_values(["domain", "user_id", "pos"], kind="stable")
 
 
 def _best_attempt(attempts: list[str], min_words: int) -> tuple[str, str | None]:
@@ -182,7 +137,8 @@ def run(params: dict, windows: Path, out: Path, metrics: Path) -> dict:
         raise ConfigError("models.frozen", "must be a mapping such as {backend: transformers, name: ...}")
     prompts = load_prompts()  # a broken template fails here, before the model loads
     counter = token_counter(settings.tokenizer)
-    w0 = read_first_windows(windows)
+    table = read_windows(windows)  # validated; sorted by domain, user_id, window, pos
+    w0 = table[table["window"] == 0]
 
     users = []
     chats = []

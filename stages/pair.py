@@ -15,41 +15,22 @@ from __future__ import annotations
 from pathlib import Path
 
 import click
-import pandas as pd
 
 from deeper.config import get, load_params
-from deeper.errors import InputError
 from deeper.iteration import read_contexts
 from deeper.metrics import write_json
-from deeper.pairs import PairConfig, build_pairs
+from deeper.pairs import PairConfig, build_pairs, read_candidates, read_replay_pairs
 from stages._cli import PARAMS_OPTION, user_errors
-
-REWARD_COLUMNS = ("context_id", "sample", "text", "r")
-
-
-def _read(path: Path, columns, hint: str) -> pd.DataFrame:
-    if not path.exists():
-        raise InputError(path, f"not found; {hint}")
-    df = pd.read_parquet(path)
-    missing = [c for c in columns if c not in df.columns]
-    if missing:
-        raise InputError(path, f"missing column(s) {', '.join(missing)}; have {list(df.columns)}")
-    return df
 
 
 def run(params: dict, iteration: int, contexts_path: Path, rewards_path: Path, previous: Path | None,
         out: Path, metrics: Path) -> dict:
     config = PairConfig.from_params(params, iteration)
     contexts = read_contexts(contexts_path)
-    rewards = _read(rewards_path, REWARD_COLUMNS, "run `dvc repro reward` first")[list(REWARD_COLUMNS)]
-    unknown = ~rewards["context_id"].isin(contexts["context_id"])
-    if unknown.any():
-        row = int(unknown.to_numpy().nonzero()[0][0]) + 1
-        raise InputError(rewards_path, f"context {rewards['context_id'][unknown].iloc[0]!r} is not in {contexts_path}", row)
-    candidates = rewards.merge(contexts[["context_id", "prompt"]], on="context_id", how="left")
+    candidates = read_candidates(rewards_path, contexts, str(contexts_path))
     replay = replay_max = None
     if iteration > 1:
-        replay = _read(previous, ("margin",), "run the previous iteration's pair stage first")
+        replay = read_replay_pairs(previous)
         replay_max = get(params, "iter2.replay_max")
     pairs, summary = build_pairs(candidates, config, iteration, source=str(rewards_path),
                                  replay_from=replay, replay_max=replay_max, replay_source=str(previous))

@@ -24,34 +24,15 @@ from pathlib import Path
 
 import click
 import pandas as pd
-import pyarrow as pa
-import pyarrow.parquet as pq
 
 from deeper.config import get, load_params
-from deeper.errors import ConfigError, InputError
+from deeper.errors import ConfigError
 from deeper.methods import method_spec
 from deeper.metrics import write_json
 from deeper.reward import RewardWeights, compute_rewards, summarize_rewards
-from deeper.rollout import COLUMNS, first_update_errors, mae_by_round, summarize_method
+from deeper.rollout import first_update_errors, mae_by_round, read_eval_table, summarize_method
 from stages._cli import PARAMS_OPTION, user_errors
 from stages.evaluate import rounds_from_params
-
-
-def read_table(path: Path, method: str, rounds: int) -> pd.DataFrame:
-    if not path.is_file():
-        raise InputError(path, f"not found; run `dvc repro evaluate@{method}`")
-    try:
-        table = pq.read_table(path).to_pandas()
-    except (pa.ArrowInvalid, OSError) as e:
-        raise InputError(path, f"not a readable Parquet file: {str(e).splitlines()[0]}") from None
-    missing = [c for c in COLUMNS if c not in table.columns]
-    if missing:
-        raise InputError(path, f"missing column(s) {', '.join(missing)}; re-run `dvc repro evaluate@{method}`")
-    have = sorted(table["round"].unique().tolist())
-    if have != list(range(rounds + 1)):
-        raise InputError(path, f"has rounds {have}, params evaluate.rounds={rounds} needs 0..{rounds}; "
-                               f"re-run `dvc repro evaluate@{method}`")
-    return table
 
 
 def methods_from_params(params: dict) -> list[str]:
@@ -85,7 +66,7 @@ def run(params: dict, eval_dir: Path, metrics_path: Path, plot_path: Path) -> di
     methods = methods_from_params(params)
     weights = RewardWeights.from_params(params)
     tau_pos, tau_neg = float(get(params, "tau_pos")), float(get(params, "tau_neg"))
-    tables = {m: read_table(eval_dir / f"{m}.parquet", m, rounds) for m in methods}
+    tables = {m: read_eval_table(eval_dir / f"{m}.parquet", m, rounds) for m in methods}
     metrics, plot = build_report(tables, rounds, weights, tau_pos, tau_neg)
     write_json(metrics_path, metrics)
     plot_path.parent.mkdir(parents=True, exist_ok=True)

@@ -9,7 +9,9 @@ folder or hub id), `train` (LoRA shape, beta, lengths, optimiser, steps), the to
 iteration 2 `iter2.reference` (the DPO reference: `base` model or `previous` = Model 1) and `iter2.train`
 (overrides of `train`). The pairs file's `split` column gives train and validation pairs (whole contexts).
 Writes the adapter (adapter_config.json + adapter_model.safetensors) and metrics: final train/eval DPO loss,
-reward accuracy and margins, steps, pairs, pairs cut at train.max_length, seconds, peak memory.
+reward accuracy and margins, steps, pairs, pairs cut at train.max_length. The run's wall-clock seconds and
+peak memory are not metrics (they change on every run): they are printed and written to train_log.json in
+the adapter folder.
 """
 
 from __future__ import annotations
@@ -18,36 +20,12 @@ import shutil
 from pathlib import Path
 
 import click
-import pandas as pd
-import pyarrow as pa
 
 from deeper.config import get, load_params
 from deeper.errors import ConfigError, InputError
 from deeper.metrics import write_json
-from deeper.train import TrainConfig, train_dpo
+from deeper.train import TrainConfig, read_pairs, train_dpo
 from stages._cli import PARAMS_OPTION, user_errors
-
-PAIR_COLUMNS = ("context_id", "prompt", "chosen", "rejected", "split")
-
-
-def read_pairs(path: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
-    if not path.exists():
-        raise InputError(path, "not found; run the pair stage first (`dvc repro`)")
-    try:
-        pairs = pd.read_parquet(path)
-    except (OSError, ValueError, pa.ArrowException) as e:  # a damaged or non-Parquet file
-        raise InputError(path, f"not a readable Parquet file: {str(e).splitlines()[0]}") from None
-    missing = [c for c in PAIR_COLUMNS if c not in pairs.columns]
-    if missing:
-        raise InputError(path, f"missing column(s) {', '.join(missing)}; have {list(pairs.columns)}")
-    bad = ~pairs["split"].isin(["train", "val"])
-    if bad.any():
-        row = int(bad.to_numpy().nonzero()[0][0])
-        raise InputError(path, f"split must be train or val, got {pairs['split'].iloc[row]!r}", row + 1)
-    straddling = pairs.groupby("context_id")["split"].nunique()
-    if (straddling > 1).any():
-        raise InputError(path, f"context {straddling[straddling > 1].index[0]!r} has pairs in both train and val")
-    return pairs[pairs["split"] == "train"], pairs[pairs["split"] == "val"]
 
 
 def base_model_path(params: dict) -> str:
@@ -74,7 +52,7 @@ def run(params: dict, iteration: int, pairs_path: Path, init_adapter: Path | Non
     if not summary["trained"]:
         click.echo(f"warning: no training pairs in {pairs_path} (see the pair stage's metrics); "
                    f"{out} carries the input model over untrained", err=True)
-    click.echo(f"wrote {out} after {summary['steps']} steps in {summary['seconds']:.0f} s; "
+    click.echo(f"wrote {out} after {summary['steps']} steps; "
                f"eval loss {summary['eval']['loss']}, truncated pairs {summary['truncated_pairs']}", err=True)
     return summary
 

@@ -11,6 +11,15 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 
 
+def one_line_error(result, *fragments):
+    """A click stage's result: exit 1 and one line `error: ...` holding each fragment (no traceback)."""
+    assert result.exit_code == 1, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     """The real test files of ../shared/data; tests skip where the folder is absent."""

@@ -21,6 +21,7 @@ from deeper.rollout import (
     summarize_domain,
     summarize_method,
 )
+from tests.conftest import one_line_error
 
 
 class Tagging(UpdateMethod):
@@ -190,19 +191,11 @@ EVAL_PARAMS = {
 }
 
 
-def _one_line_error(result, *fragments):
-    assert result.exit_code == 1, result.output
-    lines = result.output.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
-
-
 def test_report_names_the_missing_table_and_the_stage_to_run(tmp_path):
     from stages import report
 
     result = _invoke(report.main, tmp_path, EVAL_PARAMS, "--eval-dir", tmp_path / "eval")
-    _one_line_error(result, "untrained.parquet", "dvc repro evaluate@untrained")
+    one_line_error(result, "untrained.parquet", "dvc repro evaluate@untrained")
 
 
 def test_report_refuses_a_table_with_other_rounds(tmp_path):
@@ -215,7 +208,7 @@ def test_report_refuses_a_table_with_other_rounds(tmp_path):
         complete.to_parquet(tmp_path / "eval" / f"{name}.parquet")
     params = {**EVAL_PARAMS, "evaluate": {**EVAL_PARAMS["evaluate"], "rounds": 4}}
     result = _invoke(report.main, tmp_path, params, "--eval-dir", tmp_path / "eval")
-    _one_line_error(result, "untrained.parquet", "rounds [0, 1, 2]", "evaluate.rounds=4")
+    one_line_error(result, "untrained.parquet", "rounds [0, 1, 2]", "evaluate.rounds=4")
     # with matching rounds the same tables make a report
     ok = _invoke(report.main, tmp_path, EVAL_PARAMS, "--eval-dir", tmp_path / "eval",
                  "--metrics", tmp_path / "eval.json", "--plot", tmp_path / "mae.csv")
@@ -234,4 +227,4 @@ def test_evaluate_bad_settings_are_one_line_errors(tmp_path, edit, args, fragmen
     from stages import evaluate
 
     params = {**EVAL_PARAMS, "evaluate": {**EVAL_PARAMS["evaluate"], **edit}}
-    _one_line_error(_invoke(evaluate.main, tmp_path, params, *args), *fragments)
+    one_line_error(_invoke(evaluate.main, tmp_path, params, *args), *fragments)

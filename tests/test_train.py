@@ -54,7 +54,7 @@ def model_1(tiny_llama, tmp_path_factory):
 def test_iteration_1_saves_a_trained_adapter_and_a_summary(model_1):
     out, summary = model_1
     assert sorted(p.name for p in out.iterdir() if p.suffix in (".json", ".safetensors")) == \
-        ["adapter_config.json", "adapter_model.safetensors"]
+        ["adapter_config.json", "adapter_model.safetensors", "train_log.json"]
     config = json.loads((out / "adapter_config.json").read_text())
     assert (config["r"], config["lora_alpha"], config["lora_dropout"]) == (16, 32, 0.2)
     weights = load_file(out / "adapter_model.safetensors")
@@ -66,7 +66,10 @@ def test_iteration_1_saves_a_trained_adapter_and_a_summary(model_1):
     for key in ("loss", "reward_accuracy", "reward_margin", "reward_chosen", "reward_rejected"):
         assert isinstance(summary["eval"][key], float)
     assert summary["train"]["loss_last"] is not None and summary["truncated_pairs"] == {"train": 0, "val": 0}
-    assert summary["peak_rss_mb"] > 0 and summary["seconds"] > 0
+    # wall-clock time and memory change on every run: in the adapter folder's train_log.json, not the metrics
+    assert "seconds" not in summary and "peak_rss_mb" not in summary
+    log = json.loads((out / "train_log.json").read_text())
+    assert set(log) == {"seconds", "peak_rss_mb"} and log["peak_rss_mb"] > 0 and log["seconds"] > 0
 
 
 def test_only_the_adapter_learns_and_the_sft_term_is_in_the_loss(tiny_llama, tmp_path):
@@ -202,6 +205,9 @@ def test_stage_writes_adapter_and_metrics_and_reports_bad_input(tiny_llama, tmp_
     assert (tmp_path / "it1" / "adapter_model.safetensors").is_file()
     metrics = json.loads((tmp_path / "train_it1.json").read_text())
     assert metrics["steps"] == 1 and metrics["pairs"] == {"train": 5, "val": 1}
+    assert "seconds" not in metrics and "peak_rss_mb" not in metrics
+    log = json.loads((tmp_path / "it1" / "train_log.json").read_text())
+    assert f"train: {log['seconds']:.1f} s, peak RSS" in result.stdout  # one line on stdout
     assert isinstance(metrics["eval"]["loss"], float)
 
     pairs.loc[5, "context_id"] = "c0"  # c0 now has a train and a val pair
@@ -228,3 +234,4 @@ def test_no_training_pairs_carries_the_model_over_untrained(tiny_llama, model_1,
     assert (tmp_path / "it2" / "adapter_model.safetensors").read_bytes() == \
         (adapter_1 / "adapter_model.safetensors").read_bytes()
     assert set(carried) == set(model_1[1])  # the metrics keep their shape
+    assert set(json.loads((tmp_path / "it2" / "train_log.json").read_text())) == {"seconds", "peak_rss_mb"}
