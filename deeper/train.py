@@ -19,11 +19,17 @@ end) and drops pairs whose prompt alone fills `max_length`; both are counted and
 
 The returned summary (the stage's metrics) holds only what the run's inputs decide; the wall-clock seconds
 and peak memory are printed on one line and written to `train_log.json` in the adapter folder.
+
+Several processes (`accelerate launch --multi_gpu --num_processes N -m stages.train`, params `train.launcher`):
+the Trainer runs DDP, each process sees 1/N of every global batch (global batch = per_device_batch x grad_accum
+x N) and the logged losses and rewards are averaged over processes. Only the main process (rank 0) writes the
+adapter (and, in stages.train, the metrics); every process returns the same summary keys.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import resource
 import shutil
 import tempfile
@@ -42,6 +48,17 @@ from deeper.tables import first_bad_row, read_parquet_checked
 REFERENCES = ("base", "previous")
 PAIR_COLUMNS = ("context_id", "prompt", "chosen", "rejected", "split")  # what training reads of pairs.parquet
 TRAIN_LOG = "train_log.json"  # in the adapter folder: wall-clock seconds and peak RSS of the run
+# Keys of params `train` that are not trainer settings: the command that starts the stage (dvc.yaml's cmd).
+NOT_TRAINER_KEYS = ("launcher",)
+
+
+def is_main_process() -> bool:
+    """True in the process that writes files: the only one, or rank 0 of `accelerate launch` / torchrun."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank() == 0
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 @dataclass(frozen=True)
@@ -79,7 +96,9 @@ class TrainConfig:
         for key, value in (("train", raw), ("iter2.train", overrides)):
             if not isinstance(value, dict):
                 raise ConfigError(key, f"must be a mapping, got {value!r}")
-        raw = {**raw, **overrides}
+        if "launcher" in overrides:
+            raise ConfigError("iter2.train.launcher", "both iterations start with train.launcher; set it there")
+        raw = {k: v for k, v in {**raw, **overrides}.items() if k not in NOT_TRAINER_KEYS}
         lora = raw.pop("lora", None) or {}
         if not isinstance(lora, dict):
             raise ConfigError("train.lora", f"must be a mapping, got {lora!r}")
@@ -195,25 +214,17 @@ def build_trainer(base_model: str | Path, train_examples: list[dict], val_exampl
         raise ConfigError("iter2.reference", f"must be one of {list(REFERENCES)}, got {reference!r}")
     if not train_examples:
         raise DeeperError("no training pairs: nothing to train on (see the pair stage's metrics)")
+    try:
+        args = _dpo_config(config, work_dir, DPOConfig, with_eval=bool(val_examples))
+    except ValueError as e:  # e.g. bf16 without a GPU: checked before an 8B model is loaded
+        message = " ".join(str(e).split())
+        raise ConfigError("train.bf16" if "bf16" in message else "train", message) from None
     base_model = str(base_model)
     try:
         tokenizer = AutoTokenizer.from_pretrained(base_model)
         model = AutoModelForCausalLM.from_pretrained(base_model, dtype=getattr(torch, config.dtype))
     except OSError as e:
         raise ConfigError("models.policy.name", f"cannot load {base_model}: {str(e).splitlines()[0]}") from None
-    args = DPOConfig(
-        output_dir=str(work_dir),
-        loss_type=["sigmoid", "sft"], loss_weights=[1.0, config.sft_weight], beta=config.beta,
-        max_length=config.max_length, truncation_mode=config.truncation_mode,
-        per_device_train_batch_size=config.per_device_batch, per_device_eval_batch_size=config.per_device_batch,
-        gradient_accumulation_steps=config.grad_accum, gradient_checkpointing=config.gradient_checkpointing,
-        learning_rate=config.lr, lr_scheduler_type=config.scheduler, warmup_steps=config.warmup_steps,
-        num_train_epochs=config.epochs, max_steps=config.max_steps if config.max_steps and config.max_steps > 0 else -1,
-        max_grad_norm=config.max_grad_norm, bf16=config.bf16, seed=config.seed, data_seed=config.seed,
-        disable_dropout=config.disable_dropout,
-        eval_strategy="steps" if (config.eval_steps and val_examples) else "no", eval_steps=config.eval_steps or None,
-        logging_steps=1, save_strategy="no", report_to="none", dataloader_pin_memory=False,
-    )
     lora = LoraConfig(
         r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
         target_modules=config.target_modules, task_type="CAUSAL_LM", bias="none",
@@ -243,6 +254,24 @@ def build_trainer(base_model: str | Path, train_examples: list[dict], val_exampl
     return trainer
 
 
+def _dpo_config(config: TrainConfig, work_dir, DPOConfig, with_eval: bool):
+    return DPOConfig(
+        output_dir=str(work_dir),
+        loss_type=["sigmoid", "sft"], loss_weights=[1.0, config.sft_weight], beta=config.beta,
+        max_length=config.max_length, truncation_mode=config.truncation_mode,
+        per_device_train_batch_size=config.per_device_batch, per_device_eval_batch_size=config.per_device_batch,
+        gradient_accumulation_steps=config.grad_accum, gradient_checkpointing=config.gradient_checkpointing,
+        learning_rate=config.lr, lr_scheduler_type=config.scheduler, warmup_steps=config.warmup_steps,
+        num_train_epochs=config.epochs, max_steps=config.max_steps if config.max_steps and config.max_steps > 0 else -1,
+        max_grad_norm=config.max_grad_norm, bf16=config.bf16, seed=config.seed, data_seed=config.seed,
+        disable_dropout=config.disable_dropout,
+        eval_strategy="steps" if (config.eval_steps and with_eval) else "no", eval_steps=config.eval_steps or None,
+        logging_steps=1, save_strategy="no", report_to="none", dataloader_pin_memory=False,
+        # DDP (several processes): every LoRA weight gets a gradient, so no search for unused ones per step.
+        ddp_find_unused_parameters=False,
+    )
+
+
 def _load_adapter_weights(model, adapter_dir: Path) -> None:
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
@@ -267,6 +296,14 @@ def _freeze_reference_dropout(model) -> None:
             module.p = 0.0
 
 
+def _world_size() -> int:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def _last_logged(history: list[dict], key: str):
     for entry in reversed(history):
         if key in entry:
@@ -285,25 +322,30 @@ def _write_train_log(out_dir: Path, started: float) -> dict:
     return log
 
 
-def _carry_over(base_model, out_dir, config: TrainConfig, init_adapter, reference: str, val_pairs: int,
-                started: float) -> dict:
-    """No training pairs: the output adapter is the input model (adapter 1, or a fresh LoRA whose B is zero)."""
-    out_dir = Path(out_dir)
+def _write_carried_over(base_model, out_dir: Path, config: TrainConfig, init_adapter) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     if init_adapter is not None:
         for item in Path(init_adapter).iterdir():
             if item.is_file():
                 shutil.copy2(item, out_dir / item.name)
-    else:
-        import torch
-        from peft import LoraConfig, get_peft_model
-        from transformers import AutoModelForCausalLM
+        return
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
 
-        model = AutoModelForCausalLM.from_pretrained(str(base_model), dtype=getattr(torch, config.dtype))
-        lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-                          target_modules=config.target_modules, task_type="CAUSAL_LM", bias="none")
-        get_peft_model(model, lora).save_pretrained(str(out_dir))
-    _write_train_log(out_dir, started)
+    model = AutoModelForCausalLM.from_pretrained(str(base_model), dtype=getattr(torch, config.dtype))
+    lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                      target_modules=config.target_modules, task_type="CAUSAL_LM", bias="none")
+    get_peft_model(model, lora).save_pretrained(str(out_dir))
+
+
+def _carry_over(base_model, out_dir, config: TrainConfig, init_adapter, reference: str, val_pairs: int,
+                started: float) -> dict:
+    """No training pairs: the output adapter is the input model (adapter 1, or a fresh LoRA whose B is zero).
+    Written by the main process only."""
+    if is_main_process():
+        _write_carried_over(base_model, Path(out_dir), config, init_adapter)
+        _write_train_log(Path(out_dir), started)
     none = {"loss": None, "reward_accuracy": None, "reward_margin": None, "reward_chosen": None,
             "reward_rejected": None}
     return {
@@ -315,6 +357,7 @@ def _carry_over(base_model, out_dir, config: TrainConfig, init_adapter, referenc
         "max_length": config.max_length,
         "steps": 0,
         "epochs": 0.0,
+        "processes": _world_size(),
         "train": {"loss_mean": None, "loss_last": None, "reward_accuracy_last": None, "reward_margin_last": None,
                   "reward_chosen_last": None, "reward_rejected_last": None},
         "eval": none,
@@ -349,9 +392,10 @@ def train_dpo(base_model: str | Path, train_pairs: pd.DataFrame, val_pairs: pd.D
         output = trainer.train()
         history = trainer.state.log_history
         final_eval = trainer.evaluate() if val_ds is not None and len(val_ds) else {}
-        out_dir = Path(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        trainer.model.save_pretrained(str(out_dir), selected_adapters=["default"])
+        if trainer.is_world_process_zero():  # several processes hold the same adapter: one writes it
+            out_dir = Path(out_dir)
+            out_dir.mkdir(parents=True, exist_ok=True)
+            trainer.model.save_pretrained(str(out_dir), selected_adapters=["default"])
     summary = {
         "trained": True,
         "pairs": {"train": len(train_examples), "val": len(val_examples)},
@@ -361,6 +405,7 @@ def train_dpo(base_model: str | Path, train_pairs: pd.DataFrame, val_pairs: pd.D
         "max_length": config.max_length,
         "steps": int(trainer.state.global_step),
         "epochs": float(trainer.state.epoch or 0.0),
+        "processes": int(trainer.args.world_size),
         "train": {
             "loss_mean": float(output.training_loss),
             "loss_last": _last_logged(history, "loss"),
@@ -379,5 +424,6 @@ def train_dpo(base_model: str | Path, train_pairs: pd.DataFrame, val_pairs: pd.D
         "init_adapter": init_adapter is not None,
         "reference": reference if init_adapter is not None else "base",
     }
-    _write_train_log(out_dir, started)
+    if is_main_process():
+        _write_train_log(Path(out_dir), started)
     return summary

@@ -12,6 +12,10 @@ Writes the adapter (adapter_config.json + adapter_model.safetensors) and metrics
 reward accuracy and margins, steps, pairs, pairs cut at train.max_length. The run's wall-clock seconds and
 peak memory are not metrics (they change on every run): they are printed and written to train_log.json in
 the adapter folder.
+
+dvc.yaml starts it with params `train.launcher` (`python`, or e.g. `accelerate launch --multi_gpu
+--num_processes 4` for DDP on four GPUs): every process trains, only the main one writes the adapter, the
+metrics and the log lines.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import click
 from deeper.config import get, load_params
 from deeper.errors import ConfigError, InputError
 from deeper.metrics import write_json
-from deeper.train import TrainConfig, read_pairs, train_dpo
+from deeper.train import TrainConfig, is_main_process, read_pairs, train_dpo
 from stages._cli import PARAMS_OPTION, user_errors
 
 
@@ -42,12 +46,16 @@ def run(params: dict, iteration: int, pairs_path: Path, init_adapter: Path | Non
     if init_adapter is not None and not (init_adapter / "adapter_config.json").is_file():
         raise InputError(init_adapter, "no LoRA adapter here; run the previous iteration's train stage first")
     train_pairs, val_pairs = read_pairs(pairs_path)
-    click.echo(f"training on {len(train_pairs)} pairs ({len(val_pairs)} validation), base {base}"
-               + (f", from {init_adapter}, reference {reference}" if init_adapter else ""), err=True)
-    if out.exists():
-        shutil.rmtree(out)  # a DVC output: no stale files from an earlier run
+    main = is_main_process()  # before training: the launcher's RANK (the process group is not up yet)
+    if main:
+        click.echo(f"training on {len(train_pairs)} pairs ({len(val_pairs)} validation), base {base}"
+                   + (f", from {init_adapter}, reference {reference}" if init_adapter else ""), err=True)
+        if out.exists():
+            shutil.rmtree(out)  # a DVC output: no stale files from an earlier run
     summary = train_dpo(base, train_pairs, val_pairs, out, config, init_adapter=init_adapter, reference=reference,
                         source=str(pairs_path))
+    if not main:  # several processes (train.launcher): the main one writes
+        return summary
     write_json(metrics, summary)
     if not summary["trained"]:
         click.echo(f"warning: no training pairs in {pairs_path} (see the pair stage's metrics); "

@@ -7,6 +7,8 @@ function of the messages (`rating_logprobs`), spread over "1".."5", " 4" and non
 Scripted faults are consumed one per request, in order: "429", "500", "sleep:<seconds>" (answers late, after
 the client has timed out), "nojson" (a 200 whose body is not JSON), "nochoices", "nologprobs".
 It records every request (headers and body), and the largest number of requests in flight at once.
+`reply=f` makes a generated text `f(messages)` instead. `strict=True` answers like OpenAI itself to a body
+key its API does not have (e.g. vLLM's `repetition_penalty`): 400 "Unrecognized request argument supplied".
 `hold_first=k` makes the first k requests wait until k are in flight (or 5 s pass), so a concurrency
 bound shows up in `max_in_flight` whatever the machine's speed.
 """
@@ -22,6 +24,12 @@ from collections import deque
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 RATING_TOKENS = ["1", "2", "3", "4", "5", " 4", "I", "\n", "The"]
+# The request keys of OpenAI's chat completions API (strict mode refuses any other, as OpenAI does).
+OPENAI_KEYS = {
+    "model", "messages", "temperature", "top_p", "max_tokens", "max_completion_tokens", "seed", "logprobs",
+    "top_logprobs", "n", "stop", "stream", "stream_options", "presence_penalty", "frequency_penalty", "logit_bias",
+    "user", "response_format", "tools", "tool_choice", "parallel_tool_calls", "service_tier", "store", "metadata",
+}
 
 
 def rating_logprobs(messages: list[dict]) -> list[tuple[str, float]]:
@@ -49,8 +57,9 @@ def generated_text(messages: list[dict], seed, temperature) -> str:
 
 
 class FakeOpenAIServer:
-    def __init__(self, faults=(), hold_first: int = 0, delay: float = 0.0):
+    def __init__(self, faults=(), hold_first: int = 0, delay: float = 0.0, reply=None, strict: bool = False):
         self.faults = deque(faults)
+        self.reply, self.strict = reply, strict
         self.hold_first, self.delay = hold_first, delay
         self.requests: list[dict] = []
         self.in_flight = self.max_in_flight = self.arrived = 0
@@ -95,6 +104,10 @@ class FakeOpenAIServer:
 
     def _reply(self, body: dict, fault: str | None) -> tuple[int, bytes]:
         messages = body.get("messages", [])
+        unknown = sorted(set(body) - OPENAI_KEYS) if self.strict else []
+        if unknown:
+            return 400, json.dumps({"error": {"message": f"Unrecognized request argument supplied: {unknown[0]}",
+                                              "type": "invalid_request_error", "param": None, "code": None}}).encode()
         if fault == "429":
             return 429, json.dumps({"error": {"message": "rate limited", "type": "rate_limit"}}).encode()
         if fault == "500":
@@ -113,7 +126,7 @@ class FakeOpenAIServer:
                 "top_logprobs": [{"token": t, "logprob": lp, "bytes": list(t.encode())} for t, lp in top],
             }]}
         else:
-            text = generated_text(messages, body.get("seed"), body.get("temperature"))
+            text = self.reply(messages) if self.reply else generated_text(messages, body.get("seed"), body.get("temperature"))
             choice["message"] = {"role": "assistant", "content": text}
         prompt_tokens = sum(len(m.get("content", "").split()) for m in messages)
         return 200, json.dumps({

@@ -235,3 +235,36 @@ def test_no_training_pairs_carries_the_model_over_untrained(tiny_llama, model_1,
         (adapter_1 / "adapter_model.safetensors").read_bytes()
     assert set(carried) == set(model_1[1])  # the metrics keep their shape
     assert set(json.loads((tmp_path / "it2" / "train_log.json").read_text())) == {"seconds", "peak_rss_mb"}
+
+
+def test_train_launcher_is_not_a_trainer_setting():
+    params = load_params(REPO / "params.yaml")
+    assert params["train"]["launcher"] == "python"  # dvc.yaml: `${train.launcher} -m stages.train`
+    params["train"]["launcher"] = "accelerate launch --multi_gpu --num_processes 4"
+    assert TrainConfig.from_params(params, 2) == TrainConfig.from_params(load_params(REPO / "params.yaml"), 2)
+    params["iter2"]["train"] = {"launcher": "python"}
+    with pytest.raises(ConfigError, match="iter2.train.launcher: both iterations start with train.launcher"):
+        TrainConfig.from_params(params, 2)
+
+
+def test_a_process_other_than_the_main_one_writes_nothing(tiny_llama, tmp_path, monkeypatch):
+    """Under `accelerate launch` every process runs the stage; RANK (set by the launcher) picks the writer.
+    The trained path is tested for real in tests/test_train_ddp.py; here the carried-over one."""
+    from stages.train import run
+
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    make_pairs(0).assign(split=[]).to_parquet(tmp_path / "pairs.parquet")
+    params = load_params(REPO / "params.yaml")
+    params["models"] = {"policy": {"backend": "transformers", "name": str(tiny_llama)}}
+    (tmp_path / "it1").mkdir()
+    (tmp_path / "it1" / "stale.txt").write_text("from an earlier run")
+    summary = run(params, 1, tmp_path / "pairs.parquet", None, tmp_path / "it1", tmp_path / "train_it1.json")
+    assert summary["trained"] is False and summary["processes"] == 2
+    assert [p.name for p in (tmp_path / "it1").iterdir()] == ["stale.txt"]  # rank 0 clears and writes it
+    assert not (tmp_path / "train_it1.json").exists()
+    monkeypatch.setenv("RANK", "0")
+    run(params, 1, tmp_path / "pairs.parquet", None, tmp_path / "it1", tmp_path / "train_it1.json")
+    assert sorted(p.name for p in (tmp_path / "it1").iterdir() if p.suffix != ".md" and p.name != "train_log.json") == \
+        ["adapter_config.json", "adapter_model.safetensors"]
+    assert json.loads((tmp_path / "train_it1.json").read_text())["processes"] == 2

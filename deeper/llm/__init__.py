@@ -37,12 +37,9 @@ def spec_keys(backend: str) -> list[str]:
     return [p for p in inspect.signature(backend_class(backend)).parameters if p not in _NOT_PARAMS]
 
 
-def load_llm(spec: dict, adapter: str | None = None, where: str = "model") -> LLM:
-    """Build the backend a params block names. `adapter` (a peft folder) overrides the block's `adapter`.
-
-    `where` names the block in error messages (e.g. "models.frozen"). Unknown backends, unknown or missing
-    keys, a missing model folder or key: one-line ConfigError / DeeperError.
-    """
+def check_spec(spec: dict, adapter: str | None = None, where: str = "model") -> tuple[type, dict]:
+    """load_llm's checks without building anything (no model, GPU, server or key needed): the backend class
+    and its keyword arguments. Unknown backends and unknown or missing keys are one-line ConfigErrors."""
     if not isinstance(spec, dict):
         raise ConfigError(where, "must be a mapping with at least `backend` and `name`")
     spec = dict(spec)
@@ -59,7 +56,17 @@ def load_llm(spec: dict, adapter: str | None = None, where: str = "model") -> LL
     unknown = sorted(set(spec) - set(allowed))
     if unknown:
         raise ConfigError(f"{where}.{unknown[0]}", f"unknown key for backend {backend}; known: {', '.join(allowed)}")
-    return cls(name=name, adapter=str(adapter) if adapter is not None else None, where=where, **spec)
+    return cls, {"name": name, "adapter": str(adapter) if adapter is not None else None, "where": where, **spec}
+
+
+def load_llm(spec: dict, adapter: str | None = None, where: str = "model") -> LLM:
+    """Build the backend a params block names. `adapter` (a peft folder) overrides the block's `adapter`.
+
+    `where` names the block in error messages (e.g. "models.frozen"). Unknown backends, unknown or missing
+    keys, a missing model folder or key: one-line ConfigError / DeeperError.
+    """
+    cls, kwargs = check_spec(spec, adapter, where)
+    return cls(**kwargs)
 
 
 __all__ = [
@@ -71,5 +78,6 @@ __all__ = [
     "RatingGroup",
     "RatingResult",
     "Sampling",
+    "check_spec",
     "load_llm",
 ]

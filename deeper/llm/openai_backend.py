@@ -8,7 +8,9 @@
   (transport errors) or, for a rating whose replies stayed malformed, counts a failure and returns the
   stated fallback (uniform probabilities, digit_mass 0, failed=True).
 - generate: one request per sample with `seed = sampling.seed + k` (servers without `n` work too);
-  repetition_penalty != 1 goes in extra_body (vLLM and llama.cpp read it; OpenAI itself does not).
+  repetition_penalty != 1 goes in extra_body (vLLM and llama.cpp read it). OpenAI itself has no such parameter
+  and answers 400 "Unrecognized request argument" to it: set `send_repetition_penalty: false` there (the
+  penalty is then not applied, and the fingerprint says so).
 - rating_probs: one request per item, max_tokens=1, logprobs with top_logprobs=20. With
   `prefill: assistant` the prefill is sent as a last assistant message; the server must continue it rather than
   open a new turn (llama-cpp-python's server does so only when started by scripts/llamacpp_server.py; a vLLM server needs `extra_body: {continue_final_message: true, add_generation_prompt: false}`);
@@ -109,7 +111,7 @@ class OpenAILLM:
         self, name: str, base_url: str | None = None, api_key_env: str = "OPENAI_API_KEY", concurrency: int = 8,
         timeout: float = 60, max_retries: int = 5, prefill: str = "assistant", batch_size: int | None = None,
         retry_base_delay: float = 1.0, retry_max_delay: float = 60.0, extra_body: dict | None = None,
-        adapter: str | None = None, where: str = "model",
+        send_repetition_penalty: bool = True, adapter: str | None = None, where: str = "model",
     ):
         import openai
 
@@ -117,6 +119,8 @@ class OpenAILLM:
             raise ConfigError(f"{where}.prefill", f"{prefill!r} is not one of {', '.join(PREFILL_MODES)}")
         if int(concurrency) < 1:
             raise ConfigError(f"{where}.concurrency", "must be at least 1")
+        if not isinstance(send_repetition_penalty, bool):
+            raise ConfigError(f"{where}.send_repetition_penalty", f"must be true or false, got {send_repetition_penalty!r}")
         key = os.environ.get(api_key_env) if api_key_env else None
         if not key:
             if not is_loopback(base_url):
@@ -130,13 +134,17 @@ class OpenAILLM:
         self.name, self.model = name, adapter or name
         self.base_url = public_url(base_url)
         self.prefill_mode, self.extra_body = prefill, dict(extra_body or {})
+        self.send_repetition_penalty = send_repetition_penalty
         self.concurrency, self.max_retries = int(concurrency), int(max_retries)
         # chunk size of the response cache (each chunk committed on return): several requests per worker
         self.batch_size = int(batch_size or 4 * self.concurrency)
         self.retry_base_delay, self.retry_max_delay = float(retry_base_delay), float(retry_max_delay)
         self.client = openai.OpenAI(api_key=key, base_url=base_url, timeout=float(timeout), max_retries=0)
         self._errors = openai
-        settings = json.dumps({"prefill": prefill, "extra_body": self.extra_body}, sort_keys=True)
+        settings = {"prefill": prefill, "extra_body": self.extra_body}
+        if not send_repetition_penalty:  # only then: the fingerprints of existing blocks stay as they were
+            settings["send_repetition_penalty"] = False
+        settings = json.dumps(settings, sort_keys=True)
         self.fingerprint = f"openai:{self.base_url}|{self.model}|{settings}"
         self.counters = Counters()
         self.show_progress = True
@@ -213,7 +221,7 @@ class OpenAILLM:
 
     def generate(self, chats: list[Chat], n: int, sampling: Sampling) -> list[list[str]]:
         extra = dict(self.extra_body)
-        if sampling.repetition_penalty != 1.0:
+        if sampling.repetition_penalty != 1.0 and self.send_repetition_penalty:
             extra["repetition_penalty"] = sampling.repetition_penalty
 
         def job(chat, k):

@@ -1,0 +1,52 @@
+"""Apply a profile (profiles/<name>.yaml: params overrides) as a DVC experiment.
+
+\b
+    python -m stages.profile paper                  # check it; print the `dvc exp run -S ...` command
+    python -m stages.profile paper --run            # run that command
+    python -m stages.profile paper --run -S ingest.root=/data/deeper-raw --name paper
+                                                    # other arguments go to `dvc exp run`, after the profile's
+                                                    # (after `--` all of them, e.g. a dvc option named --params)
+
+Not a pipeline stage: it only composes `dvc exp run`. Every key of the profile must exist in params.yaml, and
+the resulting params pass each block's own checks (models, train, predict, sample, window) before anything
+runs; nothing here needs a GPU, a server or a key.
+"""
+
+from __future__ import annotations
+
+import shlex
+import subprocess
+import sys
+
+import click
+
+from deeper.config import load_params
+from deeper.profile import apply_profile, check_params, dvc_flags, load_profile
+from stages._cli import PARAMS_OPTION, user_errors
+
+
+def command(name: str, params_path: str = "params.yaml", extra: tuple[str, ...] = ()) -> list[str]:
+    """The checked `dvc exp run` command of profile `name` (argv, no shell)."""
+    params = load_params(params_path)
+    entries = load_profile(name, params)
+    check_params(apply_profile(params, entries))
+    return ["dvc", "exp", "run", *dvc_flags(entries), *extra]
+
+
+@click.command(help=__doc__, context_settings={"ignore_unknown_options": True})
+@PARAMS_OPTION
+@click.option("--run", "run_it", is_flag=True, help="Run `dvc exp run` instead of printing the command.")
+@click.argument("name")
+@click.argument("dvc_args", nargs=-1, type=click.UNPROCESSED)
+@user_errors
+def main(params_path, run_it, name, dvc_args):
+    argv = command(name, params_path, dvc_args)
+    if not run_it:
+        click.echo(shlex.join(argv))
+        return
+    click.echo(f"running: {shlex.join(argv)}", err=True)
+    sys.exit(subprocess.call(argv))
+
+
+if __name__ == "__main__":
+    main()
