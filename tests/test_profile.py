@@ -399,3 +399,16 @@ def test_dvc_exp_run_queues_the_profiles_params(params, entries, tmp_path):
     assert check_params(queued)  # what the stages will read passes every block's checks
     queued["train"]["lr"] = float(queued["train"]["lr"])  # PyYAML (YAML 1.1) reads DVC's 5e-06 as a string
     assert queued == apply_profile(params, entries)
+
+
+def test_the_quality_profile_is_valid_and_fetches_the_model_it_names(params):
+    # profiles/quality.yaml: the CPU quality profile (README). Its frozen model must be one that fetch downloads,
+    # and every user needs the windows its rounds read.
+    quality = apply_profile(params, load_profile("quality", params))
+    assert "models.frozen (transformers)" in check_params(quality)
+    fetched = {f"models/embedded/{name}" for name in quality["fetch"]["models"]}
+    assert {quality["models"]["frozen"]["name"], quality["models"]["policy"]["name"]} <= fetched
+    assert quality["window"]["count"] >= quality["evaluate"]["rounds"] + 2
+    assert quality["evaluate"]["rounds"] > params["evaluate"]["rounds"]
+    assert quality["sample"]["n"] > params["sample"]["n"]
+    assert quality["window"]["default"]["eval_users"] > params["window"]["default"]["eval_users"]
