@@ -184,8 +184,18 @@ def test_adapter_changes_fingerprint_and_outputs(llm, tiny_llama, adapter_dirs):
     base_probs = llm.rating_probs([group])[0].probs
     tuned_probs = tuned.rating_probs([group])[0].probs
     assert np.abs(base_probs - tuned_probs).max() > 1e-3
-    # prefix reuse through the peft wrapper matches the naive path too
+    # prefix reuse on the merged adapter matches the naive path too
     np.testing.assert_allclose(tuned_probs, tuned.rating_probs([group], prefix_reuse=False)[0].probs, atol=1e-4)
+    # the backend merges the LoRA weights for speed: same logits as the unmerged peft model
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    unmerged = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama), str(adapter_dirs[0])).eval()
+    assert not isinstance(tuned.model, PeftModel)
+    with torch.inference_mode():
+        prompts = tuned.rating_prompt_ids(group)
+        torch.testing.assert_close(score_naive(tuned.model, prompts, tuned.pad_id, 3),
+                                   score_naive(unmerged, prompts, tuned.pad_id, 3), atol=1e-4, rtol=0)
 
 
 def test_fingerprint_sources(tiny_llama, tmp_path):
