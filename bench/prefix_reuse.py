@@ -89,7 +89,7 @@ def main(model, items, repeats, batch_size, out):
     from deeper.llm import load_llm
     from deeper.llm.base import RatingGroup
     from deeper.llm.scoring import result_from_logits
-    from deeper.llm.transformers_backend import common_prefix_length, packing_supported
+    from deeper.llm.transformers_backend import PrefixMemo, common_prefix_length, packing_supported
     from deeper.metrics import write_json
 
     llm = load_llm({"backend": "transformers", "name": model, "batch_size": batch_size})
@@ -102,6 +102,7 @@ def main(model, items, repeats, batch_size, out):
     paths = {"prefix_reuse": True, "prefix_reuse_batched": "batched", "naive": False}
 
     def timed(path: str):
+        llm.prefix_memo = PrefixMemo()  # the backend keeps the last prefix: time encoding it every run
         start = time.perf_counter()
         logits = llm.rating_logits(group, prefix_reuse=paths[path])
         return time.perf_counter() - start, result_from_logits(logits, llm.digit_ids)
