@@ -19,8 +19,6 @@ the medians and the ratios unmerged / merged to a JSON file.
 
 from __future__ import annotations
 
-import os
-import platform
 import statistics
 import sys
 import time
@@ -31,7 +29,7 @@ import click
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.persona_windows import WINDOWS
-from bench.prefix_reuse import PERSONA, cpu_model, window_chats  # one persona for the benches
+from bench.prefix_reuse import PERSONA, machine, window_chats  # one persona for the benches
 from stages._cli import user_errors  # after the repo root is on the path
 
 # A fourth window for the fourth chat: MovieLens 100k ids 31-40.
@@ -156,10 +154,7 @@ def main(model, adapter, new_tokens, repeats, out):
         "greedy_tokens_identical": same_tokens,
         "max_abs_diff_probs": max_diff,
         "equal_within_1e-4": max_diff <= 1e-4,
-        "machine": {
-            "cpu_count": os.cpu_count(), "cpu_model": cpu_model(), "torch_threads": torch.get_num_threads(),
-            "load_average_1m": os.getloadavg()[0], "python": platform.python_version(),
-        },
+        "machine": machine(),
         "peft": peft.__version__,
         "torch": torch.__version__,
         "transformers": transformers.__version__,

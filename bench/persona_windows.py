@@ -17,8 +17,6 @@ windows * suffixes), reported too.
 
 from __future__ import annotations
 
-import os
-import platform
 import statistics
 import sys
 import time
@@ -28,7 +26,7 @@ import click
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.prefix_reuse import INSTRUCTIONS, PERSONA, TITLES, cpu_model  # one persona for the benches
+from bench.prefix_reuse import INSTRUCTIONS, PERSONA, TITLES, machine  # one persona for the benches
 from stages._cli import user_errors  # after the repo root is on the path
 
 # Three consecutive windows: the prefix_reuse titles (MovieLens 100k ids 1-10), then ids 11-20 and 21-30.
@@ -134,10 +132,7 @@ def main(model, repeats, batch_size, out):
         "max_abs_diff_probs": max_diff,
         "equal_within_1e-4": max_diff <= 1e-4,
         "digit_mass_mean": float(np.mean([r.digit_mass.mean() for r in results["shared_memo"]])),
-        "machine": {
-            "cpu_count": os.cpu_count(), "cpu_model": cpu_model(), "torch_threads": torch.get_num_threads(),
-            "load_average_1m": os.getloadavg()[0], "python": platform.python_version(),
-        },
+        "machine": machine(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
     }

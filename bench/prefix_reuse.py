@@ -71,6 +71,14 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+def machine() -> dict:
+    """What the benches record of the machine beside their ratios."""
+    import torch
+
+    return {"cpu_count": os.cpu_count(), "cpu_model": cpu_model(), "torch_threads": torch.get_num_threads(),
+            "load_average_1m": os.getloadavg()[0], "python": platform.python_version()}
+
+
 @click.command()
 @click.option("--model", default="models/embedded/smollm2-135m", show_default=True,
               help="HF model folder (the fetch stage's embedded model by default).")
@@ -137,10 +145,7 @@ def main(model, items, repeats, batch_size, out):
         "max_abs_diff_probs": max_diff,
         "equal_within_1e-4": max_diff <= 1e-4,
         "digit_mass_mean": float(reuse.digit_mass.mean()),
-        "machine": {
-            "cpu_count": os.cpu_count(), "cpu_model": cpu_model(), "torch_threads": torch.get_num_threads(),
-            "load_average_1m": os.getloadavg()[0], "python": platform.python_version(),
-        },
+        "machine": machine(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
     }
