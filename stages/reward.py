@@ -45,7 +45,9 @@ def run(params: dict, contexts_path: Path, samples_path: Path, windows: Path, ou
     summary["predict"] = stats.to_metrics()
     write_json(metrics, summary)
     click.echo(f"frozen: {frozen.stats()}", err=True)
-    click.echo(f"wrote {out}: {len(rewards)} rewarded candidates, mean r {summary['r']['mean']}, "
+    mean_r = summary["r"]["mean"]  # None when no candidate could be scored
+    mean_shown = "none scored" if mean_r is None else f"{mean_r:.3f}"
+    click.echo(f"wrote {out}: {len(rewards)} rewarded candidates, mean r {mean_shown}, "
                f"in {time.perf_counter() - start:.1f} s", err=True)
     return summary
 

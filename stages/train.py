@@ -60,8 +60,10 @@ def run(params: dict, iteration: int, pairs_path: Path, init_adapter: Path | Non
     if not summary["trained"]:
         click.echo(f"warning: no training pairs in {pairs_path} (see the pair stage's metrics); "
                    f"{out} carries the input model over untrained", err=True)
+    eval_loss = summary["eval"]["loss"]  # None without validation pairs
+    loss_shown = "none (no validation pairs)" if eval_loss is None else f"{eval_loss:.4f}"
     click.echo(f"wrote {out} after {summary['steps']} steps; "
-               f"eval loss {summary['eval']['loss']}, truncated pairs {summary['truncated_pairs']}", err=True)
+               f"eval loss {loss_shown}, truncated pairs {summary['truncated_pairs']}", err=True)
     return summary
 
 
