@@ -79,7 +79,7 @@ def run(params: dict, eval_dir: Path, metrics_path: Path, plot_path: Path) -> di
         first, last, cut = (overall.get(k) for k in ("mae_r0", f"mae_r{rounds}", "reduction_pct"))
         shown = [f"{v:.3f}" if isinstance(v, float) else str(v) for v in (first, last)]
         cut_shown = f"{cut:.1f} %" if isinstance(cut, float) else str(cut)
-        click.echo(f"{method:>11}: mae r0 {shown[0]} -> r{rounds} {shown[1]} ({cut_shown} less)", err=True)
+        click.echo(f"{method:>11}: mae r0 {shown[0]} -> r{rounds} {shown[1]} (reduction {cut_shown})", err=True)
     return metrics
 
 
