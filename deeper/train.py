@@ -18,7 +18,9 @@ TRL keeps every completion token up to `max_length` (prompt + completion; `keep_
 end) and drops pairs whose prompt alone fills `max_length`; both are counted and reported.
 
 The returned summary (the stage's metrics) holds only what the run's inputs decide; the wall-clock seconds
-and peak memory are printed on one line and written to `train_log.json` in the adapter folder.
+and peak memory are printed on one line and written to `train_log.json` in the adapter folder, which the repo's
+.dvcignore keeps out of the folder's DVC hash. With `adapter_config.json` written in a fixed order too, a re-run
+that trains the same weights gives the same hash, so DVC does not re-run what follows.
 
 Several processes (`accelerate launch --multi_gpu --num_processes N -m stages.train`, params `train.launcher`):
 the Trainer runs DDP, each process sees 1/N of every global batch (global batch = per_device_batch x grad_accum
@@ -322,6 +324,18 @@ def _write_train_log(out_dir: Path, started: float) -> dict:
     return log
 
 
+def save_adapter(model, out_dir: Path, **kwargs) -> None:
+    """`model.save_pretrained`, then adapter_config.json with sorted keys and `target_modules`: peft writes the
+    modules from a set, whose order follows each process's string hash seed, so the same adapter would get a
+    new file (and DVC hash) on every run."""
+    model.save_pretrained(str(out_dir), **kwargs)
+    path = Path(out_dir) / "adapter_config.json"
+    config = json.loads(path.read_text(encoding="utf-8"))
+    if isinstance(config.get("target_modules"), list):
+        config["target_modules"] = sorted(config["target_modules"])
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
 def _write_carried_over(base_model, out_dir: Path, config: TrainConfig, init_adapter) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     if init_adapter is not None:
@@ -336,7 +350,7 @@ def _write_carried_over(base_model, out_dir: Path, config: TrainConfig, init_ada
     model = AutoModelForCausalLM.from_pretrained(str(base_model), dtype=getattr(torch, config.dtype))
     lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
                       target_modules=config.target_modules, task_type="CAUSAL_LM", bias="none")
-    get_peft_model(model, lora).save_pretrained(str(out_dir))
+    save_adapter(get_peft_model(model, lora), out_dir)
 
 
 def _carry_over(base_model, out_dir, config: TrainConfig, init_adapter, reference: str, val_pairs: int,
@@ -395,7 +409,7 @@ def train_dpo(base_model: str | Path, train_pairs: pd.DataFrame, val_pairs: pd.D
         if trainer.is_world_process_zero():  # several processes hold the same adapter: one writes it
             out_dir = Path(out_dir)
             out_dir.mkdir(parents=True, exist_ok=True)
-            trainer.model.save_pretrained(str(out_dir), selected_adapters=["default"])
+            save_adapter(trainer.model, out_dir, selected_adapters=["default"])
     summary = {
         "trained": True,
         "pairs": {"train": len(train_examples), "val": len(val_examples)},

@@ -1,0 +1,72 @@
+"""A re-trained adapter with the same weights keeps its DVC hash, so the stages after train@k stay cached.
+
+Two things used to change on every run: `train_log.json` (wall-clock seconds, peak RSS) inside the adapter
+folder, and the order of `target_modules` in peft's adapter_config.json (written from a set, so it follows the
+process's string hash seed). The repo's .dvcignore keeps the log out of the hash; deeper.train.save_adapter
+sorts the config.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.test_dvc_remote import DVC, dvc
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.skipif(DVC is None, reason="dvc is not installed")
+
+# Writes the same weights every run and a log that differs every run, like stages.train.
+TRAIN = (
+    "import pathlib, time; d = pathlib.Path('models/adapters/it1'); d.mkdir(parents=True, exist_ok=True); "
+    "(d / 'adapter_model.safetensors').write_bytes(b'same weights'); "
+    "(d / 'train_log.json').write_text(str(time.time()))"
+)
+SAMPLE = "import pathlib; pathlib.Path('samples.txt').write_text('candidates of Model 1')"
+
+
+def test_a_new_train_log_does_not_change_the_adapter_hash(tmp_path):
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
+    dvc("init", "-q", cwd=repo)
+    shutil.copy(REPO / ".dvcignore", repo / ".dvcignore")
+    stages = {
+        "train": {"cmd": f'{sys.executable} -c "{TRAIN}"', "outs": ["models/adapters/it1"]},
+        "sample": {"cmd": f'{sys.executable} -c "{SAMPLE}"', "deps": ["models/adapters/it1"], "outs": ["samples.txt"]},
+    }
+    (repo / "dvc.yaml").write_text(yaml.safe_dump({"stages": stages}))
+    dvc("repro", cwd=repo)
+    first_log = (repo / "models/adapters/it1/train_log.json").read_text()
+    lock = (repo / "dvc.lock").read_text()
+
+    dvc("repro", "--force", "--single-item", "train", cwd=repo)  # train again: same weights, a new log
+    assert (repo / "models/adapters/it1/train_log.json").read_text() != first_log
+    assert (repo / "dvc.lock").read_text() == lock
+    assert "up to date" in dvc("status", cwd=repo).lower()  # sample@k would not re-run
+
+
+@pytest.mark.parametrize("hash_seed", ["1", "2"])
+def test_save_adapter_writes_the_config_in_one_order(tiny_llama, tmp_path, hash_seed):
+    # A child process per string hash seed: the order peft gives target_modules follows the seed.
+    code = (
+        "import sys; from pathlib import Path; from peft import LoraConfig, get_peft_model; "
+        "from transformers import AutoModelForCausalLM; from deeper.train import save_adapter; "
+        "model = AutoModelForCausalLM.from_pretrained(sys.argv[1]); "
+        "lora = LoraConfig(r=4, lora_alpha=8, target_modules='all-linear', task_type='CAUSAL_LM'); "
+        "save_adapter(get_peft_model(model, lora), Path(sys.argv[2]))"
+    )
+    env = {**os.environ, "PYTHONHASHSEED": hash_seed}
+    subprocess.run([sys.executable, "-c", code, str(tiny_llama), str(tmp_path)], cwd=REPO, env=env, check=True,
+                   timeout=300)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    modules = config["target_modules"]
+    assert len(modules) > 1 and modules == sorted(modules)
+    assert list(config) == sorted(config)
