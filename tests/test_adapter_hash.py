@@ -18,16 +18,18 @@ from pathlib import Path
 import pytest
 import yaml
 
+from deeper.train import TRAIN_LOG
 from tests.test_dvc_remote import DVC, dvc
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.skipif(DVC is None, reason="dvc is not installed")
 
-# Writes the same weights every run and a log that differs every run, like stages.train.
+# Writes the same weights every run and a log that differs every run, like stages.train (the log's name is
+# the one deeper.train writes, so renaming it without .dvcignore fails here).
 TRAIN = (
     "import pathlib, time; d = pathlib.Path('models/adapters/it1'); d.mkdir(parents=True, exist_ok=True); "
     "(d / 'adapter_model.safetensors').write_bytes(b'same weights'); "
-    "(d / 'train_log.json').write_text(str(time.time()))"
+    f"(d / '{TRAIN_LOG}').write_text(str(time.time()))"
 )
 SAMPLE = "import pathlib; pathlib.Path('samples.txt').write_text('candidates of Model 1')"
 
@@ -44,11 +46,12 @@ def test_a_new_train_log_does_not_change_the_adapter_hash(tmp_path):
     }
     (repo / "dvc.yaml").write_text(yaml.safe_dump({"stages": stages}))
     dvc("repro", cwd=repo)
-    first_log = (repo / "models/adapters/it1/train_log.json").read_text()
+    log = repo / "models/adapters/it1" / TRAIN_LOG
+    first_log = log.read_text()
     lock = (repo / "dvc.lock").read_text()
 
     dvc("repro", "--force", "--single-item", "train", cwd=repo)  # train again: same weights, a new log
-    assert (repo / "models/adapters/it1/train_log.json").read_text() != first_log
+    assert log.read_text() != first_log
     assert (repo / "dvc.lock").read_text() == lock
     assert "up to date" in dvc("status", cwd=repo).lower()  # sample@k would not re-run
 
