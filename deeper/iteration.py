@@ -22,18 +22,19 @@ progress and stores each chunk as it returns, so a killed stage resumes where it
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import pandas as pd
 
 from deeper.config import get
-from deeper.errors import ConfigError, InputError
+from deeper.errors import InputError
 from deeper.llm.base import LLM, Sampling
 from deeper.methods.base import FAILED_REASONS, FLAGGED_REASONS, UpdateInput, Window
 from deeper.methods.refine import Refine
+from deeper.params import number, sampling_block
 from deeper.personas import clean_persona, count_words, degenerate_reason
 from deeper.predict import PredictSettings, PredictStats, WindowRequest, predict_windows
 from deeper.prompts import PromptSet, load_prompts
@@ -66,23 +67,10 @@ class SampleSettings:
     sampling: Sampling
 
     @classmethod
-    def from_params(cls, params: dict) -> "SampleSettings":
-        def value(key, kind, low):
-            raw = get(params, f"sample.{key}")
-            try:
-                number = kind(raw)
-            except (TypeError, ValueError):
-                raise ConfigError(f"sample.{key}", f"must be a number, got {raw!r}") from None
-            if number < low or (kind is int and number != raw):
-                raise ConfigError(f"sample.{key}", f"must be {'an integer ' if kind is int else ''}>= {low}, got {raw!r}")
-            return number
-
-        sampling = Sampling(
-            temperature=value("temperature", float, 0.0), top_p=value("top_p", float, 0.0),
-            repetition_penalty=value("repetition_penalty", float, 0.0),
-            max_new_tokens=value("max_new_tokens", int, 1), seed=value("seed", int, 0),
-        )
-        return cls(n=value("n", int, 1), sampling=sampling)
+    def from_params(cls, params: dict) -> SampleSettings:
+        block = get(params, "sample")
+        sampling = sampling_block(block, "sample", extra=("n",))
+        return cls(n=number(get(params, "sample.n"), "sample.n", integer=True, low=1), sampling=sampling)
 
 
 def load_policy(params: dict, adapter: str | Path | None = None):
@@ -189,16 +177,17 @@ def update_input(state: State, predictions: Sequence[float]) -> UpdateInput:
     )
 
 
-def refine_chat(item: UpdateInput, prompts: PromptSet) -> list[dict]:
-    """The refine prompt exactly as the `deeper` evaluation method renders it (it needs no model for that)."""
-    return Refine(llm=None, sampling=Sampling(), prompts=prompts).chat(item)
+def refine_chat(item: UpdateInput, prompts: PromptSet, update: type = Refine) -> list[dict]:
+    """The update's prompt exactly as the evaluation method renders it (it needs no model for that): the refine
+    prompt for DEEPER; another update's (params refiner.update) for an ablation such as Inc-FT."""
+    return update(llm=None, sampling=Sampling(), prompts=prompts).chat(item)
 
 
 def build_contexts(
     states: Sequence[State], frozen: LLM, settings: PredictSettings, prompts: PromptSet | None = None,
-    progress: str | None = "contexts: predict with the old personas",
+    progress: str | None = "contexts: predict with the old personas", update: type = Refine,
 ) -> tuple[pd.DataFrame, PredictStats]:
-    """One context per state: the old persona's three errors and the refine prompt (CONTEXT_COLUMNS)."""
+    """One context per state: the old persona's three errors and the prompt of `update` (CONTEXT_COLUMNS)."""
     prompts = prompts or load_prompts()
     requests = [req for s in states for req in _window_requests(s)]
     preds, stats = predict_windows(frozen, requests, settings, prompts, progress=progress)
@@ -210,7 +199,7 @@ def build_contexts(
             "context_id": context_id(state.user.domain, state.user.user_id, state.t),
             "domain": state.user.domain, "user_id": state.user.user_id, "t": state.t,
             "item_type": state.user.item_type, "persona_old": state.persona, "predicted": list(item.predictions),
-            "prompt": json.dumps(refine_chat(item, prompts), ensure_ascii=False),
+            "prompt": json.dumps(refine_chat(item, prompts, update), ensure_ascii=False),
             **{col: float(mine[part].mae) for part, col in zip(PARTS, OLD_COLUMNS)},
         })
     return pd.DataFrame(rows, columns=list(CONTEXT_COLUMNS)), stats
@@ -237,7 +226,7 @@ REFINED_COLUMNS = (*PERSONA_COLUMNS, "t", "context_id", "failure", "flag")
 
 def refine_personas(
     contexts: pd.DataFrame, users: Sequence[UserWindows], policy: LLM, sampling: Sampling,
-    prompts: PromptSet | None = None, source: str = "contexts",
+    prompts: PromptSet | None = None, source: str = "contexts", update: type = Refine,
 ) -> tuple[pd.DataFrame, dict]:
     """The policy refines each context's old persona once, S_{t-1} -> S_t (REFINED_COLUMNS; `t` is the step
     the new persona is the old persona of, `context_id` the context it was refined from).
@@ -252,10 +241,10 @@ def refine_personas(
         if user is None:
             raise InputError(source, f"context {row.context_id}: user not in the windows file", row_number)
         item = update_input(State(user, int(row.t), row.persona_old), row.predicted)
-        if refine_chat(item, prompts) != json.loads(row.prompt):
+        if refine_chat(item, prompts, update) != json.loads(row.prompt):
             raise InputError(source, f"context {row.context_id}: prompt differs from its persona and windows", row_number)
         items.append(item)
-    results = Refine(policy, sampling, prompts).update(items)
+    results = update(policy, sampling, prompts).update(items)
     out = pd.DataFrame({
         "domain": contexts["domain"].to_numpy(), "user_id": contexts["user_id"].to_numpy(), "split": "train",
         "persona": [r.persona for r in results], "t": contexts["t"].to_numpy() + 1,

@@ -23,8 +23,13 @@ Rules:
   same context id gets the same split in both iterations. Two guards for small runs: with pairs in at least two
   contexts and val_fraction > 0, val gets at least the context of smallest hash; train always keeps at least
   the context of largest hash (so a single context trains).
-- Replay (iteration 2): iteration-1 pairs whose margin exceeds (strictly) the iteration-2 delta, the largest
-  margins first (ties: chosen reward desc, context id asc, samples asc), at most `replay_max`.
+- Replay (iteration 2): iteration-1 pairs whose margin exceeds (strictly) the iteration-2 delta, at most
+  `replay_max` of them, chosen as `iter2.replay_order` says: `largest_margin` (the largest margins; ties: chosen
+  reward desc, context id asc, samples asc) or `random` (Appendix A.5: "randomly selected"; a sample seeded by
+  `pair.seed` from the pairs in (context id, samples) order). Either way the replayed pairs are written in
+  largest-margin order, and with no cap (or fewer pairs than it) both take every pair. A pair
+  (context, chosen text, rejected text) that iteration 2 chose again is not replayed: it appears once, and the
+  copies left out are counted (`replay_duplicates`).
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ import pandas as pd
 
 from deeper.config import get
 from deeper.errors import ConfigError, InputError
+from deeper.params import mapping, number, param
 from deeper.reward import THRESHOLD_TOLERANCE, is_negative, is_positive
 from deeper.tables import first_bad_row, read_parquet_checked
 
@@ -48,6 +54,13 @@ PAIR_COLUMNS = (
     "chosen_sample", "rejected_sample", "iteration",
 )
 STRATEGIES = ("largest_margin", "best_vs_worst", "all")
+REPLAY_ORDERS = ("largest_margin", "random")  # iter2.replay_order
+# params pair.<name>: ranges of its numbers (deeper.params.number)
+PAIR_RULES = {
+    "max_per_context": {"integer": True, "low": 1, "nullable": True},  # null: no cap
+    "val_fraction": {"low": 0.0, "high": 1.0, "high_open": True},
+    "seed": {"integer": True, "low": 0},
+}
 # Margins are sorted after rounding so that float noise (0.30000000000000004 vs 0.3) does not decide a tie.
 MARGIN_DECIMALS = 9
 
@@ -61,28 +74,64 @@ class PairConfig:
     max_per_context: int | None = 3
     val_fraction: float = 0.1
     seed: int = 0
+    delta_key: str = "delta"  # the params key delta came from (iteration 2: iter2.delta), for messages
 
     def __post_init__(self):
-        if not self.tau_neg < self.tau_pos:
-            raise ConfigError("tau_neg", f"must be below tau_pos ({self.tau_neg} >= {self.tau_pos})")
-        if self.delta < 0:
-            raise ConfigError("delta", f"must be >= 0, got {self.delta}")
-        if self.strategy not in STRATEGIES:
-            raise ConfigError("pair.strategy", f"must be one of {list(STRATEGIES)}, got {self.strategy!r}")
-        if self.max_per_context is not None and (not isinstance(self.max_per_context, int) or self.max_per_context < 1):
-            raise ConfigError("pair.max_per_context", f"must be a positive integer or null, got {self.max_per_context!r}")
-        if not 0 <= self.val_fraction < 1:
-            raise ConfigError("pair.val_fraction", f"must be in [0, 1), got {self.val_fraction}")
+        check_thresholds(self.tau_pos, self.tau_neg)
+        number(self.delta, self.delta_key, low=0.0)
+        check_strategy(self.strategy)
+        for name, rule in PAIR_RULES.items():
+            number(getattr(self, name), f"pair.{name}", **rule)
 
     @classmethod
     def from_params(cls, params: dict, iteration: int) -> PairConfig:
         """Iteration 1 uses the top-level delta, iteration 2 `iter2.delta` (paper: 0.5 then 0.8)."""
-        delta = get(params, "delta") if iteration == 1 else get(params, "iter2.delta")
-        return cls(
-            tau_pos=float(get(params, "tau_pos")), tau_neg=float(get(params, "tau_neg")), delta=float(delta),
-            strategy=get(params, "pair.strategy"), max_per_context=get(params, "pair.max_per_context"),
-            val_fraction=float(get(params, "pair.val_fraction")), seed=int(get(params, "pair.seed")),
-        )
+        delta_key = "delta" if iteration == 1 else "iter2.delta"
+        tau_pos, tau_neg = thresholds_from_params(params)
+        return cls(tau_pos=tau_pos, tau_neg=tau_neg, delta=param(params, delta_key, low=0.0), delta_key=delta_key,
+                   **pair_block_from_params(params))
+
+
+def check_strategy(strategy) -> str:
+    if strategy not in STRATEGIES:
+        raise ConfigError("pair.strategy", f"must be one of {list(STRATEGIES)}, got {strategy!r}")
+    return strategy
+
+
+def pair_block_from_params(params: dict) -> dict:
+    """params `pair` (how pairs are chosen and split), checked: strategy, max_per_context, val_fraction, seed."""
+    mapping(get(params, "pair"), "pair", known=("strategy", *PAIR_RULES))
+    return {"strategy": check_strategy(get(params, "pair.strategy")),
+            **{name: param(params, f"pair.{name}", **rule) for name, rule in PAIR_RULES.items()}}
+
+
+def check_thresholds(tau_pos: float, tau_neg: float) -> tuple[float, float]:
+    """tau_pos and tau_neg as finite numbers, tau_neg below tau_pos by more than the two tolerances
+    (is_positive / is_negative each allow THRESHOLD_TOLERANCE: closer thresholds would make one candidate both
+    positive and negative)."""
+    tau_pos, tau_neg = number(tau_pos, "tau_pos"), number(tau_neg, "tau_neg")
+    if not tau_pos - tau_neg > 2 * THRESHOLD_TOLERANCE:
+        raise ConfigError("tau_neg", f"must be below tau_pos by more than {2 * THRESHOLD_TOLERANCE:g} "
+                                     f"(got tau_neg {tau_neg}, tau_pos {tau_pos})")
+    return tau_pos, tau_neg
+
+
+def thresholds_from_params(params: dict) -> tuple[float, float]:
+    """(tau_pos, tau_neg), checked: the positive and negative sets of the pair and reward stages."""
+    return check_thresholds(get(params, "tau_pos"), get(params, "tau_neg"))
+
+
+def replay_max_from_params(params: dict) -> int | None:
+    """`iter2.replay_max`: how many iteration-1 pairs iteration 2 replays at most (null: all above iter2.delta)."""
+    return param(params, "iter2.replay_max", integer=True, low=0, nullable=True)
+
+
+def replay_order_from_params(params: dict) -> str:
+    """`iter2.replay_order`: which iteration-1 pairs fill replay_max (largest_margin | random)."""
+    order = get(params, "iter2.replay_order")
+    if order not in REPLAY_ORDERS:
+        raise ConfigError("iter2.replay_order", f"must be one of {list(REPLAY_ORDERS)}, got {order!r}")
+    return order
 
 
 def read_candidates(rewards_path: str | Path, contexts: pd.DataFrame, contexts_source: str) -> pd.DataFrame:
@@ -112,10 +161,18 @@ def validate_candidates(candidates: pd.DataFrame, source: str) -> pd.DataFrame:
         bad = df[col].isna()
         if bad.any():
             raise InputError(source, f"{col} is empty", int(np.flatnonzero(bad.to_numpy())[0]) + 1)
-    df = df.assign(context_id=df["context_id"].astype(str), r=pd.to_numeric(df["r"], errors="coerce"))
+    # A missing reward (NaN: a window the frozen model could not score) is a counted `unscored`; anything else that
+    # is not a number is bad input, not a silent NaN. A sample index must be a whole number, not truncated.
+    rewards = pd.to_numeric(df["r"], errors="coerce")
+    bad = rewards.isna() & df["r"].notna()
+    if bad.any():
+        row = int(np.flatnonzero(bad.to_numpy())[0])
+        raise InputError(source, f"r is not a number: {df['r'].iloc[row]!r}", row + 1)
+    df = df.assign(context_id=df["context_id"].astype(str), r=rewards)
     samples = pd.to_numeric(df["sample"], errors="coerce")
-    if samples.isna().any():
-        raise InputError(source, "sample is not an integer", int(np.flatnonzero(samples.isna().to_numpy())[0]) + 1)
+    bad = samples.isna() | (samples != samples.round())
+    if bad.any():
+        raise InputError(source, "sample is not an integer", int(np.flatnonzero(bad.to_numpy())[0]) + 1)
     df["sample"] = samples.astype(np.int64)
     dup = df.duplicated(["context_id", "sample"])
     if dup.any():
@@ -211,40 +268,65 @@ def assign_splits(pairs: pd.DataFrame, val_fraction: float, seed: int) -> pd.Dat
     return out
 
 
-def select_replay(previous_pairs: pd.DataFrame, min_margin: float, max_pairs: int | None) -> pd.DataFrame:
-    """Iteration-1 pairs with margin > min_margin, largest first, at most max_pairs (null: all)."""
+PAIR_IDENTITY = ["context_id", "chosen", "rejected"]  # one pair, however often it is chosen
+
+
+def select_replay(previous_pairs: pd.DataFrame, min_margin: float, max_pairs: int | None,
+                  exclude: pd.DataFrame | None = None, order: str = "largest_margin",
+                  seed: int = 0) -> tuple[pd.DataFrame, int]:
+    """Iteration-1 pairs with margin > min_margin, at most max_pairs (null: all) chosen by `order` (the largest
+    margins, or a sample seeded by `seed`), written largest first, and how many
+    of them were left out because `exclude` (iteration 2's own pairs) already holds the same pair: iteration 2
+    re-samples the iteration-1 contexts with the same prompts and seeds, so Model 1 can write the same texts
+    and the same pair can be chosen again; it is trained once."""
+    previous_pairs = previous_pairs.reset_index(drop=True)  # the random order picks rows by index
     kept = previous_pairs[previous_pairs["margin"] > min_margin + THRESHOLD_TOLERANCE]
+    duplicates = 0
+    if exclude is not None and len(kept):
+        seen = kept[PAIR_IDENTITY].merge(exclude[PAIR_IDENTITY].drop_duplicates(), how="left", indicator=True)
+        again = (seen["_merge"] == "both").to_numpy()
+        duplicates = int(again.sum())
+        kept = kept[~again]
     kept = (
         kept.assign(_m=kept["margin"].round(MARGIN_DECIMALS), _r=kept["chosen_reward"].round(MARGIN_DECIMALS))
         .sort_values(["_m", "_r", "context_id", "chosen_sample", "rejected_sample"],
                      ascending=[False, False, True, True, True], kind="mergesort")
         .drop(columns=["_m", "_r"])
     )
-    if max_pairs is not None:
+    if max_pairs is not None and order == "random" and len(kept) > max_pairs:
+        # positions in a canonical (context, samples) order, so the sample depends on the pairs and the seed only
+        canonical = kept.sort_values(["context_id", "chosen_sample", "rejected_sample", "chosen", "rejected"],
+                                     kind="mergesort").index
+        picked = set(canonical[np.random.default_rng(seed).permutation(len(kept))[:int(max_pairs)]])
+        kept = kept[kept.index.isin(picked)]
+    elif max_pairs is not None:
         kept = kept.head(int(max_pairs))
-    return kept.reset_index(drop=True)
+    return kept.reset_index(drop=True), duplicates
 
 
 def build_pairs(candidates: pd.DataFrame, config: PairConfig, iteration: int = 1, source: str = "candidates",
                 replay_from: pd.DataFrame | None = None, replay_max: int | None = None,
-                replay_source: str = "replay pairs") -> tuple[pd.DataFrame, dict]:
+                replay_source: str = "replay pairs", replay_order: str = "largest_margin") -> tuple[pd.DataFrame, dict]:
     """Pairs of one iteration with their split, plus replay pairs for iteration 2, and the summary for metrics.
 
-    `replay_from`: the previous iteration's pairs; those with margin > config.delta (up to `replay_max`) join
-    the new pairs before the split is assigned, so their contexts split the same way as new ones.
+    `replay_from`: the previous iteration's pairs; those with margin > config.delta (up to `replay_max`) that
+    this iteration did not choose itself join the new pairs before the split is assigned, so their contexts
+    split the same way as new ones.
     """
     pairs, counts = select_pairs(candidates, config, source, iteration)
-    replay_count = 0
+    replay_count = duplicates = 0
     if replay_from is not None:
         missing = [c for c in PAIR_COLUMNS if c not in replay_from.columns]
         if missing:
             raise InputError(replay_source, f"missing columns {missing}; have {list(replay_from.columns)}")
-        replay = select_replay(replay_from[list(PAIR_COLUMNS)], config.delta, replay_max)
+        replay_max = number(replay_max, "iter2.replay_max", integer=True, low=0, nullable=True)
+        replay, duplicates = select_replay(replay_from[list(PAIR_COLUMNS)], config.delta, replay_max,
+                                           exclude=pairs, order=replay_order, seed=config.seed)
         replay_count = len(replay)
         pairs = pd.concat([pairs, replay], ignore_index=True)
     pairs = assign_splits(pairs, config.val_fraction, config.seed)
     pairs = pairs[list(PAIR_COLUMNS)].reset_index(drop=True)
-    return pairs, summarize_pairs(pairs, counts, replay_count)
+    return pairs, summarize_pairs(pairs, {**counts, "replay_duplicates": duplicates}, replay_count)
 
 
 def summarize_pairs(pairs: pd.DataFrame, counts: dict, replay_pairs: int = 0) -> dict:
@@ -256,6 +338,8 @@ def summarize_pairs(pairs: pd.DataFrame, counts: dict, replay_pairs: int = 0) ->
         "replay_pairs": int(replay_pairs),
         "mean_margin": float(pairs["margin"].mean()) if n else None,
         "contexts_with_pair": contexts_with_pair,
+        # this iteration's own pairs (replay excluded) per context it sampled: the paper's 34,782 / 10,800 = 3.2
+        "pairs_per_context": float((n - replay_pairs) / counts["contexts_total"]) if counts.get("contexts_total") else None,
         "pairs_per_context_with_pair": float(n / contexts_with_pair) if contexts_with_pair else None,
         "train_pairs": int((pairs["split"] == "train").sum()),
         "val_pairs": int((pairs["split"] == "val").sum()),

@@ -8,9 +8,38 @@ method and model, so that lengths compare across methods and rounds (the paper's
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from functools import lru_cache
 
+from deeper.config import get
 from deeper.errors import ConfigError
+from deeper.llm.base import Sampling
+from deeper.params import number, sampling_block
+
+# persona keys left out of params (S_0, Appendix A.1); params.yaml sets every one
+PERSONA_SAMPLING_DEFAULTS = Sampling(temperature=0.7, top_p=0.9, repetition_penalty=1.1, max_new_tokens=256, seed=0)
+
+
+@dataclass(frozen=True)
+class PersonaSettings:
+    """params `persona`: how S_0 is generated, degenerate-output handling, the tokenizer that counts lengths."""
+
+    sampling: Sampling
+    retries: int
+    min_words: int
+    tokenizer: str
+
+    @classmethod
+    def from_params(cls, params: dict) -> PersonaSettings:
+        block = get(params, "persona")
+        sampling = sampling_block(block, "persona", PERSONA_SAMPLING_DEFAULTS,
+                                  extra=("retries", "min_words", "tokenizer"))
+        tokenizer = block.get("tokenizer")
+        if not tokenizer or not isinstance(tokenizer, str):
+            raise ConfigError("persona.tokenizer", "missing: a tokenizer folder or hub id to count persona tokens")
+        return cls(sampling, number(block.get("retries", 2), "persona.retries", integer=True, low=0),
+                   number(block.get("min_words", 20), "persona.min_words", integer=True, low=0), tokenizer)
 
 # A label models often echo before the persona: "**User Persona:**", "## Refined persona", "Updated Long-Term Persona:".
 _LABEL = r"[#*_\s]*(?:(?:the|user|user's|refined|updated|improved|new|initial|merged|final|long-term|short-term)\s+){0,3}persona"
@@ -68,3 +97,36 @@ class TokenCounter:
 @lru_cache(maxsize=4)
 def token_counter(tokenizer: str) -> TokenCounter:
     return TokenCounter(tokenizer)
+
+
+def best_attempt(attempts: list[str], min_words: int) -> tuple[str, str | None]:
+    """The first usable attempt, else the longest one with its degenerate reason."""
+    for text in attempts:
+        if degenerate_reason(text, min_words) is None:
+            return text, None
+    text = max(attempts, key=count_words)
+    return text, degenerate_reason(text, min_words)
+
+
+def generate_personas(llm, chats: list, settings: PersonaSettings,
+                      log: Callable[[str], None] | None = None) -> tuple[list[str], list[int]]:
+    """S_0 for each chat of the `init` template (cleaned), with the number of attempts each took.
+
+    A degenerate generation is re-sampled with seed+1 .. seed+retries (not at temperature 0: greedy decoding
+    would repeat itself); if all fail, the longest attempt is kept. `log` gets one line per retry round. The
+    cached LLM shows the progress bar, chunks the calls and stores each chunk as it finishes (a killed run
+    resumes)."""
+    attempts: list[list[str]] = [[] for _ in chats]
+    todo = list(range(len(chats)))
+    max_attempts = 1 + (settings.retries if settings.sampling.temperature > 0 else 0)
+    for attempt in range(max_attempts):
+        if attempt and log is not None:
+            log(f"retry {attempt}: {len(todo)} degenerate personas, seed +{attempt}")
+        sampling = replace(settings.sampling, seed=settings.sampling.seed + attempt)
+        texts = llm.generate([chats[i] for i in todo], 1, sampling)
+        for i, text in zip(todo, texts):
+            attempts[i].append(clean_persona(text[0] if text else ""))
+        todo = [i for i in todo if degenerate_reason(attempts[i][-1], settings.min_words) is not None]
+        if not todo:
+            break
+    return [best_attempt(a, settings.min_words)[0] for a in attempts], [len(a) for a in attempts]

@@ -11,7 +11,9 @@ Two modes (params `predict.mode`):
   {"item_name", "predict_rating"} for all its items, parsed leniently (code fences, text around the list,
   broken JSON objects, names matched by normalised title, else by position). An item the answer gives no
   valid rating for gets FALLBACK_RATING = 3, the midpoint of the 1-5 scale, and is counted in
-  `parse_failed_items`; a prediction is never NaN.
+  `parse_failed_items`; a prediction is never NaN. A window whose answer leaves an item without a valid
+  rating is asked once more with seed + 1 (`retried_windows`); the retry's answer is kept when it leaves fewer
+  items without one (a deterministic backend at temperature 0 answers the same: the retry then changes nothing).
 
 `predict_windows(llm, requests, settings)` predicts many (persona, window) requests in one call.
 `mae(pred, actual)` is the one definition of the window error; the reward imports it from here.
@@ -24,7 +26,7 @@ import math
 import re
 import unicodedata
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -32,6 +34,7 @@ from tqdm.auto import tqdm
 from deeper.config import get
 from deeper.errors import ConfigError
 from deeper.llm.base import LLM, RatingGroup, Sampling
+from deeper.params import mapping, number, sampling_block
 from deeper.prompts import PromptSet, load_prompts
 
 MODES = ("logprob", "json")
@@ -53,6 +56,11 @@ def mae(pred, actual) -> float:
 # ---------------------------------------------------------------- settings and data
 
 
+# predict.json keys left out of params: greedy, one JSON list of a window in at most 384 new tokens
+JSON_SAMPLING_DEFAULTS = Sampling(temperature=0.0, top_p=1.0, repetition_penalty=1.0, max_new_tokens=384, seed=0)
+PREDICT_KEYS = ("mode", "rating", "windows_per_call", "json")
+
+
 @dataclass(frozen=True)
 class PredictSettings:
     mode: str = "logprob"
@@ -60,7 +68,7 @@ class PredictSettings:
     # Requests handed to the backend per call: the step of the progress bar (the cached backend chunks each
     # call further to its batch size and stores every chunk as it finishes).
     windows_per_call: int = 64
-    json_sampling: Sampling = field(default_factory=lambda: Sampling(temperature=0.0, max_new_tokens=384))
+    json_sampling: Sampling = JSON_SAMPLING_DEFAULTS
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -73,29 +81,13 @@ class PredictSettings:
     @classmethod
     def from_params(cls, params: dict) -> PredictSettings:
         """From the `predict` block of params.yaml (every key optional; defaults as in the dataclass)."""
-        block = get(params, "predict", {}) or {}
-        if not isinstance(block, dict):
-            raise ConfigError("predict", "must be a mapping")
-        js = block.get("json", {}) or {}
-        if not isinstance(js, dict):
-            raise ConfigError("predict.json", "must be a mapping")
-        unknown = set(js) - {"max_new_tokens", "temperature", "top_p", "repetition_penalty", "seed"}
-        if unknown:
-            raise ConfigError("predict.json", f"unknown keys {sorted(unknown)}")
-        try:
-            sampling = Sampling(
-                temperature=float(js.get("temperature", 0.0)),
-                top_p=float(js.get("top_p", 1.0)),
-                repetition_penalty=float(js.get("repetition_penalty", 1.0)),
-                max_new_tokens=int(js.get("max_new_tokens", 384)),
-                seed=int(js.get("seed", 0)),
-            )
-        except (TypeError, ValueError) as e:
-            raise ConfigError("predict.json", f"not a number: {e}") from None
+        block = mapping(get(params, "predict", {}), "predict", known=PREDICT_KEYS, nullable=True)
+        sampling = sampling_block(block.get("json") or {}, "predict.json", defaults=JSON_SAMPLING_DEFAULTS)
+        windows_per_call = number(block.get("windows_per_call", 64), "predict.windows_per_call", integer=True, low=1)
         return cls(
             mode=block.get("mode", "logprob"),
             rating=block.get("rating", "expected"),
-            windows_per_call=block.get("windows_per_call", 64),
+            windows_per_call=windows_per_call,
             json_sampling=sampling,
         )
 
@@ -131,10 +123,11 @@ class PredictStats:
     parse_failed_items: int = 0  # json mode: items that got FALLBACK_RATING
     unparsed_windows: int = 0  # json mode: answers in which no rating entry was found at all
     invalid_entries: int = 0  # json mode: entries whose rating was missing, non-numeric or outside 1..5
+    retried_windows: int = 0  # json mode: windows asked again (seed + 1) after an answer left an item unrated
 
     def add(self, other: PredictStats) -> None:
         for name in ("windows", "items", "digit_mass_sum", "backend_failed_items", "parse_failed_items",
-                     "unparsed_windows", "invalid_entries"):
+                     "unparsed_windows", "invalid_entries", "retried_windows"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
 
     def to_metrics(self) -> dict:
@@ -149,6 +142,7 @@ class PredictStats:
                 parse_failed_share=self.parse_failed_items / self.items if self.items else None,
                 unparsed_windows=self.unparsed_windows,
                 invalid_entries=self.invalid_entries,
+                retried_windows=self.retried_windows,
                 fallback_rating=FALLBACK_RATING,
             )
         return out
@@ -220,12 +214,21 @@ def _predict_logprob(llm, requests, settings, prompts) -> tuple[list[WindowPredi
 
 def _predict_json(llm, requests, settings, prompts) -> tuple[list[WindowPrediction], PredictStats]:
     chats = [prompts.render("predict", persona=r.persona, item_type=r.item_type, items=list(r.titles)) for r in requests]
-    answers = llm.generate(chats, 1, settings.json_sampling)
-    stats = PredictStats(mode="json")
+    answers = [texts[0] if texts else "" for texts in llm.generate(chats, 1, settings.json_sampling)]
+    parsed_all = [parse_json_ratings(a, r.titles) for a, r in zip(answers, requests)]
+    # one retry, seed + 1, for the windows whose answer left an item without a valid rating
+    retry = [i for i, parsed in enumerate(parsed_all) if None in parsed.ratings]
+    if retry:
+        again = llm.generate([chats[i] for i in retry], 1,
+                             replace(settings.json_sampling, seed=settings.json_sampling.seed + 1))
+        for i, texts in zip(retry, again):
+            answer = texts[0] if texts else ""
+            parsed = parse_json_ratings(answer, requests[i].titles)
+            if parsed.ratings.count(None) < parsed_all[i].ratings.count(None):
+                answers[i], parsed_all[i] = answer, parsed
+    stats = PredictStats(mode="json", retried_windows=len(retry))
     preds = []
-    for req, texts in zip(requests, answers):
-        answer = texts[0] if texts else ""
-        parsed = parse_json_ratings(answer, req.titles)
+    for req, answer, parsed in zip(requests, answers, parsed_all):
         ratings = np.array([FALLBACK_RATING if r is None else r for r in parsed.ratings], dtype=float)
         ok = np.array([r is not None for r in parsed.ratings])
         preds.append(WindowPrediction(ratings, _window_mae(req, ratings), failed=~ok, answer=answer))

@@ -4,7 +4,7 @@ A profile maps dotted params.yaml keys to values; each entry sets that key to ex
 replaces the whole block, as `models.policy` must when the backend changes). `load_profile` refuses keys that
 params.yaml does not have (a typo would otherwise add a key no stage reads), `dvc_flags` turns the entries
 into DVC's `-S` overrides (Hydra syntax: `key=value`, or `~key` + `+key={...}` to replace a block),
-`apply_profile` is the params the flags produce, and `check_params` runs the repository's own checks of every
+`apply_profile` is the params the flags produce; `deeper.params.check_params` (the stages' own validator) checks every
 block (the same code the stages run), up to the point where a GPU, a server or a key would be needed.
 """
 
@@ -122,36 +122,3 @@ def dvc_flags(entries: dict) -> list[str]:
         else:
             flags += ["-S", f"{key}={hydra_value(value)}"]
     return flags
-
-
-def check_params(params: dict) -> list[str]:
-    """Every block's own checks, as its stage runs them; no model, GPU, server or key is needed.
-    Returns what was checked (one line each); the first bad value raises a one-line ConfigError."""
-    from deeper.data.window import spec_from_params
-    from deeper.iteration import SampleSettings
-    from deeper.llm import check_spec
-    from deeper.predict import PredictSettings
-    from deeper.train import TrainConfig
-
-    spec_from_params(get(params, "window"))
-    preset = get(params, "ingest.preset")
-    if get(params, f"ingest.presets.{preset}", None) is None:
-        raise ConfigError("ingest.preset", f"{preset!r} is not one of ingest.presets")
-    PredictSettings.from_params(params)
-    SampleSettings.from_params(params)
-    checked = ["window", "ingest.preset", "predict", "sample"]
-    for role in ("frozen", "policy"):
-        cls, _ = check_spec(get(params, f"models.{role}"), where=f"models.{role}")
-        checked.append(f"models.{role} ({cls.backend})")
-    train = {k: TrainConfig.from_params(params, k) for k in (1, 2)}
-    policy = get(params, "models.policy")
-    if policy.get("backend") == "vllm":
-        rank = policy.get("max_lora_rank", 16)
-        if max(t.lora_r for t in train.values()) > rank:
-            raise ConfigError("models.policy.max_lora_rank", f"{rank} < train.lora.r ({train[1].lora_r}): "
-                                                             "vLLM could not serve the trained adapters")
-    checked += ["train (iterations 1 and 2)"]
-    launcher = get(params, "train.launcher")
-    if not isinstance(launcher, str) or not launcher.strip():
-        raise ConfigError("train.launcher", f"must be a command such as python, got {launcher!r}")
-    return checked

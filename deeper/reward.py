@@ -23,6 +23,7 @@ import pandas as pd
 
 from deeper.config import get
 from deeper.errors import ConfigError, InputError
+from deeper.params import mapping, number
 
 PARTS = ("prev", "curr", "fut")
 OLD_COLUMNS = tuple(f"old_eps_{p}" for p in PARTS)
@@ -44,15 +45,14 @@ class RewardWeights:
 
     @classmethod
     def from_params(cls, params: dict) -> RewardWeights:
-        raw = get(params, "reward.weights")
-        if not isinstance(raw, dict) or set(raw) != set(PARTS):
-            raise ConfigError("reward.weights", f"must be a mapping with exactly the keys {list(PARTS)}, got {raw!r}")
-        try:
-            values = {k: float(v) for k, v in raw.items()}
-        except (TypeError, ValueError):
-            raise ConfigError("reward.weights", f"weights must be numbers, got {raw!r}") from None
-        if not all(np.isfinite(v) for v in values.values()):
-            raise ConfigError("reward.weights", f"weights must be finite, got {raw!r}")
+        """Each weight a finite number >= 0, not all 0 (a zero reward would leave no pair to learn from)."""
+        raw = mapping(get(params, "reward.weights"), "reward.weights", known=PARTS)
+        missing = [p for p in PARTS if p not in raw]
+        if missing:
+            raise ConfigError(f"reward.weights.{missing[0]}", f"missing; the weights are {list(PARTS)}")
+        values = {k: number(raw[k], f"reward.weights.{k}", low=0.0) for k in PARTS}
+        if not any(values.values()):
+            raise ConfigError("reward.weights", "at least one weight must be > 0")
         return cls(**values)
 
 

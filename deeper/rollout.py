@@ -15,7 +15,8 @@ Output (`RolloutResult.table`): one row per user and persona round s = 0..rounds
     domain, user_id, seen, round (s), persona (S_s), persona_tokens, persona_words,
     update_failure (the update that wrote S_s failed and S_{s-1} was kept: reason, else None),
     update_flag (S_s was used but looks degenerate: reason, else None), answers (raw update answers),
-    mae (= eps_{s+1|S_s}, the rollout's error), items, predict_failed_items (items of that window that got a
+    mae (= eps_{s+1|S_s}, the rollout's error), predicted and actual (that window's ratings, item by item: the
+    pairwise choice task reads them), items, predict_failed_items (items of that window that got a
     fallback rating), mae_w0, mae_w1, mae_w2 (errors of S_s on W_0..W_2; rounds 0 and 1 only, else NaN).
 """
 
@@ -31,18 +32,49 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from deeper.errors import InputError
-from deeper.llm.base import LLM
+from deeper.config import get
+from deeper.errors import ConfigError, InputError
+from deeper.llm.base import LLM, Sampling
 from deeper.methods.base import UpdateInput, UpdateMethod, Window
+from deeper.params import mapping, number, sampling_block
 from deeper.personas import count_words
 from deeper.predict import PredictSettings, PredictStats, WindowRequest, predict_windows
 from deeper.tables import read_parquet_checked
+
+USER_KEYS = ("domains", "per_domain")
+
+
+@dataclass(frozen=True)
+class EvaluateSettings:
+    """params `evaluate`: rounds, the methods the report gathers (in its order), which users, and how every
+    method generates its updates (keys left out of `evaluate.sampling` take Sampling's defaults)."""
+
+    rounds: int
+    methods: dict  # name -> deeper.methods.MethodSpec, in the report's order
+    sampling: Sampling
+    domains: tuple[str, ...] | None  # None: every domain
+    per_domain: int | None  # None: every user of a domain
+
+    @classmethod
+    def from_params(cls, params: dict) -> EvaluateSettings:
+        from deeper.methods import methods_from_params
+
+        rounds = number(get(params, "evaluate.rounds"), "evaluate.rounds", integer=True, low=1)
+        methods = methods_from_params(get(params, "evaluate.methods"))
+        sampling = sampling_block(get(params, "evaluate.sampling"), "evaluate.sampling", defaults=Sampling())
+        users = mapping(get(params, "evaluate.users", {}), "evaluate.users", known=USER_KEYS, nullable=True)
+        domains = users.get("domains")
+        if domains is not None and (not isinstance(domains, list) or not all(isinstance(d, str) for d in domains)):
+            raise ConfigError("evaluate.users.domains", f"must be null (all) or a list of domain names, got {domains!r}")
+        per_domain = number(users.get("per_domain"), "evaluate.users.per_domain", integer=True, low=1, nullable=True)
+        return cls(rounds, methods, sampling, None if domains is None else tuple(domains), per_domain)
 
 # Windows the first update is measured on (Table 1): previous, current, future.
 FIRST_UPDATE_WINDOWS = (0, 1, 2)
 COLUMNS = (
     "domain", "user_id", "seen", "round", "persona", "persona_tokens", "persona_words", "update_failure",
     "update_flag", "answers", "mae", "items", "predict_failed_items", "mae_w0", "mae_w1", "mae_w2",
+    "predicted", "actual",
 )
 
 
@@ -148,13 +180,14 @@ def rollout(
     rows = []
     for i, u in enumerate(users):
         for s in range(rounds + 1):
-            _, err, failed = results[(i, s, s + 1)]
+            predicted, err, failed = results[(i, s, s + 1)]
             persona = personas[i][s]
             row = {
                 "domain": u.domain, "user_id": u.user_id, "seen": bool(u.seen), "round": s,
                 "persona": persona, "persona_tokens": count_tokens(persona), "persona_words": count_words(persona),
                 "update_failure": failures[i][s], "update_flag": flags[i][s], "answers": list(answers[i][s]),
                 "mae": err, "items": len(u.windows[s + 1].titles), "predict_failed_items": failed,
+                "predicted": [float(p) for p in predicted], "actual": [float(a) for a in u.windows[s + 1].ratings],
             }
             for w in FIRST_UPDATE_WINDOWS:
                 row[f"mae_w{w}"] = results[(i, s, w)][1] if (i, s, w) in results and s <= 1 else math.nan
@@ -191,15 +224,39 @@ def reduction_pct(first: float | None, last: float | None) -> float | None:
     return 100.0 * (first - last) / first
 
 
+def pairwise_accuracy(predicted, actual) -> tuple[float, int]:
+    """The paper's pairwise choice task (Table 25) from the rating predictions: over every pair of a window's
+    items that the user rated differently, the share where the item predicted higher is the one rated higher
+    (a tie in the predictions counts half). (accuracy, pairs); (nan, 0) without such a pair."""
+    p, a = np.asarray(predicted, dtype=float), np.asarray(actual, dtype=float)
+    i, j = np.triu_indices(len(a), k=1)
+    differ = a[i] != a[j]
+    if not differ.any():
+        return math.nan, 0
+    agree = np.sign(p[i] - p[j])[differ] * np.sign(a[i] - a[j])[differ]
+    return float(np.mean((agree + 1) / 2)), int(differ.sum())
+
+
 def summarize_domain(table: pd.DataFrame, rounds: int) -> dict:
     """One domain's rows of a rollout table -> the numbers of metrics/eval.json."""
     out: dict = {"users": int(table["user_id"].nunique())}
     by_round = table.groupby("round")
     mae = by_round["mae"].mean()
     tokens = by_round["persona_tokens"].mean()
+    # beside each error, the share of its window's items that got a fallback rating (json: no parsable rating
+    # after the retry; logprob: the backend could not score it), which sits in the MAE as a 3
+    failed = by_round["predict_failed_items"].sum() / by_round["items"].sum()
     for s in range(rounds + 1):
         out[f"mae_r{s}"] = float(mae.get(s, math.nan))
+        out[f"mae_r{s}_parse_failed_share"] = float(failed.get(s, math.nan))
     out["reduction_pct"] = reduction_pct(out["mae_r0"], out[f"mae_r{rounds}"])
+    # the pairwise choice task per round: pairs of every user of the domain pooled
+    pairs = table.apply(lambda row: pairwise_accuracy(row["predicted"], row["actual"]), axis=1, result_type="expand")
+    pairs.columns = ["accuracy", "pairs"]
+    pairs["round"], pairs["correct"] = table["round"].to_numpy(), pairs["accuracy"].fillna(0) * pairs["pairs"]
+    by = pairs.groupby("round")[["correct", "pairs"]].sum()
+    out["pairwise_accuracy"] = {f"r{s}": float(by.loc[s, "correct"] / by.loc[s, "pairs"])
+                                if s in by.index and by.loc[s, "pairs"] else math.nan for s in range(rounds + 1)}
     out["persona_tokens"] = {f"r{s}": float(tokens.get(s, math.nan)) for s in range(rounds + 1)}
     first = {}
     for part, column in FIRST_UPDATE_PARTS.items():

@@ -1,7 +1,12 @@
 """DPO with a LoRA adapter and an SFT term on the chosen answer (paper Sec. 3.4): L = L_DPO + alpha * L_SFT.
 
-TRL 1.16 DPOTrainer: `loss_type=["sigmoid", "sft"]`, `loss_weights=[1.0, alpha]` (`rpo_alpha` is gone since
-TRL 0.29). TRL's "sft" term is the mean negative log-likelihood of the chosen completion tokens of the batch.
+TRL 1.16 DPOTrainer, sigmoid loss; the SFT term is normalised as `train.sft_normalization` says:
+- per_token: TRL's own `loss_type=["sigmoid", "sft"]`, `loss_weights=[1.0, alpha]` (`rpo_alpha` is gone since
+  TRL 0.29): one mean negative log-likelihood over all chosen completion tokens of the batch (pooled).
+- per_pair: what the authors' LLaMA-Factory DPO trainer computes (`sft_loss = -chosen_logps / chosen_length`,
+  then the mean over the batch): each pair's chosen NLL divided by its own token count, averaged over pairs
+  (`PerPairSFTDPOTrainer`). The two coincide for batches of one pair (the embedded default); with the paper's
+  4 pairs per device a long chosen answer weighs more under per_token.
 The dataset is conversational (prompt = the refine chat, chosen/rejected = one assistant message), so the
 model's chat template is applied.
 
@@ -45,9 +50,11 @@ import pandas as pd
 from deeper.config import get
 from deeper.errors import ConfigError, DeeperError, InputError
 from deeper.metrics import write_json
+from deeper.params import number
 from deeper.tables import first_bad_row, read_parquet_checked
 
 REFERENCES = ("base", "previous")
+SFT_NORMALIZATIONS = ("per_token", "per_pair")  # see the module docstring
 PAIR_COLUMNS = ("context_id", "prompt", "chosen", "rejected", "split")  # what training reads of pairs.parquet
 TRAIN_LOG = "train_log.json"  # in the adapter folder: wall-clock seconds and peak RSS of the run
 # Keys of params `train` that are not trainer settings: the command that starts the stage (dvc.yaml's cmd).
@@ -86,7 +93,9 @@ class TrainConfig:
     bf16: bool = False                  # paper true (GPU); CPU autocast to bf16 is slow
     dtype: str = "float32"              # weights as loaded; bfloat16 halves memory on a GPU
     gradient_checkpointing: bool = True
-    disable_dropout: bool = False       # TRL's default (true) would also zero the LoRA dropout above
+    disable_dropout: bool = False       # TRL's default (true) would also zero the LoRA dropout above; the paper
+                                        # profile sets true: LLaMA-Factory's DPO trainer did, so 0.2 never ran
+    sft_normalization: str = "per_token"  # per_pair: LLaMA-Factory's (the paper profile); see the module docstring
     seed: int = 0
 
     @classmethod
@@ -100,6 +109,10 @@ class TrainConfig:
                 raise ConfigError(key, f"must be a mapping, got {value!r}")
         if "launcher" in overrides:
             raise ConfigError("iter2.train.launcher", "both iterations start with train.launcher; set it there")
+        for key in CONTINUED_KEYS:
+            if key in overrides:
+                raise ConfigError(f"iter2.train.{key}", "cannot take effect: iteration 2 continues Model 1's adapter, "
+                                                       "whose LoRA shape and dropout are set by train.lora")
         raw = {k: v for k, v in {**raw, **overrides}.items() if k not in NOT_TRAINER_KEYS}
         lora = raw.pop("lora", None) or {}
         if not isinstance(lora, dict):
@@ -111,44 +124,61 @@ class TrainConfig:
         if unknown:
             raise ConfigError("train", f"unknown keys {unknown}")
         values["sft_weight"] = get(params, "alpha")
-        config = cls(**{name: _coerce(name, value) for name, value in values.items()})
+        config = cls(**{name: number(value, _param_key(name), **NUMBER_RULES[name]) if name in NUMBER_RULES
+                        else value for name, value in values.items()})
         config.validate()
         return config
 
     def validate(self) -> None:
-        if self.max_length is None or self.max_length < 16:
-            raise ConfigError("train.max_length", f"must be an integer >= 16, got {self.max_length!r}")
+        for name, rule in NUMBER_RULES.items():
+            number(getattr(self, name), _param_key(name), **rule)
         if self.truncation_mode != "keep_start":
             raise ConfigError("train.truncation_mode", "TRL 1.16 supports only keep_start (keep_end is deprecated)")
-        if self.per_device_batch < 1 or self.grad_accum < 1:
-            raise ConfigError("train.per_device_batch", "batch size and grad_accum must be >= 1")
-        if self.sft_weight < 0:
-            raise ConfigError("alpha", f"must be >= 0, got {self.sft_weight}")
+        if self.scheduler not in SCHEDULERS:
+            raise ConfigError("train.scheduler", f"must be one of {', '.join(SCHEDULERS)}, got {self.scheduler!r}")
+        modules = self.target_modules
+        if not (isinstance(modules, str) and modules) and not (
+                isinstance(modules, list) and modules and all(isinstance(m, str) and m for m in modules)):
+            raise ConfigError("train.lora.target_modules", f"must be all-linear or a list of module names, got {modules!r}")
+        for name in ("bf16", "gradient_checkpointing", "disable_dropout"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"train.{name}", f"must be true or false, got {getattr(self, name)!r}")
+        if self.sft_normalization not in SFT_NORMALIZATIONS:
+            raise ConfigError("train.sft_normalization", f"must be one of {', '.join(SFT_NORMALIZATIONS)}, "
+                                                         f"got {self.sft_normalization!r}")
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ConfigError("train.dtype", f"must be float32, bfloat16 or float16, got {self.dtype!r}")
         if not (self.max_steps and self.max_steps > 0) and not self.epochs > 0:
             raise ConfigError("train.max_steps", "set max_steps > 0 or epochs > 0")
 
 
-_FLOATS = {"lora_dropout", "beta", "sft_weight", "lr", "epochs", "max_grad_norm"}
-_INTS = {"lora_r", "lora_alpha", "max_length", "per_device_batch", "grad_accum", "warmup_steps", "max_steps",
-         "eval_steps", "seed"}
+# The numeric trainer settings and their ranges (deeper.params.number); lora_* are params train.lora.*.
+NUMBER_RULES = {
+    "lora_r": {"integer": True, "low": 1},
+    "lora_alpha": {"low": 0.0, "low_open": True},
+    "lora_dropout": {"low": 0.0, "high": 1.0, "high_open": True},
+    "beta": {"low": 0.0, "low_open": True},
+    "sft_weight": {"low": 0.0},
+    "max_length": {"integer": True, "low": 16},
+    "per_device_batch": {"integer": True, "low": 1},
+    "grad_accum": {"integer": True, "low": 1},
+    "lr": {"low": 0.0, "low_open": True},
+    "warmup_steps": {"integer": True, "low": 0},
+    "epochs": {"low": 0.0},
+    "max_steps": {"integer": True, "low": -1},      # -1 (or 0): train `epochs` epochs
+    "eval_steps": {"integer": True, "low": 1, "nullable": True},
+    "max_grad_norm": {"low": 0.0, "low_open": True},
+    "seed": {"integer": True, "low": 0},
+}
+# transformers' SchedulerType values (checked here so a typo fails before a model is loaded)
+SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+              "inverse_sqrt", "reduce_lr_on_plateau", "cosine_with_min_lr", "warmup_stable_decay")
+# iteration 2 continues adapter 1: its LoRA shape (and dropout, stored in its config) is adapter 1's
+CONTINUED_KEYS = ("lora",)
 
 
-def _coerce(name: str, value):
-    """YAML reads `1e-4` (no dot) as a string, and `dvc exp run -S` writes what it is given: accept numbers."""
-    if value is None or name not in _FLOATS | _INTS:
-        return value
-    key = "alpha" if name == "sft_weight" else f"train.lora.{name[5:]}" if name.startswith("lora_") else f"train.{name}"
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise ConfigError(key, f"must be a number, got {value!r}") from None
-    if name in _INTS:
-        if number != int(number):
-            raise ConfigError(key, f"must be an integer, got {value!r}")
-        return int(number)
-    return number
+def _param_key(name: str) -> str:
+    return "alpha" if name == "sft_weight" else f"train.lora.{name[5:]}" if name.startswith("lora_") else f"train.{name}"
 
 
 def read_pairs(path: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -210,7 +240,7 @@ def build_trainer(base_model: str | Path, train_examples: list[dict], val_exampl
     from datasets import Dataset
     from peft import LoraConfig, PeftConfig, PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from trl import DPOConfig, DPOTrainer
+    from trl import DPOConfig
 
     if reference not in REFERENCES:
         raise ConfigError("iter2.reference", f"must be one of {list(REFERENCES)}, got {reference!r}")
@@ -247,7 +277,7 @@ def build_trainer(base_model: str | Path, train_examples: list[dict], val_exampl
             load_after = init_adapter
     train_ds = Dataset.from_list(train_examples)
     val_ds = Dataset.from_list(val_examples) if val_examples else None
-    trainer = DPOTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=val_ds,
+    trainer = _trainer_class(config)(model=model, args=args, train_dataset=train_ds, eval_dataset=val_ds,
                          processing_class=tokenizer, peft_config=lora)
     if load_after is not None:
         _load_adapter_weights(trainer.model, load_after)
@@ -259,7 +289,10 @@ def build_trainer(base_model: str | Path, train_examples: list[dict], val_exampl
 def _dpo_config(config: TrainConfig, work_dir, DPOConfig, with_eval: bool):
     return DPOConfig(
         output_dir=str(work_dir),
-        loss_type=["sigmoid", "sft"], loss_weights=[1.0, config.sft_weight], beta=config.beta,
+        # per_pair adds its SFT term itself (PerPairSFTDPOTrainer)
+        loss_type=["sigmoid", "sft"] if config.sft_normalization == "per_token" else ["sigmoid"],
+        loss_weights=[1.0, config.sft_weight] if config.sft_normalization == "per_token" else [1.0],
+        beta=config.beta,
         max_length=config.max_length, truncation_mode=config.truncation_mode,
         per_device_train_batch_size=config.per_device_batch, per_device_eval_batch_size=config.per_device_batch,
         gradient_accumulation_steps=config.grad_accum, gradient_checkpointing=config.gradient_checkpointing,
@@ -272,6 +305,54 @@ def _dpo_config(config: TrainConfig, work_dir, DPOConfig, with_eval: bool):
         # DDP (several processes): every LoRA weight gets a gradient, so no search for unused ones per step.
         ddp_find_unused_parameters=False,
     )
+
+
+def per_pair_sft_loss(log_probs, completion_mask):
+    """LLaMA-Factory's SFT term of DPO+SFT: the mean over pairs of -(summed log-prob of the chosen completion) /
+    (its token count). `log_probs`: the policy's per-token log-probs of the batch [chosen..., rejected...] as
+    TRL's forward returns them (aligned with completion_mask[:, 1:]); `completion_mask`: TRL's batch key."""
+    shifted = completion_mask[..., 1:]
+    per_token = log_probs[:, -shifted.size(1):] * shifted
+    chosen_logps, _ = per_token.sum(dim=1).chunk(2, dim=0)
+    chosen_length, _ = shifted.sum(dim=1).chunk(2, dim=0)
+    return (-chosen_logps / chosen_length.clamp(min=1)).mean()
+
+
+class _RecordingModel:
+    """Calls the policy model and keeps its first output of the step (TRL's policy forward)."""
+
+    def __init__(self, model):
+        self.model, self.outputs = model, None
+
+    def __call__(self, *args, **kwargs):
+        outputs = self.model(*args, **kwargs)
+        if self.outputs is None:
+            self.outputs = outputs
+        return outputs
+
+
+def _trainer_class(config: TrainConfig):
+    from trl import DPOTrainer
+
+    if config.sft_normalization == "per_token":
+        return DPOTrainer
+
+    class PerPairSFTDPOTrainer(DPOTrainer):
+        """TRL's sigmoid DPO + alpha x `per_pair_sft_loss` on the policy's own forward of the step (no extra
+        pass): TRL's `_compute_loss` calls the policy through its `model` argument and the reference through
+        `self.model` / `self.ref_model`, so the recorded output is the policy's."""
+
+        def _compute_loss(self, model, inputs, return_outputs):
+            policy = _RecordingModel(model)
+            result = super()._compute_loss(policy, inputs, return_outputs)
+            loss = result[0] if return_outputs else result
+            sft = per_pair_sft_loss(policy.outputs.log_probs, inputs["completion_mask"])
+            mode = "train" if self.model.training else "eval"
+            self._metrics[mode]["sft_per_pair"].append(self.accelerator.gather_for_metrics(sft.detach()).mean().item())
+            loss = loss + config.sft_weight * sft
+            return (loss, result[1]) if return_outputs else loss
+
+    return PerPairSFTDPOTrainer
 
 
 def _load_adapter_weights(model, adapter_dir: Path) -> None:
@@ -350,7 +431,12 @@ def _write_carried_over(base_model, out_dir: Path, config: TrainConfig, init_ada
     model = AutoModelForCausalLM.from_pretrained(str(base_model), dtype=getattr(torch, config.dtype))
     lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
                       target_modules=config.target_modules, task_type="CAUSAL_LM", bias="none")
-    save_adapter(get_peft_model(model, lora), out_dir)
+    # LoRA A starts random (B is zero, so the model is unchanged): seeded, the carried-over adapter has the same
+    # bytes on every run and machine, so its DVC hash and the response-cache keys that hold it stay put
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        peft_model = get_peft_model(model, lora)
+    save_adapter(peft_model, out_dir)
 
 
 def _carry_over(base_model, out_dir, config: TrainConfig, init_adapter, reference: str, val_pairs: int,

@@ -21,16 +21,14 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-import subprocess
 import sys
 import tempfile
-import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import click
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from deeper.llm.local_server import LocalServer  # after the repo root is on the path
 
 # The server appends an empty assistant message to every chat (its way of asking for a new turn). The
 # wrapper drops it, renders the model's own template with add_generation_prompt=True (chat ends with a user
@@ -87,12 +85,6 @@ def gguf_chat_config(gguf: str | Path) -> dict:
     }
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def server_command(
     python: str, gguf: str | Path, port: int, config_path: str | Path, n_ctx: int = 2048, n_threads: int | None = None,
     extra: list[str] | tuple[str, ...] = (),
@@ -105,69 +97,28 @@ def server_command(
     ]
 
 
-class LlamaCppServer:
+class LlamaCppServer(LocalServer):
     """`with LlamaCppServer(gguf) as server:` a llama.cpp server on a free loopback port; `server.base_url`.
 
-    Starts `python -m llama_cpp.server` (from `python`, default $LLAMACPP_PYTHON or this interpreter), waits
-    until /v1/models answers, and terminates it on exit. The server's output goes to `log_path`; if the
-    process exits or does not answer within `startup_timeout` seconds, RuntimeError carries the log's tail.
+    Starts `python -m llama_cpp.server` (from `python`, default $LLAMACPP_PYTHON or this interpreter) with the
+    prefill-continuing chat template; deeper.llm.local_server.LocalServer waits for it and terminates it.
     """
+
+    name = "llama.cpp server"
 
     def __init__(
         self, gguf: str | Path, python: str | None = None, port: int | None = None, n_ctx: int = 2048,
         n_threads: int | None = None, log_path: str | Path | None = None, startup_timeout: float = 120,
         extra: list[str] | tuple[str, ...] = (),
     ):
+        super().__init__(port=port, log_path=log_path, startup_timeout=startup_timeout)
         self.gguf, self.python = Path(gguf), python or os.environ.get("LLAMACPP_PYTHON") or sys.executable
-        self.port, self.n_ctx, self.n_threads, self.extra = port or free_port(), n_ctx, n_threads, tuple(extra)
-        self._tmp = tempfile.TemporaryDirectory(prefix="llamacpp-")
-        self.log_path = Path(log_path) if log_path else Path(self._tmp.name) / "server.log"
+        self.n_ctx, self.n_threads, self.extra = n_ctx, n_threads, tuple(extra)
         self.config_path = Path(self._tmp.name) / "tokenizer_config.json"
-        self.startup_timeout, self.process = startup_timeout, None
 
-    @property
-    def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/v1"
-
-    def log_tail(self, lines: int = 15) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return "(no log)"
-
-    def __enter__(self):
+    def command(self) -> list[str]:
         self.config_path.write_text(json.dumps(gguf_chat_config(self.gguf)), encoding="utf-8")
-        command = server_command(
-            self.python, self.gguf, self.port, self.config_path, self.n_ctx, self.n_threads, self.extra
-        )
-        with open(self.log_path, "wb") as log:
-            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        deadline = time.monotonic() + self.startup_timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                message = f"llama.cpp server exited with {self.process.returncode}:\n{self.log_tail()}"
-                self._tmp.cleanup()
-                raise RuntimeError(message)
-            try:
-                with urllib.request.urlopen(f"{self.base_url}/models", timeout=2) as reply:
-                    if reply.status == 200:
-                        return self
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
-                pass
-            time.sleep(0.25)
-        message = f"llama.cpp server did not answer within {self.startup_timeout:.0f} s:\n{self.log_tail()}"
-        self.__exit__()
-        raise RuntimeError(message)
-
-    def __exit__(self, *exc) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        self._tmp.cleanup()
+        return server_command(self.python, self.gguf, self.port, self.config_path, self.n_ctx, self.n_threads, self.extra)
 
 
 @click.command(context_settings={"ignore_unknown_options": True})

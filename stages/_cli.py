@@ -15,6 +15,12 @@ PARAMS_OPTION = click.option(
 )
 
 
+def echo_calls(role: str, llm) -> None:
+    """One line per model of an LLM stage, `<role>: {calls, tokens, ..., cache_hits, cache_misses}`: how many
+    calls the backend answered and how many the response cache did (after a kill, what the re-run redid)."""
+    click.echo(f"{role}: {llm.stats()}", err=True)
+
+
 def user_errors(fn):
     """Print DeeperError (and a missing file) as `error: <one line>` instead of a traceback."""
 
@@ -30,3 +36,14 @@ def user_errors(fn):
             sys.exit(130)
 
     return wrapper
+
+
+def load_checked_params(path) -> dict:
+    """params.yaml, every block it has checked (deeper.params) before the stage does any work: a bad value
+    anywhere stops the first stage DVC runs, in seconds, with one line naming its key."""
+    from deeper.config import load_params
+    from deeper.params import check_params
+
+    params = load_params(path)
+    check_params(params, every_block=False)
+    return params

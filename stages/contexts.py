@@ -19,15 +19,20 @@ from pathlib import Path
 import click
 import pandas as pd
 
-from deeper.config import load_params
 from deeper.errors import InputError
 from deeper.iteration import (
-    build_contexts, load_frozen, read_contexts, read_personas, read_user_windows, states_from_personas,
+    build_contexts,
+    load_frozen,
+    read_contexts,
+    read_personas,
+    read_user_windows,
+    states_from_personas,
 )
+from deeper.methods import trained_update_from_params
 from deeper.metrics import write_json
 from deeper.predict import PredictSettings
 from deeper.reward import OLD_COLUMNS, PARTS
-from stages._cli import PARAMS_OPTION, user_errors
+from stages._cli import PARAMS_OPTION, echo_calls, load_checked_params, user_errors
 
 
 def summarize(contexts: pd.DataFrame, new: int, skipped: dict, predict: dict) -> dict:
@@ -43,12 +48,13 @@ def run(params: dict, iteration: int, windows: Path, personas: Path, previous: P
         metrics: Path) -> dict:
     start = time.perf_counter()
     settings = PredictSettings.from_params(params)
+    update = trained_update_from_params(params)
     users = read_user_windows(windows, split="train")
     old = read_contexts(previous) if previous is not None else None
     states, skipped = states_from_personas(users, read_personas(personas, split="train"), t=iteration)
     frozen = load_frozen(params)
     click.echo(f"{len(states)} new contexts at t={iteration}; skipped users: {skipped}", err=True)
-    new, stats = build_contexts(states, frozen, settings)
+    new, stats = build_contexts(states, frozen, settings, update=update)
     contexts = pd.concat([old, new], ignore_index=True) if old is not None else new
     twice = contexts["context_id"].duplicated()
     if twice.any():
@@ -57,7 +63,7 @@ def run(params: dict, iteration: int, windows: Path, personas: Path, previous: P
     contexts.to_parquet(out, index=False)
     summary = summarize(contexts, len(new), skipped, stats.to_metrics())
     write_json(metrics, summary)
-    click.echo(f"frozen: {frozen.stats()}", err=True)
+    echo_calls("frozen", frozen)
     click.echo(f"wrote {out}: {len(contexts)} contexts ({len(new)} new) in {time.perf_counter() - start:.1f} s", err=True)
     return summary
 
@@ -81,7 +87,7 @@ def run(params: dict, iteration: int, windows: Path, personas: Path, previous: P
 def main(params_path, iteration, windows, personas, previous, out, metrics_path):
     k = iteration
     run(
-        load_params(params_path), k, Path(windows),
+        load_checked_params(params_path), k, Path(windows),
         Path(personas or ("data/personas/init.parquet" if k == 1 else f"data/personas/refined_it{k - 1}.parquet")),
         Path(previous) if previous else (Path(f"data/contexts/it{k - 1}.parquet") if k > 1 else None),
         Path(out or f"data/contexts/it{k}.parquet"), Path(metrics_path or f"metrics/contexts_it{k}.json"),

@@ -8,13 +8,14 @@ persona S_0 (data/personas/init.parquet). Each round t = 1..`evaluate.rounds` pr
 updates S_t with the method; the last persona predicts the window after (deeper/rollout.py). The first update
 is also scored on W_0, W_1 and W_2 (the paper's Table 1).
 
-Methods (deeper/methods): deeper (policy + models/adapters/it2), deeper_it1 (policy + models/adapters/it1),
-untrained (policy, no adapter), incupdate, hiermerge, fullregen, slideregen (frozen model).
+Methods: the entries of params `evaluate.methods` (deeper/methods says what an entry holds): e.g. deeper (refine
+on the policy + models/adapters/it2), deeper_it1 (+ models/adapters/it1), untrained (the bare policy),
+frozen_refiner (refine on the frozen model), incupdate, hiermerge, fullregen, slideregen (frozen model).
 Updates are generated with `evaluate.sampling` (greedy by default, so a re-run gives the same personas);
 predictions follow `predict`; persona tokens are counted with `persona.tokenizer`. All model calls go through
 the response cache, so a killed run resumes where it stopped.
 
-Writes <out-dir>/<method>.parquet (one row per user and round, see deeper/rollout.py) and <out-dir>/<method>.json
+Writes <out-dir>/<method>.parquet (one row per user and round, see deeper/rollout.py) and <runs-dir>/<method>.json
 (users, skips, failures, prediction stats, model calls, timings).
 """
 
@@ -27,68 +28,22 @@ import click
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from deeper.config import get, load_params
+from deeper.config import get
 from deeper.errors import ConfigError, InputError
-from deeper.llm.base import Sampling
-from deeper.methods import METHODS, method_spec
 from deeper.metrics import write_json
 from deeper.predict import PredictSettings
-from deeper.rollout import EvalUser, rollout, windows_needed
+from deeper.rollout import EvaluateSettings, EvalUser, rollout, windows_needed
 from deeper.tables import domain_seen, read_windows
-from stages._cli import PARAMS_OPTION, user_errors
+from stages._cli import PARAMS_OPTION, echo_calls, load_checked_params, user_errors
 
-SAMPLING_KEYS = ("temperature", "top_p", "repetition_penalty", "max_new_tokens", "seed")
-USER_KEYS = ("domains", "per_domain")
 OUT_SCHEMA = pa.schema([
     ("domain", pa.string()), ("user_id", pa.string()), ("seen", pa.bool_()), ("round", pa.int64()),
     ("persona", pa.string()), ("persona_tokens", pa.int64()), ("persona_words", pa.int64()),
     ("update_failure", pa.string()), ("update_flag", pa.string()), ("answers", pa.list_(pa.string())),
     ("mae", pa.float64()), ("items", pa.int64()), ("predict_failed_items", pa.int64()),
     ("mae_w0", pa.float64()), ("mae_w1", pa.float64()), ("mae_w2", pa.float64()),
+    ("predicted", pa.list_(pa.float64())), ("actual", pa.list_(pa.float64())),
 ])
-
-
-def rounds_from_params(params: dict) -> int:
-    rounds = get(params, "evaluate.rounds")
-    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
-        raise ConfigError("evaluate.rounds", f"must be an integer >= 1, got {rounds!r}")
-    return rounds
-
-
-def sampling_from_params(params: dict) -> Sampling:
-    block = get(params, "evaluate.sampling")
-    if not isinstance(block, dict):
-        raise ConfigError("evaluate.sampling", f"must be a mapping with keys {list(SAMPLING_KEYS)}")
-    unknown = sorted(set(block) - set(SAMPLING_KEYS))
-    if unknown:
-        raise ConfigError(f"evaluate.sampling.{unknown[0]}", f"unknown key; known: {list(SAMPLING_KEYS)}")
-    values = {}
-    for key in SAMPLING_KEYS:
-        kind = int if key in ("max_new_tokens", "seed") else float
-        value = block.get(key, getattr(Sampling, key))
-        try:
-            values[key] = kind(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"evaluate.sampling.{key}", f"must be a number, got {value!r}") from None
-        if values[key] < 0 or (key == "max_new_tokens" and values[key] < 1):
-            raise ConfigError(f"evaluate.sampling.{key}", f"out of range: {value!r}")
-    return Sampling(**values)
-
-
-def user_filter_from_params(params: dict) -> tuple[list[str] | None, int | None]:
-    block = get(params, "evaluate.users", {}) or {}
-    if not isinstance(block, dict):
-        raise ConfigError("evaluate.users", f"must be a mapping with keys {list(USER_KEYS)}")
-    unknown = sorted(set(block) - set(USER_KEYS))
-    if unknown:
-        raise ConfigError(f"evaluate.users.{unknown[0]}", f"unknown key; known: {list(USER_KEYS)}")
-    domains, per_domain = block.get("domains"), block.get("per_domain")
-    if domains is not None and (not isinstance(domains, list) or not all(isinstance(d, str) for d in domains)):
-        raise ConfigError("evaluate.users.domains", f"must be null (all) or a list of domain names, got {domains!r}")
-    bad_count = isinstance(per_domain, bool) or not isinstance(per_domain, int) or per_domain < 1
-    if per_domain is not None and bad_count:
-        raise ConfigError("evaluate.users.per_domain", f"must be null (all) or an integer >= 1, got {per_domain!r}")
-    return domains, per_domain
 
 
 def load_eval_users(windows: Path, personas: Path, rounds: int, domains: list[str] | None,
@@ -126,21 +81,23 @@ def load_eval_users(windows: Path, personas: Path, rounds: int, domains: list[st
 
 
 def run(params: dict, method: str, windows: Path, personas: Path, out_dir: Path, adapter: str | None = None,
-        progress: bool = True) -> dict:
+        progress: bool = True, runs_dir: Path | None = None) -> dict:
     """Evaluate one method; returns the small summary written next to the table."""
     from deeper.llm import load_llm
     from deeper.llm.cache import CachedLLM
     from deeper.personas import token_counter
 
-    spec = method_spec(method, key="--method")
+    settings = EvaluateSettings.from_params(params)
+    if method not in settings.methods:
+        raise ConfigError("--method", f"{method!r} is not one of evaluate.methods: {', '.join(settings.methods)}")
+    spec = settings.methods[method]
     if adapter is not None and spec.adapter is None:
         raise ConfigError("--adapter", f"method {method} runs without an adapter")
     adapter = adapter if adapter is not None else spec.adapter
     if adapter is not None and not Path(adapter).is_dir():
         raise InputError(adapter, f"adapter folder of method {method} not found; run the training stage first")
-    rounds = rounds_from_params(params)
-    sampling = sampling_from_params(params)
-    domains, per_domain = user_filter_from_params(params)
+    rounds, sampling = settings.rounds, settings.sampling
+    domains, per_domain = settings.domains, settings.per_domain
     predict_settings = PredictSettings.from_params(params)
     tokenizer = get(params, "persona.tokenizer")
     frozen_spec = get(params, "models.frozen")
@@ -180,27 +137,36 @@ def run(params: dict, method: str, windows: Path, personas: Path, out_dir: Path,
         "seconds": {"load": load_seconds, **result.seconds, "total": time.perf_counter() - started},
         "sampling": sampling.key(),
     }
-    write_json(out_dir / f"{method}.json", summary)
+    runs_dir = out_dir if runs_dir is None else runs_dir
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    write_json(runs_dir / f"{method}.json", summary)
+    echo_calls("frozen", frozen)
+    if updater is not frozen:
+        echo_calls(spec.role, updater)  # the "updater" of the summary's calls
     click.echo(f"wrote {table_path}: mean error by round "
                f"{[round(v, 3) for v in table.groupby('round')['mae'].mean().tolist()]}", err=True)
     return summary
 
 
 @click.command(help="\n\n".join(__doc__.split("\n\n")[i] for i in (0, 2, 3, 4)))
-@click.option("--method", required=True, type=click.Choice(list(METHODS)), help="The persona update method.")
+@click.option("--method", required=True, help="The persona update method: a name of params evaluate.methods.")
 @PARAMS_OPTION
 @click.option("--windows", default="data/window/windows.parquet", show_default=True, type=click.Path(dir_okay=False),
               help="The window stage's output (evaluation users and their windows).")
 @click.option("--personas", default="data/personas/init.parquet", show_default=True, type=click.Path(dir_okay=False),
               help="The init_personas stage's output (S_0).")
+@click.option("--runs-dir", default="data/eval_runs", show_default=True, type=click.Path(file_okay=False),
+              help="Where <method>.json goes: the run's counts and timings (apart from the tables, so that the "
+                   "report, which reads the tables' folder, does not re-run for new timings).")
 @click.option("--out-dir", default="data/eval", show_default=True, type=click.Path(file_okay=False),
-              help="Where <method>.parquet and <method>.json go.")
+              help="Where <method>.parquet goes.")
 @click.option("--adapter", default=None, type=click.Path(file_okay=False),
               help="LoRA adapter folder for the update model instead of the method's own "
                    "(deeper: models/adapters/it2).")
 @user_errors
-def main(method, params_path, windows, personas, out_dir, adapter):
-    run(load_params(params_path), method, Path(windows), Path(personas), Path(out_dir), adapter)
+def main(method, params_path, windows, personas, out_dir, runs_dir, adapter):
+    run(load_checked_params(params_path), method, Path(windows), Path(personas), Path(out_dir), adapter,
+        runs_dir=Path(runs_dir))
 
 
 if __name__ == "__main__":

@@ -13,9 +13,7 @@ import click
 from tqdm import tqdm
 
 from deeper import assets
-from deeper.config import get, load_params
-from deeper.errors import ConfigError
-from stages._cli import PARAMS_OPTION, user_errors
+from stages._cli import PARAMS_OPTION, load_checked_params, user_errors
 
 
 def _help() -> str:
@@ -46,27 +44,11 @@ Known assets:
 """
 
 
-def _names(params: dict, key: str, kind: str) -> list[str]:
-    value = get(params, key)
-    items = [] if value is None else [value] if isinstance(value, str) else value
-    if not isinstance(items, list) or not all(isinstance(n, str) for n in items):
-        raise ConfigError(key, f"expected a {kind} name or a list of names, got {value!r}")
-    known = assets.names(kind)
-    for n in items:
-        if n not in known:
-            raise ConfigError(key, f"unknown {kind} {n!r}; known: {', '.join(known)}")
-    return list(dict.fromkeys(items))
-
-
 @click.command(help=_help())
 @PARAMS_OPTION
 @user_errors
 def main(params_path: str) -> None:
-    params = load_params(params_path)
-    datasets = _names(params, "fetch.dataset", "dataset")
-    if len(datasets) > 1:
-        raise ConfigError("fetch.dataset", "one data set name (ingest reads one embedded source)")
-    models = _names(params, "fetch.models", "model")
+    datasets, models = assets.names_from_params(load_checked_params(params_path))
 
     data_out, models_out = Path(assets.DATA_OUT), Path(assets.MODELS_OUT)
     for out, keep in ((data_out, datasets), (models_out, models)):

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import click
 
-from deeper.config import get, load_params
-from deeper.data.ingest import ingest, sources_from_params
+from deeper.config import get
+from deeper.data.ingest import NOTES, check_unknown_items, check_zero_ratings, ingest, sources_from_params
 from deeper.metrics import write_json
-from stages._cli import PARAMS_OPTION, user_errors
+from stages._cli import PARAMS_OPTION, load_checked_params, user_errors
 
 
 @click.command(help="""Read every source of `ingest.presets.<ingest.preset>` (paths under `ingest.root`) into
@@ -19,9 +19,12 @@ one DuckDB database with the tables domains, items and ratings (docs/ARCHITECTUR
 
 Each source names a format: movielens100k_parquet, ml100k, movielens_csv, amazon2018, amazon2014,
 foodcom, google_local or deeper_windows (the DEEPER authors' windows; domains from its folder names).
-Every row is validated: a bad row stops the stage with one line naming the file and row; rows that are
-known not to be ratings (duplicates, Food.com's 0 = no stars, ...) are skipped and counted per reason in
-the metrics file, with users, items and ratings per domain.""")
+Every row is validated: a bad row stops the stage with one line naming the file and row (a time column
+keeps the encoding of its first row: unix time, date, or date with a time). Rows that are known not to be
+ratings (duplicates, Food.com's 0 = no stars unless `ingest.zero_ratings` keeps it, ...) are skipped and counted per reason; rows kept with a
+remark are counted too (titles cleaned of HTML, titles made from ids, `unknown_item`: ratings of items the
+source's item file does not list, kept with the title "item <id>" or dropped as `ingest.unknown_items`
+says). Both are printed per domain and written to the metrics file with users, items and ratings.""")
 @PARAMS_OPTION
 @click.option("--out", default="data/ingest/ratings.duckdb", show_default=True, type=click.Path(dir_okay=False),
               help="The database to write (replaced as a whole).")
@@ -29,14 +32,17 @@ the metrics file, with users, items and ratings per domain.""")
               type=click.Path(dir_okay=False), help="Per-domain counts and skips by reason.")
 @user_errors
 def main(params_path: str, out: str, metrics_path: str) -> None:
-    params = load_params(params_path)
+    params = load_checked_params(params_path)
+    unknown_items = check_unknown_items(get(params, "ingest.unknown_items", "keep"))
     sources = sources_from_params(get(params, "ingest.root"), get(params, "ingest.preset"),
                                   get(params, "ingest.presets"))
-    summary = ingest(sources, out)
+    summary = ingest(sources, out, unknown_items, check_zero_ratings(get(params, "ingest.zero_ratings", "drop")))
     write_json(metrics_path, summary)
     for domain, s in summary["domains"].items():
         dropped = ", ".join(f"{k} {v}" for k, v in s["dropped"].items() if v) or "none"
-        click.echo(f"{domain}: {s['users']} users, {s['items']} items, {s['ratings']} ratings; dropped: {dropped}")
+        noted = ", ".join(f"{k} {s[k]}" for k in NOTES if s[k])
+        click.echo(f"{domain}: {s['users']} users, {s['items']} items, {s['ratings']} ratings; dropped: {dropped}"
+                   + (f"; kept with a remark: {noted}" if noted else ""))
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ counted in metrics/personas.json; it is never dropped silently and never replace
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
 from pathlib import Path
 
 import click
@@ -24,15 +23,14 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from deeper.config import get, load_params
+from deeper.config import get
 from deeper.data.schema import SPLITS
 from deeper.errors import ConfigError
-from deeper.llm.base import Sampling
 from deeper.metrics import write_json
-from deeper.personas import clean_persona, count_words, degenerate_reason, token_counter
+from deeper.personas import PersonaSettings, count_words, degenerate_reason, generate_personas, token_counter
 from deeper.prompts import load_prompts
 from deeper.tables import read_windows
-from stages._cli import PARAMS_OPTION, user_errors
+from stages._cli import PARAMS_OPTION, echo_calls, load_checked_params, user_errors
 
 OUT_SCHEMA = pa.schema(
     [
@@ -42,70 +40,6 @@ OUT_SCHEMA = pa.schema(
     ]
 )
 LONG_PERSONA_WORDS = 200  # the paper asks the initial persona for at least 200 words
-
-
-@dataclass(frozen=True)
-class PersonaSettings:
-    sampling: Sampling
-    retries: int
-    min_words: int
-    tokenizer: str
-
-    @classmethod
-    def from_params(cls, params: dict) -> PersonaSettings:
-        block = get(params, "persona")
-        if not isinstance(block, dict):
-            raise ConfigError("persona", "must be a mapping")
-
-        def number(key, kind, default, low):
-            value = block.get(key, default)
-            try:
-                value = kind(value)
-            except (TypeError, ValueError):
-                raise ConfigError(f"persona.{key}", f"must be a number, got {value!r}") from None
-            if value < low:
-                raise ConfigError(f"persona.{key}", f"must be >= {low}, got {value!r}")
-            return value
-
-        sampling = Sampling(
-            temperature=number("temperature", float, 0.7, 0.0),
-            top_p=number("top_p", float, 0.9, 0.0),
-            repetition_penalty=number("repetition_penalty", float, 1.1, 0.0),
-            max_new_tokens=number("max_new_tokens", int, 256, 1),
-            seed=number("seed", int, 0, 0),
-        )
-        tokenizer = block.get("tokenizer")
-        if not tokenizer:
-            raise ConfigError("persona.tokenizer", "missing: a tokenizer folder or hub id to count persona tokens")
-        return cls(sampling, number("retries", int, 2, 0), number("min_words", int, 20, 0), str(tokenizer))
-
-
-def _best_attempt(attempts: list[str], min_words: int) -> tuple[str, str | None]:
-    """The first usable attempt, else the longest one with its degenerate reason."""
-    for text in attempts:
-        if degenerate_reason(text, min_words) is None:
-            return text, None
-    text = max(attempts, key=count_words)
-    return text, degenerate_reason(text, min_words)
-
-
-def generate_personas(llm, chats: list, settings: PersonaSettings) -> tuple[list[str], list[int]]:
-    """One persona per chat (cleaned), with the number of attempts each took. The cached LLM shows the
-    progress bar, chunks the calls and stores each chunk as it finishes (a killed run resumes)."""
-    attempts: list[list[str]] = [[] for _ in chats]
-    todo = list(range(len(chats)))
-    max_attempts = 1 + (settings.retries if settings.sampling.temperature > 0 else 0)
-    for attempt in range(max_attempts):
-        if attempt:
-            click.echo(f"retry {attempt}: {len(todo)} degenerate personas, seed +{attempt}", err=True)
-        sampling = replace(settings.sampling, seed=settings.sampling.seed + attempt)
-        texts = llm.generate([chats[i] for i in todo], 1, sampling)
-        for i, text in zip(todo, texts):
-            attempts[i].append(clean_persona(text[0] if text else ""))
-        todo = [i for i in todo if degenerate_reason(attempts[i][-1], settings.min_words) is not None]
-        if not todo:
-            break
-    return [_best_attempt(a, settings.min_words)[0] for a in attempts], [len(a) for a in attempts]
 
 
 def summarise(df: pd.DataFrame, retried: int, tokenizer: str) -> dict:
@@ -150,8 +84,8 @@ def run(params: dict, windows: Path, out: Path, metrics: Path) -> dict:
     click.echo(f"{len(users)} users: writing S0 with {spec.get('name')} ({spec.get('backend')})", err=True)
 
     llm = CachedLLM(load_llm(spec, where="models.frozen"))
-    personas, tries = generate_personas(llm, chats, settings)
-    click.echo(f"frozen: {llm.stats()}", err=True)  # cache hits vs new calls: what a resumed run redid
+    personas, tries = generate_personas(llm, chats, settings, log=lambda line: click.echo(line, err=True))
+    echo_calls("frozen", llm)
 
     df = pd.DataFrame(users, columns=["domain", "user_id", "split"])
     df["persona"] = personas
@@ -178,7 +112,7 @@ def run(params: dict, windows: Path, out: Path, metrics: Path) -> dict:
               type=click.Path(dir_okay=False), help="Persona count, lengths, degenerate generations.")
 @user_errors
 def main(params_path, windows, out, metrics_path):
-    run(load_params(params_path), Path(windows), Path(out), Path(metrics_path))
+    run(load_checked_params(params_path), Path(windows), Path(out), Path(metrics_path))
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@
 
 Positive set r >= tau_pos, negative set r <= tau_neg, and a pair needs a margin of at least delta; how pairs
 are chosen among the valid combinations, the validation split and the replay are deeper/pairs.py's (params
-`pair`, and `iter2.delta`, `iter2.replay_max` for iteration 2). Each pair carries its context's refine
+`pair`, and `iter2.delta`, `iter2.replay_max`, `iter2.replay_order` for iteration 2). Each pair carries its context's refine
 prompt (chat messages as JSON), so training needs this file only.
 """
 
@@ -16,11 +16,17 @@ from pathlib import Path
 
 import click
 
-from deeper.config import get, load_params
 from deeper.iteration import read_contexts
 from deeper.metrics import write_json
-from deeper.pairs import PairConfig, build_pairs, read_candidates, read_replay_pairs
-from stages._cli import PARAMS_OPTION, user_errors
+from deeper.pairs import (
+    PairConfig,
+    build_pairs,
+    read_candidates,
+    read_replay_pairs,
+    replay_max_from_params,
+    replay_order_from_params,
+)
+from stages._cli import PARAMS_OPTION, load_checked_params, user_errors
 
 
 def run(params: dict, iteration: int, contexts_path: Path, rewards_path: Path, previous: Path | None,
@@ -29,15 +35,20 @@ def run(params: dict, iteration: int, contexts_path: Path, rewards_path: Path, p
     contexts = read_contexts(contexts_path)
     candidates = read_candidates(rewards_path, contexts, str(contexts_path))
     replay = replay_max = None
+    replay_order = "largest_margin"
     if iteration > 1:
         replay = read_replay_pairs(previous)
-        replay_max = get(params, "iter2.replay_max")
+        replay_max, replay_order = replay_max_from_params(params), replay_order_from_params(params)
     pairs, summary = build_pairs(candidates, config, iteration, source=str(rewards_path),
-                                 replay_from=replay, replay_max=replay_max, replay_source=str(previous))
+                                 replay_from=replay, replay_max=replay_max, replay_source=str(previous),
+                                 replay_order=replay_order)
     out.parent.mkdir(parents=True, exist_ok=True)
     pairs.to_parquet(out, index=False)
     write_json(metrics, summary)
-    click.echo(f"wrote {out}: {summary['pairs']} pairs ({summary['replay_pairs']} replayed) from "
+    replayed = f"{summary['replay_pairs']} replayed"
+    if summary["replay_duplicates"]:
+        replayed += f", {summary['replay_duplicates']} already chosen again not replayed"
+    click.echo(f"wrote {out}: {summary['pairs']} pairs ({replayed}) from "
                f"{summary['contexts_with_pair']} of {summary['contexts_total']} contexts", err=True)
     return summary
 
@@ -59,7 +70,7 @@ def run(params: dict, iteration: int, contexts_path: Path, rewards_path: Path, p
 def main(params_path, iteration, contexts_path, rewards_path, previous, out, metrics_path):
     k = iteration
     run(
-        load_params(params_path), k, Path(contexts_path or f"data/contexts/it{k}.parquet"),
+        load_checked_params(params_path), k, Path(contexts_path or f"data/contexts/it{k}.parquet"),
         Path(rewards_path or f"data/rewards/it{k}.parquet"),
         Path(previous or f"data/pairs/it{k - 1}/pairs.parquet") if k > 1 else None,
         Path(out or f"data/pairs/it{k}/pairs.parquet"), Path(metrics_path or f"metrics/pairs_it{k}.json"),

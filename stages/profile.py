@@ -8,8 +8,10 @@
                                                     # (after `--` all of them, e.g. a dvc option named --params)
 
 Not a pipeline stage: it only composes `dvc exp run`. Every key of the profile must exist in params.yaml, and
-the resulting params pass each block's own checks (models, train, predict, sample, window) before anything
-runs; nothing here needs a GPU, a server or a key.
+the resulting params pass the stages' own validator (deeper.params: every block, from fetch to evaluate) before anything
+runs; nothing here needs a GPU, a server or a key. A profile with a parity table (deeper/parity.py: the paper)
+prints it first, on stderr: each setting of the paper and of the authors' code, the profile's value, the test
+that pins it.
 """
 
 from __future__ import annotations
@@ -21,16 +23,24 @@ import sys
 import click
 
 from deeper.config import load_params
-from deeper.profile import apply_profile, check_params, dvc_flags, load_profile
+from deeper.params import check_params
+from deeper.parity import PARITY, render
+from deeper.profile import apply_profile, dvc_flags, load_profile
 from stages._cli import PARAMS_OPTION, user_errors
+
+
+def checked(name: str, params_path: str = "params.yaml", extra: tuple[str, ...] = ()) -> tuple[list[str], dict]:
+    """The checked `dvc exp run` command of profile `name` (argv, no shell) and the params it gives."""
+    params = load_params(params_path)
+    entries = load_profile(name, params)
+    applied = apply_profile(params, entries)
+    check_params(applied)
+    return ["dvc", "exp", "run", *dvc_flags(entries), *extra], applied
 
 
 def command(name: str, params_path: str = "params.yaml", extra: tuple[str, ...] = ()) -> list[str]:
     """The checked `dvc exp run` command of profile `name` (argv, no shell)."""
-    params = load_params(params_path)
-    entries = load_profile(name, params)
-    check_params(apply_profile(params, entries))
-    return ["dvc", "exp", "run", *dvc_flags(entries), *extra]
+    return checked(name, params_path, extra)[0]
 
 
 @click.command(help=__doc__, context_settings={"ignore_unknown_options": True})
@@ -40,7 +50,9 @@ def command(name: str, params_path: str = "params.yaml", extra: tuple[str, ...] 
 @click.argument("dvc_args", nargs=-1, type=click.UNPROCESSED)
 @user_errors
 def main(params_path, run_it, name, dvc_args):
-    argv = command(name, params_path, dvc_args)
+    argv, applied = checked(name, params_path, dvc_args)
+    if name in PARITY:
+        click.echo(render(PARITY[name], applied) + "\n", err=True)
     if not run_it:
         click.echo(shlex.join(argv))
         return

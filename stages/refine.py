@@ -18,10 +18,10 @@ from pathlib import Path
 
 import click
 
-from deeper.config import load_params
 from deeper.iteration import SampleSettings, load_policy, read_contexts, read_user_windows, refine_personas
+from deeper.methods import trained_update_from_params
 from deeper.metrics import write_json
-from stages._cli import PARAMS_OPTION, user_errors
+from stages._cli import PARAMS_OPTION, echo_calls, load_checked_params, user_errors
 
 
 def run(params: dict, contexts_path: Path, windows: Path, adapter: Path, out: Path, metrics: Path) -> dict:
@@ -32,11 +32,12 @@ def run(params: dict, contexts_path: Path, windows: Path, adapter: Path, out: Pa
     users = read_user_windows(windows, split="train")
     policy = load_policy(params, adapter)
     click.echo(f"refining {len(latest)} personas (step t={int(latest['t'].max())}) with the policy + {adapter}", err=True)
-    refined, counts = refine_personas(latest, users, policy, sampling, source=str(contexts_path))
+    refined, counts = refine_personas(latest, users, policy, sampling, source=str(contexts_path),
+                                      update=trained_update_from_params(params))
     out.parent.mkdir(parents=True, exist_ok=True)
     refined.to_parquet(out, index=False)
     write_json(metrics, counts)
-    click.echo(f"policy: {policy.stats()}", err=True)
+    echo_calls("policy", policy)
     click.echo(f"wrote {out}: {counts['refined']} personas ({counts['empty']} empty answers kept the old one) "
                f"in {time.perf_counter() - start:.1f} s", err=True)
     return counts
@@ -60,7 +61,7 @@ def run(params: dict, contexts_path: Path, windows: Path, adapter: Path, out: Pa
 def main(params_path, iteration, contexts_path, windows, adapter, out, metrics_path):
     k = iteration
     run(
-        load_params(params_path), Path(contexts_path or f"data/contexts/it{k}.parquet"), Path(windows),
+        load_checked_params(params_path), Path(contexts_path or f"data/contexts/it{k}.parquet"), Path(windows),
         Path(adapter or f"models/adapters/it{k}"), Path(out or f"data/personas/refined_it{k}.parquet"),
         Path(metrics_path or f"metrics/refine_it{k}.json"),
     )

@@ -1,20 +1,35 @@
-"""Stage report: the evaluation tables of all methods -> metrics/eval.json and plots/mae_by_round.csv.
+"""Stage report: the evaluation tables of all methods -> metrics/eval.json, the plots' data and a case study.
 
     python -m stages.report                      # as `dvc repro report` runs it
-    python -m stages.report --eval-dir /tmp/eval --metrics /tmp/eval.json --plot /tmp/mae.csv
+    python -m stages.report --eval-dir /tmp/eval --metrics /tmp/eval.json --plots-dir /tmp/plots
 
 metrics/eval.json (read with `dvc metrics show` / `dvc metrics diff`):
     rounds
     methods.<method>.domains.<domain>:
-        users, mae_r0 .. mae_r<rounds> (eps_{t+1|S_t}), reduction_pct (mae_r0 -> last round, positive = better),
+        users, mae_r0 .. mae_r<rounds> (eps_{t+1|S_t}), each with mae_r<s>_parse_failed_share beside it (the
+        share of that window's items predicted as the fallback 3: json answers without a valid rating),
+        reduction_pct (mae_r0 -> last round, positive = better),
         first_update.{prev,curr,fut}.{before,after,delta} (S_0 vs S_1 on W_0, W_1, W_2: the paper's Table 1),
+        pairwise_accuracy.r0 .. r<rounds> (the pairwise choice task, Table 25: of the next window's item pairs the
+        user rated differently, the share whose higher-rated item the persona's predictions rank higher),
         persona_tokens.r0 .. r<rounds>, predict_failed_items, update_failures, update_flags
     methods.<method>.{seen,unseen,all}: the same numbers averaged over those domains (each domain weighs the
         same, as the paper's averages; counts summed), plus `domains` (how many)
     first_update_reward.<refiner>: the reward of the first update on held-out users (deeper/reward.py with
         params reward.weights; r and its parts, shares by tau_pos / tau_neg), for the refiners (untrained,
         deeper_it1, deeper) among `evaluate.methods`; `.domains.<domain>` the mean r per domain
+    bootstrap: error bars over evaluation users (deeper/bootstrap.py; params evaluate.bootstrap):
+        resamples, level, seed; methods.<method>.{mean_mae,reduction_pct}.{estimate,low,high} (mean_mae: the mean
+        of mae_r1 .. mae_r<rounds>); vs_deeper.<method>.{mean_mae,reduction_pct}.{estimate,low,high}: DEEPER minus
+        that method on the same resampled users (mean_mae below 0: DEEPER predicts better)
 plots/mae_by_round.csv: method, round, mae (averaged over domains); `dvc plots show` draws one line per method.
+plots/mae_by_round_domain.csv: method, domain, round, mae per domain and for the seen, unseen and all averages
+    (the paper's Fig. 4).
+plots/first_update_reward.csv: method, part (r, r_prev, r_curr, r_fut), domain, user_id, reward: the held-out
+    first-update rewards of the refiners, one row per user and part (the paper's Fig. 3 histograms).
+plots/persona_similarity.csv: method, round, similarity: how much each round's update rewrote the persona (the
+    paper's Fig. 7a; deeper/similarity.py), also in eval.json as persona_similarity.<method>.r1 ..
+reports/case_study.md: one evaluation user's personas per method and round with that round's error (Table 27).
 """
 
 from __future__ import annotations
@@ -23,63 +38,54 @@ import csv
 from pathlib import Path
 
 import click
-import pandas as pd
 
-from deeper.config import get, load_params
-from deeper.errors import ConfigError
-from deeper.methods import method_spec
+from deeper.bootstrap import BootstrapSettings, paired_bootstrap
 from deeper.metrics import write_json
-from deeper.reward import RewardWeights, compute_rewards, summarize_rewards
-from deeper.rollout import first_update_errors, mae_by_round, read_eval_table, summarize_method
-from stages._cli import PARAMS_OPTION, user_errors
-from stages.evaluate import rounds_from_params
+from deeper.pairs import thresholds_from_params
+from deeper.report import PLOT_FILES, build_report, case_study, persona_similarity
+from deeper.reward import RewardWeights
+from deeper.rollout import EvaluateSettings, read_eval_table
+from deeper.similarity import PersonaEmbedder, embedder_from_params
+from stages._cli import PARAMS_OPTION, load_checked_params, user_errors
 
 
-def methods_from_params(params: dict) -> list[str]:
-    methods = get(params, "evaluate.methods")
-    if not isinstance(methods, list) or not methods or len(set(methods)) != len(methods):
-        raise ConfigError("evaluate.methods", f"must be a non-empty list of distinct method names, got {methods!r}")
-    for name in methods:
-        method_spec(name)
-    return methods
-
-
-def build_report(tables: dict[str, pd.DataFrame], rounds: int, weights: RewardWeights, tau_pos: float,
-                 tau_neg: float) -> tuple[dict, list[dict]]:
-    """(metrics, plot rows) from each method's evaluation table."""
-    metrics: dict = {"rounds": rounds, "methods": {}, "first_update_reward": {}}
-    plot = []
-    for method, table in tables.items():
-        metrics["methods"][method] = summarize_method(table, rounds)
-        for s, value in enumerate(mae_by_round(table, rounds)):
-            plot.append({"method": method, "round": s, "mae": round(value, 4)})
-        if method_spec(method).is_refiner:
-            rewards = compute_rewards(first_update_errors(table), weights, source=f"data/eval/{method}.parquet")
-            summary = summarize_rewards(rewards, tau_pos, tau_neg)
-            summary["domains"] = {str(d): float(r.mean()) for d, r in rewards.groupby("domain")["r"]}
-            metrics["first_update_reward"][method] = summary
-    return metrics, plot
-
-
-def run(params: dict, eval_dir: Path, metrics_path: Path, plot_path: Path) -> dict:
-    rounds = rounds_from_params(params)
-    methods = methods_from_params(params)
+def run(params: dict, eval_dir: Path, metrics_path: Path, plots_dir: Path, case_path: Path,
+        case_user: str | None = None) -> dict:
+    settings = EvaluateSettings.from_params(params)
+    rounds, methods = settings.rounds, list(settings.methods)
+    refiners = {name for name, spec in settings.methods.items() if spec.is_refiner}
     weights = RewardWeights.from_params(params)
-    tau_pos, tau_neg = float(get(params, "tau_pos")), float(get(params, "tau_neg"))
+    tau_pos, tau_neg = thresholds_from_params(params)
     tables = {m: read_eval_table(eval_dir / f"{m}.parquet", m, rounds) for m in methods}
-    metrics, plot = build_report(tables, rounds, weights, tau_pos, tau_neg)
+    metrics, plots = build_report(tables, rounds, weights, tau_pos, tau_neg, refiners)
+    metrics["bootstrap"] = paired_bootstrap(tables, rounds, BootstrapSettings.from_params(params))
+    folder = embedder_from_params(params)
+    embedder = PersonaEmbedder(folder) if folder is not None else None
+    metrics["persona_similarity"], plots["persona_similarity.csv"] = persona_similarity(tables, rounds, embedder)
+    page = case_study(tables, rounds, case_user)
     write_json(metrics_path, metrics)
-    plot_path.parent.mkdir(parents=True, exist_ok=True)
-    with plot_path.open("w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=["method", "round", "mae"])
-        writer.writeheader()
-        writer.writerows(plot)
+    plots_dir.mkdir(parents=True, exist_ok=True)
+    for name, rows in plots.items():
+        with (plots_dir / name).open("w", newline="", encoding="utf-8") as f:
+            writer = csv.DictWriter(f, fieldnames=PLOT_FILES[name])
+            writer.writeheader()
+            writer.writerows(rows)
+    case_path.parent.mkdir(parents=True, exist_ok=True)
+    case_path.write_text(page, encoding="utf-8")
     for method in methods:
         overall = metrics["methods"][method]["all"]
         first, last, cut = (overall.get(k) for k in ("mae_r0", f"mae_r{rounds}", "reduction_pct"))
         shown = [f"{v:.3f}" if isinstance(v, float) else str(v) for v in (first, last)]
         cut_shown = f"{cut:.1f} %" if isinstance(cut, float) else str(cut)
-        click.echo(f"{method:>11}: mae r0 {shown[0]} -> r{rounds} {shown[1]} (reduction {cut_shown})", err=True)
+        boot = metrics["bootstrap"]
+        mean = boot["methods"][method]["mean_mae"]
+        versus = boot.get("vs_deeper", {}).get(method, {}).get("mean_mae")
+        versus_shown = (f", deeper minus it {versus['estimate']:+.3f} [{versus['low']:+.3f}, {versus['high']:+.3f}]"
+                        if versus else "")
+        click.echo(f"{method:>11}: mae r0 {shown[0]} -> r{rounds} {shown[1]} (reduction {cut_shown}); mean of rounds "
+                   f"1-{rounds} {mean['estimate']:.3f} [{mean['low']:.3f}, {mean['high']:.3f}]{versus_shown}", err=True)
+    click.echo(f"[low, high]: {boot['level']:.0%} intervals of a paired bootstrap over evaluation users "
+               f"({boot['resamples']} resamples); case study: {case_path}", err=True)
     return metrics
 
 
@@ -93,11 +99,16 @@ def run(params: dict, eval_dir: Path, metrics_path: Path, plot_path: Path) -> di
               help="Where the evaluate stages wrote <method>.parquet.")
 @click.option("--metrics", "metrics_path", default="metrics/eval.json", show_default=True,
               type=click.Path(dir_okay=False), help="Errors per round, method and domain; first update; rewards.")
-@click.option("--plot", "plot_path", default="plots/mae_by_round.csv", show_default=True,
-              type=click.Path(dir_okay=False), help="method, round, mae (averaged over domains).")
+@click.option("--plots-dir", default="plots", show_default=True, type=click.Path(file_okay=False),
+              help="Where the plot data go: " + ", ".join(f"{n} ({', '.join(c)})" for n, c in PLOT_FILES.items()) + ".")
+@click.option("--case-study", "case_path", default="reports/case_study.md", show_default=True,
+              type=click.Path(dir_okay=False), help="One evaluation user's personas, method by method and round by "
+                                                    "round, with each round's error (Markdown).")
+@click.option("--case-user", default=None, help="That user, as domain/user_id [default: the first in sorted order].")
 @user_errors
-def main(params_path, eval_dir, metrics_path, plot_path):
-    run(load_params(params_path), Path(eval_dir), Path(metrics_path), Path(plot_path))
+def main(params_path, eval_dir, metrics_path, plots_dir, case_path, case_user):
+    run(load_checked_params(params_path), Path(eval_dir), Path(metrics_path), Path(plots_dir), Path(case_path),
+        case_user)
 
 
 if __name__ == "__main__":

@@ -17,18 +17,18 @@ from pathlib import Path
 
 import click
 
-from deeper.config import get, load_params
 from deeper.iteration import candidate_errors, load_frozen, read_contexts, read_samples, read_user_windows
 from deeper.metrics import write_json
+from deeper.pairs import thresholds_from_params
 from deeper.predict import PredictSettings
 from deeper.reward import RewardWeights, compute_rewards, summarize_rewards
-from stages._cli import PARAMS_OPTION, user_errors
+from stages._cli import PARAMS_OPTION, echo_calls, load_checked_params, user_errors
 
 
 def run(params: dict, contexts_path: Path, samples_path: Path, windows: Path, out: Path, metrics: Path) -> dict:
     start = time.perf_counter()
     weights = RewardWeights.from_params(params)
-    tau_pos, tau_neg = float(get(params, "tau_pos")), float(get(params, "tau_neg"))
+    tau_pos, tau_neg = thresholds_from_params(params)
     settings = PredictSettings.from_params(params)
     contexts = read_contexts(contexts_path)
     samples = read_samples(samples_path, contexts)
@@ -44,7 +44,7 @@ def run(params: dict, contexts_path: Path, samples_path: Path, windows: Path, ou
     summary["r_mean_by_step"] = {f"t{t}": float(rows["r"].mean()) for t, rows in rewards.groupby("t", sort=True)}
     summary["predict"] = stats.to_metrics()
     write_json(metrics, summary)
-    click.echo(f"frozen: {frozen.stats()}", err=True)
+    echo_calls("frozen", frozen)
     mean_r = summary["r"]["mean"]  # None when no candidate could be scored
     mean_shown = "none scored" if mean_r is None else f"{mean_r:.3f}"
     click.echo(f"wrote {out}: {len(rewards)} rewarded candidates, mean r {mean_shown}, "
@@ -70,7 +70,7 @@ def run(params: dict, contexts_path: Path, samples_path: Path, windows: Path, ou
 def main(params_path, iteration, contexts_path, samples_path, windows, out, metrics_path):
     k = iteration
     run(
-        load_params(params_path), Path(contexts_path or f"data/contexts/it{k}.parquet"),
+        load_checked_params(params_path), Path(contexts_path or f"data/contexts/it{k}.parquet"),
         Path(samples_path or f"data/samples/it{k}.parquet"), Path(windows),
         Path(out or f"data/rewards/it{k}.parquet"), Path(metrics_path or f"metrics/reward_it{k}.json"),
     )

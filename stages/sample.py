@@ -18,10 +18,9 @@ from pathlib import Path
 
 import click
 
-from deeper.config import load_params
 from deeper.iteration import SampleSettings, load_policy, read_contexts, sample_candidates
 from deeper.metrics import write_json
-from stages._cli import PARAMS_OPTION, user_errors
+from stages._cli import PARAMS_OPTION, echo_calls, load_checked_params, user_errors
 
 
 def run(params: dict, iteration: int, contexts_path: Path, adapter: Path | None, out: Path, metrics: Path) -> dict:
@@ -35,7 +34,7 @@ def run(params: dict, iteration: int, contexts_path: Path, adapter: Path | None,
     out.parent.mkdir(parents=True, exist_ok=True)
     samples.to_parquet(out, index=False)
     write_json(metrics, counts)
-    click.echo(f"policy: {policy.stats()}", err=True)
+    echo_calls("policy", policy)
     click.echo(f"wrote {out}: {len(samples)} candidates ({counts['empty']} empty dropped) "
                f"in {time.perf_counter() - start:.1f} s", err=True)
     return counts
@@ -56,7 +55,7 @@ def run(params: dict, iteration: int, contexts_path: Path, adapter: Path | None,
 def main(params_path, iteration, contexts_path, adapter, out, metrics_path):
     k = iteration
     run(
-        load_params(params_path), k, Path(contexts_path or f"data/contexts/it{k}.parquet"),
+        load_checked_params(params_path), k, Path(contexts_path or f"data/contexts/it{k}.parquet"),
         Path(adapter) if adapter else (Path(f"models/adapters/it{k - 1}") if k > 1 else None),
         Path(out or f"data/samples/it{k}.parquet"), Path(metrics_path or f"metrics/sample_it{k}.json"),
     )

@@ -25,11 +25,11 @@ from pathlib import Path
 
 import click
 
-from deeper.config import get, load_params
+from deeper.config import get
 from deeper.errors import ConfigError, InputError
 from deeper.metrics import write_json
 from deeper.train import TrainConfig, is_main_process, read_pairs, train_dpo
-from stages._cli import PARAMS_OPTION, user_errors
+from stages._cli import PARAMS_OPTION, load_checked_params, user_errors
 
 
 def base_model_path(params: dict) -> str:
@@ -82,7 +82,7 @@ def run(params: dict, iteration: int, pairs_path: Path, init_adapter: Path | Non
 def main(params_path, iteration, pairs_path, init_adapter, out, metrics_path):
     k = iteration
     run(
-        load_params(params_path), k, Path(pairs_path or f"data/pairs/it{k}/pairs.parquet"),
+        load_checked_params(params_path), k, Path(pairs_path or f"data/pairs/it{k}/pairs.parquet"),
         Path(init_adapter or f"models/adapters/it{k - 1}") if k > 1 else None,
         Path(out or f"models/adapters/it{k}"), Path(metrics_path or f"metrics/train_it{k}.json"),
     )

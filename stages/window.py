@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import click
 
-from deeper.config import get, load_params
+from deeper.config import get
 from deeper.data.window import make_windows, spec_from_params
 from deeper.metrics import write_json
-from stages._cli import PARAMS_OPTION, user_errors
+from stages._cli import PARAMS_OPTION, load_checked_params, user_errors
 
 
 @click.command(help="""Cut each user's ratings into windows and choose train and eval users, per domain.
@@ -31,7 +31,7 @@ pos, item_id, title, rating) and per-domain counts: eligible, chosen, skipped us
               type=click.Path(dir_okay=False), help="Per-domain user and window counts.")
 @user_errors
 def main(params_path: str, db: str, out: str, metrics_path: str) -> None:
-    spec, default, overrides = spec_from_params(get(load_params(params_path), "window"))
+    spec, default, overrides = spec_from_params(get(load_checked_params(params_path), "window"))
     summary = make_windows(db, out, spec, default, overrides)
     write_json(metrics_path, summary)
     for domain, s in summary["domains"].items():

@@ -41,3 +41,23 @@ def _isolated_cache(tmp_path_factory):
     """Tests never write into the user's response cache unless a test sets DEEPER_CACHE_DIR itself."""
     os.environ.setdefault("DEEPER_RESPONSE_CACHE", str(tmp_path_factory.mktemp("responses")))
     yield
+
+
+@pytest.fixture(scope="session")
+def smollm2_path() -> str:
+    """The embedded SmolLM2-135M-Instruct as an HF folder (the fetch stage's output, or built in the cache)."""
+    from deeper.assets import ensure_embedded_model
+
+    return str(ensure_embedded_model("smollm2-135m"))
+
+
+@pytest.fixture(scope="session")
+def smollm2_adapter(smollm2_path, tmp_path_factory) -> str:
+    """A LoRA adapter for SmolLM2 as the pipeline's train stage writes it (deeper.train): 2 DPO steps at a high
+    learning rate, so that it visibly changes the model (the vLLM tests load it as is)."""
+    from deeper.train import TrainConfig, train_dpo
+    from tests.test_train import FAST, make_pairs
+
+    out = tmp_path_factory.mktemp("smollm2-adapter") / "it1"
+    train_dpo(smollm2_path, make_pairs(4), make_pairs(0), out, TrainConfig(**{**FAST, "lr": 2e-3}))
+    return str(out)

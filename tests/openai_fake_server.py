@@ -5,9 +5,12 @@ deterministic "model": a generated text names the last message and the seed; a r
 function of the messages (`rating_logprobs`), spread over "1".."5", " 4" and non-digit tokens.
 
 Scripted faults are consumed one per request, in order: "429", "500", "sleep:<seconds>" (answers late, after
-the client has timed out), "nojson" (a 200 whose body is not JSON), "nochoices", "nologprobs".
+the client has timed out), "nojson" (a 200 whose body is not JSON), "nochoices", "nologprobs", "nodigits" (a
+well-formed rating reply whose top logprobs hold no digit: a model answering "Rating" because it did not
+continue the prefill), "quote_key" (a 403 whose message quotes the bearer token it was sent, as some servers
+and proxies do).
 It records every request (headers and body), and the largest number of requests in flight at once.
-`reply=f` makes a generated text `f(messages)` instead. `strict=True` answers like OpenAI itself to a body
+`reply=f` makes a generated text `f(messages)` instead (`f(messages, seed)` with `reply_sees_seed=True`). `strict=True` answers like OpenAI itself to a body
 key its API does not have (e.g. vLLM's `repetition_penalty`): 400 "Unrecognized request argument supplied".
 `hold_first=k` makes the first k requests wait until k are in flight (or 5 s pass), so a concurrency
 bound shows up in `max_in_flight` whatever the machine's speed.
@@ -57,9 +60,10 @@ def generated_text(messages: list[dict], seed, temperature) -> str:
 
 
 class FakeOpenAIServer:
-    def __init__(self, faults=(), hold_first: int = 0, delay: float = 0.0, reply=None, strict: bool = False):
+    def __init__(self, faults=(), hold_first: int = 0, delay: float = 0.0, reply=None, strict: bool = False,
+                 reply_sees_seed: bool = False):
         self.faults = deque(faults)
-        self.reply, self.strict = reply, strict
+        self.reply, self.strict, self.reply_sees_seed = reply, strict, reply_sees_seed
         self.hold_first, self.delay = hold_first, delay
         self.requests: list[dict] = []
         self.in_flight = self.max_in_flight = self.arrived = 0
@@ -102,7 +106,7 @@ class FakeOpenAIServer:
         with self._lock:
             self.in_flight -= 1
 
-    def _reply(self, body: dict, fault: str | None) -> tuple[int, bytes]:
+    def _reply(self, body: dict, fault: str | None, authorization: str = "") -> tuple[int, bytes]:
         messages = body.get("messages", [])
         unknown = sorted(set(body) - OPENAI_KEYS) if self.strict else []
         if unknown:
@@ -112,6 +116,9 @@ class FakeOpenAIServer:
             return 429, json.dumps({"error": {"message": "rate limited", "type": "rate_limit"}}).encode()
         if fault == "500":
             return 500, json.dumps({"error": {"message": "internal error", "type": "server_error"}}).encode()
+        if fault == "quote_key":
+            message = f"Forbidden: key {authorization.removeprefix('Bearer ')} has no access to this model"
+            return 403, json.dumps({"error": {"message": message, "type": "permission_error"}}).encode()
         if fault == "nojson":
             return 200, b"<html>not json"
         if fault == "nochoices":
@@ -119,6 +126,8 @@ class FakeOpenAIServer:
         choice = {"index": 0, "finish_reason": "stop", "logprobs": None}
         if body.get("logprobs") and fault != "nologprobs":
             top = rating_logprobs(messages)[: int(body.get("top_logprobs") or 1)]
+            if fault == "nodigits":
+                top = [("Rating", math.log(0.9)), (":", math.log(0.06)), ("**", math.log(0.04))]
             token, logprob = top[0]
             choice["message"] = {"role": "assistant", "content": token}
             choice["logprobs"] = {"content": [{
@@ -126,7 +135,10 @@ class FakeOpenAIServer:
                 "top_logprobs": [{"token": t, "logprob": lp, "bytes": list(t.encode())} for t, lp in top],
             }]}
         else:
-            text = self.reply(messages) if self.reply else generated_text(messages, body.get("seed"), body.get("temperature"))
+            if self.reply and self.reply_sees_seed:
+                text = self.reply(messages, body.get("seed"))
+            else:
+                text = self.reply(messages) if self.reply else generated_text(messages, body.get("seed"), body.get("temperature"))
             choice["message"] = {"role": "assistant", "content": text}
         prompt_tokens = sum(len(m.get("content", "").split()) for m in messages)
         return 200, json.dumps({
@@ -157,7 +169,7 @@ class FakeOpenAIServer:
                     if self.path.rstrip("/") != "/v1/chat/completions":
                         status, payload = 404, b'{"error": {"message": "not found"}}'
                     else:
-                        status, payload = server._reply(body, fault)
+                        status, payload = server._reply(body, fault, self.headers.get("Authorization", ""))
                     self.send_response(status)
                     self.send_header("Content-Type", "application/json")
                     self.send_header("Content-Length", str(len(payload)))

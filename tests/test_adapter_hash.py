@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -19,7 +18,7 @@ import pytest
 import yaml
 
 from deeper.train import TRAIN_LOG
-from tests.test_dvc_remote import DVC, dvc
+from tests.stage_runs import DVC, dvc, init_repo
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.skipif(DVC is None, reason="dvc is not installed")
@@ -35,11 +34,7 @@ SAMPLE = "import pathlib; pathlib.Path('samples.txt').write_text('candidates of 
 
 
 def test_a_new_train_log_does_not_change_the_adapter_hash(tmp_path):
-    repo = tmp_path / "repo"
-    repo.mkdir()
-    subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
-    dvc("init", "-q", cwd=repo)
-    shutil.copy(REPO / ".dvcignore", repo / ".dvcignore")
+    repo = init_repo(tmp_path / "repo", dvcignore=True)
     stages = {
         "train": {"cmd": f'{sys.executable} -c "{TRAIN}"', "outs": ["models/adapters/it1"]},
         "sample": {"cmd": f'{sys.executable} -c "{SAMPLE}"', "deps": ["models/adapters/it1"], "outs": ["samples.txt"]},
@@ -73,3 +68,26 @@ def test_save_adapter_writes_the_config_in_one_order(tiny_llama, tmp_path, hash_
     modules = config["target_modules"]
     assert len(modules) > 1 and modules == sorted(modules)
     assert list(config) == sorted(config)
+
+
+# train_dpo with no training pairs writes a fresh, untrained LoRA adapter (B = 0, A random) for the DAG to go on
+CARRY = (
+    "import sys, pandas as pd; from deeper.train import TrainConfig, train_dpo; "
+    "empty = pd.DataFrame(columns=['context_id', 'prompt', 'chosen', 'rejected', 'split']); "
+    "train_dpo(sys.argv[1], empty, empty, sys.argv[2], TrainConfig(seed=int(sys.argv[3])))"
+)
+
+
+def _carried_over(model: Path, out: Path, seed: int, hash_seed: str) -> bytes:
+    env = {**os.environ, "PYTHONHASHSEED": hash_seed, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-c", CARRY, str(model), str(out), str(seed)], cwd=REPO, env=env, check=True,
+                   capture_output=True, timeout=300)
+    return (out / "adapter_model.safetensors").read_bytes() + (out / "adapter_config.json").read_bytes()
+
+
+def test_an_adapter_carried_over_untrained_has_the_same_bytes_in_every_process(tiny_llama, tmp_path):
+    """No pair survived (e.g. -S delta=5): the untrained adapter's random LoRA A is drawn from train.seed, so
+    two runs (other processes, other hash seeds) write the same bytes: the same DVC hash, the same cache keys."""
+    first = _carried_over(tiny_llama, tmp_path / "a", 0, "1")
+    assert _carried_over(tiny_llama, tmp_path / "b", 0, "2") == first
+    assert _carried_over(tiny_llama, tmp_path / "c", 1, "1") != first  # the seed is what decides them

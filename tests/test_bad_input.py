@@ -29,10 +29,13 @@ SMALL_WINDOWS = {"size": 2, "count": 2, "train_count": 1, "seed": 0,
                  "default": {"train_users": 0, "eval_users": 5, "seen": True}}
 
 
-def setup(folder: Path, sources: list[dict], files: dict[str, str | bytes], window: dict | None = None) -> None:
-    """params.yaml with one preset `t` under root `raw`, and the given files under raw/."""
+def setup(folder: Path, sources: list[dict], files: dict[str, str | bytes], window: dict | None = None,
+          **ingest) -> None:
+    """params.yaml with one preset `t` under root `raw` (and any other `ingest` keys), and the given files
+    under raw/."""
     folder.mkdir(parents=True, exist_ok=True)
-    params = {"ingest": {"root": "raw", "preset": "t", "presets": {"t": sources}}, "window": window or SMALL_WINDOWS}
+    params = {"ingest": {"root": "raw", "preset": "t", "presets": {"t": sources}, **ingest},
+              "window": window or SMALL_WINDOWS}
     (folder / "params.yaml").write_text(yaml.safe_dump(params, allow_unicode=True), encoding="utf-8")
     for name, content in files.items():
         path = folder / "raw" / name
@@ -104,13 +107,44 @@ def test_movies_file_missing_title_column(tmp_path, monkeypatch):
     assert line == "error: raw/ml/movies.csv:1: missing column(s) title; found: movieId, name"
 
 
-def test_known_alternative_time_formats_are_parsed(tmp_path, monkeypatch):
-    ratings = RATINGS_HEADER + "1,1,4,2000-07-30\n1,2,3,2000-07-30T18:05:03Z\n2,1,5,2000-07-30T20:05:03+02:00\n"
+@pytest.mark.parametrize("times, expected", [
+    (["2000-07-30", "2000-07-31"], [964915200, 965001600]),
+    (["2000/7/30", "2000/07/31"], [964915200, 965001600]),                      # Food.com copies
+    (["7/30/2000", "07/31/2000"], [964915200, 965001600]),                      # month first (US spreadsheets)
+    (["2000-07-30 18:05:03", "2000-07-30T18:05:04"], [964980303, 964980304]),
+    (["2000-07-30T18:05:03Z", "2000-07-30T20:05:03+02:00"], [964980303, 964980303]),
+    (["7/30/2000 18:05", "7/30/2000 18:06:30"], [964980300, 964980390]),
+    (["964982703.0", " 964982704 "], [964982703, 964982704]),
+], ids=["iso-date", "slashed-year-first", "slashed-month-first", "date-time", "iso-offsets", "spreadsheet", "decimal"])
+def test_known_time_spellings_are_parsed(tmp_path, monkeypatch, times, expected):
+    ratings = RATINGS_HEADER + "".join(f"1,{i},4,{t}\n" for i, t in enumerate(times, 1))
     setup(tmp_path, ML_CSV, {"ml/movies.csv": MOVIES, "ml/ratings.csv": ratings})
-    assert run(ingest_main, tmp_path, monkeypatch).exit_code == 0
+    result = run(ingest_main, tmp_path, monkeypatch)
+    assert result.exit_code == 0, result.output
     with duckdb.connect("data/ingest/ratings.duckdb", read_only=True) as con:
-        assert [t for (t,) in con.execute("SELECT ts FROM ratings ORDER BY seq").fetchall()] == \
-            [964915200, 964980303, 964980303]
+        assert [t for (t,) in con.execute("SELECT ts FROM ratings ORDER BY seq").fetchall()] == expected
+
+
+@pytest.mark.parametrize("times, expected", [
+    # unix seconds, then a date: the date is midnight and would sort before the same day's earlier ratings
+    (["964982703", "964982704", "2000-07-30"],
+     ("raw/ml/ratings.csv:4: timestamp '2000-07-30' is a date, but row 2 of this column is a unix time: "
+      "one column must keep one time encoding")),
+    (["2000-07-30", "964982704"],
+     "raw/ml/ratings.csv:3: timestamp 964982704 is a unix time, but row 2 of this column is a date: "),
+    (["2000-07-30", "2000-07-30T18:05:03Z"],
+     ("raw/ml/ratings.csv:3: timestamp '2000-07-30T18:05:03Z' is a date with a time of day, but row 2 of "
+      "this column is a date: ")),
+    (["964982703", "964982704000"],  # milliseconds among seconds: the year 32720
+     "raw/ml/ratings.csv:3: timestamp 964982704000 is too large for unix seconds (milliseconds?)"),
+    (["30/7/2000"], ("raw/ml/ratings.csv:2: timestamp '30/7/2000' puts the day first; slashed dates are read "
+                     "month first (M/D/YYYY)")),
+    (["964982703", " "], "raw/ml/ratings.csv:3: timestamp is empty"),
+], ids=["date-among-unix", "unix-among-dates", "time-among-dates", "ms-among-seconds", "day-first", "empty"])
+def test_a_time_column_keeps_one_encoding(tmp_path, monkeypatch, times, expected):
+    ratings = RATINGS_HEADER + "".join(f"1,{i},4,{t}\n" for i, t in enumerate(times, 1))
+    line = ingest_error(tmp_path, monkeypatch, ML_CSV, {"ml/movies.csv": MOVIES, "ml/ratings.csv": ratings})
+    assert line.startswith(f"error: {expected}"), line
 
 
 def test_duplicate_rows_are_a_counted_skip(tmp_path, monkeypatch):
@@ -161,7 +195,7 @@ def test_parquet_missing_column_null_rating_and_damaged_file(tmp_path, monkeypat
                    "found: user_id, movie_id, timestamp"
     write_parquet(folder / "MovieLens100k_data.parquet.brotli", {**good, "rating": [4, None]})
     assert error_line(run(ingest_main, tmp_path, monkeypatch)) == \
-        "error: raw/ml/MovieLens100k_data.parquet.brotli:2: rating None is not a number"
+        "error: raw/ml/MovieLens100k_data.parquet.brotli:2: rating is null"
     (folder / "MovieLens100k_data.parquet.brotli").write_bytes(b"PAR1 this is not parquet")
     line = error_line(run(ingest_main, tmp_path, monkeypatch))
     assert line.startswith("error: raw/ml/MovieLens100k_data.parquet.brotli: not a readable Parquet file: ")
@@ -175,14 +209,19 @@ REVIEW = {"overall": 5.0, "reviewerID": "A1", "asin": "B1", "unixReviewTime": 14
     ([json.dumps(REVIEW), '{"overall": 4.0, "reviewerID": "A2",'],
      "raw/amazon/Books_5.json:2: neither JSON nor a Python dict literal"),
     ([json.dumps({k: v for k, v in REVIEW.items() if k != "overall"})], "raw/amazon/Books_5.json:1: missing field 'overall'"),
-    ([json.dumps({**REVIEW, "overall": None})], "raw/amazon/Books_5.json:1: missing field 'overall'"),
+    ([json.dumps({**REVIEW, "overall": None})], "raw/amazon/Books_5.json:1: field 'overall' is null"),
+    ([json.dumps({**REVIEW, "asin": None})], "raw/amazon/Books_5.json:1: field 'asin' is null"),
+    ([json.dumps({**REVIEW, "unixReviewTime": None, "reviewTime": None})],
+     "raw/amazon/Books_5.json:1: field 'unixReviewTime' is null (and no 'reviewTime')"),
     ([json.dumps({**REVIEW, "overall": "five"})], "raw/amazon/Books_5.json:1: rating 'five' is not a number"),
     ([json.dumps({**REVIEW, "overall": 0.0})], "raw/amazon/Books_5.json:1: rating 0 outside 1..5"),
     (["", json.dumps([REVIEW])], "raw/amazon/Books_5.json:2: expected an object per line, found list"),
     ([json.dumps({k: v for k, v in REVIEW.items() if "Time" not in k})],
      "raw/amazon/Books_5.json:1: missing field 'unixReviewTime' (and no 'reviewTime')"),
     ([json.dumps({**REVIEW, "unixReviewTime": None, "reviewTime": "Sept 1st"})],
-     "raw/amazon/Books_5.json:1: timestamp 'Sept 1st' is neither unix time nor a known date format"),
+     "raw/amazon/Books_5.json:1: reviewTime 'Sept 1st' is neither unix time nor a known date format"),
+    ([json.dumps(REVIEW), json.dumps({**REVIEW, "unixReviewTime": "2016-09-01"})],
+     "raw/amazon/Books_5.json:2: unixReviewTime '2016-09-01' is a date, but row 1 of this column is a unix time"),
     (["", "  "], "raw/amazon/Books_5.json: no records (only blank lines)"),
 ])
 def test_amazon_bad_lines(tmp_path, monkeypatch, lines, expected):
@@ -214,11 +253,11 @@ RECIPES = "name,id,minutes\nbest pie,10,30\n"
 
 def test_foodcom_bad_date_and_rating(tmp_path, monkeypatch):
     header = "user_id,recipe_id,date,rating,review\n"
-    bad_date = header + '1,10,2009-12-09,5,"fine, really"\n2,10,12/09/2009,4,ok\n'
+    bad_date = header + '1,10,2009-12-09,5,"fine, really"\n2,10,12/09/2009,4,ok\n3,10,09.12.2009,4,ok\n'
     assert ingest_error(tmp_path / "a", monkeypatch, FOODCOM,
                         {"food/RAW_interactions.csv": bad_date, "food/RAW_recipes.csv": RECIPES}) == \
-        "error: raw/food/RAW_interactions.csv:3: timestamp '12/09/2009' is neither unix time nor a known date " \
-        "format (YYYY-MM-DD, ISO 8601, 'MM DD, YYYY')"
+        "error: raw/food/RAW_interactions.csv:4: date '09.12.2009' is neither unix time nor a known date " \
+        "format (YYYY-MM-DD, YYYY/M/D, M/D/YYYY, 'MM DD, YYYY', ISO 8601)"
     bad_rating = header + '1,10,2009-12-09,5,"a review\nover two lines"\n2,10,2009-12-10,-1,ok\n'
     assert ingest_error(tmp_path / "b", monkeypatch, FOODCOM,
                         {"food/RAW_interactions.csv": bad_rating, "food/RAW_recipes.csv": RECIPES}) == \
@@ -277,6 +316,103 @@ def test_deeper_windows_unknown_jsonl_user_and_duplicate_user_are_counted(tmp_pa
             [(0, 2), (1, 2), (2, 2)]  # W2 joined from the JSONL; W1 stays the CSV's
 
 
+# --- ratings of items the item file does not list ----------------------------------------------------------
+
+def test_unknown_items_are_counted_printed_and_kept_by_default(tmp_path, monkeypatch):
+    ratings = RATINGS + "1,3,5.0,964982705\n2,3,2.0,964982706\n"  # movie 3 is not in movies.csv
+    setup(tmp_path, ML_CSV, {"ml/movies.csv": MOVIES, "ml/ratings.csv": ratings})
+    result = run(ingest_main, tmp_path, monkeypatch)
+    assert result.exit_code == 0, result.output
+    assert result.output.splitlines() == \
+        ["movielens: 2 users, 3 items, 4 ratings; dropped: none; kept with a remark: title_from_id 1, unknown_item 2"]
+    s = json.loads(Path("metrics/data.json").read_text())["domains"]["movielens"]
+    assert (s["unknown_item"], s["dropped"]["unknown_item"], s["ratings"]) == (2, 0, 4)
+    with duckdb.connect("data/ingest/ratings.duckdb", read_only=True) as con:
+        assert con.execute("SELECT title FROM items WHERE item_id = '3'").fetchall() == [("item 3",)]
+
+
+def test_unknown_items_dropped_when_asked(tmp_path, monkeypatch):
+    ratings = RATINGS + "1,3,5.0,964982705\n2,3,2.0,964982706\n"
+    setup(tmp_path, ML_CSV, {"ml/movies.csv": MOVIES, "ml/ratings.csv": ratings}, unknown_items="drop")
+    result = run(ingest_main, tmp_path, monkeypatch)
+    assert result.exit_code == 0, result.output
+    assert result.output.splitlines() == ["movielens: 1 users, 2 items, 2 ratings; dropped: unknown_item 2"]
+    s = json.loads(Path("metrics/data.json").read_text())["domains"]["movielens"]
+    assert (s["unknown_item"], s["dropped"]["unknown_item"], s["title_from_id"]) == (0, 2, 0)
+    with duckdb.connect("data/ingest/ratings.duckdb", read_only=True) as con:
+        assert con.execute("SELECT user_id, item_id FROM ratings ORDER BY seq").fetchall() == [("1", "1"), ("1", "2")]
+        assert con.execute("SELECT item_id FROM items").fetchall() == [("1",), ("2",)]
+
+
+def test_unknown_items_need_an_item_file_and_a_valid_setting(tmp_path, monkeypatch):
+    # no meta file: nothing is unknown, every title comes from the id (as before)
+    body = json.dumps(REVIEW) + "\n"
+    setup(tmp_path / "a", AMAZON, {"amazon/Books_5.json": body}, unknown_items="drop")
+    result = run(ingest_main, tmp_path / "a", monkeypatch)
+    assert result.output.splitlines() == \
+        ["books: 1 users, 1 items, 1 ratings; dropped: none; kept with a remark: title_from_id 1"]
+    # a meta file that lacks the rated asin: all its ratings are unknown; dropping them leaves nothing
+    sources = [{**AMAZON[0], "meta": "amazon/meta_Books.json"}]
+    meta = json.dumps({"asin": "B2", "title": "Other"}) + "\n"
+    setup(tmp_path / "b", sources, {"amazon/Books_5.json": body, "amazon/meta_Books.json": meta},
+          unknown_items="drop")
+    assert error_line(run(ingest_main, tmp_path / "b", monkeypatch)) == \
+        "error: raw/amazon/Books_5.json: no ratings to keep (rows skipped: 1)"
+    setup(tmp_path / "c", ML_CSV, {"ml/movies.csv": MOVIES, "ml/ratings.csv": RATINGS}, unknown_items="skip")
+    assert error_line(run(ingest_main, tmp_path / "c", monkeypatch)) == \
+        "error: params.yaml: ingest.unknown_items: must be one of keep, drop, not 'skip'"
+
+
+# --- scraped titles are cleaned before they reach a prompt, and counted ---------------------------------------
+
+def test_scraped_titles_are_cleaned_and_counted(tmp_path, monkeypatch):
+    movies = MOVIES + ("3,Fast &amp; Furious (2009),Action\n"
+                       '4,"Weird Al&#39;s &quot;Tour&quot; <span>Live</span> (2010)",Comedy\n'
+                       '5,"Evolution,Science/Mathematics"" />",Documentary\n'
+                       "6,AT&T (1999),Drama\n")
+    ratings = RATINGS + "".join(f"1,{i},4.0,96498270{i}\n" for i in range(3, 7))
+    setup(tmp_path, ML_CSV, {"ml/movies.csv": movies, "ml/ratings.csv": ratings})
+    result = run(ingest_main, tmp_path, monkeypatch)
+    assert result.output.splitlines() == \
+        ["movielens: 1 users, 6 items, 6 ratings; dropped: none; kept with a remark: title_cleaned 3"]
+    with duckdb.connect("data/ingest/ratings.duckdb", read_only=True) as con:
+        assert dict(con.execute("SELECT item_id, title FROM items WHERE item_id > '2'").fetchall()) == {
+            "3": "Fast & Furious (2009)", "4": 'Weird Al\'s "Tour" Live (2010)',
+            "5": "Evolution,Science/Mathematics", "6": "AT&T (1999)"}
+
+
+# --- a folder of the wrong shape names what it looked for ----------------------------------------------------
+
+def test_deeper_windows_folder_errors_name_the_files_looked_for(tmp_path, monkeypatch):
+    body = CSV_HEAD + f"u1,movie,eval,x,y,{CELL},{CELL}\n"
+    assert ingest_error(tmp_path / "a", monkeypatch, DEEPER, {"deeper/notes.txt": "x"}) == \
+        "error: raw/deeper: no domain folder: looked for <domain>/split_data/train_dataset.csv or " \
+        "<domain>/split_data/test_dataset.csv under it"
+    # the path names one domain folder instead of the folder of domains
+    assert ingest_error(tmp_path / "b", monkeypatch, [{"format": "deeper_windows", "path": "deeper/d"}],
+                        {"deeper/d/split_data/test_dataset.csv": body}) == \
+        "error: raw/deeper/d: no domain folder: looked for <domain>/split_data/train_dataset.csv or " \
+        "<domain>/split_data/test_dataset.csv under it; this is a domain folder itself: give its parent as path"
+    assert ingest_error(tmp_path / "c", monkeypatch, DEEPER, {"deeper/d/split_data/readme.txt": "x"}) == \
+        "error: raw/deeper/d/split_data: has neither train_dataset.csv nor test_dataset.csv nor full_dataset.csv"
+    # full_dataset.csv (the authors' unseen domains): each row's split must be train, eval or test
+    assert ingest_error(tmp_path / "d", monkeypatch, DEEPER, {
+        "deeper/d/split_data/full_dataset.csv": CSV_HEAD + f"u1,movie,dev,x,y,{CELL},{CELL}\n"}) == \
+        "error: raw/deeper/d/split_data/full_dataset.csv:2: split 'dev' is not one of train, eval, test"
+
+
+GOOGLE = [{"format": "google_local", "path": "google/review-New_York.json", "domain": "local", "item_type": "place"}]
+
+
+def test_google_times_are_milliseconds_throughout(tmp_path, monkeypatch):
+    def review(time):
+        return json.dumps({"user_id": "1", "name": "A", "time": time, "rating": 5, "text": None, "pics": None,
+                           "resp": None, "gmap_id": "0x1"})
+    body = review(1566604210000) + "\n" + review(1566604211) + "\n"  # the second in seconds: 1970 as ms
+    assert ingest_error(tmp_path, monkeypatch, GOOGLE, {"google/review-New_York.json": body}) == \
+        "error: raw/google/review-New_York.json:2: time 1566604211 is too small for unix milliseconds (seconds?)"
+
+
 # --- params ----------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("source, expected", [
@@ -297,7 +433,7 @@ def test_bad_window_params_and_missing_database(tmp_path, monkeypatch):
         "error: params.yaml: window.train_count: must be <= window.count (2)"
     setup(tmp_path, ML_CSV, {}, window={**SMALL_WINDOWS, "domains": {"movielens": {"eval_users": -1}}})
     assert error_line(run(window_main, tmp_path, monkeypatch)) == \
-        "error: params.yaml: window.domains.movielens.eval_users: must be an integer >= 0, not -1"
+        "error: params.yaml: window.domains.movielens.eval_users: must be >= 0, got -1"
     setup(tmp_path, ML_CSV, {})
     assert error_line(run(window_main, tmp_path, monkeypatch)) == \
         "error: data/ingest/ratings.duckdb: not found; run the ingest stage first (dvc repro ingest)"
@@ -307,7 +443,7 @@ def test_bad_window_params_and_missing_database(tmp_path, monkeypatch):
         "error: data/ingest/ratings.duckdb: cannot open the database: ")
 
 
-# --- titles that could break things survive intact into windows.parquet -----------------------------------
+# --- titles that could break things reach windows.parquet intact (whitespace made one space) -----------
 
 AWKWARD_TITLES = {
     "1": "{persona} and {{doubled}} braces",
@@ -319,13 +455,17 @@ AWKWARD_TITLES = {
     "7": "trailing backslash \\",
     "8": "  leading and trailing spaces  ",
 }
+# What a prompt gets: whitespace made one space (a newline would break a prompt's one-title-a-line list);
+# braces, quotes, backslashes and every other character stay exactly as they are.
+AWKWARD_TITLES_SHOWN = {**AWKWARD_TITLES, "3": "first line second line", "4": "tab separated",
+                        "8": "leading and trailing spaces"}
 
 
 def csv_field(text: str) -> str:
     return '"' + text.replace('"', '""') + '"'
 
 
-def test_awkward_titles_survive_into_windows_and_short_users_are_counted(tmp_path, monkeypatch):
+def test_awkward_titles_reach_windows_and_short_users_are_counted(tmp_path, monkeypatch):
     movies = "\ufeffmovieId,title,genres\n" + "".join(f"{i},{csv_field(t)},Drama\n" for i, t in AWKWARD_TITLES.items())
     ratings = RATINGS_HEADER + "".join(f"1,{i},{int(i) % 5 + 1},{1000 + int(i)}\n" for i in AWKWARD_TITLES) \
         + "2,1,4,5000\n"  # user 2: one rating, below size * count = 4
@@ -337,7 +477,8 @@ def test_awkward_titles_survive_into_windows_and_short_users_are_counted(tmp_pat
     table = pq.read_table("data/window/windows.parquet").to_pylist()
     assert [(r["window"], r["pos"], r["item_id"]) for r in table] == \
         [(w, p, str(4 * w + p + 1)) for w in range(2) for p in range(4)]
-    assert {r["item_id"]: r["title"] for r in table} == AWKWARD_TITLES
+    assert {r["item_id"]: r["title"] for r in table} == AWKWARD_TITLES_SHOWN
+    assert json.loads(Path("metrics/data.json").read_text())["domains"]["movielens"]["title_cleaned"] == 3
     skipped = json.loads(Path("metrics/window.json").read_text())["domains"]["movielens"]["skipped_users"]
     assert skipped == {"too_few_ratings": 1, "too_few_windows": 0}
 

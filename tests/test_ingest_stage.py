@@ -13,7 +13,7 @@ import yaml
 from click.testing import CliRunner
 
 from deeper import assets
-from deeper.data.ingest import DROP_REASONS, NOTES, sources_from_params
+from deeper.data.ingest import DROP_REASONS, NOTES, check_unknown_items, sources_from_params
 from deeper.data.readers import READERS
 from deeper.data.schema import TABLES, WINDOW_COLUMNS
 from deeper.data.window import SKIP_REASONS, spec_from_params
@@ -57,7 +57,9 @@ def test_embedded_preset_end_to_end(tmp_path, monkeypatch, embedded_ml100k):
     monkeypatch.chdir(tmp_path)
     result = CliRunner().invoke(ingest_main, [])
     assert result.exit_code == 0, result.output
-    assert result.output.splitlines() == ["movielens: 943 users, 1682 items, 100000 ratings; dropped: none"]
+    # three u.item titles end in a space ("Two Friends (1986) "): cleaned, counted, printed
+    assert result.output.splitlines() == \
+        ["movielens: 943 users, 1682 items, 100000 ratings; dropped: none; kept with a remark: title_cleaned 3"]
     with duckdb.connect("data/ingest/ratings.duckdb", read_only=True) as con:
         for table, columns in TABLES.items():
             described = [f"{name} {kind}" for name, kind, *_ in con.execute(f"DESCRIBE {table}").fetchall()]
@@ -68,7 +70,8 @@ def test_embedded_preset_end_to_end(tmp_path, monkeypatch, embedded_ml100k):
                            ).fetchone() == (0,)
     data = json.loads(Path("metrics/data.json").read_text())
     assert data["domains"]["movielens"] == {"users": 943, "items": 1682, "ratings": 100_000,
-                                            "dropped": dict.fromkeys(DROP_REASONS, 0), **dict.fromkeys(NOTES, 0)}
+                                            "dropped": dict.fromkeys(DROP_REASONS, 0), **dict.fromkeys(NOTES, 0),
+                                            "title_cleaned": 3}
     assert data["total"]["ratings"] == 100_000 and data["total"]["domains"] == 1
 
     result = CliRunner().invoke(window_main, [])
@@ -100,6 +103,7 @@ def test_a_rerun_replaces_the_database(tmp_path, monkeypatch, shared_data):
 
 def test_repo_params_are_valid_for_every_preset():
     params = repo_params()
+    assert check_unknown_items(params["ingest"]["unknown_items"]) == "keep"  # the default run keeps them
     for preset in params["ingest"]["presets"]:
         sources = sources_from_params(params["ingest"]["root"], preset, params["ingest"]["presets"])
         assert sources and all(s.format in READERS for s in sources)
@@ -116,7 +120,8 @@ def test_dvc_entries_keep_ingest_and_window_apart():
     assert "deeper/data/readers" in ingest_deps and "deeper/data/ingest.py" in ingest_deps
     assert "deeper/data/readers" not in window_deps and "deeper/data/ingest.py" not in window_deps
     assert "data/ingest/ratings.duckdb" in window_deps and "data/ingest/ratings.duckdb" in stages["ingest"]["outs"]
-    assert stages["ingest"]["params"] == ["ingest.root", "ingest.preset", "ingest.presets"]
+    assert stages["ingest"]["params"] == ["ingest.root", "ingest.preset", "ingest.presets", "ingest.unknown_items",
+                                         "ingest.zero_ratings"]
     assert sorted(stages["window"]["params"]) == sorted(f"window.{k}" for k in repo_params()["window"])
     for dep in ingest_deps + window_deps:  # code deps exist (data deps are other stages' outputs)
         assert dep.startswith(("${", "data/")) or (REPO / dep).exists(), dep

@@ -6,11 +6,9 @@ windows) and one evaluation user, three items per window.
 
 from __future__ import annotations
 
-import ast
 import json
 import os
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
@@ -22,12 +20,13 @@ import pytest
 import yaml
 
 from deeper.errors import InputError
-from deeper.iteration import clean_candidate, read_contexts, read_user_windows, update_input, State
+from deeper.iteration import State, clean_candidate, read_contexts, read_user_windows, update_input
 from deeper.llm import load_llm
 from deeper.llm.base import Sampling
 from deeper.methods import Refine
 from deeper.predict import PredictSettings, WindowRequest, predict_windows
 from deeper.reward import NEW_COLUMNS, OLD_COLUMNS, PARTS
+from tests.stage_runs import cached_rows, stage_calls
 
 REPO = Path(__file__).resolve().parents[1]
 TITLES = ["Toy Story (1995)", "Fargo (1996)", 'Say "Anything..." {1989}', "Star Wars (1977)", "Heat\n(1995)"]
@@ -58,7 +57,8 @@ def make_params(model: Path, **sample) -> dict:
                    "seed": 0, **sample},
         "reward": {"weights": {"prev": 1.0, "curr": 1.0, "fut": 1.0}},
         "pair": {"strategy": "largest_margin", "max_per_context": 3, "val_fraction": 0.2, "seed": 0},
-        "iter2": {"delta": 0.0, "replay_max": 2},
+        "iter2": {"delta": 0.0, "replay_max": 2, "replay_order": "largest_margin"},
+        "refiner": {"update": "refine"},
     }
 
 
@@ -183,6 +183,25 @@ def test_contexts_hold_the_old_personas_errors_on_the_right_windows(world, itera
         assert json.dumps(" ".join(title.split()))[1:-1] in text and f"actual {actual:g}" in text
 
 
+def test_contexts_train_the_update_params_name(world, iteration1, tmp_path):
+    """refiner.update: incupdate (the paper's Inc-FT ablation) builds the same contexts with IncUpdate's prompt."""
+    from deeper.methods import IncUpdate
+    from stages import contexts as contexts_stage
+
+    root, params, _ = world
+    out, _ = iteration1
+    inc = {**params, "refiner": {"update": "incupdate"}}
+    contexts_stage.run(inc, 1, root / "windows.parquet", root / "init.parquet", None, tmp_path / "c.parquet",
+                       tmp_path / "c.json")
+    deeper, incft = read_contexts(out / "contexts.parquet"), read_contexts(tmp_path / "c.parquet")
+    assert list(incft["context_id"]) == list(deeper["context_id"])
+    assert list(incft[list(OLD_COLUMNS)].to_numpy().ravel()) == pytest.approx(list(deeper[list(OLD_COLUMNS)].to_numpy().ravel()))
+    users = {u.user_id: u for u in read_user_windows(root / "windows.parquet")}
+    for row in incft.itertuples():
+        item = update_input(State(users[row.user_id], 1, row.persona_old), row.predicted)
+        assert json.loads(row.prompt) == IncUpdate(None, Sampling()).chat(item) != Refine(None, Sampling()).chat(item)
+
+
 def test_sampling_gives_n_candidates_per_context_reproducibly(world, iteration1):
     _, params, _ = world
     out, metrics = iteration1
@@ -299,24 +318,8 @@ def _stage(args, env):
                             stderr=subprocess.PIPE, text=True)
 
 
-def _cached(cache_dir: Path) -> int:
-    db = cache_dir / "responses.sqlite3"
-    if not db.exists():
-        return 0
-    try:
-        with sqlite3.connect(db, timeout=30) as conn:
-            return conn.execute("SELECT COUNT(*) FROM responses WHERE op = 'generate'").fetchone()[0]
-    except sqlite3.OperationalError:  # the table is not created yet
-        return 0
-
-
-def _policy_stats(stderr: str) -> dict:
-    line = next(line for line in stderr.splitlines() if line.startswith("policy: "))
-    return ast.literal_eval(line.removeprefix("policy: "))
-
-
 def test_sample_stage_killed_midway_resumes_with_only_the_missing_calls(world, iteration1, tmp_path):
-    root, params, model = world
+    _, _, model = world
     it1, _ = iteration1
     n = 2
     # batch_size 1: the cache commits after each context's n samples, so a kill lands half-way.
@@ -341,21 +344,21 @@ def test_sample_stage_killed_midway_resumes_with_only_the_missing_calls(world, i
 
     proc = _stage(args, env)
     deadline = time.monotonic() + 300
-    while _cached(tmp_path / "responses") == 0 and proc.poll() is None and time.monotonic() < deadline:
+    while len(cached_rows(tmp_path / "responses")) == 0 and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.communicate()
-    done = _cached(tmp_path / "responses")
+    done = len(cached_rows(tmp_path / "responses"))
     assert 0 < done < total, f"the kill came at {done} of {total} cached samples"
     assert not (tmp_path / "samples.parquet").exists()
 
     proc = _stage(args, env)
     _, stderr = proc.communicate(timeout=600)
     assert proc.returncode == 0, stderr
-    stats = _policy_stats(stderr)
+    stats = stage_calls(stderr, "policy")
     assert (stats["cache_hits"], stats["cache_misses"]) == (done, total - done)
     assert stats["calls"] == total - done  # the backend generated only the missing samples
-    assert _cached(tmp_path / "responses") == total
+    assert len(cached_rows(tmp_path / "responses")) == total
 
     # Cached before the kill or generated after it: each context's candidates are the policy's samples 0..n-1.
     resumed = pd.read_parquet(tmp_path / "samples.parquet")

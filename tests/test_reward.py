@@ -56,6 +56,12 @@ def test_summary_by_hand_with_threshold_rounding_and_unscored():
     assert s["r_prev"] == {"mean": 0.0, "std": 0.0}
 
 
+def test_share_better_than_old_counts_rewards_above_zero():
+    # r = 0.5, 0.2, 0.1, -0.3: three of four are better than the old persona
+    rewards = compute_rewards(errors_frame([("a", 1.0, 1.0, 1.0, new, 1.0, 1.0) for new in (0.5, 0.8, 0.9, 1.3)]))
+    assert summarize_rewards(rewards, tau_pos=0.5, tau_neg=0.0)["share_better_than_old"] == pytest.approx(3 / 4)
+
+
 def test_summary_of_nothing_scored_has_no_numbers():
     rewards = compute_rewards(errors_frame([("a", 1.0, 1.0, 1.0, np.nan, np.nan, np.nan)]))
     s = summarize_rewards(rewards, 0.5, 0.0)
@@ -65,8 +71,8 @@ def test_summary_of_nothing_scored_has_no_numbers():
 def test_bad_input_is_one_line_naming_file_and_row():
     with pytest.raises(InputError, match=r"rewards.parquet: missing columns \['new_eps_fut'\]"):
         compute_rewards(errors_frame([("a", 1, 1, 1, 1, 1, 1)]).drop(columns="new_eps_fut"), source="rewards.parquet")
-    df = errors_frame([("a", 1, 1, 1, 1, 1, 1), ("a", 1, 1, 1, 1, "x", 1)])
-    with pytest.raises(InputError, match=r"^f.parquet:2: new_eps_curr is not a number: 'x'$"):
+    df = errors_frame([("a", 1, 1, 1, 1, 1, 1), ("a", 1, 1, 1, 1, "x", 1), ("a", 1, 1, 1, 1, "y", 1)])
+    with pytest.raises(InputError, match=r"^f.parquet:2: new_eps_curr is not a number: 'x'$"):  # the first
         compute_rewards(df, source="f.parquet")
     with pytest.raises(InputError, match=r"^f.parquet:1: old_eps_prev is negative: -0.1$"):
         compute_rewards(errors_frame([("a", -0.1, 1, 1, 1, 1, 1)]), source="f.parquet")
@@ -76,7 +82,23 @@ def test_weights_from_params():
     assert RewardWeights.from_params(load_params(REPO / "params.yaml")) == RewardWeights(1.0, 1.0, 1.0)
     assert RewardWeights.from_params({"reward": {"weights": {"prev": 0.25, "curr": "0.5", "fut": 1}}}) == \
         RewardWeights(0.25, 0.5, 1.0)
-    with pytest.raises(ConfigError, match="reward.weights"):
-        RewardWeights.from_params({"reward": {"weights": {"prev": 1, "fut": 1}}})
-    with pytest.raises(ConfigError, match="reward.weights: weights must be numbers"):
-        RewardWeights.from_params({"reward": {"weights": {"prev": 1, "curr": "high", "fut": 1}}})
+    # the ablations of Appendix D.2 are valid: a zero weight is allowed as long as one is > 0
+    assert RewardWeights.from_params({"reward": {"weights": {"prev": 0, "curr": 0, "fut": 1}}}) == \
+        RewardWeights(0.0, 0.0, 1.0)
+
+
+@pytest.mark.parametrize(("weights", "message"), [
+    ({"prev": 1, "fut": 1}, "reward.weights.curr: missing"),
+    ({"prev": 1, "curr": 1, "fut": 1, "now": 1}, "reward.weights.now: unknown key"),
+    ({"prev": 1, "curr": "high", "fut": 1}, "reward.weights.curr: must be a number, got 'high'"),
+    ({"prev": 1, "curr": True, "fut": 1}, "reward.weights.curr: must be a number, got True"),
+    ({"prev": float("nan"), "curr": 1, "fut": 1}, "reward.weights.prev: must be a finite number, got nan"),
+    ({"prev": 1, "curr": 1, "fut": float("inf")}, "reward.weights.fut: must be a finite number, got inf"),
+    ({"prev": 1, "curr": -0.5, "fut": 1}, "reward.weights.curr: must be >= 0, got -0.5"),
+    ({"prev": 0, "curr": 0.0, "fut": 0}, "reward.weights: at least one weight must be > 0"),
+    ("balanced", "reward.weights: must be a mapping"),
+])
+def test_bad_weights_are_one_line_errors_naming_the_key(weights, message):
+    with pytest.raises(ConfigError) as e:
+        RewardWeights.from_params({"reward": {"weights": weights}})
+    assert str(e.value).startswith(f"params.yaml: {message}"), str(e.value)

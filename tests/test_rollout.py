@@ -137,12 +137,16 @@ def _hand_table() -> pd.DataFrame:
         for s in range(3):
             rows.append({
                 "domain": domain, "user_id": user, "seen": seen, "round": s, "persona_tokens": tokens[s],
-                "mae": maes[s], "predict_failed_items": 1 if user == "c" else 0,
+                "mae": maes[s], "items": 10 if user != "c" else 5,
+                "predict_failed_items": 1 if user == "c" else 2 if (user, s) == ("b", 1) else 0,
                 "update_failure": "empty" if (user, s) == ("a", 2) else None, "update_flag": None,
                 # on W0, W1, W2: S0 errors, S1 errors (mae_w1 of S0 and mae_w2 of S1 are the rollout's)
                 "mae_w0": {0: 0.4, 1: 0.6}.get(s, math.nan),
                 "mae_w1": {0: maes[0], 1: 0.2}.get(s, math.nan),
                 "mae_w2": {0: 1.5, 1: maes[1]}.get(s, math.nan),
+                # a ranks the next window right, b wrong; c's user rated everything the same (no pair)
+                "predicted": {"a": [1.0, 2.0, 3.0], "b": [3.0, 2.0, 1.0 + s], "c": [1.0, 2.0, 3.0]}[user],
+                "actual": {"a": [1.0, 2.0, 3.0], "b": [1.0, 2.0, 3.0], "c": [4.0, 4.0, 4.0]}[user],
             })
     return pd.DataFrame(rows)
 
@@ -157,7 +161,13 @@ def test_summaries_match_hand_computed_numbers():
     assert books["first_update"]["prev"] == pytest.approx({"before": 0.4, "after": 0.6, "delta": 0.2})
     assert books["first_update"]["curr"] == pytest.approx({"before": 1.5, "after": 0.2, "delta": -1.3})
     assert books["first_update"]["fut"] == pytest.approx({"before": 1.5, "after": 1.0, "delta": -0.5})
-    assert books["update_failures"] == 1 and books["predict_failed_items"] == 0
+    assert books["update_failures"] == 1 and books["predict_failed_items"] == 2
+    # beside each error, the share of its items that got the fallback rating: user b's 2 of the round's 20
+    assert [books[f"mae_r{s}_parse_failed_share"] for s in range(3)] == pytest.approx([0.0, 0.1, 0.0])
+    assert list(books)[list(books).index("mae_r1") + 1] == "mae_r1_parse_failed_share"
+    # a: 3 of 3 pairs right; b: round 0 none; round 1 predicts 3, 2, 2 (one tie: 0.5); round 2 predicts 3, 2, 3
+    # (one wrong, one tie, one right: 1.5)
+    assert books["pairwise_accuracy"] == pytest.approx({"r0": 3 / 6, "r1": 3.5 / 6, "r2": 4.5 / 6})
 
     summary = summarize_method(table, rounds=2)
     assert set(summary) == {"domains", "seen", "unseen", "all"}
@@ -165,7 +175,11 @@ def test_summaries_match_hand_computed_numbers():
     # averages weigh domains equally: (0.8 + 0.25) / 2, not the mean over three users
     assert summary["all"]["mae_r2"] == pytest.approx((0.8 + 0.25) / 2)
     assert summary["all"]["reduction_pct"] == pytest.approx((100 * 0.7 / 1.5 + 50.0) / 2)
-    assert summary["all"]["users"] == 3 and summary["all"]["predict_failed_items"] == 3
+    assert summary["all"]["users"] == 3 and summary["all"]["predict_failed_items"] == 5
+    assert summary["unseen"]["mae_r0_parse_failed_share"] == pytest.approx(1 / 5)  # user c: 1 of 5 items
+    assert summary["all"]["mae_r1_parse_failed_share"] == pytest.approx((0.1 + 0.2) / 2)
+    # garden has no pair rated differently: its accuracy is no number, and the average is books' alone
+    assert summary["all"]["pairwise_accuracy"]["r0"] == pytest.approx(0.5)
     assert mae_by_round(table, 2) == pytest.approx([(1.5 + 0.5) / 2, (1.0 + 0.5) / 2, (0.8 + 0.25) / 2])
 
     rewards = compute_rewards(first_update_errors(table)).set_index("user_id")
@@ -180,13 +194,17 @@ def _invoke(command, tmp_path, params: dict, *args):
     from click.testing import CliRunner
 
     path = tmp_path / "params.yaml"
-    path.write_text(yaml.safe_dump(params))
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
     return CliRunner().invoke(command, ["--params", str(path), *map(str, args)])
 
 
 EVAL_PARAMS = {
-    "evaluate": {"rounds": 2, "methods": ["untrained", "incupdate"], "users": {"domains": None, "per_domain": None},
-                 "sampling": {"temperature": 0.0, "max_new_tokens": 8}},
+    "evaluate": {"rounds": 2, "methods": {"untrained": {"update": "refine", "model": "policy", "weights": "models/embedded"},
+                                          "incupdate": {"update": "incupdate", "model": "frozen",
+                                                        "weights": "models/embedded"}},
+                 "users": {"domains": None, "per_domain": None},
+                 "sampling": {"temperature": 0.0, "max_new_tokens": 8},
+                 "bootstrap": {"resamples": 200, "level": 0.95, "seed": 0}, "similarity_embedder": None},
     "reward": {"weights": {"prev": 1.0, "curr": 1.0, "fut": 1.0}}, "tau_pos": 0.5, "tau_neg": 0.0,
 }
 
@@ -211,16 +229,20 @@ def test_report_refuses_a_table_with_other_rounds(tmp_path):
     one_line_error(result, "untrained.parquet", "rounds [0, 1, 2]", "evaluate.rounds=4")
     # with matching rounds the same tables make a report
     ok = _invoke(report.main, tmp_path, EVAL_PARAMS, "--eval-dir", tmp_path / "eval",
-                 "--metrics", tmp_path / "eval.json", "--plot", tmp_path / "mae.csv")
+                 "--metrics", tmp_path / "eval.json", "--plots-dir", tmp_path / "plots",
+                 "--case-study", tmp_path / "case.md")
     assert ok.exit_code == 0, ok.output
-    assert (tmp_path / "mae.csv").read_text().splitlines()[0] == "method,round,mae"
+    assert (tmp_path / "plots" / "mae_by_round.csv").read_text().splitlines()[0] == "method,round,mae"
+    assert (tmp_path / "case.md").read_text().startswith("# Case study: user ")
 
 
 @pytest.mark.parametrize("edit, args, fragments", [
-    ({"rounds": 0}, ["--method", "incupdate"], ["evaluate.rounds", "integer >= 1"]),
+    ({"rounds": 0}, ["--method", "incupdate"], ["evaluate.rounds", "must be >= 1, got 0"]),
     ({"sampling": {"temperature": "hot"}}, ["--method", "incupdate"], ["evaluate.sampling.temperature"]),
     ({"users": {"per_domain": -1}}, ["--method", "incupdate"], ["evaluate.users.per_domain"]),
-    ({}, ["--method", "deeper", "--adapter", "no/such/adapter"], ["no/such/adapter", "run the training stage"]),
+    ({"methods": {"deeper": {"update": "refine", "model": "policy", "weights": "models/adapters/it2"}}},
+     ["--method", "deeper", "--adapter", "no/such/adapter"], ["no/such/adapter", "run the training stage"]),
+    ({}, ["--method", "deeper"], ["--method", "'deeper' is not one of evaluate.methods: untrained, incupdate"]),
     ({}, ["--method", "incupdate", "--adapter", "."], ["--adapter", "without an adapter"]),
 ])
 def test_evaluate_bad_settings_are_one_line_errors(tmp_path, edit, args, fragments):
@@ -228,3 +250,15 @@ def test_evaluate_bad_settings_are_one_line_errors(tmp_path, edit, args, fragmen
 
     params = {**EVAL_PARAMS, "evaluate": {**EVAL_PARAMS["evaluate"], **edit}}
     one_line_error(_invoke(evaluate.main, tmp_path, params, *args), *fragments)
+
+
+def test_pairwise_accuracy_by_hand():
+    from deeper.rollout import pairwise_accuracy
+
+    # actual 5, 3, 3, 1: pairs rated differently (0,1) (0,2) (0,3) (1,3) (2,3); (1,2) is a tie and does not count
+    # predicted 4, 2, 4.5, 4.5: (0,1) right, (0,2) wrong, (0,3) wrong, (1,3) wrong, (2,3) tie -> half
+    assert pairwise_accuracy([4, 2, 4.5, 4.5], [5, 3, 3, 1]) == (pytest.approx(1.5 / 5), 5)
+    assert pairwise_accuracy([1, 2, 3], [1, 2, 3]) == (1.0, 3)
+    assert pairwise_accuracy([3, 2, 1], [1, 2, 3]) == (0.0, 3)
+    accuracy, pairs = pairwise_accuracy([1, 2], [4, 4])
+    assert pairs == 0 and math.isnan(accuracy)  # no pair rated differently: NaN, counted as no pairs

@@ -98,6 +98,44 @@ def test_only_the_adapter_learns_and_the_sft_term_is_in_the_loss(tiny_llama, tmp
     assert chosen_nll > 1.0  # the SFT term is not negligible here: without it the loss would be log 2
 
 
+@pytest.mark.parametrize("normalization", ["per_token", "per_pair"])
+def test_sft_term_is_normalised_per_token_or_per_pair_as_configured(tiny_llama, tmp_path, normalization):
+    """Two pairs whose chosen answers differ in length (one batch, one step). At step 1 the policy is the
+    reference (B = 0), so the loss is log 2 + the SFT term, computed here by hand from the base model's logits:
+    per_token pools every chosen token of the batch (TRL's "sft"), per_pair averages each pair's
+    -sum log p / length (LLaMA-Factory's `-chosen_logps / chosen_length`, then the batch mean)."""
+    pairs = make_pairs(2)
+    pairs.loc[0, "chosen"] = "Loves dramas."
+    pairs.loc[1, "chosen"] = CHOSEN + " She also reads long historical novels about the sea and its sailors every winter."
+    config = TrainConfig(**{**FAST, "max_steps": 1}, sft_weight=1.0, sft_normalization=normalization)
+    trainer = build_trainer(tiny_llama, pairs_to_examples(pairs, "p"), [], config, tmp_path)
+    trainer.train()
+    batch = trainer.data_collator([trainer.train_dataset[0], trainer.train_dataset[1]])
+    with torch.no_grad():
+        logits = AutoModelForCausalLM.from_pretrained(tiny_llama)(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.double()
+    logps = torch.log_softmax(logits[:, :-1], -1).gather(-1, batch["input_ids"][:, 1:, None])[..., 0]
+    mask = batch["completion_mask"][:, 1:].bool()
+    lengths = mask[:2].sum(1)
+    assert lengths[0] * 3 < lengths[1]  # the two normalisations differ only when the lengths do
+    pooled = -logps[:2][mask[:2]].mean().item()
+    per_pair = sum(-logps[i][mask[i]].sum().item() / lengths[i].item() for i in range(2)) / 2
+    assert abs(pooled - per_pair) > 0.01
+    expected = pooled if normalization == "per_token" else per_pair
+    assert trainer.state.log_history[0]["loss"] == pytest.approx(math.log(2) + expected, abs=1e-4)
+    assert trainer.args.loss_type == (["sigmoid", "sft"] if normalization == "per_token" else ["sigmoid"])
+
+
+def test_disable_dropout_zeroes_the_lora_dropout_as_llamafactory_did(tiny_llama, tmp_path):
+    """TRL (like LLaMA-Factory's CustomDPOTrainer) disables dropout after the adapter is made, so the LoRA
+    dropout of train.lora.dropout only acts when train.disable_dropout is false."""
+    examples = pairs_to_examples(make_pairs(2), "p")
+    for disable, p in ((False, 0.2), (True, 0.0)):
+        model = build_trainer(tiny_llama, examples, [], TrainConfig(**FAST, disable_dropout=disable), tmp_path).model
+        dropouts = {m.p for n, m in model.named_modules() if isinstance(m, torch.nn.Dropout) and "lora_dropout" in n}
+        assert dropouts == {p}
+
+
 @pytest.mark.parametrize("reference", ["base", "previous"])
 def test_iteration_2_reference_is_base_or_model_1(tiny_llama, model_1, tmp_path, reference):
     adapter, _ = model_1

@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -22,10 +20,10 @@ import yaml
 
 from tests.conftest import REPO
 from tests.ddp_train_probe import lora_digest
+from tests.stage_runs import DVC, dvc_env, dvc_run, pipeline_repo
 from tests.test_train import make_pairs
 
 BIN = Path(sys.executable).parent
-DVC = shutil.which("dvc", path=str(BIN)) or shutil.which("dvc")
 ACCELERATE = shutil.which("accelerate", path=str(BIN)) or shutil.which("accelerate")
 pytestmark = [
     pytest.mark.skipif(DVC is None, reason="dvc is not installed"),
@@ -35,39 +33,25 @@ pytestmark = [
 LAUNCHER = "ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2 -m tests.ddp_train_probe"
 
 
-def run(cmd, cwd, env, timeout=900):
-    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout, check=False)
-
-
 @pytest.fixture(scope="module")
 def ddp_run(tiny_llama, tmp_path_factory):
-    """A scratch DVC repo holding this repository's dvc.yaml and code, after `dvc repro --single-item train@1`."""
-    repo = tmp_path_factory.mktemp("ddp-repo")
-    for name in ("dvc.yaml", "params.yaml"):
-        shutil.copy(REPO / name, repo / name)
-    for package in ("deeper", "stages"):
-        shutil.copytree(REPO / package, repo / package, ignore=shutil.ignore_patterns("__pycache__"))
+    """A scratch DVC repo running this repository's train stage and code, after `dvc repro --single-item train@1`."""
+    # 8 train pairs, 2 per process and step: one epoch is 2 optimizer steps when 2 processes share the data.
+    train = {"launcher": LAUNCHER, "max_steps": 2, "per_device_batch": 2, "grad_accum": 1, "lr": 1e-2,
+             "max_length": 256, "gradient_checkpointing": True}
+    overrides = {"models.policy": {"backend": "transformers", "name": str(tiny_llama)},
+                 **{f"train.{key}": value for key, value in train.items()}}
+    repo = pipeline_repo(tmp_path_factory.mktemp("ddp-repo"), ["train"], overrides, {})
     (repo / "tests").mkdir()
     (repo / "tests" / "__init__.py").write_text("")
     shutil.copy(REPO / "tests" / "ddp_train_probe.py", repo / "tests" / "ddp_train_probe.py")
-
-    params = yaml.safe_load((repo / "params.yaml").read_text())
-    params["models"]["policy"] = {"backend": "transformers", "name": str(tiny_llama)}
-    # 8 train pairs, 2 per process and step: one epoch is 2 optimizer steps when 2 processes share the data.
-    params["train"].update(launcher=LAUNCHER, max_steps=2, per_device_batch=2, grad_accum=1, lr=1e-2,
-                           max_length=256, gradient_checkpointing=True)
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     (repo / "models" / "embedded").mkdir(parents=True)
     (repo / "models" / "embedded" / "README").write_text("the train stage's dependency; the model is tiny_llama\n")
     (repo / "data" / "pairs" / "it1").mkdir(parents=True)
     make_pairs(10).assign(split=["train"] * 8 + ["val"] * 2).to_parquet(repo / "data" / "pairs" / "it1" / "pairs.parquet")
 
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "OMP_NUM_THREADS": "1",
-           "DEEPER_PROBE_DIR": str(repo / "probe"), "DVC_NO_ANALYTICS": "1", "PYTHONPATH": ""}
-    for cmd in (["git", "init", "-q"], [DVC, "init", "-q"]):
-        done = run(cmd, repo, env)
-        assert done.returncode == 0, done.stderr
-    result = run([DVC, "repro", "--single-item", "train@1"], repo, env)
+    env = dvc_env(OMP_NUM_THREADS="1", DEEPER_PROBE_DIR=str(repo / "probe"), PYTHONPATH="")
+    result = dvc_run("repro", "--single-item", "train@1", cwd=repo, env=env, timeout=900)
     return repo, result
 
 

@@ -13,6 +13,7 @@ import pytest
 
 from deeper.data.ingest import ingest
 from deeper.data.readers import Source
+from deeper.data.readers.common import clean_title
 from deeper.data.schema import WINDOW_COLUMNS
 from deeper.data.window import make_windows, spec_from_params
 
@@ -140,7 +141,7 @@ def test_prewindowed_data_keeps_its_windows_and_split(authors, tmp_path):
         source = (train | test)[user]
         for k in range(5):
             mine = [(r["pos"], r["title"], r["rating"]) for r in rs if r["window"] == k]
-            kept = [(t, float(x)) for t, x in zip(source[k]["items"], source[k]["ratings"]) if x != 0]
+            kept = [(clean_title(t), float(x)) for t, x in zip(source[k]["items"], source[k]["ratings"]) if x != 0]
             assert mine == [(p, t, x) for p, (t, x) in enumerate(kept)], (user, k)  # zeros skipped, order kept
     # eval users: W0..W5 (count = 6, the JSONL's W6 is not needed); train users: their five CSV windows
     assert {len({r["window"] for r in rs}) for rs in users.values() if rs[0]["split"] == "eval"} == {6}
@@ -162,3 +163,98 @@ def test_prewindowed_users_are_drawn_within_their_split(authors, tmp_path):
         assert (m["train_users"], m["eval_users"]) == (train, eval_)
         assert len({r["user_id"] for r in rows if r["domain"] == domain}) == train + eval_
     assert {r["item_type"] for r in rows if r["domain"] == "google_local"} == {"local_business"}
+
+
+def test_the_paper_profile_trains_only_users_with_fifty_ratings(tmp_path):
+    """Sec. 4.1: training users have at least 50 ratings. With the paper profile's window block a user with 49
+    ratings (four full windows) is a counted skip, one with 50 a training user (small files, no shared data)."""
+    from deeper.config import load_params
+    from deeper.profile import apply_profile, load_profile
+    from tests.conftest import REPO
+
+    params = load_params(REPO / "params.yaml")
+    paper = apply_profile(params, load_profile("paper", params))["window"]
+    folder = tmp_path / "ml"
+    folder.mkdir()
+    (folder / "movies.csv").write_text("movieId,title,genres\n" + "".join(
+        f"{i},Movie {i} (1999),Drama\n" for i in range(100)), encoding="utf-8")
+    rows = [(user, i) for user, n in (("49", 49), ("50", 50)) for i in range(n)]
+    (folder / "ratings.csv").write_text("userId,movieId,rating,timestamp\n" + "".join(
+        f"{user},{i},4.0,{1000 + i}\n" for user, i in rows), encoding="utf-8")
+    db = tmp_path / "r.duckdb"
+    ingest([Source("movielens_csv", folder, None, "movielens", "movie")], db)
+    split = {"train_users": 10, "eval_users": 0, "seen": True}
+    got, metrics = windows(db, tmp_path / "w.parquet", **{**paper, "default": split, "domains": {}})
+    assert {r["user_id"] for r in got if r["split"] == "train"} == {"50"}
+    assert metrics["domains"]["movielens"]["skipped_users"]["too_few_ratings"] == 1
+
+
+def _authors_csv(path: Path, users: list[tuple[str, str]], item_type: str = "product") -> None:
+    """An authors' split CSV: (user id, split) rows with five windows of two items."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["id", "item_type", "split", "dataset_name", "source_url", *(f"windows_{k}" for k in range(5))])
+        for user, split in users:
+            writer.writerow([user, item_type, split, path.parts[-3], "https://example.org", *(
+                repr({"items": [f"{user} item {k}a", f"{user} item {k}b"], "ratings": [4.0, 2.0]}) for k in range(5))])
+
+
+def test_the_authors_folders_are_the_papers_domains_with_their_users_and_flags(tmp_path):
+    """The deeper_authors preset of params.yaml names the authors' folders as the paper's domains, so the
+    window.domains entries apply: Sports (only full_dataset.csv, as in the authors' repository) is unseen with
+    no training users, Food.com is the seen `recipe` domain (small files, no shared data)."""
+    from deeper.config import load_params
+    from deeper.data.ingest import sources_from_params
+    from tests.conftest import REPO
+
+    params = load_params(REPO / "params.yaml")
+    root = tmp_path / "raw"
+    food, sports = root / "deeper" / "food_com" / "split_data", root / "deeper" / "amazon_sports_and_outdoors" / "split_data"
+    _authors_csv(food / "train_dataset.csv", [("t1", "train"), ("t2", "train")], "recipe")
+    _authors_csv(food / "test_dataset.csv", [("e1", "eval")], "recipe")
+    _authors_csv(sports / "full_dataset.csv", [("s1", "eval"), ("s2", "test"), ("s3", "eval")])
+    sources = sources_from_params(str(root), "deeper_authors", params["ingest"]["presets"])
+    db = tmp_path / "r.duckdb"
+    summary = ingest(sources, db)
+    assert sorted(summary["domains"]) == ["amazon_sports", "recipe"]
+    window = {**params["window"], "count": 5, "train_count": 5}
+    rows, metrics = windows(db, tmp_path / "w.parquet", **window)
+    seen = {(r["domain"], r["split"]): r["seen"] for r in rows}
+    assert seen == {("recipe", "train"): True, ("recipe", "eval"): True, ("amazon_sports", "eval"): False}
+    assert metrics["domains"]["amazon_sports"]["eval_users"] == 3  # full_dataset.csv: test counts as eval
+    assert metrics["domains"]["amazon_sports"]["requested_users"] == {"train": 0, "eval": 185}
+    assert metrics["domains"]["recipe"]["train_users"] == 2
+
+
+def test_the_authors_domain_names_are_checked(tmp_path):
+    from deeper.data.ingest import sources_from_params
+    from deeper.errors import ConfigError
+
+    entry = {"format": "deeper_windows", "path": "deeper"}
+    for domains, message in (({"a": "x", "b": "x"}, "two folders are named 'x'"), (["a"], "must map folder names"),
+                             ({"a": ""}, "must map folder names")):
+        with pytest.raises(ConfigError, match=rf"ingest\.presets\.p\[0\]\.domains: {message}"):
+            sources_from_params(str(tmp_path), "p", {"p": [{**entry, "domains": domains}]})
+    with pytest.raises(ConfigError, match=r"\.domains: not a setting of format foodcom"):
+        sources_from_params(str(tmp_path), "p", {"p": [{"format": "foodcom", "path": "f", "domain": "r",
+                                                        "item_type": "recipe", "domains": {"a": "b"}}]})
+
+
+def test_the_authors_windows_run_as_the_papers_seen_domains(shared_data, tmp_path):
+    """../shared/data holds the authors' six seen domains: through the preset they are the paper's names,
+    every one seen (the unseen four are not in it)."""
+    from deeper.config import load_params
+    from deeper.data.ingest import sources_from_params
+    from tests.conftest import REPO
+
+    params = load_params(REPO / "params.yaml")
+    root = tmp_path / "root"
+    root.mkdir()
+    os.symlink(shared_data / "deeper", root / "deeper")
+    db = tmp_path / "r.duckdb"
+    ingest(sources_from_params(str(root), "deeper_authors", params["ingest"]["presets"]), db)
+    rows, metrics = windows(db, tmp_path / "w.parquet", **params["window"])
+    assert sorted(metrics["domains"]) == ["amazon_books", "amazon_clothing", "amazon_movies_tv", "local_business",
+                                          "movielens", "recipe"]
+    assert {r["seen"] for r in rows} == {True}

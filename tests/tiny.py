@@ -39,8 +39,11 @@ def make_tiny_tokenizer() -> PreTrainedTokenizerFast:
     return fast
 
 
-def make_tiny_llama(directory: str | Path, seed: int = 0) -> Path:
-    """Save a tiny random Llama (2 layers, hidden 64) and its tokenizer to `directory`; return the path."""
+def make_tiny_llama(directory: str | Path, seed: int = 0, initializer_range: float = 0.02) -> Path:
+    """Save a tiny random Llama (2 layers, hidden 64) and its tokenizer to `directory`; return the path.
+
+    With the default (HF's) initializer_range its logits are nearly flat and hardly depend on the prompt:
+    sampled at temperature 1, every prompt gets the same text for one seed. Around 0.3, each prompt its own."""
     directory = Path(directory)
     if (directory / "config.json").exists():
         return directory
@@ -50,11 +53,37 @@ def make_tiny_llama(directory: str | Path, seed: int = 0) -> Path:
         vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=None,
-        tie_word_embeddings=True,
+        tie_word_embeddings=True, initializer_range=initializer_range,
     )
     model = LlamaForCausalLM(config)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
+    return directory
+
+
+def make_tiny_bert(directory: str | Path, seed: int = 0) -> Path:
+    """A tiny random BERT encoder with a WordPiece tokenizer (the shape of all-MiniLM-L6-v2's folder)."""
+    from tokenizers import normalizers
+    from tokenizers import pre_tokenizers as pre
+    from tokenizers.models import WordPiece
+    from tokenizers.trainers import WordPieceTrainer
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    directory = Path(directory)
+    if (directory / "config.json").exists():
+        return directory
+    special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    tok = Tokenizer(WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre.BertPreTokenizer()
+    tok.train_from_iterator(CORPUS, WordPieceTrainer(vocab_size=300, special_tokens=special, show_progress=False))
+    directory.mkdir(parents=True, exist_ok=True)
+    fast = BertTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
+                             sep_token="[SEP]", mask_token="[MASK]")
+    torch.manual_seed(seed)
+    BertModel(BertConfig(vocab_size=len(fast), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                         intermediate_size=64, max_position_embeddings=512)).save_pretrained(directory)
+    fast.save_pretrained(directory)
     return directory

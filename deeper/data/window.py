@@ -23,6 +23,7 @@ import pyarrow.parquet as pq
 
 from deeper.data.schema import SPLITS, TABLES, WINDOW_COLUMNS
 from deeper.errors import ConfigError, DeeperError, InputError
+from deeper.params import mapping, number
 
 SKIP_REASONS = (
     "too_few_ratings",  # raw data: fewer than size * min(count, train_count) ratings
@@ -50,12 +51,8 @@ def spec_from_params(window: dict) -> tuple[WindowSpec, DomainSplit, dict[str, d
     """The `window` params block, checked: (spec, default split, per-domain overrides)."""
     if not isinstance(window, dict):
         raise ConfigError("window", "must be a mapping")
-    numbers = {}
-    for key, low in (("size", 1), ("count", 1), ("train_count", 1), ("seed", None)):
-        value = window.get(key)
-        if isinstance(value, bool) or not isinstance(value, int) or (low is not None and value < low):
-            raise ConfigError(f"window.{key}", f"must be an integer{f' >= {low}' if low else ''}, not {value!r}")
-        numbers[key] = value
+    numbers = {key: number(window.get(key), f"window.{key}", integer=True, low=low)
+               for key, low in (("size", 1), ("count", 1), ("train_count", 1), ("seed", 0))}
     if numbers["train_count"] > numbers["count"]:
         raise ConfigError("window.train_count", f"must be <= window.count ({numbers['count']})")
     default = _split("window.default", window.get("default"), None)
@@ -68,25 +65,19 @@ def spec_from_params(window: dict) -> tuple[WindowSpec, DomainSplit, dict[str, d
 
 
 def _split(key: str, block, default: DomainSplit | None) -> DomainSplit:
-    if not isinstance(block, dict):
-        raise ConfigError(key, "must be a mapping with train_users, eval_users, seen")
-    unknown = sorted(set(block) - set(SPLIT_KEYS))
-    if unknown:
-        raise ConfigError(f"{key}.{unknown[0]}", f"unknown; known: {', '.join(SPLIT_KEYS)}")
+    block = mapping(block, key, known=SPLIT_KEYS)
     values = {}
     for name in SPLIT_KEYS:
         if name not in block:
             if default is None:
                 raise ConfigError(f"{key}.{name}", "missing")
             values[name] = getattr(default, name)
-            continue
-        value = block[name]
-        if name == "seen":
-            if not isinstance(value, bool):
-                raise ConfigError(f"{key}.seen", f"must be true or false, not {value!r}")
-        elif isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise ConfigError(f"{key}.{name}", f"must be an integer >= 0, not {value!r}")
-        values[name] = value
+        elif name == "seen":
+            if not isinstance(block[name], bool):
+                raise ConfigError(f"{key}.seen", f"must be true or false, not {block[name]!r}")
+            values[name] = block[name]
+        else:
+            values[name] = number(block[name], f"{key}.{name}", integer=True, low=0)
     return DomainSplit(**values)
 
 

@@ -3,7 +3,8 @@
     models.frozen: {backend: transformers, name: models/embedded/smollm2-135m, batch_size: 16, device: cpu, dtype: float32}
     {backend: openai, name: gpt-4o-mini, base_url: ..., api_key_env: OPENAI_API_KEY, concurrency: 8, timeout: 60,
      max_retries: 5, prefill: assistant}
-    {backend: vllm, name: meta-llama/Llama-3.1-8B-Instruct, max_lora_rank: 16, gpu_memory_utilization: 0.85}
+    {backend: vllm, name: meta-llama/Llama-3.1-8B-Instruct, max_lora_rank: 16, gpu_memory_utilization: 0.85,
+     tensor_parallel_size: 1, data_parallel_size: 1, max_model_len: 4096, kv_cache_gib: null}
 
 Wrap the result in `deeper.llm.cache.CachedLLM` for the response cache.
 """
@@ -23,6 +24,22 @@ BACKENDS = {
     "vllm": ("deeper.llm.vllm_backend", "VLLMLLM"),
 }
 _NOT_PARAMS = {"self", "name", "adapter", "where"}
+# Numeric keys of the backends' params blocks and their ranges (deeper.params.number), whichever backend has them.
+NUMBER_RULES = {
+    "batch_size": {"integer": True, "low": 1, "nullable": True},
+    "concurrency": {"integer": True, "low": 1},
+    "timeout": {"low": 0.0, "low_open": True},
+    "max_retries": {"integer": True, "low": 0},
+    "retry_base_delay": {"low": 0.0},
+    "retry_max_delay": {"low": 0.0},
+    "max_lora_rank": {"integer": True, "low": 1},
+    "gpu_memory_utilization": {"low": 0.0, "low_open": True, "high": 1.0},
+    "max_model_len": {"integer": True, "low": 1, "nullable": True},
+    "tensor_parallel_size": {"integer": True, "low": 1},
+    "data_parallel_size": {"integer": True, "low": 1},
+    "kv_cache_gib": {"integer": True, "low": 1, "nullable": True},
+    "block_size": {"integer": True, "low": 1, "nullable": True},
+}
 
 
 def backend_class(backend: str, where: str = "model"):
@@ -39,7 +56,8 @@ def spec_keys(backend: str) -> list[str]:
 
 def check_spec(spec: dict, adapter: str | None = None, where: str = "model") -> tuple[type, dict]:
     """load_llm's checks without building anything (no model, GPU, server or key needed): the backend class
-    and its keyword arguments. Unknown backends and unknown or missing keys are one-line ConfigErrors."""
+    and its keyword arguments. Unknown backends, unknown or missing keys and values a backend's own
+    `check_settings` refuses are one-line ConfigErrors."""
     if not isinstance(spec, dict):
         raise ConfigError(where, "must be a mapping with at least `backend` and `name`")
     spec = dict(spec)
@@ -56,7 +74,17 @@ def check_spec(spec: dict, adapter: str | None = None, where: str = "model") -> 
     unknown = sorted(set(spec) - set(allowed))
     if unknown:
         raise ConfigError(f"{where}.{unknown[0]}", f"unknown key for backend {backend}; known: {', '.join(allowed)}")
-    return cls, {"name": name, "adapter": str(adapter) if adapter is not None else None, "where": where, **spec}
+    from deeper.params import number
+
+    for key, value in spec.items():
+        if key in NUMBER_RULES:
+            spec[key] = number(value, f"{where}.{key}", **NUMBER_RULES[key])
+    kwargs = {"name": name, "adapter": str(adapter) if adapter is not None else None, "where": where, **spec}
+    check_settings = getattr(cls, "check_settings", None)  # a backend's own checks of what is not a number
+    if check_settings is not None:
+        defaults = {k: p.default for k, p in inspect.signature(cls).parameters.items() if p.default is not p.empty}
+        check_settings({**defaults, **kwargs}, where)
+    return cls, kwargs
 
 
 def load_llm(spec: dict, adapter: str | None = None, where: str = "model") -> LLM:

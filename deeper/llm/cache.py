@@ -133,6 +133,7 @@ class CachedLLM:
         self.store = ResponseStore(cache_dir if cache_dir is not None else default_cache_dir())
         self.batch_size = max(1, int(getattr(llm, "batch_size", 16)))
         self.hits = self.misses = 0
+        self.failed_ratings = 0  # rating rows the backend marked failed (returned, never stored)
         if hasattr(llm, "show_progress"):
             llm.show_progress = False  # this wrapper shows one bar over all items
 
@@ -142,7 +143,7 @@ class CachedLLM:
 
     def stats(self) -> dict:
         inner = self.llm.counters.as_dict() if hasattr(self.llm, "counters") else {}
-        return {**inner, "cache_hits": self.hits, "cache_misses": self.misses}
+        return {**inner, "cache_hits": self.hits, "cache_misses": self.misses, "failed_ratings": self.failed_ratings}
 
     # --- generate -------------------------------------------------------------------------------------
 
@@ -231,6 +232,7 @@ class CachedLLM:
                 results[g].probs[j] = answer.probs[pos]
                 results[g].digit_mass[j] = answer.digit_mass[pos]
                 results[g].failed[j] = bool(failed[pos])
+                self.failed_ratings += bool(failed[pos])
                 if not failed[pos]:
                     value = {"probs": [float(p) for p in answer.probs[pos]], "digit_mass": float(answer.digit_mass[pos])}
                     rows.append((keys[g][j], "rating", value))

@@ -13,7 +13,9 @@
   penalty is then not applied, and the fingerprint says so).
 - rating_probs: one request per item, max_tokens=1, logprobs with top_logprobs=20. With
   `prefill: assistant` the prefill is sent as a last assistant message; the server must continue it rather than
-  open a new turn (llama-cpp-python's server does so only when started by scripts/llamacpp_server.py; a vLLM server needs `extra_body: {continue_final_message: true, add_generation_prompt: false}`);
+  open a new turn (llama-cpp-python's server does so only when started by scripts/llamacpp_server.py; a vLLM server
+  needs `rating_extra_body: {continue_final_message: true, add_generation_prompt: false}`, sent with ratings
+  only: with generation requests, whose last message is the user's, it would continue the user's turn);
   with `prefill: none` the item's chat is sent as is and the first answer token is read.
 """
 
@@ -111,7 +113,8 @@ class OpenAILLM:
         self, name: str, base_url: str | None = None, api_key_env: str = "OPENAI_API_KEY", concurrency: int = 8,
         timeout: float = 60, max_retries: int = 5, prefill: str = "assistant", batch_size: int | None = None,
         retry_base_delay: float = 1.0, retry_max_delay: float = 60.0, extra_body: dict | None = None,
-        send_repetition_penalty: bool = True, adapter: str | None = None, where: str = "model",
+        send_repetition_penalty: bool = True, rating_extra_body: dict | None = None, adapter: str | None = None,
+        where: str = "model",
     ):
         import openai
 
@@ -134,6 +137,7 @@ class OpenAILLM:
         self.name, self.model = name, adapter or name
         self.base_url = public_url(base_url)
         self.prefill_mode, self.extra_body = prefill, dict(extra_body or {})
+        self.rating_extra_body = {**self.extra_body, **(rating_extra_body or {})}
         self.send_repetition_penalty = send_repetition_penalty
         self.concurrency, self.max_retries = int(concurrency), int(max_retries)
         # chunk size of the response cache (each chunk committed on return): several requests per worker
@@ -144,10 +148,21 @@ class OpenAILLM:
         settings = {"prefill": prefill, "extra_body": self.extra_body}
         if not send_repetition_penalty:  # only then: the fingerprints of existing blocks stay as they were
             settings["send_repetition_penalty"] = False
+        if rating_extra_body:
+            settings["rating_extra_body"] = rating_extra_body
         settings = json.dumps(settings, sort_keys=True)
         self.fingerprint = f"openai:{self.base_url}|{self.model}|{settings}"
         self.counters = Counters()
         self.show_progress = True
+
+    @staticmethod
+    def prefill_problem(settings: dict) -> str | None:
+        """Why ratings cannot be read in logprob mode with these params (None: they can): with `prefill: none`
+        the first answer token is read, which a chat model starts with "Rating", "I", "**", ..., so the digit
+        mass would be 0 and every rating a failure."""
+        if settings.get("prefill", "assistant") == "none":
+            return "prefill none sends no prefill, so the first answer token is not the rating digit"
+        return None
 
     # --- one request with retries ----------------------------------------------------------------------
 
@@ -246,7 +261,7 @@ class OpenAILLM:
                     return self._request(
                         top_logprob_pairs, messages=rating_messages(chat, prefill, self.prefill_mode),
                         max_tokens=1, temperature=0.0, seed=0, logprobs=True, top_logprobs=TOP_LOGPROBS,
-                        extra_body=self.extra_body or None,
+                        extra_body=self.rating_extra_body or None,
                     )
                 except _GaveUp as e:
                     if not e.malformed:
@@ -263,10 +278,11 @@ class OpenAILLM:
             rows = flat[start : start + len(group.chats)]
             start += len(group.chats)
             result = result_from_top_logprobs([r or [] for r in rows])
-            failed = np.array([r is None for r in rows], dtype=bool)
-            fallback = uniform_result(len(rows))
-            result.probs[failed] = fallback.probs[failed]
-            result.digit_mass[failed] = 0.0
+            # no reply after the retries, or a reply without a rating (scoring's MIN_DIGIT_MASS)
+            no_reply = np.array([r is None for r in rows], dtype=bool)
+            failed = no_reply | result.failed
+            result.probs[failed] = uniform_result(len(rows)).probs[failed]
+            result.digit_mass[no_reply] = 0.0
             result.failed = failed
             results.append(result)
         return results

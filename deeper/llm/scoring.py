@@ -13,7 +13,12 @@ from collections.abc import Iterable
 
 import numpy as np
 
+from deeper.errors import DeeperError
 from deeper.llm.base import RATINGS, Chat, RatingResult
+
+# Below this total probability on the digits 1-5 an answer is not a rating (SmolLM2 and Qwen put 0.3-1.0 there
+# after "Rating: "; a model that ignored the prefill puts ~0, and top-20 logprobs without a digit give exactly 0).
+MIN_DIGIT_MASS = 1e-4
 
 
 def render_prompt(tokenizer, chat: Chat, prefill: str | None = None) -> str:
@@ -46,13 +51,32 @@ def digit_token_ids(tokenizer) -> list[list[int]]:
     return ids
 
 
+class DigitTokens:
+    """For a backend with `tokenizer` and `name`: `digit_ids`, computed once; a tokenizer without single-token
+    digits is a one-line DeeperError naming the model."""
+
+    _digit_ids: list[list[int]] | None = None
+
+    @property
+    def digit_ids(self) -> list[list[int]]:
+        if self._digit_ids is None:
+            try:
+                self._digit_ids = digit_token_ids(self.tokenizer)
+            except ValueError as e:
+                raise DeeperError(f"model {self.name}: {e}") from None
+        return self._digit_ids
+
+
 def _result(digit_probs: np.ndarray) -> RatingResult:
-    """(n, 5) unnormalised digit probabilities -> renormalised probs + digit mass (uniform when the mass is 0)."""
+    """(n, 5) unnormalised digit probabilities -> renormalised probs + digit mass. A row whose mass is below
+    MIN_DIGIT_MASS did not answer with a rating at all (e.g. "Rating" from a server that ignored the prefill):
+    renormalising would invent a distribution (uniform -> a confident-looking 3), so the row is the failed
+    fallback (uniform, mass as measured, failed=True), counted by predict and never stored in the cache."""
     mass = digit_probs.sum(axis=1)
+    failed = ~(mass >= MIN_DIGIT_MASS)  # NaN mass fails too
     probs = np.full_like(digit_probs, 1.0 / len(RATINGS))
-    nonzero = mass > 0
-    probs[nonzero] = digit_probs[nonzero] / mass[nonzero, None]
-    return RatingResult(probs=probs, digit_mass=mass, failed=np.zeros(len(mass), dtype=bool))
+    probs[~failed] = digit_probs[~failed] / mass[~failed, None]
+    return RatingResult(probs=probs, digit_mass=np.where(np.isfinite(mass), mass, 0.0), failed=failed)
 
 
 def result_from_logits(logits, digit_ids: list[list[int]]) -> RatingResult:
@@ -77,4 +101,14 @@ def result_from_top_logprobs(rows: Iterable[Iterable[tuple[str, float]]]) -> Rat
             if stripped in RATINGS and logprob is not None and math.isfinite(logprob):
                 row[RATINGS.index(stripped)] += math.exp(logprob)
         table.append(row)
+    return _result(np.asarray(table, dtype=np.float64).reshape(-1, len(RATINGS)))
+
+
+def result_from_digit_logprobs(rows: Iterable[dict], digit_ids: list[list[int]]) -> RatingResult:
+    """Rows of {token id: logprob} (an engine's logprobs of the digit tokens) -> RatingResult.
+
+    A digit's probability is the sum over its spellings (`digit_token_ids`); an id absent from a row counts 0.
+    """
+    table = [[sum(math.exp(row[i]) for i in ids if i in row and math.isfinite(row[i])) for ids in digit_ids]
+             for row in rows]
     return _result(np.asarray(table, dtype=np.float64).reshape(-1, len(RATINGS)))

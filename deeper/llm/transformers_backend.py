@@ -22,7 +22,7 @@ from tqdm import tqdm
 from deeper.errors import ConfigError, DeeperError
 from deeper.llm.base import Chat, Counters, RatingGroup, RatingResult, Sampling
 from deeper.llm.fingerprint import combine, resolve_adapter, resolve_model
-from deeper.llm.scoring import digit_token_ids, render_prompt, result_from_logits
+from deeper.llm.scoring import DigitTokens, render_prompt, result_from_logits
 
 DTYPES = ("float32", "bfloat16", "float16", "auto")
 
@@ -43,6 +43,19 @@ def common_prefix_length(prompts: Sequence[Sequence[int]]) -> int:
     return shortest
 
 
+def left_padded(prompts: Sequence[Sequence[int]], pad_id: int):
+    """Token id lists -> (input_ids, attention_mask), both (n, longest), padded on the left."""
+    import torch
+
+    width = max(len(p) for p in prompts)
+    input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, ids in enumerate(prompts):
+        input_ids[row, width - len(ids) :] = torch.tensor(ids)
+        mask[row, width - len(ids) :] = 1
+    return input_ids, mask
+
+
 def score_naive(model, prompts: Sequence[Sequence[int]], pad_id: int, batch_size: int):
     """Next-token logits (n, vocab) after each full prompt: left-padded batches, one forward each."""
     import torch
@@ -50,12 +63,7 @@ def score_naive(model, prompts: Sequence[Sequence[int]], pad_id: int, batch_size
     device = model.device
     out = []
     for chunk in _batches(list(prompts), batch_size):
-        width = max(len(p) for p in chunk)
-        input_ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        for row, ids in enumerate(chunk):
-            input_ids[row, width - len(ids) :] = torch.tensor(ids)
-            mask[row, width - len(ids) :] = 1
+        input_ids, mask = left_padded(chunk, pad_id)
         position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
         logits = model(
             input_ids=input_ids.to(device), attention_mask=mask.to(device), position_ids=position_ids.to(device),
@@ -139,7 +147,9 @@ def _score_packed(model, cache, prefix_len: int, suffixes, pad_id: int):
     if model.config._attn_implementation == "eager":  # eager attention adds the mask to the scores
         allowed = torch.zeros(allowed.shape, dtype=model.dtype).masked_fill(~allowed, torch.finfo(model.dtype).min)
     input_ids = torch.tensor([[t for s in suffixes for t in s]])
-    last = (lengths.cumsum(0) - 1)[None]  # (1, n_items): each suffix's last token in the packed sequence
+    last = lengths.cumsum(0) - 1  # (n_items,): each suffix's last token in the packed sequence
+    # logits_to_keep as a 1D tensor of positions (the documented form; transformers 5.19 indexes a 2D one
+    # into an extra dimension)
     return model(
         input_ids=input_ids.to(device), attention_mask=allowed.to(device),
         position_ids=(prefix_len + offset)[None].to(device), past_key_values=cache, use_cache=True,
@@ -159,12 +169,16 @@ def _score_batched(model, cache, prefix_len: int, suffixes, pad_id: int):
         input_ids[row, : len(ids)] = torch.tensor(ids)
         mask[row, prefix_len : prefix_len + len(ids)] = 1
     position_ids = torch.arange(prefix_len, prefix_len + width).expand(rows, width)
-    last = torch.tensor([[len(s) - 1] for s in suffixes])
+    last = torch.tensor([len(s) - 1 for s in suffixes])
+    # logits_to_keep keeps the same positions in every row (a 1D tensor): keep each row's last position, then
+    # pick that row's own
+    keep, which = torch.unique(last, sorted=True, return_inverse=True)
     cache.batch_repeat_interleave(rows)
-    return model(
+    logits = model(
         input_ids=input_ids.to(device), attention_mask=mask.to(device), position_ids=position_ids.to(device),
-        past_key_values=cache, use_cache=True, logits_to_keep=last.to(device),
-    ).logits[:, 0]
+        past_key_values=cache, use_cache=True, logits_to_keep=keep.to(device),
+    ).logits
+    return logits[torch.arange(rows), which.to(logits.device)]
 
 
 class SeededSampler:
@@ -193,7 +207,7 @@ class SeededSampler:
         return scores.float() + gumbel.to(scores.device)
 
 
-class TransformersLLM:
+class TransformersLLM(DigitTokens):
     backend = "transformers"
 
     def __init__(
@@ -236,7 +250,6 @@ class TransformersLLM:
         configured = getattr(self.model.generation_config, "eos_token_id", None)
         eos.update(configured if isinstance(configured, list) else [configured])
         self.eos_ids = sorted(i for i in eos if i is not None)
-        self._digit_ids = None
         self.prefix_memo = PrefixMemo()
 
     # --- prompts ---------------------------------------------------------------------------------------
@@ -246,15 +259,6 @@ class TransformersLLM:
 
     def rating_prompt_ids(self, group: RatingGroup) -> list[list[int]]:
         return self.encode([render_prompt(self.tokenizer, chat, group.prefill) for chat in group.chats])
-
-    @property
-    def digit_ids(self) -> list[list[int]]:
-        if self._digit_ids is None:
-            try:
-                self._digit_ids = digit_token_ids(self.tokenizer)
-            except ValueError as e:
-                raise DeeperError(f"model {self.name}: {e}") from None
-        return self._digit_ids
 
     # --- the interface ---------------------------------------------------------------------------------
 
@@ -269,13 +273,8 @@ class TransformersLLM:
         texts: dict[tuple[int, int], str] = {}
         batches = list(_batches(rows, self.batch_size))
         for batch in tqdm(batches, desc="generate", unit="batch", leave=False, disable=not self.show_progress or len(batches) < 2):
-            ids = [prompts[c] for c, _ in batch]
-            width = max(len(p) for p in ids)
-            input_ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
-            mask = torch.zeros_like(input_ids)
-            for row, p in enumerate(ids):
-                input_ids[row, width - len(p) :] = torch.tensor(p)
-                mask[row, width - len(p) :] = 1
+            input_ids, mask = left_padded([prompts[c] for c, _ in batch], self.pad_id)
+            width = input_ids.shape[1]
             processors = [] if greedy else [
                 SeededSampler([sampling.seed + k for _, k in batch], sampling.temperature, sampling.top_p)
             ]

@@ -1,4 +1,5 @@
-"""What every reader shares: opening files, row-numbered CSV and JSON lines, rating and time validation.
+"""What every reader shares: opening files, row-numbered CSV and JSON lines, rating and time validation,
+title cleaning.
 
 Every problem becomes `InputError(path, message, row)` ("path:row: message", row 1-based, counting the
 header line), so a reader never lets a traceback or a silent drop through.
@@ -9,13 +10,14 @@ from __future__ import annotations
 import ast
 import csv
 import gzip
+import html
 import json
 import math
 import re
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import date, datetime, timezone
 from pathlib import Path
 
 from tqdm import tqdm
@@ -36,6 +38,9 @@ class Source:
     meta: Path | None = None      # titles file, where the format has one; None: titles from ids
     domain: str | None = None     # None only for formats that name their domains (deeper_windows)
     item_type: str | None = None
+    # deeper_windows: folder name -> domain name (a folder not listed keeps its name); a tuple of pairs so the
+    # Source stays hashable
+    domains: tuple[tuple[str, str], ...] = ()
 
 
 def require_file(path: Path) -> Path:
@@ -174,9 +179,11 @@ def iter_json_objects(path: Path, literal_ok: bool = True, desc: str | None = No
 
 
 def field(obj: dict, key: str, path: Path, row: int):
-    """A required field of a JSON record."""
-    if key not in obj or obj[key] is None:
+    """A required field of a JSON record: absent and null are told apart, so the user knows what to fix."""
+    if key not in obj:
         raise InputError(path, f"missing field '{key}'", row)
+    if obj[key] is None:
+        raise InputError(path, f"field '{key}' is null", row)
     return obj[key]
 
 
@@ -184,7 +191,9 @@ def id_text(value, what: str, path: Path, row: int) -> str:
     """User and item ids are strings; numbers keep their integer form (1, not 1.0)."""
     if type(value) is str and (text := value.strip()):  # the common case first: this runs per row
         return text
-    if isinstance(value, bool) or value is None:
+    if value is None:
+        raise InputError(path, f"{what} is null", row)
+    if isinstance(value, bool):
         raise InputError(path, f"{what} {value!r} is not an id", row)
     if isinstance(value, float) and value.is_integer():
         value = int(value)
@@ -210,6 +219,8 @@ class RatingScale:
 
     def parse(self, value, path: Path, row: int) -> float | None:
         """The rating as a float, None when it means "unrated"; InputError otherwise."""
+        if value is None:
+            raise InputError(path, "rating is null", row)
         if isinstance(value, bool) or not isinstance(value, (int, float, str)):
             raise InputError(path, f"rating {value!r} is not a number", row)
         try:
@@ -231,54 +242,141 @@ class RatingScale:
 STARS_1_5 = RatingScale(1, 5)
 
 
+# --- times ------------------------------------------------------------------------------------------------
+
+# What a time value encodes. One column keeps the encoding of its first row: a date is midnight while a unix
+# time has seconds, so mixing them re-orders a user's ratings within a day (and a misread unit by years).
+UNIX, DATE, DATETIME = "unix time", "date", "date with a time of day"
+# Unix times in the wrong unit: seconds beyond 10^11 (the year 5138) are milliseconds; milliseconds below
+# 10^11 (March 1973, before any rating source) are seconds.
+UNIT_LIMIT = 10**11
+
 _NUMBER = re.compile(r"^[+-]?\d+(\.\d*)?$")
-_DATE_FORMATS = (  # the alternatives the sources actually use, tried in order
-    "%Y-%m-%d",            # Food.com
-    "%Y-%m-%d %H:%M:%S",
-    "%Y-%m-%dT%H:%M:%S",
-    "%Y-%m-%dT%H:%M:%SZ",
-    "%m %d, %Y",           # Amazon reviewTime "09 1, 2016"
+_DATE_FORMATS = (  # the spellings the sources and their re-saved copies use, with what each encodes
+    ("%Y-%m-%d", DATE),              # Food.com, ISO
+    ("%Y/%m/%d", DATE),              # Food.com copies: 2017/8/18
+    ("%m/%d/%Y", DATE),              # Food.com copies re-saved by US spreadsheets: 8/18/2017 (month first)
+    ("%m %d, %Y", DATE),             # Amazon reviewTime "09 1, 2016"
+    ("%Y-%m-%d %H:%M:%S", DATETIME),
+    ("%Y/%m/%d %H:%M:%S", DATETIME),
+    ("%m/%d/%Y %H:%M", DATETIME),    # spreadsheets write minutes only
+    ("%m/%d/%Y %H:%M:%S", DATETIME),
 )
+KNOWN_SPELLINGS = "YYYY-MM-DD, YYYY/M/D, M/D/YYYY, 'MM DD, YYYY', ISO 8601"
+_DAY_FIRST = re.compile(r"^(\d{1,2})/(\d{1,2})/\d{4}\b")
 
 
-def parse_time(value, path: Path, row: int, unit: str = "s") -> int:
-    """Unix seconds from a number of `unit` ("s" or "ms") or from a known date format (read as UTC)."""
-    if type(value) is int:
-        number = value
-    elif type(value) is str:
-        try:
-            number = int(value)  # the common case; dates and decimals take the slower path below
+class TimeColumn:
+    """Unix seconds from one time column of one file, from a unix time in `unit` ("s" or "ms") or a known
+    date spelling (read as UTC). Every row must use the encoding of the column's first row (see UNIX)."""
+
+    def __init__(self, path: Path, name: str, unit: str = "s"):
+        self.path, self.name, self.unit = path, name, unit
+        self.kind: str | None = None
+        self.first_row: int | None = None
+        self._formats = list(_DATE_FORMATS)  # the last spelling that matched is tried first
+
+    def parse(self, value, row: int) -> int:
+        if type(value) is str:
+            try:
+                number = int(value)  # the common case; dates and decimals take the slower path
+            except ValueError:
+                return self._text(value, row)
+        elif type(value) is int:
+            number = value
+        else:
+            return self._other(value, row)
+        if self.kind is UNIX and self.unit == "s" and number < UNIT_LIMIT:  # this runs per row: checks inline
+            return number
+        return self._unix(number, row)
+
+    def _other(self, value, row: int) -> int:
+        if isinstance(value, float) and math.isfinite(value):
+            return self._unix(int(value), row)
+        if isinstance(value, datetime):  # a Parquet timestamp column
+            return self._seconds(value, DATETIME, row)
+        if isinstance(value, date):
+            return self._seconds(datetime(value.year, value.month, value.day), DATE, row)
+        if value is None:
+            raise InputError(self.path, f"{self.name} is null", row)
+        raise InputError(self.path, f"{self.name} {value!r} is not a time", row)
+
+    def _encoding(self, kind: str, shown, row: int) -> None:
+        if self.kind is None:
+            self.kind, self.first_row = kind, row
+        elif kind != self.kind:
+            raise InputError(self.path, f"{self.name} {shown!r} is a {kind}, but row {self.first_row} of this "
+                                        f"column is a {self.kind}: one column must keep one time encoding", row)
+
+    def _unix(self, number: int, row: int) -> int:
+        if self.kind is not UNIX:
+            self._encoding(UNIX, number, row)
+        if self.unit == "ms":
+            if number < UNIT_LIMIT:
+                raise InputError(self.path, f"{self.name} {number} is too small for unix milliseconds "
+                                            "(seconds?)", row)
+            return number // 1000
+        if number >= UNIT_LIMIT:
+            raise InputError(self.path, f"{self.name} {number} is too large for unix seconds (milliseconds?)", row)
+        return number
+
+    def _seconds(self, parsed: datetime, kind: str, row: int, shown=None) -> int:
+        self._encoding(kind, shown or str(parsed), row)
+        if parsed.tzinfo is None:
+            parsed = parsed.replace(tzinfo=timezone.utc)
+        return int(parsed.timestamp())
+
+    def _text(self, value: str, row: int) -> int:
+        text = value.strip()
+        if not text:
+            raise InputError(self.path, f"{self.name} is empty", row)
+        if _NUMBER.match(text):
+            return self._unix(int(float(text)), row)
+        for i, (fmt, kind) in enumerate(self._formats):
+            try:
+                parsed = datetime.strptime(text, fmt)
+            except ValueError:
+                continue
+            if i:
+                self._formats.insert(0, self._formats.pop(i))
+            return self._seconds(parsed, kind, row, text)
+        try:  # ISO 8601 with a T, fractions or an offset, e.g. 2016-09-01T10:00:00+02:00
+            parsed = datetime.fromisoformat(text)
         except ValueError:
-            return _parse_time_text(value, path, row, unit)
-    elif isinstance(value, float) and math.isfinite(value):
-        number = int(value)
-    else:
-        raise InputError(path, f"timestamp {value!r} is not a time", row)
-    return number // 1000 if unit == "ms" else number
+            pass
+        else:
+            return self._seconds(parsed, DATETIME if "T" in text or ":" in text else DATE, row, text)
+        if (m := _DAY_FIRST.match(text)) and int(m.group(1)) > 12 >= int(m.group(2)):
+            raise InputError(self.path, f"{self.name} {text!r} puts the day first; slashed dates are read "
+                                        "month first (M/D/YYYY)", row)
+        raise InputError(self.path, f"{self.name} {text!r} is neither unix time nor a known date format "
+                                    f"({KNOWN_SPELLINGS})", row)
 
 
-def _parse_time_text(value: str, path: Path, row: int, unit: str) -> int:
-    text = value.strip()
-    if _NUMBER.match(text):
-        return parse_time(float(text), path, row, unit)
-    for fmt in _DATE_FORMATS:
-        try:
-            parsed = datetime.strptime(text, fmt)
-        except ValueError:
-            continue
-        return int(parsed.replace(tzinfo=timezone.utc).timestamp())
-    try:  # ISO 8601 with an offset, e.g. 2016-09-01T10:00:00+02:00
-        parsed = datetime.fromisoformat(text)
-    except ValueError:
-        raise InputError(path, f"timestamp {text!r} is neither unix time nor a known date format "
-                               "(YYYY-MM-DD, ISO 8601, 'MM DD, YYYY')", row) from None
-    if parsed.tzinfo is None:
-        parsed = parsed.replace(tzinfo=timezone.utc)
-    return int(parsed.timestamp())
+# --- titles -----------------------------------------------------------------------------------------------
+
+# Scraped titles carry HTML: entities (&amp; &quot; &#39; &eacute;, sometimes escaped twice), stray tags and
+# the end of an attribute (`Evolution" />` in the DEEPER authors' Amazon windows). A prompt gets the text.
+_ENTITY = re.compile(r"&(?:#\d+|#[xX][0-9a-fA-F]+|[A-Za-z][A-Za-z0-9]*);")  # only with the `;`: "AT&T" stays
+_TAG = re.compile(r"</?(?:a|b|br|div|em|font|h\d|i|img|li|p|small|span|strong|sub|sup|td|tr|u|ul)\b[^<>]*>",
+                  re.IGNORECASE)
+_ATTRIBUTE_END = re.compile(r"\s*[\"']?\s*/>\s*$")
+_SPACES = re.compile(r"\s+")
+_NEEDS_CLEANING = re.compile(r"[&<>]|\s\s|^\s|\s$|[^\S ]")  # the fast path: most titles are clean
 
 
 def clean_title(value) -> str | None:
-    """A usable title or None (absent, not text, or blank). The text itself is kept as it is."""
-    if not isinstance(value, str) or not value.strip():
+    """The title a prompt shows, or None when there is none (absent, not text, or nothing left): HTML
+    entities decoded, stray tags and attribute residue removed, runs of whitespace made one space."""
+    if not isinstance(value, str):
         return None
-    return value
+    if not _NEEDS_CLEANING.search(value):
+        return value or None
+    text = value
+    for _ in range(3):  # "&amp;quot;" is escaped twice
+        decoded = _ENTITY.sub(lambda m: html.unescape(m.group(0)), text)
+        if decoded == text:
+            break
+        text = decoded
+    text = _ATTRIBUTE_END.sub("", _TAG.sub(" ", text))
+    return _SPACES.sub(" ", text).strip() or None

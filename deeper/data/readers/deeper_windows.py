@@ -1,16 +1,20 @@
 """The DEEPER authors' preprocessed windows (github.com/sheep333c/DEEPER, data/data_process/).
 
-`path` is a folder of domain folders; the domain is the folder name. Each has
-- split_data/{train,test}_dataset.csv: one user a row, `id,item_type,...,windows_0..windows_4`, each
+`path` is a folder of domain folders; the domain is the folder name, or the name the preset entry's
+`domains` gives it (the authors' folders are not the paper's domain names: `amazon_automative`, `food_com`).
+Each has
+- split_data/{train,test}_dataset.csv: one user a row, `id,item_type,split,...,windows_0..windows_4`, each
   cell a Python literal {'items': [titles], 'ratings': [ratings]} (ast.literal_eval, never eval);
-  train -> split_hint 'train', test -> 'eval'.
+  train -> split_hint 'train', test -> 'eval'. A folder with neither (the authors' unseen Arts, Automotive and
+  Sports) is read from split_data/full_dataset.csv, each row's split from its `split` column (train | eval;
+  test counts as eval); where train or test files exist, full_dataset.csv (their union) is not read.
 - test_iterations/test_iteration_{t}.jsonl: one eval user a line with U{k}/I{k} (ratings/titles of
   windows t-1, t, t+1): the only source of windows 5 and 6. Windows the CSV has are taken from the CSV.
 
 There are no item ids: the id is the title without HTML entities and quote marks, because the CSV and
 the JSONL spell 2-3% of titles differently ("&amp;" vs "&", double vs single quotes); the first spelling
 seen is the title.
-Quirks kept or counted: Food.com ratings of 0 (counted `unrated`), MovieLens half stars, an item repeated
+Quirks kept or counted: Food.com ratings of 0 (counted `unrated`, or kept: ingest.zero_ratings), MovieLens half stars, an item repeated
 within a window (kept, counted `repeated_in_window`), an empty title (dropped, counted `untitled`:
 a few Amazon books), a window whose title and rating lists differ in
 length (dropped, counted `window_mismatch`: two titles merged into one in a few Google JSONL lines).
@@ -29,6 +33,7 @@ from deeper.data.readers.common import (
     CsvRows,
     RatingScale,
     Source,
+    clean_title,
     field,
     id_text,
     iter_json_objects,
@@ -39,6 +44,8 @@ from deeper.errors import InputError
 # One scale for the whole format: half stars (MovieLens), 0 = reviewed without stars (Food.com).
 SCALE = RatingScale(0.5, 5, 0.5, unrated=0)
 SPLIT_FILES = (("train_dataset.csv", "train"), ("test_dataset.csv", "eval"))
+FULL_FILE = "full_dataset.csv"  # read only where SPLIT_FILES are absent; split from the row's `split`
+ROW_SPLITS = {"train": "train", "eval": "eval", "test": "eval"}
 WINDOW_COLUMN = re.compile(r"windows_(\d+)")
 ITERATION_FILE = re.compile(r"test_iteration_(\d+)\.jsonl")
 RATINGS_KEY = re.compile(r"U(\d+)")
@@ -94,22 +101,32 @@ def read(src: Source, sink) -> None:
     root = require_dir(src.path)
     folders = sorted(p for p in root.iterdir() if (p / "split_data").is_dir())
     if not folders:
-        raise InputError(root, "no domain folder with a split_data/ subfolder")
+        looked_for = " or ".join(f"<domain>/split_data/{name}" for name, _ in SPLIT_FILES)
+        hint = "; this is a domain folder itself: give its parent as path" if (root / "split_data").is_dir() else ""
+        raise InputError(root, f"no domain folder: looked for {looked_for} under it{hint}")
+    names = dict(src.domains)
     for folder in folders:
-        read_domain(folder, src.format, sink)
+        read_domain(folder, src.format, sink, names.get(folder.name, folder.name))
 
 
-def read_domain(folder: Path, source_format: str, sink) -> None:
-    domain, users, item_type = folder.name, {}, None
+def read_domain(folder: Path, source_format: str, sink, domain: str | None = None) -> None:
+    domain, users, item_type = domain or folder.name, {}, None
     csv_files = [(folder / "split_data" / name, split) for name, split in SPLIT_FILES
                  if (folder / "split_data" / name).exists()]
+    if not csv_files and (folder / "split_data" / FULL_FILE).exists():
+        csv_files = [(folder / "split_data" / FULL_FILE, None)]
     if not csv_files:
-        raise InputError(folder / "split_data", "has neither train_dataset.csv nor test_dataset.csv")
+        raise InputError(folder / "split_data", f"has neither train_dataset.csv nor test_dataset.csv nor {FULL_FILE}")
     duplicates = 0
-    for path, split in csv_files:
-        rows = CsvRows(path, ("id", "item_type", "windows_0"))
+    for path, file_split in csv_files:
+        rows = CsvRows(path, ("id", "item_type", "windows_0") + (("split",) if file_split is None else ()))
         columns = sorted((int(m.group(1)), c) for c in rows.columns if (m := WINDOW_COLUMN.fullmatch(c)))
         for row, rec in rows:
+            split = file_split
+            if split is None:
+                split = ROW_SPLITS.get(rec["split"].strip())
+                if split is None:
+                    raise InputError(path, f"split {rec['split']!r} is not one of {', '.join(ROW_SPLITS)}", row)
             user_id = id_text(rec["id"], "id", path, row)
             row_type = rec["item_type"].strip()
             if not row_type:
@@ -138,14 +155,15 @@ def read_domain(folder: Path, source_format: str, sink) -> None:
             in_window: set[str] = set()
             for title, rating in zip(window.titles, window.ratings):
                 item_id = ids.get(title) or ids.setdefault(title, item_id_from_title(title))
-                if item_id in in_window and title.strip():
+                titled = clean_title(title) is not None  # the sink keeps the cleaned title
+                if item_id in in_window and titled:
                     sink.note(domain, "repeated_in_window")
                 in_window.add(item_id)
-                if not title.strip():
+                if titled and rating is None:
+                    rating = sink.unrated(domain)  # ingest.zero_ratings: 0.0 (kept) or None (a counted skip)
+                if not titled:
                     sink.skip(domain, "untitled")
-                elif rating is None:
-                    sink.skip(domain, "unrated")
-                else:
+                elif rating is not None:
                     sink.title(domain, item_id, title)
                     sink.rating(domain, user_id, item_id, rating, position, window=k, split=user.split)
                 position += 1

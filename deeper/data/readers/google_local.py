@@ -10,11 +10,10 @@ from __future__ import annotations
 from deeper.data.readers.common import (
     STARS_1_5,
     Source,
-    clean_title,
+    TimeColumn,
     field,
     id_text,
     iter_json_objects,
-    parse_time,
     require_file,
 )
 
@@ -23,16 +22,18 @@ def read(src: Source, sink) -> None:
     path = require_file(src.path)
     if src.meta is not None:
         require_file(src.meta)
-    sink.add_domain(src.domain, src.item_type, src.format, str(path))
+    sink.add_domain(src.domain, src.item_type, src.format, str(path), item_file=src.meta is not None)
+    time = TimeColumn(path, "time", unit="ms")
     rated: set[str] = set()
     for row, obj in iter_json_objects(path):
         place = id_text(field(obj, "gmap_id", path, row), "gmap_id", path, row)
         sink.rating(src.domain, id_text(field(obj, "user_id", path, row), "user_id", path, row), place,
                     STARS_1_5.parse(field(obj, "rating", path, row), path, row),
-                    parse_time(field(obj, "time", path, row), path, row, unit="ms"))
+                    time.parse(field(obj, "time", path, row), row))
         rated.add(place)
     if src.meta is not None:
         for row, obj in iter_json_objects(src.meta):
             place = obj.get("gmap_id")
             if isinstance(place, str) and place in rated:
-                sink.title(src.domain, place, clean_title(obj.get("address")) or clean_title(obj.get("name")))
+                sink.title(src.domain, place, obj.get("address"))  # the first usable title wins:
+                sink.title(src.domain, place, obj.get("name"))     # the name only where the address is none

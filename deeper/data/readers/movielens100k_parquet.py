@@ -13,9 +13,8 @@ import duckdb
 from deeper.data.readers.common import (
     STARS_1_5,
     Source,
-    clean_title,
+    TimeColumn,
     id_text,
-    parse_time,
     require_dir,
     require_file,
 )
@@ -48,10 +47,11 @@ def read(src: Source, sink) -> None:
     items_path, data_path = folder / ITEMS, folder / DATA
     items = read_columns(items_path, ITEM_COLUMNS)
     data = read_columns(data_path, DATA_COLUMNS)
-    sink.add_domain(src.domain, src.item_type, src.format, str(folder))
+    sink.add_domain(src.domain, src.item_type, src.format, str(folder), item_file=True)
     for row, (movie, title) in enumerate(zip(items["movie_id"], items["movie_title"]), 1):
-        sink.title(src.domain, id_text(movie, "movie_id", items_path, row), clean_title(title))
+        sink.title(src.domain, id_text(movie, "movie_id", items_path, row), title)
+    timestamp = TimeColumn(data_path, "timestamp")
     columns = zip(data["user_id"], data["movie_id"], data["rating"], data["timestamp"])
     for row, (user, movie, rating, ts) in enumerate(columns, 1):
         sink.rating(src.domain, id_text(user, "user_id", data_path, row), id_text(movie, "movie_id", data_path, row),
-                    STARS_1_5.parse(rating, data_path, row), parse_time(ts, data_path, row))
+                    STARS_1_5.parse(rating, data_path, row), timestamp.parse(ts, row))

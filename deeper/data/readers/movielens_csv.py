@@ -7,9 +7,8 @@ from deeper.data.readers.common import (
     CsvRows,
     RatingScale,
     Source,
-    clean_title,
+    TimeColumn,
     id_text,
-    parse_time,
     require_dir,
 )
 
@@ -18,12 +17,13 @@ HALF_STARS = RatingScale(0.5, 5, 0.5)
 
 def read(src: Source, sink) -> None:
     folder = require_dir(src.path)
-    sink.add_domain(src.domain, src.item_type, src.format, str(folder))
+    sink.add_domain(src.domain, src.item_type, src.format, str(folder), item_file=True)
     movies = folder / "movies.csv"
     for row, rec in CsvRows(movies, ("movieId", "title")):
-        sink.title(src.domain, id_text(rec["movieId"], "movieId", movies, row), clean_title(rec["title"]))
+        sink.title(src.domain, id_text(rec["movieId"], "movieId", movies, row), rec["title"])
     ratings = folder / "ratings.csv"
+    timestamp = TimeColumn(ratings, "timestamp")
     for row, rec in CsvRows(ratings, ("userId", "movieId", "rating", "timestamp")):
         sink.rating(src.domain, id_text(rec["userId"], "userId", ratings, row),
                     id_text(rec["movieId"], "movieId", ratings, row),
-                    HALF_STARS.parse(rec["rating"], ratings, row), parse_time(rec["timestamp"], ratings, row))
+                    HALF_STARS.parse(rec["rating"], ratings, row), timestamp.parse(rec["timestamp"], row))

@@ -1,0 +1,144 @@
+"""The `deeper` command: use the trained refiner on live users (deeper.serve) and review their personas.
+
+    deeper refine new_ratings/ --format movielens_csv --domain movielens --item-type movie
+    deeper show 42 --html user42.html --markdown user42.md
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+import yaml
+
+from deeper.config import get, load_params
+from deeper.data.readers import READERS
+from deeper.errors import ConfigError
+from deeper.serve import DEFAULT_STORE, SHOWN_WAITING
+from stages._cli import PARAMS_OPTION, user_errors
+
+_ABSENT = object()
+STORE_OPTION = click.option("--store", default=DEFAULT_STORE, show_default=True, type=click.Path(dir_okay=False),
+                            help="The persona store (a DuckDB file; created by the first refine).")
+
+
+def parse_overrides(pairs: tuple[str, ...]) -> dict:
+    """`-S key=value` pairs as {dotted key: value}; the value is read as YAML (numbers, null, {a: b}, ...)."""
+    out = {}
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(pair, "an override is key=value, e.g. -S window.size=5", "-S")
+        try:
+            out[key.strip()] = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise ConfigError(key, f"value is not YAML: {str(e).splitlines()[0]}", "-S") from None
+    return out
+
+
+def checked_params(path: str, overrides: tuple[str, ...]) -> dict:
+    """params.yaml with the -S overrides applied, checked by the one params validator (deeper.params)."""
+    from deeper.params import check_params
+    from deeper.profile import apply_profile
+
+    params = load_params(path)
+    entries = parse_overrides(overrides)
+    for key in entries:
+        parent = key.rpartition(".")[0]
+        if parent and not isinstance(get(params, parent, _ABSENT), dict):
+            raise ConfigError(key, f"{parent} is not a block of {path}", "-S")
+    params = apply_profile(params, entries)
+    check_params(params, every_block=False)
+    return params
+
+
+@click.group(help="Use the trained DEEPER refiner on live users: keep their personas current as new ratings "
+                  "arrive (`deeper refine`), and show a user's persona history (`deeper show`).")
+def main():
+    pass
+
+
+@main.command(help="""Refine the personas of the users in a file of new ratings and record each new round.
+
+RATINGS is a file or folder in any format the ingest stage reads (--format; the same validation: a bad row
+stops the run with one line naming file and row, and nothing is written). Each user's new ratings follow the
+ones waiting in the store and are cut, in time order, into windows of params `window.size`. A user new to the
+store first gets S_0 from the frozen model (from the first full window); every further window is predicted with
+the current persona (frozen model) and the persona is refined from the gap by the policy + adapter. A user
+with fewer ratings than a window waits: the ratings are kept in the store until a later file completes it
+(counted and printed). Ratings already in the store are skipped, so re-running a file adds nothing.
+
+Model calls go through the response cache: a killed run started again redoes only unfinished calls. Backends
+and settings come from params.yaml (models.frozen, models.policy, persona, predict, evaluate.sampling), each
+overridable with -S key=value (a YAML value), e.g. -S window.size=5 or
+-S 'models.policy={backend: openai, name: M, base_url: "http://127.0.0.1:8000/v1"}'.""")
+@click.argument("ratings", type=click.Path())
+@click.option("--format", "fmt", required=True, type=click.Choice(list(READERS)),
+              help="The reader (as in params ingest.presets), e.g. movielens_csv: a folder with ratings.csv "
+                   "(userId,movieId,rating,timestamp) and movies.csv (movieId,title).")
+@click.option("--meta", default=None, type=click.Path(), help="The titles file, for formats that have one.")
+@click.option("--domain", default=None, help="The domain of these ratings (not for deeper_windows).")
+@click.option("--item-type", default=None, help="What the items are, as the prompts name them (movie, book, ...).")
+@STORE_OPTION
+@click.option("--adapter", default=None,
+              help="The trained LoRA adapter on models.policy; with the openai backend, the name the server serves "
+                   "it under (vLLM: --lora-modules NAME=folder). Default: the `deeper` evaluation method's "
+                   "(params evaluate.methods.deeper.weights: models/adapters/it2, Model 2 of the run).")
+@click.option("--no-adapter", is_flag=True, help="Refine with the untrained policy (no adapter).")
+@PARAMS_OPTION
+@click.option("-S", "--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Override a params key (YAML value), e.g. -S window.size=5; repeatable.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@user_errors
+def refine(ratings, fmt, meta, domain, item_type, store, adapter, no_adapter, params_path, overrides, as_json):
+    from deeper.serve import input_source, refine_users
+
+    params = checked_params(params_path, overrides)
+    source = input_source(fmt, ratings, meta, domain, item_type)
+    summary = refine_users(params, source, store, adapter, use_adapter=not no_adapter,
+                           log=lambda line: click.echo(line, err=True))
+    if as_json:
+        click.echo(json.dumps(summary, indent=1, sort_keys=True, default=str))
+        return
+    dropped = {k: v for k, v in summary["ingest"]["dropped"].items() if v}
+    click.echo(f"{summary['ratings_in_file']} ratings of {summary['users_in_file']} users read"
+               + (f" (skipped by the reader: {dropped})" if dropped else ""))
+    click.echo(f"{summary['ratings_new']} new, {summary['ratings_already_in_store']} already in the store (skipped)")
+    click.echo(f"{summary['rounds_written']} rounds written for {summary['users_updated']} users "
+               f"({summary['users_new']} new to the store got S_0) in {store}")
+    waiting = summary["waiting"]
+    if waiting:
+        shown = ", ".join(f"{user} has {n}" for user, n in list(waiting.items())[:SHOWN_WAITING])
+        more = f", ... ({len(waiting) - SHOWN_WAITING} more)" if len(waiting) > SHOWN_WAITING else ""
+        click.echo(f"{len(waiting)} users wait for a full window of {summary['window_size']} ratings: {shown}{more}")
+    for role, stats in summary.get("calls", {}).items():
+        click.echo(f"{role} model: {stats['cache_misses']} calls made, {stats['cache_hits']} answered by the cache")
+
+
+@main.command(help="""Show one user's persona history: every round's persona with a word-level diff to the
+previous one (deleted words struck through, new ones marked), the error of the previous persona on the window it
+was refined on (MAE before), the persona's length, and the window's items with predicted and actual ratings.
+Writes a self-contained HTML page (--html) and/or Markdown (--markdown); with neither, Markdown to stdout.""")
+@click.argument("user")
+@STORE_OPTION
+@click.option("--domain", default=None, help="The user's domain, when the id is in several.")
+@click.option("--html", "html_path", default=None, type=click.Path(dir_okay=False), help="Write the HTML page here.")
+@click.option("--markdown", "md_path", default=None, type=click.Path(dir_okay=False), help="Write Markdown here.")
+@user_errors
+def show(user, store, domain, html_path, md_path):
+    from deeper.history import render_html, render_markdown
+    from deeper.store import PersonaStore
+
+    rows = PersonaStore(store).history(user, domain)
+    for path, render in ((html_path, render_html), (md_path, render_markdown)):
+        if path is not None:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            Path(path).write_text(render(rows), encoding="utf-8")
+            click.echo(f"wrote {path}: {len(rows)} rounds of user {user}", err=True)
+    if html_path is None and md_path is None:
+        click.echo(render_markdown(rows), nl=False)
+
+
+if __name__ == "__main__":
+    main()

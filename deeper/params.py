@@ -1,0 +1,291 @@
+"""The one params validator: every value of params.yaml is checked here, before any stage does work.
+
+Every stage calls `check_params` on the whole file first (stages/_cli.py `load_checked_params`), and so does
+`python -m stages.profile`, so a broken value fails in seconds with one line naming its key, whichever stage
+DVC happens to run first, instead of after hours of sampling. The per-block parsers (PairConfig, TrainConfig,
+SampleSettings, ...) live with their concept but read numbers only through `number` and sampling blocks only
+through `sampling_block` (the one sampling parser), so a rule is written once.
+
+A number is refused, with one line naming the key, when it is not a number (`high`, `true`), not finite
+(`.nan`, `.inf`), or out of its range; an integer knob refuses 2.5. YAML 1.1 reads `1e-4` (no dot) as a string,
+so a string that spells a plain decimal number is read as that number; nothing else is converted.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+from deeper.config import get
+from deeper.errors import ConfigError
+
+_DECIMAL = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+
+
+def number(value, key: str, *, integer: bool = False, low: float | None = None, high: float | None = None,
+           low_open: bool = False, high_open: bool = False, nullable: bool = False):
+    """`value` checked as a finite number in [low, high] (open ends with low_open / high_open); an int when
+    `integer`. None passes only when `nullable`. Anything else is a ConfigError naming `key`."""
+    if value is None:
+        if nullable:
+            return None
+        raise ConfigError(key, "missing (null); a number is needed")
+    if isinstance(value, str) and _DECIMAL.fullmatch(value.strip()):
+        value = float(value)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(key, f"must be a number, got {value!r}")
+    if not math.isfinite(value):
+        raise ConfigError(key, f"must be a finite number, got {value!r}")
+    if integer:
+        if value != int(value):
+            raise ConfigError(key, f"must be an integer, got {value!r}")
+        value = int(value)
+    else:
+        value = float(value)
+    if low is not None and (value < low or (low_open and value == low)):
+        raise ConfigError(key, f"must be {'>' if low_open else '>='} {low:g}, got {value!r}")
+    if high is not None and (value > high or (high_open and value == high)):
+        raise ConfigError(key, f"must be {'<' if high_open else '<='} {high:g}, got {value!r}")
+    return value
+
+
+def mapping(value, key: str, known: tuple[str, ...] | None = None, nullable: bool = False) -> dict:
+    """A params block that must be a mapping; with `known`, an unknown key is named."""
+    if value is None and nullable:
+        return {}
+    if not isinstance(value, dict):
+        raise ConfigError(key, f"must be a mapping, got {value!r}")
+    if known is not None:
+        unknown = sorted(set(value) - set(known), key=str)
+        if unknown:
+            raise ConfigError(f"{key}.{unknown[0]}", f"unknown key; known: {', '.join(known)}")
+    return value
+
+
+def param(params: dict, key: str, **rule):
+    """`number(get(params, key), key, **rule)`."""
+    return number(get(params, key), key, **rule)
+
+
+# ---------------------------------------------------------------- sampling: the one parser
+
+SAMPLING_KEYS = ("temperature", "top_p", "repetition_penalty", "max_new_tokens", "seed")
+SAMPLING_RULES = {
+    "temperature": {"low": 0.0},
+    "top_p": {"low": 0.0, "low_open": True, "high": 1.0},
+    "repetition_penalty": {"low": 0.0, "low_open": True},
+    "max_new_tokens": {"integer": True, "low": 1},
+    "seed": {"integer": True, "low": 0},
+}
+
+
+def sampling_block(block, key: str, defaults=None, extra: tuple[str, ...] = ()):
+    """A generation block (`sample`, `persona`, `predict.json`, `evaluate.sampling`) as Sampling. Keys missing
+    from the block take `defaults`' values; with no defaults every key is required. `extra`: other keys the
+    block may hold (its own settings, checked by its owner). Returns deeper.llm.base.Sampling."""
+    from deeper.llm.base import (
+        Sampling,  # here, so that a stage reading only numbers does not import the LLM layer
+    )
+
+    block = mapping(block, key, known=SAMPLING_KEYS + extra)
+    values = {}
+    for name in SAMPLING_KEYS:
+        if name not in block:
+            if defaults is None:
+                raise ConfigError(f"{key}.{name}", "missing")
+            values[name] = getattr(defaults, name)
+            continue
+        values[name] = number(block[name], f"{key}.{name}", **SAMPLING_RULES[name])
+    return Sampling(**values)
+
+
+# ---------------------------------------------------------------- the blocks
+
+def _check_thresholds(params: dict, strict: bool) -> str:
+    from deeper.pairs import thresholds_from_params
+
+    thresholds_from_params(params)
+    return "tau_pos, tau_neg"
+
+
+def _check_delta(params: dict, strict: bool) -> str:
+    param(params, "delta", low=0.0)
+    return "delta"
+
+
+def _check_pair(params: dict, strict: bool) -> str:
+    from deeper.pairs import pair_block_from_params
+
+    pair_block_from_params(params)
+    return "pair"
+
+
+def _check_iter2(params: dict, strict: bool) -> str:
+    from deeper.pairs import replay_max_from_params, replay_order_from_params
+    from deeper.train import REFERENCES, TrainConfig
+
+    iter2 = mapping(get(params, "iter2"), "iter2", known=("delta", "replay_max", "replay_order", "reference", "train"))
+    if strict or "delta" in iter2:
+        param(params, "iter2.delta", low=0.0)
+    if strict or "replay_max" in iter2:
+        replay_max_from_params(params)
+    if strict or "replay_order" in iter2:
+        replay_order_from_params(params)
+    if strict or "reference" in iter2:
+        reference = get(params, "iter2.reference")
+        if reference not in REFERENCES:
+            raise ConfigError("iter2.reference", f"must be one of {list(REFERENCES)}, got {reference!r}")
+    if strict or ("train" in iter2 and "train" in params):  # iter2.train overrides `train`
+        TrainConfig.from_params(params, 2)
+    return "iter2"
+
+
+def _check_reward(params: dict, strict: bool) -> str:
+    from deeper.reward import RewardWeights
+
+    RewardWeights.from_params(params)
+    return "reward"
+
+
+def _check_evaluate(params: dict, strict: bool) -> str:
+    from deeper.rollout import EvaluateSettings
+
+    settings = EvaluateSettings.from_params(params)
+    if strict or "bootstrap" in get(params, "evaluate"):
+        from deeper.bootstrap import BootstrapSettings
+
+        BootstrapSettings.from_params(params)
+    if strict or "similarity_embedder" in get(params, "evaluate"):
+        from deeper.similarity import embedder_from_params
+
+        embedder_from_params(params)
+    count = get(params, "window.count", None)
+    if isinstance(count, int) and count < settings.rounds + 2:
+        raise ConfigError("window.count", f"{count} windows cannot hold evaluate.rounds={settings.rounds} "
+                                          f"(a user needs rounds + 2 = {settings.rounds + 2})")
+    return "evaluate"
+
+
+def _check_persona(params: dict, strict: bool) -> str:
+    from deeper.personas import PersonaSettings
+
+    PersonaSettings.from_params(params)
+    return "persona"
+
+
+def _check_refiner(params: dict, strict: bool) -> str:
+    from deeper.methods import trained_update_from_params
+
+    trained_update_from_params(params)
+    return "refiner"
+
+
+def _check_sample(params: dict, strict: bool) -> str:
+    from deeper.iteration import SampleSettings
+
+    SampleSettings.from_params(params)
+    return "sample"
+
+
+def _check_predict(params: dict, strict: bool) -> str:
+    from deeper.predict import PredictSettings
+
+    PredictSettings.from_params(params)
+    return "predict"
+
+
+def _check_alpha(params: dict, strict: bool) -> str:
+    param(params, "alpha", low=0.0)
+    return "alpha"
+
+
+def _check_train(params: dict, strict: bool) -> str:
+    from deeper.train import TrainConfig
+
+    config = TrainConfig.from_params(params, 1)
+    launcher = get(params, "train.launcher")
+    if not isinstance(launcher, str) or not launcher.strip():
+        raise ConfigError("train.launcher", f"must be a command such as python, got {launcher!r}")
+    policy = get(params, "models.policy", None)
+    if isinstance(policy, dict) and policy.get("backend") == "vllm":
+        rank = policy.get("max_lora_rank", 16)
+        if config.lora_r > rank:
+            raise ConfigError("models.policy.max_lora_rank", f"{rank} < train.lora.r ({config.lora_r}): "
+                                                             "vLLM could not serve the trained adapters")
+    return "train"
+
+
+def _check_models(params: dict, strict: bool) -> str:
+    from deeper.llm import check_spec
+    from deeper.predict import PredictSettings
+
+    models = mapping(get(params, "models"), "models", known=("frozen", "policy"))
+    lines = []
+    for role in ("frozen", "policy"):
+        if role not in models and len(models):  # a stage's own params file may name only the model it uses
+            continue
+        cls, settings = check_spec(get(params, f"models.{role}"), where=f"models.{role}")
+        lines.append(f"models.{role} ({cls.backend})")
+        # the frozen model rates items; in logprob mode the rating is the token after the prefill "Rating: ",
+        # so a backend set up not to send it could only read some other token (found before any call)
+        if role == "frozen" and "predict" in params and PredictSettings.from_params(params).mode == "logprob":
+            problem = getattr(cls, "prefill_problem", lambda settings: None)(settings)
+            if problem:
+                raise ConfigError("models.frozen.prefill", f"{problem}; predict.mode logprob needs the answer to "
+                                  "continue the prefill (or set predict.mode: json)")
+    return ", ".join(lines)
+
+
+def _check_window(params: dict, strict: bool) -> str:
+    from deeper.data.window import spec_from_params
+
+    spec_from_params(get(params, "window"))
+    return "window"
+
+
+def _check_ingest(params: dict, strict: bool) -> str:
+    from deeper.data.ingest import check_unknown_items, check_zero_ratings, sources_from_params
+
+    sources_from_params(str(get(params, "ingest.root")), get(params, "ingest.preset"), get(params, "ingest.presets"))
+    check_unknown_items(get(params, "ingest.unknown_items", "keep"))
+    check_zero_ratings(get(params, "ingest.zero_ratings", "drop"))
+    return "ingest"
+
+
+def _check_fetch(params: dict, strict: bool) -> str:
+    from deeper.assets import names_from_params
+
+    names_from_params(params)
+    return "fetch"
+
+
+# block -> (the top-level keys it checks, its check). Stages check the blocks their params file has (a missing
+# key is a one-line error where a stage reads it); the profile check needs every block.
+BLOCKS = {
+    "fetch": (("fetch",), _check_fetch),
+    "ingest": (("ingest",), _check_ingest),
+    "window": (("window",), _check_window),
+    "models": (("models",), _check_models),
+    "persona": (("persona",), _check_persona),
+    "predict": (("predict",), _check_predict),
+    "refiner": (("refiner",), _check_refiner),
+    "sample": (("sample",), _check_sample),
+    "reward": (("reward",), _check_reward),
+    "thresholds": (("tau_pos", "tau_neg"), _check_thresholds),
+    "delta": (("delta",), _check_delta),
+    "pair": (("pair",), _check_pair),
+    "alpha": (("alpha",), _check_alpha),
+    "train": (("train",), _check_train),
+    "iter2": (("iter2",), _check_iter2),
+    "evaluate": (("evaluate",), _check_evaluate),
+}
+
+
+def check_params(params: dict, every_block: bool = True) -> list[str]:
+    """Every block's checks (no model, GPU, server or key needed); what was checked, one line a block. The
+    first bad value raises a one-line ConfigError naming its key. `every_block=False` (the stages) skips a
+    block none of whose keys the file has."""
+    if not isinstance(params, dict):
+        raise ConfigError("(file)", "top level must be a mapping")
+    return [check(params, every_block) for keys, check in BLOCKS.values()
+            if every_block or any(k in params for k in keys)]

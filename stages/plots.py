@@ -1,0 +1,50 @@
+"""Stage plots: every plot of dvc.yaml's top-level `plots:` as an SVG image in plots/images/ (the README shows them).
+
+    python -m stages.plots                       # as `dvc repro plots` runs it
+    python -m stages.plots --dvc-yaml dvc.yaml --out /tmp/images
+
+Each image is `<name>.svg`: the plot's id, or its data file's stem (plots/mae_by_round.csv -> mae_by_round.svg).
+The same chart as `dvc plots show` for the workspace (deeper/plots.py), with no browser and no network.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+import yaml
+
+from deeper.errors import InputError
+from deeper.plots import TEMPLATE_DIR, plot_definitions, read_plot_rows, render_svg, vega_lite_spec
+from stages._cli import user_errors
+
+
+def run(dvc_yaml_path: Path, out_dir: Path) -> list[Path]:
+    if not dvc_yaml_path.is_file():
+        raise InputError(dvc_yaml_path, "missing: the plot definitions")
+    root = dvc_yaml_path.parent
+    definitions = plot_definitions(yaml.safe_load(dvc_yaml_path.read_text(encoding="utf-8")) or {},
+                                   source=str(dvc_yaml_path))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for definition in definitions:
+        rows = read_plot_rows(root / definition.path, definition)
+        image = out_dir / definition.image
+        image.write_text(render_svg(vega_lite_spec(definition, rows, root / TEMPLATE_DIR)), encoding="utf-8")
+        click.echo(f"{image}: {definition.path} ({len(rows)} rows)", err=True)
+        written.append(image)
+    return written
+
+
+@click.command(help=__doc__.split("\n\n")[0])
+@click.option("--dvc-yaml", "dvc_yaml_path", default="dvc.yaml", show_default=True,
+              type=click.Path(dir_okay=False), help="The plot definitions; data paths are relative to its folder.")
+@click.option("--out", "out_dir", default="plots/images", show_default=True, type=click.Path(file_okay=False),
+              help="Where the SVG images go.")
+@user_errors
+def main(dvc_yaml_path, out_dir):
+    run(Path(dvc_yaml_path), Path(out_dir))
+
+
+if __name__ == "__main__":
+    main()
