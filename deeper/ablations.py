@@ -1,0 +1,145 @@
+"""The paper's ablations as named DVC experiments, and their comparison table.
+
+Each ablation is a profile (profiles/ablations/<name>.yaml: params overrides, checked like any profile by
+`deeper.profile` and the stages' validator). `stages/ablations.py` queues them as `dvc exp run --queue -n
+ablation-<name> -S ...` and runs the queue; `comparison` turns `dvc exp show --json` into one row per
+experiment (the baseline commit first) with the numbers the paper's Tables 19-21 compare:
+
+- Table 19 (reward weights): `future_only`, `decayed` against the baseline's balanced weights;
+- Table 20 (iteration 1 vs 2): every row's Model 1 (`deeper_it1`) and Model 2 (`deeper`) columns;
+- Table 21 (Inc-FT): `inc_ft`, the same RL pipeline trained on IncUpdate's prompt.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import yaml
+
+from deeper.errors import DeeperError
+from deeper.profile import PROFILES_DIR, dvc_flags, load_profile
+
+ABLATIONS_DIR = PROFILES_DIR / "ablations"
+EXPERIMENT_PREFIX = "ablation-"
+EVAL_METRICS = "metrics/eval.json"
+PAIR_METRICS = {1: "metrics/pairs_it1.json", 2: "metrics/pairs_it2.json"}
+# (column label, method of evaluate.methods): Table 20 reads Model 1 against Model 2 in every row
+METHOD_COLUMNS = (("Model 1", "deeper_it1"), ("DEEPER (Model 2)", "deeper"))
+
+
+def available() -> list[str]:
+    return sorted(p.stem for p in ABLATIONS_DIR.glob("*.yaml"))
+
+
+def experiment_name(ablation: str) -> str:
+    return f"{EXPERIMENT_PREFIX}{ablation.replace('_', '-')}"
+
+
+def queue_commands(params: dict, names: list[str] | None = None) -> list[list[str]]:
+    """One checked `dvc exp run --queue -n ablation-<name> -S ...` argv per ablation (all when `names` is
+    empty). Every profile is checked (keys exist, the params it gives pass every block's validator) before
+    any is returned, so a bad one queues nothing."""
+    from deeper.params import check_params
+    from deeper.profile import apply_profile
+
+    chosen = names or available()
+    unknown = sorted(set(chosen) - set(available()))
+    if unknown:
+        raise DeeperError(f"unknown ablation {', '.join(unknown)}; ablations: {', '.join(available())}")
+    commands = []
+    for name in chosen:
+        entries = load_profile(ABLATIONS_DIR / f"{name}.yaml", params)
+        check_params(apply_profile(params, entries))
+        commands.append(["dvc", "exp", "run", "--queue", "-n", experiment_name(name), *dvc_flags(entries)])
+    return commands
+
+
+def _records(node, found: list[dict]) -> list[dict]:
+    """Every {rev, name, data} record of `dvc exp show --json` (baselines and experiments, any depth)."""
+    if isinstance(node, dict):
+        if isinstance(node.get("data"), dict) and "rev" in node:
+            found.append(node)
+        for value in node.values():
+            if isinstance(value, (dict, list)):
+                _records(value, found)
+    elif isinstance(node, list):
+        for value in node:
+            _records(value, found)
+    return found
+
+
+def _file_data(record: dict, kind: str, path: str) -> dict:
+    entry = (record["data"].get(kind) or {}).get(path) or {}
+    return entry.get("data") or {}
+
+
+def _dig(data: dict, dotted: str):
+    for part in dotted.split("."):
+        if not isinstance(data, dict) or part not in data:
+            return None
+        data = data[part]
+    return data
+
+
+def _interval(data: dict, dotted: str, digits: int) -> str:
+    value = _dig(data, dotted)
+    if not isinstance(value, dict) or not all(isinstance(value.get(k), (int, float)) for k in ("estimate", "low", "high")):
+        return "-"
+    if any(math.isnan(value[k]) for k in ("estimate", "low", "high")):
+        return "-"
+    return f"{value['estimate']:.{digits}f} [{value['low']:.{digits}f}, {value['high']:.{digits}f}]"
+
+
+def comparison(exp_show: list, baseline_rev: str) -> list[dict]:
+    """Rows {experiment, changes, pairs_it1, pairs_it2, <column>: 'estimate [low, high]', ...} for the
+    baseline commit (`baseline_rev`, a full sha) and every `ablation-*` experiment derived from it, in
+    profile order. Intervals are the evaluate stage's paired bootstrap (metrics/eval.json `bootstrap`)."""
+    records = _records(exp_show, [])
+    by_name = {r.get("name"): r for r in records if r.get("name")}
+    base = next((r for r in records if r.get("rev") == baseline_rev), None)
+    if base is None:
+        raise DeeperError(f"dvc exp show has no record of the baseline commit {baseline_rev[:7]}")
+    rows = [_row("baseline (HEAD)", "-", base)]
+    for name in available():
+        record = by_name.get(experiment_name(name))
+        if record is None or not record["data"].get("metrics"):
+            continue  # not run (yet), or failed: `dvc queue status` says which
+        rows.append(_row(experiment_name(name), _changes(name), record))
+    return rows
+
+
+def _changes(name: str) -> str:
+    """The ablation's overrides as `key=value ...` (its profile was checked when it was queued)."""
+    entries = yaml.safe_load((ABLATIONS_DIR / f"{name}.yaml").read_text(encoding="utf-8"))
+    return " ".join(f"{key}={value}" for key, value in entries.items())
+
+
+def _row(label: str, changes: str, record: dict) -> dict:
+    evaluation = _file_data(record, "metrics", EVAL_METRICS)
+    row = {"experiment": label, "changes": changes}
+    for k, path in PAIR_METRICS.items():
+        row[f"pairs_it{k}"] = _file_data(record, "metrics", path).get("pairs", "-")
+    for column, method in METHOD_COLUMNS:
+        row[f"{column}: mean MAE r1-4"] = _interval(evaluation, f"bootstrap.methods.{method}.mean_mae", 3)
+    row["DEEPER: r0->r4 reduction %"] = _interval(evaluation, "bootstrap.methods.deeper.reduction_pct", 1)
+    row["DEEPER - untrained: mean MAE"] = _interval(evaluation, "bootstrap.vs_deeper.untrained.mean_mae", 3)
+    return row
+
+
+def markdown(rows: list[dict]) -> str:
+    if not rows:
+        return ""
+    header = list(rows[0])
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(row[h]) for h in header) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def write(rows: list[dict], out_dir: Path, baseline_rev: str) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "comparison.json").write_text(
+        json.dumps({"baseline_rev": baseline_rev, "rows": rows}, indent=2) + "\n", encoding="utf-8"
+    )
+    (out_dir / "comparison.md").write_text(markdown(rows), encoding="utf-8")
