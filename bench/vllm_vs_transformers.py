@@ -76,11 +76,13 @@ def raw_generate(llm, chats, sampling):
 @click.option("--rating-items", default=40, show_default=True, help="Rating prompts sharing the persona prefix.")
 @click.option("--repeats", default=3, show_default=True, help="Timed rating runs per path (medians reported).")
 @click.option("--new-tokens", default=128, show_default=True, help="New tokens per generated sequence.")
+@click.option("--gen-repeats", default=2, show_default=True,
+              help="Timed generations per path and mode, in ABBA order (medians reported).")
 @click.option("--kv-cache-gib", default=2, show_default=True, help="vLLM's KV cache (GiB).")
 @click.option("--out", default="bench/results/vllm_vs_transformers.json", show_default=True,
               type=click.Path(dir_okay=False), help="Where the JSON summary goes.")
 @user_errors
-def main(model, threads, rating_items, repeats, new_tokens, kv_cache_gib, out):
+def main(model, threads, rating_items, repeats, new_tokens, gen_repeats, kv_cache_gib, out):
     """Time vLLM-CPU against the transformers backend, and the backend against raw generate; write JSON."""
     import numpy as np
     import torch
@@ -103,14 +105,28 @@ def main(model, threads, rating_items, repeats, new_tokens, kv_cache_gib, out):
 
     ours = load_llm({"backend": "transformers", "name": model, "batch_size": len(chats), "dtype": "float32"})
     ours.show_progress = False
+    # Warm-up: the first generate call of a process pays one-off allocations; without it whichever path runs
+    # first looks slower (a first version of this bench ran the backend first and measured it 0.84x on greedy).
+    ours.generate(chats[:2], 1, Sampling(max_new_tokens=8))
+    raw_generate(ours, chats[:2], Sampling(max_new_tokens=8))
     gen = {}
     for name, sampling in (("greedy", greedy), ("sampled", sampled)):
-        before = ours.counters.completion_tokens
-        seconds, texts = timed(lambda s=sampling: ours.generate(chats, 1, s))
-        raw_seconds, (raw_texts, raw_tokens) = timed(lambda s=sampling: raw_generate(ours, chats, s))
-        click.echo(f"{name}: backend {seconds:.1f} s, raw generate {raw_seconds:.1f} s", err=True)
-        gen[name] = {"backend_s": seconds, "backend_tokens": ours.counters.completion_tokens - before,
-                     "raw_generate_s": raw_seconds, "raw_generate_tokens": raw_tokens}
+        runs = {"backend": [], "raw": []}  # (seconds, tokens) per run
+        for rep in range(gen_repeats):
+            # ABBA order: a drift of the machine's speed during the run weighs on both paths alike
+            for path in (("backend", "raw") if rep % 2 == 0 else ("raw", "backend")):
+                if path == "backend":
+                    before = ours.counters.completion_tokens
+                    seconds, texts = timed(lambda s=sampling: ours.generate(chats, 1, s))
+                    runs["backend"].append((seconds, ours.counters.completion_tokens - before))
+                else:
+                    seconds, (raw_texts, raw_tokens) = timed(lambda s=sampling: raw_generate(ours, chats, s))
+                    runs["raw"].append((seconds, raw_tokens))
+        backend_s = statistics.median(t for t, _ in runs["backend"])
+        raw_s = statistics.median(t for t, _ in runs["raw"])
+        click.echo(f"{name}: backend {backend_s:.1f} s, raw generate {raw_s:.1f} s (medians of {gen_repeats})", err=True)
+        gen[name] = {"backend_s": backend_s, "backend_tokens": runs["backend"][0][1], "backend_runs_s": [t for t, _ in runs["backend"]],
+                     "raw_generate_s": raw_s, "raw_generate_tokens": runs["raw"][0][1], "raw_generate_runs_s": [t for t, _ in runs["raw"]]}
         if name == "greedy":
             gen[name]["same_text"] = [t[0] for t in texts] == raw_texts
     ours_sampled_tps = gen["sampled"]["backend_tokens"] / gen["sampled"]["backend_s"]

@@ -239,3 +239,32 @@ def test_load_llm_config_errors_are_one_line(tiny_llama, spec, adapter, message)
         load_llm(spec, adapter=adapter, where="models.frozen")
     text = str(err.value)
     assert message in text and "\n" not in text and text.startswith("params.yaml: ")
+
+
+def reference_gumbel_step(generators, warpers, scores):
+    """The sampler as it was first written: noise on the whole vocabulary, then argmax."""
+    for warper in warpers:
+        scores = warper(None, scores)
+    uniform = torch.stack([torch.rand(scores.shape[-1], generator=g) for g in generators])
+    return scores.float() + -torch.log(-torch.log(uniform.clamp(min=1e-20, max=1.0 - 1e-7)))
+
+
+@pytest.mark.parametrize("top_p", [0.4, 0.9, 1.0])
+def test_noise_only_where_top_p_kept_draws_what_noise_everywhere_drew(top_p):
+    """SeededSampler computes the Gumbel noise on the entries top-p keeps only: the same argmax (the drawn token)
+    at every step, the same perturbed score there, and the generators advance as before (so later steps agree)."""
+    from deeper.llm.transformers_backend import SeededSampler
+
+    seeds, vocab, steps = [3, 4, 5, 6], 4096, 60
+    ours = SeededSampler(seeds, temperature=0.7, top_p=top_p)
+    reference_generators = [torch.Generator().manual_seed(s) for s in seeds]
+    logits = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        scores = torch.randn(len(seeds), vocab, generator=logits) * 3
+        got = ours(None, scores.clone())
+        want = reference_gumbel_step(reference_generators, ours.warpers, scores.clone())
+        assert torch.equal(got.argmax(-1), want.argmax(-1))
+        assert torch.equal(torch.isfinite(got), torch.isfinite(want))
+        kept = torch.isfinite(want)
+        assert torch.equal(got[kept], want[kept])
+        assert (got[~kept] == float("-inf")).all()

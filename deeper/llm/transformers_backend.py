@@ -202,9 +202,15 @@ class SeededSampler:
 
         for warper in self.warpers:
             scores = warper(input_ids, scores)
+        scores = scores.float()
+        # Every row's generator draws a uniform for each vocabulary entry at every step, so a row's draws depend
+        # on its seed alone. The noise is needed only where top-p left a finite score (argmax never picks -inf;
+        # top-p 0.4 keeps a few dozen of ~49k entries), so its two logs run on those entries only.
         uniform = torch.stack([torch.rand(scores.shape[-1], generator=g) for g in self.generators])
-        gumbel = -torch.log(-torch.log(uniform.clamp(min=1e-20, max=1.0 - 1e-7)))
-        return scores.float() + gumbel.to(scores.device)
+        kept = torch.isfinite(scores)
+        noisy = torch.full_like(scores, float("-inf"))
+        noisy[kept] = scores[kept] - torch.log(-torch.log(uniform.to(scores.device)[kept].clamp(min=1e-20, max=1.0 - 1e-7)))
+        return noisy
 
 
 class TransformersLLM(DigitTokens):
