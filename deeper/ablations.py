@@ -7,7 +7,9 @@ experiment (the baseline commit first) with the numbers the paper's Tables 19-21
 
 - Table 19 (reward weights): `future_only`, `decayed` against the baseline's balanced weights;
 - Table 20 (iteration 1 vs 2): every row's Model 1 (`deeper_it1`) and Model 2 (`deeper`) columns;
-- Table 21 (Inc-FT): `inc_ft`, the same RL pipeline trained on IncUpdate's prompt.
+- Table 21 (Inc-FT): `inc_ft`, the same RL pipeline trained on IncUpdate's prompt;
+- Table 26 (a second backbone): `qwen_backbone`, DPO trains another model on the same iteration-1 pairs; its
+  untrained and DEEPER columns are the paper's "Before" and "After".
 """
 
 from __future__ import annotations
@@ -25,8 +27,9 @@ ABLATIONS_DIR = PROFILES_DIR / "ablations"
 EXPERIMENT_PREFIX = "ablation-"
 EVAL_METRICS = "metrics/eval.json"
 PAIR_METRICS = {1: "metrics/pairs_it1.json", 2: "metrics/pairs_it2.json"}
-# (column label, method of evaluate.methods): Table 20 reads Model 1 against Model 2 in every row
-METHOD_COLUMNS = (("Model 1", "deeper_it1"), ("DEEPER (Model 2)", "deeper"))
+# (column label, method of evaluate.methods): Table 20 reads Model 1 against Model 2 in every row, Table 26 the
+# untrained policy (before training) against Model 2 (after)
+METHOD_COLUMNS = (("untrained", "untrained"), ("Model 1", "deeper_it1"), ("DEEPER (Model 2)", "deeper"))
 
 
 def available() -> list[str]:
@@ -93,20 +96,31 @@ def _interval(data: dict, dotted: str, digits: int) -> str:
 
 
 def comparison(exp_show: list, baseline_rev: str) -> list[dict]:
-    """Rows {experiment, changes, pairs_it1, pairs_it2, <column>: 'estimate [low, high]', ...} for the
-    baseline commit (`baseline_rev`, a full sha) and every `ablation-*` experiment derived from it, in
-    profile order. Intervals are the evaluate stage's paired bootstrap (metrics/eval.json `bootstrap`)."""
-    records = _records(exp_show, [])
-    by_name = {r.get("name"): r for r in records if r.get("name")}
+    """Rows {experiment, baseline, changes, pairs_it1, pairs_it2, <column>: 'estimate [low, high]', ...} for
+    the baseline commit (`baseline_rev`, a full sha) and every `ablation-*` experiment in `exp_show`, in profile
+    order; `baseline` is the commit each was run from (`dvc exp show -n 2` also lists the previous commit's
+    experiments: an ablation that ran before a commit which changed none of its numbers). Intervals are the
+    evaluate stage's paired bootstrap (metrics/eval.json `bootstrap`)."""
+    records = []
+    baselines = {}  # experiment record's rev -> the commit it was run from
+    for entry in exp_show if isinstance(exp_show, list) else [exp_show]:
+        found = _records(entry, [])
+        records += found
+        for record in found:
+            baselines[record["rev"]] = entry.get("rev", "?") if isinstance(entry, dict) else "?"
+    by_name = {}
+    for record in records:  # the first listed is the newest commit's
+        if record.get("name"):
+            by_name.setdefault(record["name"], record)
     base = next((r for r in records if r.get("rev") == baseline_rev), None)
     if base is None:
         raise DeeperError(f"dvc exp show has no record of the baseline commit {baseline_rev[:7]}")
-    rows = [_row("baseline (HEAD)", "-", base)]
+    rows = [_row("baseline (HEAD)", baseline_rev[:7], "-", base)]
     for name in available():
         record = by_name.get(experiment_name(name))
         if record is None or not record["data"].get("metrics"):
             continue  # not run (yet), or failed: `dvc queue status` says which
-        rows.append(_row(experiment_name(name), _changes(name), record))
+        rows.append(_row(experiment_name(name), baselines[record["rev"]][:7], _changes(name), record))
     return rows
 
 
@@ -116,9 +130,9 @@ def _changes(name: str) -> str:
     return " ".join(f"{key}={value}" for key, value in entries.items())
 
 
-def _row(label: str, changes: str, record: dict) -> dict:
+def _row(label: str, baseline: str, changes: str, record: dict) -> dict:
     evaluation = _file_data(record, "metrics", EVAL_METRICS)
-    row = {"experiment": label, "changes": changes}
+    row = {"experiment": label, "baseline": baseline, "changes": changes}
     for k, path in PAIR_METRICS.items():
         row[f"pairs_it{k}"] = _file_data(record, "metrics", path).get("pairs", "-")
     for column, method in METHOD_COLUMNS:

@@ -30,7 +30,7 @@ import numpy as np
 import pandas as pd
 
 from deeper.config import get
-from deeper.errors import InputError
+from deeper.errors import ConfigError, InputError
 from deeper.llm.base import LLM, Sampling
 from deeper.methods.base import FAILED_REASONS, FLAGGED_REASONS, UpdateInput, Window
 from deeper.methods.refine import Refine
@@ -58,6 +58,8 @@ def context_id(domain: str, user_id: str, t: int) -> str:
 
 # ---------------------------------------------------------------- settings and models
 
+POLICY_ROLES = ("policy", "sampler")  # the params blocks models.<role> that load_policy can load
+
 
 @dataclass(frozen=True)
 class SampleSettings:
@@ -73,14 +75,19 @@ class SampleSettings:
         return cls(n=number(get(params, "sample.n"), "sample.n", integer=True, low=1), sampling=sampling)
 
 
-def load_policy(params: dict, adapter: str | Path | None = None):
-    """The policy of params `models.policy` (+ a LoRA adapter folder) behind the response cache."""
+def load_policy(params: dict, adapter: str | Path | None = None, role: str = "policy"):
+    """The policy of params `models.<role>` (+ a LoRA adapter folder) behind the response cache. `role` is
+    "policy" (the refiner DPO trains, and Models 1 and 2 on it) or "sampler" (the model that samples iteration
+    1's candidates; a block of its own so that training another backbone on the same pairs re-runs training and
+    what follows, not the sampling: the paper's Table 26)."""
     from deeper.llm import load_llm
     from deeper.llm.cache import CachedLLM
 
+    if role not in POLICY_ROLES:
+        raise ConfigError("role", f"{role!r} is not one of {', '.join(POLICY_ROLES)}")
     if adapter is not None and not Path(adapter).is_dir():
         raise InputError(adapter, "adapter folder not found; run the previous iteration's train stage first")
-    return CachedLLM(load_llm(get(params, "models.policy"), adapter=adapter, where="models.policy"))
+    return CachedLLM(load_llm(get(params, f"models.{role}"), adapter=adapter, where=f"models.{role}"))
 
 
 def load_frozen(params: dict):

@@ -69,6 +69,10 @@ def param(params: dict, key: str, **rule):
 
 # ---------------------------------------------------------------- sampling: the one parser
 
+# the params blocks models.<role>: frozen (predicts every rating), policy (the refiner DPO trains), sampler (samples
+# iteration 1's candidates; the base policy in DEEPER, a block of its own so another backbone trains on the same pairs)
+MODEL_ROLES = ("frozen", "policy", "sampler")
+
 SAMPLING_KEYS = ("temperature", "top_p", "repetition_penalty", "max_new_tokens", "seed")
 SAMPLING_RULES = {
     "temperature": {"low": 0.0},
@@ -88,15 +92,22 @@ def sampling_block(block, key: str, defaults=None, extra: tuple[str, ...] = ()):
     )
 
     block = mapping(block, key, known=SAMPLING_KEYS + extra)
+    return Sampling(**fill(block, key, SAMPLING_KEYS, defaults,
+                           lambda name, value: number(value, f"{key}.{name}", **SAMPLING_RULES[name])))
+
+
+def fill(block: dict, key: str, names, defaults, check) -> dict:
+    """{name: value} for each of `names`: `check(name, block[name])` where the block has it, else `defaults`'
+    attribute of that name; with no defaults a missing name is `<key>.<name>: missing`."""
     values = {}
-    for name in SAMPLING_KEYS:
-        if name not in block:
-            if defaults is None:
-                raise ConfigError(f"{key}.{name}", "missing")
+    for name in names:
+        if name in block:
+            values[name] = check(name, block[name])
+        elif defaults is None:
+            raise ConfigError(f"{key}.{name}", "missing")
+        else:
             values[name] = getattr(defaults, name)
-            continue
-        values[name] = number(block[name], f"{key}.{name}", **SAMPLING_RULES[name])
-    return Sampling(**values)
+    return values
 
 
 # ---------------------------------------------------------------- the blocks
@@ -219,9 +230,9 @@ def _check_models(params: dict, strict: bool) -> str:
     from deeper.llm import check_spec
     from deeper.predict import PredictSettings
 
-    models = mapping(get(params, "models"), "models", known=("frozen", "policy"))
+    models = mapping(get(params, "models"), "models", known=MODEL_ROLES)
     lines = []
-    for role in ("frozen", "policy"):
+    for role in MODEL_ROLES:
         if role not in models and len(models):  # a stage's own params file may name only the model it uses
             continue
         cls, settings = check_spec(get(params, f"models.{role}"), where=f"models.{role}")
@@ -236,6 +247,13 @@ def _check_models(params: dict, strict: bool) -> str:
     return ", ".join(lines)
 
 
+def _check_prompts(params: dict, strict: bool) -> str:
+    from deeper.prompts import prompts_from_params
+
+    prompts_from_params(params)  # the set's every template is read and checked here
+    return f"prompts ({get(params, 'prompts', 'tuned')})"
+
+
 def _check_window(params: dict, strict: bool) -> str:
     from deeper.data.window import spec_from_params
 
@@ -244,11 +262,10 @@ def _check_window(params: dict, strict: bool) -> str:
 
 
 def _check_ingest(params: dict, strict: bool) -> str:
-    from deeper.data.ingest import check_unknown_items, check_zero_ratings, sources_from_params
+    from deeper.data.ingest import options_from_params, sources_from_params
 
     sources_from_params(str(get(params, "ingest.root")), get(params, "ingest.preset"), get(params, "ingest.presets"))
-    check_unknown_items(get(params, "ingest.unknown_items", "keep"))
-    check_zero_ratings(get(params, "ingest.zero_ratings", "drop"))
+    options_from_params(params)
     return "ingest"
 
 
@@ -266,6 +283,7 @@ BLOCKS = {
     "ingest": (("ingest",), _check_ingest),
     "window": (("window",), _check_window),
     "models": (("models",), _check_models),
+    "prompts": (("prompts",), _check_prompts),
     "persona": (("persona",), _check_persona),
     "predict": (("predict",), _check_predict),
     "refiner": (("refiner",), _check_refiner),

@@ -53,6 +53,11 @@ def load_profile(name: str | Path, params: dict) -> dict:
         if get(params, key, _ABSENT) is _ABSENT:
             raise ConfigError(key, "is not a key of params.yaml (a typo?)", str(path))
         _check_value(key, value, str(path))
+    if "models.policy" in entries and "models.sampler" not in entries:
+        # DEEPER samples iteration 1's candidates from the base policy; a profile that swaps the policy's block
+        # (another backend or model) and forgot the sampler would sample them from params.yaml's model
+        raise ConfigError("models.sampler", "must be set where models.policy is (the model that samples iteration "
+                          "1's candidates; equal to models.policy for DEEPER as published)", str(path))
     return entries
 
 

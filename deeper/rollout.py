@@ -39,6 +39,7 @@ from deeper.methods.base import UpdateInput, UpdateMethod, Window
 from deeper.params import mapping, number, sampling_block
 from deeper.personas import count_words
 from deeper.predict import PredictSettings, PredictStats, WindowRequest, predict_windows
+from deeper.prompts import PromptSet
 from deeper.tables import read_parquet_checked
 
 USER_KEYS = ("domains", "per_domain")
@@ -110,8 +111,10 @@ def rollout(
     count_tokens: Callable[[str], int] | None = None,
     progress: bool = True,
     label: str | None = None,
+    prompts: PromptSet | None = None,
 ) -> RolloutResult:
-    """Run `rounds` updates of `method` for every user; see the module docstring for the table."""
+    """Run `rounds` updates of `method` for every user; see the module docstring for the table. `prompts`: the
+    template set of the predictions (the method holds its own)."""
     if rounds < 1:
         raise ValueError(f"rounds must be >= 1, got {rounds}")
     for u in users:
@@ -141,7 +144,8 @@ def rollout(
             for i, s, w in keys
         ]
         start = time.perf_counter()
-        preds, step_stats = predict_windows(frozen, requests, predict_settings, progress=desc if progress else None)
+        preds, step_stats = predict_windows(frozen, requests, predict_settings, prompts,
+                                            progress=desc if progress else None)
         seconds["predict"] += time.perf_counter() - start
         stats.add(step_stats)
         for key, pred in zip(keys, preds):

@@ -39,7 +39,7 @@ from deeper.methods.refine import Refine
 from deeper.params import param
 from deeper.personas import PersonaSettings, count_words, degenerate_reason, generate_personas, token_counter
 from deeper.predict import PredictSettings, WindowRequest, predict_windows
-from deeper.prompts import load_prompts
+from deeper.prompts import prompts_from_params
 from deeper.store import PersonaStore, Rating, StaleState, UserState, window_key
 
 DEEPER_METHOD = "deeper"  # the evaluation method whose adapter is the default: Model 2 (models/adapters/it2)
@@ -178,7 +178,7 @@ def _round_row(plan: UserPlan, rnd: int, window: list[Rating], persona: str, mod
 
 def compute_rounds(plans: list[UserPlan], models: Models, params: dict, log: Callable[[str], None]) -> None:
     """Fill each plan's `rounds`: S_0 for new users, then one refinement per window, all users per step."""
-    prompts = load_prompts()
+    prompts = prompts_from_params(params)
     persona_settings = PersonaSettings.from_params(params)
     predict_settings = PredictSettings.from_params(params)
     from deeper.rollout import EvaluateSettings

@@ -405,19 +405,22 @@ def _write_train_log(out_dir: Path, started: float) -> dict:
     return log
 
 
-def save_adapter(model, out_dir: Path, **kwargs) -> None:
+def save_adapter(model, out_dir: Path, base_name: str | None = None, **kwargs) -> None:
     """`model.save_pretrained`, then adapter_config.json with sorted keys and `target_modules`: peft writes the
     modules from a set, whose order follows each process's string hash seed, so the same adapter would get a
-    new file (and DVC hash) on every run."""
+    new file (and DVC hash) on every run. `base_name` (the params name of the base model) replaces the folder
+    the weights were loaded from: an `embedded:` model loads from $DEEPER_CACHE_DIR, which differs per machine."""
     model.save_pretrained(str(out_dir), **kwargs)
     path = Path(out_dir) / "adapter_config.json"
     config = json.loads(path.read_text(encoding="utf-8"))
+    if base_name is not None:
+        config["base_model_name_or_path"] = base_name
     if isinstance(config.get("target_modules"), list):
         config["target_modules"] = sorted(config["target_modules"])
     path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
-def _write_carried_over(base_model, out_dir: Path, config: TrainConfig, init_adapter) -> None:
+def _write_carried_over(base_model, out_dir: Path, config: TrainConfig, init_adapter, base_name=None) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     if init_adapter is not None:
         for item in Path(init_adapter).iterdir():
@@ -436,15 +439,15 @@ def _write_carried_over(base_model, out_dir: Path, config: TrainConfig, init_ada
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
         peft_model = get_peft_model(model, lora)
-    save_adapter(peft_model, out_dir)
+    save_adapter(peft_model, out_dir, base_name)
 
 
 def _carry_over(base_model, out_dir, config: TrainConfig, init_adapter, reference: str, val_pairs: int,
-                started: float) -> dict:
+                started: float, base_name: str | None = None) -> dict:
     """No training pairs: the output adapter is the input model (adapter 1, or a fresh LoRA whose B is zero).
     Written by the main process only."""
     if is_main_process():
-        _write_carried_over(base_model, Path(out_dir), config, init_adapter)
+        _write_carried_over(base_model, Path(out_dir), config, init_adapter, base_name)
         _write_train_log(Path(out_dir), started)
     none = {"loss": None, "reward_accuracy": None, "reward_margin": None, "reward_chosen": None,
             "reward_rejected": None}
@@ -468,15 +471,17 @@ def _carry_over(base_model, out_dir, config: TrainConfig, init_adapter, referenc
 
 def train_dpo(base_model: str | Path, train_pairs: pd.DataFrame, val_pairs: pd.DataFrame, out_dir: str | Path,
               config: TrainConfig, init_adapter: str | Path | None = None, reference: str = "base",
-              source: str = "pairs") -> dict:
-    """Train, save the adapter (safetensors) to out_dir and return the summary for metrics."""
+              source: str = "pairs", base_name: str | None = None) -> dict:
+    """Train, save the adapter (safetensors) to out_dir and return the summary for metrics. `base_model` is
+    where the weights load from; `base_name`, if given, is the name written in adapter_config.json."""
     started = time.monotonic()
     train_examples = pairs_to_examples(train_pairs, source)
     val_examples = pairs_to_examples(val_pairs, source)
     if not train_examples:
         # A knob such as -S delta=0.8 can leave no pair. The DAG must still run to the evaluation, so the
         # model is carried over untrained (reported as steps 0, trained false) instead of failing the stage.
-        return _carry_over(base_model, out_dir, config, init_adapter, reference, len(val_examples), started)
+        return _carry_over(base_model, out_dir, config, init_adapter, reference, len(val_examples), started,
+                           base_name)
     with tempfile.TemporaryDirectory(prefix="deeper-train-") as work_dir, warnings.catch_warnings():
         # transformers 5 renamed gradient_checkpointing; TRL 1.16 still uses the old name on every step.
         warnings.filterwarnings("ignore", message=".*gradient_checkpointing.* is deprecated", category=FutureWarning)
@@ -495,7 +500,7 @@ def train_dpo(base_model: str | Path, train_pairs: pd.DataFrame, val_pairs: pd.D
         if trainer.is_world_process_zero():  # several processes hold the same adapter: one writes it
             out_dir = Path(out_dir)
             out_dir.mkdir(parents=True, exist_ok=True)
-            save_adapter(trainer.model, out_dir, selected_adapters=["default"])
+            save_adapter(trainer.model, out_dir, base_name, selected_adapters=["default"])
     summary = {
         "trained": True,
         "pairs": {"train": len(train_examples), "val": len(val_examples)},

@@ -7,7 +7,8 @@
     python -m stages.ablations table     # the table from `dvc exp show --json` -> results/ablations/
 
 Ablations (profiles/ablations/<name>.yaml): future_only and decayed reward weights (Table 19), inc_ft (Table 21:
-the RL pipeline on IncUpdate's prompt); Table 20 (iteration 1 vs 2) is every row's Model 1 vs Model 2 column.
+the RL pipeline on IncUpdate's prompt), qwen_backbone (Table 26: DPO trains another model on the same pairs);
+Table 20 (iteration 1 vs 2) is every row's Model 1 vs Model 2 column.
 Each experiment starts from HEAD's committed outputs, so only the stages its params reach re-run (from the DVC
 cache after `make repro`). Not a pipeline stage: it only composes `dvc exp run` / `dvc queue` / `dvc exp show`.
 Queued experiments run in temporary copies of the repo; the response cache and downloads stay shared through
@@ -81,10 +82,10 @@ def _start(names: list[str], poll_seconds: float) -> None:
     click.echo(f"all {len(names)} experiments finished in {(time.monotonic() - started) / 60:.1f} min", err=True)
 
 
-def _table(out: str) -> None:
+def _table(out: str, commits: int = 1) -> None:
     head = subprocess.run(["git", "rev-parse", "HEAD"], text=True, capture_output=True, check=True)
     rev = head.stdout.strip()
-    rows = comparison(json.loads(_dvc("exp", "show", "--json", capture=True)), rev)
+    rows = comparison(json.loads(_dvc("exp", "show", "--json", "-n", str(commits), capture=True)), rev)
     write(rows, Path(out), rev)
     click.echo(markdown(rows))
     click.echo(f"wrote {out}/comparison.md and comparison.json ({len(rows) - 1} ablations)", err=True)
@@ -118,9 +119,12 @@ def start(names, poll_seconds):
 
 @main.command(help="Write the comparison table of HEAD and its ablation experiments from `dvc exp show --json`.")
 @OUT
+@click.option("--commits", default=1, show_default=True, type=click.IntRange(1),
+              help="Also take ablations run from the COMMITS-1 commits before HEAD (the newest run of each name; "
+                   "the table's `baseline` column says which commit each ran from).")
 @user_errors
-def table(out):
-    _table(out)
+def table(out, commits):
+    _table(out, commits)
 
 
 @main.command(help="Queue the ablations NAMES (default: all), run them, write the table.")

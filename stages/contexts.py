@@ -31,6 +31,7 @@ from deeper.iteration import (
 from deeper.methods import trained_update_from_params
 from deeper.metrics import write_json
 from deeper.predict import PredictSettings
+from deeper.prompts import prompts_from_params
 from deeper.reward import OLD_COLUMNS, PARTS
 from stages._cli import PARAMS_OPTION, echo_calls, load_checked_params, user_errors
 
@@ -54,7 +55,7 @@ def run(params: dict, iteration: int, windows: Path, personas: Path, previous: P
     states, skipped = states_from_personas(users, read_personas(personas, split="train"), t=iteration)
     frozen = load_frozen(params)
     click.echo(f"{len(states)} new contexts at t={iteration}; skipped users: {skipped}", err=True)
-    new, stats = build_contexts(states, frozen, settings, update=update)
+    new, stats = build_contexts(states, frozen, settings, prompts_from_params(params), update=update)
     contexts = pd.concat([old, new], ignore_index=True) if old is not None else new
     twice = contexts["context_id"].duplicated()
     if twice.any():

@@ -32,6 +32,7 @@ from deeper.config import get
 from deeper.errors import ConfigError, InputError
 from deeper.metrics import write_json
 from deeper.predict import PredictSettings
+from deeper.prompts import prompts_from_params
 from deeper.rollout import EvaluateSettings, EvalUser, rollout, windows_needed
 from deeper.tables import domain_seen, read_windows
 from stages._cli import PARAMS_OPTION, echo_calls, load_checked_params, user_errors
@@ -114,8 +115,9 @@ def run(params: dict, method: str, windows: Path, personas: Path, out_dir: Path,
     load_seconds = time.perf_counter() - started
     click.echo(f"evaluate {method}: {len(users)} users, {rounds} rounds, updates by models.{spec.role}"
                f"{' + ' + adapter if adapter else ''}", err=True)
-    result = rollout(users, spec.build(updater, sampling), frozen, rounds, predict_settings, count_tokens,
-                     progress=progress, label=method)
+    prompts = prompts_from_params(params)
+    result = rollout(users, spec.build(updater, sampling, prompts), frozen, rounds, predict_settings, count_tokens,
+                     progress=progress, label=method, prompts=prompts)
 
     out_dir.mkdir(parents=True, exist_ok=True)
     table_path = out_dir / f"{method}.parquet"

@@ -9,7 +9,7 @@ from __future__ import annotations
 import click
 
 from deeper.config import get
-from deeper.data.ingest import NOTES, check_unknown_items, check_zero_ratings, ingest, sources_from_params
+from deeper.data.ingest import NOTES, ingest, options_from_params, sources_from_params
 from deeper.metrics import write_json
 from stages._cli import PARAMS_OPTION, load_checked_params, user_errors
 
@@ -33,10 +33,10 @@ says). Both are printed per domain and written to the metrics file with users, i
 @user_errors
 def main(params_path: str, out: str, metrics_path: str) -> None:
     params = load_checked_params(params_path)
-    unknown_items = check_unknown_items(get(params, "ingest.unknown_items", "keep"))
+    unknown_items, zero_ratings = options_from_params(params)
     sources = sources_from_params(get(params, "ingest.root"), get(params, "ingest.preset"),
                                   get(params, "ingest.presets"))
-    summary = ingest(sources, out, unknown_items, check_zero_ratings(get(params, "ingest.zero_ratings", "drop")))
+    summary = ingest(sources, out, unknown_items, zero_ratings)
     write_json(metrics_path, summary)
     for domain, s in summary["domains"].items():
         dropped = ", ".join(f"{k} {v}" for k, v in s["dropped"].items() if v) or "none"

@@ -28,7 +28,7 @@ from deeper.data.schema import SPLITS
 from deeper.errors import ConfigError
 from deeper.metrics import write_json
 from deeper.personas import PersonaSettings, count_words, degenerate_reason, generate_personas, token_counter
-from deeper.prompts import load_prompts
+from deeper.prompts import prompts_from_params
 from deeper.tables import read_windows
 from stages._cli import PARAMS_OPTION, echo_calls, load_checked_params, user_errors
 
@@ -69,7 +69,7 @@ def run(params: dict, windows: Path, out: Path, metrics: Path) -> dict:
     spec = get(params, "models.frozen")
     if not isinstance(spec, dict):
         raise ConfigError("models.frozen", "must be a mapping such as {backend: transformers, name: ...}")
-    prompts = load_prompts()  # a broken template fails here, before the model loads
+    prompts = prompts_from_params(params)  # a broken template fails here, before the model loads
     counter = token_counter(settings.tokenizer)
     table = read_windows(windows)  # validated; sorted by domain, user_id, window, pos
     w0 = table[table["window"] == 0]

@@ -21,6 +21,7 @@ import click
 from deeper.iteration import SampleSettings, load_policy, read_contexts, read_user_windows, refine_personas
 from deeper.methods import trained_update_from_params
 from deeper.metrics import write_json
+from deeper.prompts import prompts_from_params
 from stages._cli import PARAMS_OPTION, echo_calls, load_checked_params, user_errors
 
 
@@ -32,7 +33,8 @@ def run(params: dict, contexts_path: Path, windows: Path, adapter: Path, out: Pa
     users = read_user_windows(windows, split="train")
     policy = load_policy(params, adapter)
     click.echo(f"refining {len(latest)} personas (step t={int(latest['t'].max())}) with the policy + {adapter}", err=True)
-    refined, counts = refine_personas(latest, users, policy, sampling, source=str(contexts_path),
+    refined, counts = refine_personas(latest, users, policy, sampling, prompts_from_params(params),
+                                      source=str(contexts_path),
                                       update=trained_update_from_params(params))
     out.parent.mkdir(parents=True, exist_ok=True)
     refined.to_parquet(out, index=False)

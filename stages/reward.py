@@ -21,6 +21,7 @@ from deeper.iteration import candidate_errors, load_frozen, read_contexts, read_
 from deeper.metrics import write_json
 from deeper.pairs import thresholds_from_params
 from deeper.predict import PredictSettings
+from deeper.prompts import prompts_from_params
 from deeper.reward import RewardWeights, compute_rewards, summarize_rewards
 from stages._cli import PARAMS_OPTION, echo_calls, load_checked_params, user_errors
 
@@ -35,7 +36,7 @@ def run(params: dict, contexts_path: Path, samples_path: Path, windows: Path, ou
     users = read_user_windows(windows, split="train")
     frozen = load_frozen(params)
     click.echo(f"{len(samples)} candidates x 3 windows to predict", err=True)
-    errors, stats = candidate_errors(contexts, samples, users, frozen, settings)
+    errors, stats = candidate_errors(contexts, samples, users, frozen, settings, prompts_from_params(params))
     rewards = compute_rewards(errors, weights, source=str(samples_path))
     rewards = rewards.merge(contexts[["context_id", "t"]], on="context_id", how="left")
     out.parent.mkdir(parents=True, exist_ok=True)

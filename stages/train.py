@@ -27,22 +27,24 @@ import click
 
 from deeper.config import get
 from deeper.errors import ConfigError, InputError
+from deeper.llm.fingerprint import resolve_model
 from deeper.metrics import write_json
 from deeper.train import TrainConfig, is_main_process, read_pairs, train_dpo
 from stages._cli import PARAMS_OPTION, load_checked_params, user_errors
 
 
-def base_model_path(params: dict) -> str:
+def base_model_path(params: dict) -> tuple[str, str]:
+    """(where the base weights load from, the params name written in the adapter's config)."""
     name = str(get(params, "models.policy.name"))
     if name.endswith(".gguf"):
         raise ConfigError("models.policy.name", "training needs an HF model folder or hub id, not a GGUF file")
-    return name
+    return resolve_model(name, where="models.policy.name").location, name
 
 
 def run(params: dict, iteration: int, pairs_path: Path, init_adapter: Path | None, out: Path, metrics: Path) -> dict:
     config = TrainConfig.from_params(params, iteration)
     reference = get(params, "iter2.reference") if iteration > 1 else "base"
-    base = base_model_path(params)
+    base, base_name = base_model_path(params)
     if init_adapter is not None and not (init_adapter / "adapter_config.json").is_file():
         raise InputError(init_adapter, "no LoRA adapter here; run the previous iteration's train stage first")
     train_pairs, val_pairs = read_pairs(pairs_path)
@@ -53,7 +55,7 @@ def run(params: dict, iteration: int, pairs_path: Path, init_adapter: Path | Non
         if out.exists():
             shutil.rmtree(out)  # a DVC output: no stale files from an earlier run
     summary = train_dpo(base, train_pairs, val_pairs, out, config, init_adapter=init_adapter, reference=reference,
-                        source=str(pairs_path))
+                        source=str(pairs_path), base_name=base_name)
     if not main:  # several processes (train.launcher): the main one writes
         return summary
     write_json(metrics, summary)

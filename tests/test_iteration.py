@@ -51,7 +51,7 @@ def make_params(model: Path, **sample) -> dict:
     spec = {"backend": "transformers", "name": str(model), "adapter": None, "batch_size": 4}
     return {
         "tau_pos": 0.05, "tau_neg": 0.0, "delta": 0.0, "alpha": 0.1,
-        "models": {"frozen": dict(spec), "policy": dict(spec)},
+        "models": {"frozen": dict(spec), "policy": dict(spec), "sampler": dict(spec)},
         "predict": {"mode": "logprob", "rating": "expected", "windows_per_call": 4},
         "sample": {"n": 3, "temperature": 1.0, "top_p": 0.9, "repetition_penalty": 1.1, "max_new_tokens": 8,
                    "seed": 0, **sample},
@@ -110,7 +110,8 @@ def iteration1(world, tmp_path_factory):
         metrics = {
             "contexts": contexts.run(params, 1, root / "windows.parquet", root / "init.parquet", None,
                                      out / "contexts.parquet", out / "contexts.json"),
-            "sample": sample.run(params, 1, out / "contexts.parquet", None, out / "samples.parquet", out / "sample.json"),
+            "sample": sample.run(params, 1, out / "contexts.parquet", None, out / "samples.parquet", out / "sample.json",
+                                 "sampler"),
             "reward": reward.run(params, out / "contexts.parquet", out / "samples.parquet", root / "windows.parquet",
                                  out / "rewards.parquet", out / "reward.json"),
             "pair": pair.run(params, 1, out / "contexts.parquet", out / "rewards.parquet", None,

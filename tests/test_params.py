@@ -103,6 +103,9 @@ BAD = [
     ("fetch.models", ["gpt2"], "fetch.models: unknown model 'gpt2'"),
     ("pair.val_fraction", -0.1, "pair.val_fraction: must be >= 0, got -0.1"),
     ("pair.seed", 1.5, "pair.seed: must be an integer, got 1.5"),
+    ("prompts", "paper", "prompts: must be one of tuned, published, got 'paper'"),
+    ("models.sampler.backend", "llamacpp", "models.sampler.backend: 'llamacpp' is not one of"),
+    ("models.policy.name", "embedded:gpt2", "models.policy.name: 'embedded:gpt2': the embedded models"),
 ]
 
 
@@ -112,7 +115,8 @@ def edited(key, value) -> dict:
 
 def test_the_repository_params_and_every_profile_pass():
     lines = check_params(PARAMS)
-    assert len(lines) == len(BLOCKS) == 16
+    assert len(lines) == len(BLOCKS) == 17
+    assert "prompts (tuned)" in lines
     for name in available():
         assert check_params(apply_profile(PARAMS, load_profile(name, PARAMS)))
 

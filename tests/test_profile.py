@@ -95,6 +95,7 @@ def test_the_profile_holds_the_papers_settings(paper):
     assert paper["models"]["frozen"]["prefill"] == "none" and paper["models"]["frozen"]["api_key_env"] == "OPENAI_API_KEY"
     policy = paper["models"]["policy"]
     assert (policy["backend"], policy["name"]) == ("vllm", "meta-llama/Llama-3.1-8B-Instruct")
+    assert paper["models"]["sampler"] == policy  # iteration 1's candidates come from the base policy
     assert paper["persona"]["tokenizer"] == policy["name"]  # Table 2's lengths in the refiner's tokens
     train = paper["train"]
     assert (train["per_device_batch"], train["grad_accum"], train["lr"], train["warmup_steps"]) == (4, 8, 5e-6, 250)
@@ -163,7 +164,8 @@ def test_cli_prints_the_command_and_runs_it(monkeypatch, entries):
 
 def test_every_block_passes_its_stages_checks(paper):
     assert check_params(paper) == [
-        "fetch", "ingest", "window", "models.frozen (openai), models.policy (vllm)", "persona", "predict", "refiner",
+        "fetch", "ingest", "window", "models.frozen (openai), models.policy (vllm), models.sampler (vllm)",
+        "prompts (published)", "persona", "predict", "refiner",
         "sample",
         "reward", "tau_pos, tau_neg", "delta", "pair", "alpha", "train", "iter2", "evaluate"]
 
@@ -433,7 +435,8 @@ def test_the_quality_profile_is_valid_and_fetches_the_model_it_names(params):
     # profiles/quality.yaml: the CPU quality profile (README). Its frozen model must be one that fetch downloads,
     # and every user needs the windows its rounds read.
     quality = apply_profile(params, load_profile("quality", params))
-    assert "models.frozen (transformers), models.policy (transformers)" in check_params(quality)
+    assert "models.frozen (transformers), models.policy (transformers), models.sampler (transformers)" in \
+        check_params(quality)
     fetched = {f"models/embedded/{name}" for name in quality["fetch"]["models"]}
     assert {quality["models"]["frozen"]["name"], quality["models"]["policy"]["name"]} <= fetched
     assert quality["window"]["count"] >= quality["evaluate"]["rounds"] + 2
@@ -447,9 +450,10 @@ def test_the_vllm_cpu_profile_is_valid_and_its_two_blocks_share_one_engine(param
     from deeper.llm import check_spec
 
     profile = apply_profile(params, load_profile("vllm_cpu", params))
-    assert "models.frozen (vllm), models.policy (vllm)" in check_params(profile)  # the one validator passes it
+    # the one validator passes it
+    assert "models.frozen (vllm), models.policy (vllm), models.sampler (vllm)" in check_params(profile)
     frozen, policy = profile["models"]["frozen"], profile["models"]["policy"]
-    assert frozen == policy and frozen["enable_lora"] is True
+    assert frozen == policy == profile["models"]["sampler"] and frozen["enable_lora"] is True
     assert frozen["name"] == params["models"]["frozen"]["name"] == params["models"]["policy"]["name"]
     assert frozen["max_lora_rank"] >= profile["train"]["lora"]["r"]
     _, kwargs = check_spec(frozen, where="models.frozen")

@@ -244,3 +244,159 @@ def test_an_edited_copy_of_the_templates_is_used(tmp_path):
     path.write_text("=== user ===\nRate {{item_type}}:\n{{ratings}}\n", encoding="utf-8")
     chat = PromptSet(directory).render("init", item_type="book", ratings=[("Dune", 5)])
     assert chat == [{"role": "user", "content": 'Rate book:\n1. "Dune": 5'}]
+
+
+# ---------------------------------------------------------------- the published set (params prompts: published)
+
+# The paper's Appendix A tables (Tables 4-10) transcribed here on their own, one line per table line: the
+# published templates must render exactly these words, with the data where the table has its placeholders.
+PAPER_TABLES = {name: text.strip("\n").split("\n") for name, text in {
+    "init": """
+TASK: Infer the user's persona based on their ratings of movie items.
+Instructions:
+Below is a list of movies that the user has rated.
+Each rating ranges from 1 to 5:
+<DATA>
+Based on these, generate a user persona without mentioning item names or rating scores.
+User Persona(at least **200 words**):
+""",
+    "refine": """
+TASK:
+Refine the old user persona based on differences between predicted and actual ratings of movie items.
+Instructions:
+Below is the existing persona inferred from past behavior:
+<PERSONA>
+Below is the comparison of predicted ratings (based on the old persona) versus actual ratings:
+<DATA>
+Reflect on these differences and generate a refined user persona without mentioning item names or rating scores.
+Refined User Persona:
+""",
+    "fullregen": """
+TASK: Infer the user's persona based on their ratings of movie items.
+Instructions:
+Below is a list of movies that the user has rated.
+Each rating ranges from 1 to 5:
+<DATA>
+Based on these, generate a user persona without mentioning item names or rating scores.
+User Persona:
+""",
+    "slideregen": """
+TASK: Infer the user's persona based on their ratings of movie items.
+Instructions:
+Below is a list of movies that the user has rated.
+Each rating ranges from 1 to 5:
+<DATA>
+
+Based on these, generate a user persona without mentioning item names or rating scores.
+User Persona:
+""",
+    "incupdate": """
+TASK: Integrate the user's most recent ratings of movie items into their existing persona to generate an updated persona.
+Instructions:
+Below is the existing persona based on prior behaviors:
+<PERSONA>
+Below is a list of recent movies that the user has rated.
+Each rating ranges from 1 to 5:
+<DATA>
+Based on these, integrate the new features from the recent ratings into the existing persona.
+Updated Persona:
+""",
+    "hiermerge_short": """
+TASK: Infer the user's persona based on their ratings of movie items.
+Instructions:
+Below is a list of movies that the user has rated.
+Each rating ranges from 1 to 5:
+<DATA>
+Based on these, generate a user persona without mentioning item names or rating scores.
+User Persona:
+""",
+    "hiermerge_merge": """
+TASK: Update the long-term persona by merging it with the newly generated short-term persona.
+Instructions:
+Below is the existing long-term persona based on prior behaviors:
+<PERSONA>
+Below is the newly generated short-term persona based on recent behaviors:
+Lately drawn to animated family films.
+Merge the short-term persona into the long-term persona to capture both historical stability and recent dynamics.
+The updated persona should reflect both long-term preferences and recent changes without losing consistency.
+Updated Long-Term Persona:
+""",
+    "predict": """
+TASK: Role-play the given persona and predict what score (out of 5) you would give to the following movie list.
+Instructions: Based on the persona <PERSONA>, predict ratings for each item in the list below.
+<DATA>
+## Output format:
+```json
+[
+{"item_name":..., "predict_rating":...},
+{"item_name":..., "predict_rating":...},
+...
+]
+```
+""",
+}.items()}
+# What the tuned set adds and the paper leaves to training (the goal, how to search) or never says.
+TUNED_ONLY = ("more accurately", "where the predictions missed", "in which direction", "Reply with", "Stay in character")
+
+
+def test_the_published_set_is_the_papers_tables_word_for_word():
+    from deeper.prompts import PROMPT_SETS
+
+    published = load_prompts(PROMPT_SETS["published"])
+    titles, ratings = ["Heat (1995)", "Up (2009)"], [4.0, 2.0]
+    for name in template_names():
+        values = realistic_values(name, titles, ratings)
+        chat = published.render(name, **values)
+        assert [m["role"] for m in chat] == ["user"], name  # one user message, no system turn
+        text = chat[0]["content"]
+        assert not any(phrase in text for phrase in TUNED_ONLY), name
+        if name not in PAPER_TABLES:
+            continue
+        data = {"init": "ratings", "fullregen": "ratings", "slideregen": "ratings", "incupdate": "ratings",
+                "hiermerge_short": "ratings", "refine": "comparisons", "predict": "items"}.get(name)
+        expected = []
+        for line in PAPER_TABLES[name]:
+            if line == "<DATA>":
+                expected += [m.group(0) for m in item_lines(text)]
+                continue
+            expected += line.replace("<PERSONA>", PERSONA).split("\n")
+        assert text.split("\n") == expected, name
+        if data:
+            assert len(item_lines(text)) == len(titles)
+    # logprob mode's one-item prompt (ours; the paper predicts whole windows): Table 5's words for one item
+    item = published.render("predict_item", **realistic_values("predict_item", titles, ratings))[0]["content"]
+    assert item.startswith("TASK: Role-play the given persona and predict what score (out of 5) you would give")
+    assert item.endswith('"Heat (1995)"') and PERSONA in item
+    assert published.prefill("predict_item") == "Rating: "
+
+
+def test_the_tuned_set_still_says_what_the_published_one_leaves_out():
+    tuned = load_prompts()
+    chat = tuned.render("refine", **realistic_values("refine", ["Heat (1995)"], [4.0]))
+    assert [m["role"] for m in chat] == ["system", "user"] and "more accurately" in chat[1]["content"]
+
+
+def test_params_pick_the_prompt_set_and_refuse_others():
+    from deeper.prompts import PROMPT_SETS, prompts_from_params
+
+    assert prompts_from_params({}).directory == TEMPLATE_DIR  # absent: tuned
+    assert prompts_from_params({"prompts": "tuned"}).directory == PROMPT_SETS["tuned"]
+    assert prompts_from_params({"prompts": "published"}).directory == TEMPLATE_DIR / "published"
+    with pytest.raises(ConfigError, match="prompts: must be one of tuned, published, got 'paper'"):
+        prompts_from_params({"prompts": "paper"})
+
+
+def test_a_template_may_leave_out_only_its_optional_names(tmp_path):
+    """Table 10's merge prompt names no item type (optional there); every other name stays required."""
+    shutil.copytree(TEMPLATE_DIR / "published", tmp_path / "set")
+    merge = (tmp_path / "set" / "hiermerge_merge.txt").read_text()
+    assert "{{item_type}}" not in merge
+    load_prompts(tmp_path / "set")
+    (tmp_path / "set" / "hiermerge_merge.txt").write_text(merge.replace("{{short_term_persona}}", "(none)"))
+    with pytest.raises(ConfigError, match=r"\{\{short_term_persona\}\}: placeholder missing"):
+        PromptSet(tmp_path / "set")
+    (tmp_path / "set" / "hiermerge_merge.txt").write_text(merge)
+    refine = (tmp_path / "set" / "refine.txt").read_text()
+    (tmp_path / "set" / "refine.txt").write_text(refine.replace("{{item_type}}", "movie"))
+    with pytest.raises(ConfigError, match=r"\{\{item_type\}\}: placeholder missing"):
+        PromptSet(tmp_path / "set")

@@ -15,6 +15,7 @@ from pathlib import Path
 import duckdb
 import pyarrow as pa
 
+from deeper.config import get
 from deeper.data.readers import READERS, SELF_NAMING, WITH_META, Source
 from deeper.data.readers.common import clean_title
 from deeper.data.schema import TABLES
@@ -66,6 +67,12 @@ def check_zero_ratings(value) -> str:
     if value not in ZERO_RATINGS:
         raise ConfigError("ingest.zero_ratings", f"must be one of {', '.join(ZERO_RATINGS)}, not {value!r}")
     return value
+
+
+def options_from_params(params: dict) -> tuple[str, str]:
+    """(`ingest.unknown_items`, `ingest.zero_ratings`), checked; absent keys take the defaults keep / drop."""
+    return (check_unknown_items(get(params, "ingest.unknown_items", "keep")),
+            check_zero_ratings(get(params, "ingest.zero_ratings", "drop")))
 
 
 class Sink:

@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 
 from deeper.data.schema import SPLITS, TABLES, WINDOW_COLUMNS
 from deeper.errors import ConfigError, DeeperError, InputError
-from deeper.params import mapping, number
+from deeper.params import fill, mapping, number
 
 SKIP_REASONS = (
     "too_few_ratings",  # raw data: fewer than size * min(count, train_count) ratings
@@ -65,20 +65,14 @@ def spec_from_params(window: dict) -> tuple[WindowSpec, DomainSplit, dict[str, d
 
 
 def _split(key: str, block, default: DomainSplit | None) -> DomainSplit:
-    block = mapping(block, key, known=SPLIT_KEYS)
-    values = {}
-    for name in SPLIT_KEYS:
-        if name not in block:
-            if default is None:
-                raise ConfigError(f"{key}.{name}", "missing")
-            values[name] = getattr(default, name)
-        elif name == "seen":
-            if not isinstance(block[name], bool):
-                raise ConfigError(f"{key}.seen", f"must be true or false, not {block[name]!r}")
-            values[name] = block[name]
-        else:
-            values[name] = number(block[name], f"{key}.{name}", integer=True, low=0)
-    return DomainSplit(**values)
+    def check(name, value):
+        if name != "seen":
+            return number(value, f"{key}.{name}", integer=True, low=0)
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}.seen", f"must be true or false, not {value!r}")
+        return value
+
+    return DomainSplit(**fill(mapping(block, key, known=SPLIT_KEYS), key, SPLIT_KEYS, default, check))
 
 
 def _open(db_path: Path) -> duckdb.DuckDBPyConnection:

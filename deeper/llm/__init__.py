@@ -16,6 +16,7 @@ import inspect
 
 from deeper.errors import ConfigError
 from deeper.llm.base import LLM, RATINGS, Chat, Counters, RatingGroup, RatingResult, Sampling
+from deeper.llm.fingerprint import EMBEDDED_PREFIX
 
 # backend name -> (module, class); each class's keyword arguments are the params keys it accepts.
 BACKENDS = {
@@ -68,6 +69,13 @@ def check_spec(spec: dict, adapter: str | None = None, where: str = "model") -> 
     name = spec.pop("name", None)
     if not name or not isinstance(name, str):
         raise ConfigError(f"{where}.name", "missing: a model folder, hub id or served model name")
+    if name.startswith(EMBEDDED_PREFIX):  # known before anything is fetched
+        from deeper.assets import names
+
+        llms = [n for n in names("model") if n not in names("embedder")]
+        if backend == "openai" or name[len(EMBEDDED_PREFIX):] not in llms:
+            raise ConfigError(f"{where}.name", f"{name!r}: the embedded models a local backend can load are "
+                              + ", ".join(EMBEDDED_PREFIX + n for n in llms))
     block_adapter = spec.pop("adapter", None)
     adapter = adapter if adapter is not None else block_adapter
     allowed = spec_keys(backend)

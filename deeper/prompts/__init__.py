@@ -2,6 +2,7 @@
 
 from deeper.prompts.render import (
     PLACEHOLDERS,
+    PROMPT_SETS,
     PromptSet,
     Template,
     format_comparisons,
@@ -9,6 +10,7 @@ from deeper.prompts.render import (
     format_number,
     format_ratings,
     load_prompts,
+    prompts_from_params,
     quote_title,
     render,
     template_names,
@@ -16,6 +18,7 @@ from deeper.prompts.render import (
 
 __all__ = [
     "PLACEHOLDERS",
+    "PROMPT_SETS",
     "PromptSet",
     "Template",
     "format_comparisons",
@@ -23,6 +26,7 @@ __all__ = [
     "format_number",
     "format_ratings",
     "load_prompts",
+    "prompts_from_params",
     "quote_title",
     "render",
     "template_names",

@@ -38,6 +38,9 @@ from deeper.errors import ConfigError
 Chat = list[dict]
 
 TEMPLATE_DIR = Path(__file__).resolve().parent
+# params `prompts`: which set of templates every stage renders. tuned: this folder's (worded for small models:
+# a system turn, explicit instructions); published: the paper's Appendix A tables as they are (one user message).
+PROMPT_SETS = {"tuned": TEMPLATE_DIR, "published": TEMPLATE_DIR / "published"}
 
 # The names each template must use (all of them) and may use (no others).
 PLACEHOLDERS: dict[str, frozenset[str]] = {
@@ -51,6 +54,8 @@ PLACEHOLDERS: dict[str, frozenset[str]] = {
     "fullregen": frozenset({"item_type", "ratings"}),
     "slideregen": frozenset({"item_type", "ratings"}),
 }
+# Names a template may leave out: the paper's HierMerge merge prompt (Table 10, prompt 2) names no item type.
+OPTIONAL: dict[str, frozenset[str]] = {"hiermerge_merge": frozenset({"item_type"})}
 # Templates whose answer is opened by a prefill (logprob prediction); other templates may not have one.
 NEEDS_PREFILL = frozenset({"predict_item"})
 
@@ -224,7 +229,7 @@ def parse_template(name: str, path: Path) -> Template:
         if "{{" in leftover or "}}" in leftover:
             bad = re.search(r"\{\{[^\n]{0,30}|[^\n]{0,30}\}\}", leftover).group(0)
             raise ConfigError(role, f"malformed placeholder near {bad!r}; write {{{{name}}}} in lower case", where)
-    missing = PLACEHOLDERS[name] - used
+    missing = PLACEHOLDERS[name] - used - OPTIONAL.get(name, frozenset())
     if missing:
         raise ConfigError(
             ", ".join(f"{{{{{m}}}}}" for m in sorted(missing)), f"placeholder missing from template {name}", where
@@ -263,6 +268,16 @@ def _load_cached(directory: str) -> PromptSet:
 def load_prompts(directory: str | Path | None = None) -> PromptSet:
     """The templates of `directory` (default: the package's own), loaded once per process."""
     return _load_cached(str(Path(directory).resolve() if directory is not None else TEMPLATE_DIR))
+
+
+def prompts_from_params(params: dict) -> PromptSet:
+    """The template set params `prompts` names (tuned | published), loaded and checked."""
+    from deeper.config import get
+
+    name = get(params, "prompts", "tuned")
+    if name not in PROMPT_SETS:
+        raise ConfigError("prompts", f"must be one of {', '.join(PROMPT_SETS)}, got {name!r}")
+    return load_prompts(PROMPT_SETS[name])
 
 
 def render(name: str, **values) -> Chat:
