@@ -371,3 +371,39 @@ def test_sample_stage_killed_midway_resumes_with_only_the_missing_calls(world, i
         expected = {k: clean_candidate(t)[0] for k, t in enumerate(raw) if clean_candidate(t)[1] != "empty"}
         mine = resumed[resumed["context_id"] == row["context_id"]]
         assert dict(zip(mine["sample"], mine["text"])) == expected
+
+
+def test_the_training_stages_render_the_prompt_set_params_name(world, iteration1, tmp_path, monkeypatch):
+    """params `prompts: published`: contexts@k hold the paper's refine prompt (Table 6, one user message),
+    refine@1 renders the same set (it re-renders each context's prompt and refuses one that differs), and
+    reward@k predicts with the set's prediction prompt (other prompts, other predicted errors)."""
+    from stages import contexts as contexts_stage
+    from stages import refine, reward
+
+    root, params, _ = world
+    it1, _ = iteration1
+    monkeypatch.setenv("DEEPER_RESPONSE_CACHE", str(tmp_path / "responses"))
+    published = {**params, "prompts": "published"}
+    contexts_stage.run(published, 1, root / "windows.parquet", root / "init.parquet", None, tmp_path / "c.parquet",
+                       tmp_path / "c.json")
+    chat = json.loads(read_contexts(tmp_path / "c.parquet")["prompt"].iloc[0])
+    assert [m["role"] for m in chat] == ["user"]
+    assert chat[0]["content"].startswith("TASK:\nRefine the old user persona based on differences")
+    tuned_chat = json.loads(read_contexts(it1 / "contexts.parquet")["prompt"].iloc[0])
+    assert [m["role"] for m in tuned_chat] == ["system", "user"]
+
+    adapter = root / "adapter_it1"
+    refine.run(published, tmp_path / "c.parquet", root / "windows.parquet", adapter, tmp_path / "s1.parquet",
+               tmp_path / "r.json")
+    with pytest.raises(InputError, match="prompt differs from its persona and windows"):
+        refine.run(params, tmp_path / "c.parquet", root / "windows.parquet", adapter, tmp_path / "s1b.parquet",
+                   tmp_path / "r.json")
+
+    scored = {}
+    for name, p in (("tuned", params), ("published", published)):
+        reward.run(p, it1 / "contexts.parquet", it1 / "samples.parquet", root / "windows.parquet",
+                   tmp_path / f"rw_{name}.parquet", tmp_path / f"rw_{name}.json")
+        scored[name] = pd.read_parquet(tmp_path / f"rw_{name}.parquet")
+    assert list(scored["tuned"]["context_id"]) == list(scored["published"]["context_id"])
+    new = list(NEW_COLUMNS)  # the candidates' own errors: predicted with the set's prompt
+    assert not np.allclose(scored["tuned"][new].to_numpy(float), scored["published"][new].to_numpy(float))

@@ -262,3 +262,53 @@ def test_pairwise_accuracy_by_hand():
     assert pairwise_accuracy([3, 2, 1], [1, 2, 3]) == (0.0, 3)
     accuracy, pairs = pairwise_accuracy([1, 2], [4, 4])
     assert pairs == 0 and math.isnan(accuracy)  # no pair rated differently: NaN, counted as no pairs
+
+
+def test_the_evaluate_stage_renders_the_prompt_set_params_name(tmp_path, tiny_llama, monkeypatch):
+    """`prompts: published` reaches both halves of a method's rollout: the frozen model's predictions (round 0's
+    errors move: the same S_0, other prompts) and the method's own updates (round 1's update chat is the
+    published template's: its key is in that run's response cache, the tuned chat's is not)."""
+    from deeper.llm import load_llm
+    from deeper.llm.cache import ResponseStore, generate_key
+    from deeper.methods import IncUpdate
+    from deeper.methods.base import UpdateInput
+    from deeper.prompts import PROMPT_SETS, load_prompts
+    from stages import evaluate
+
+    rows = []
+    for u in range(2):
+        for w in range(4):
+            for p in range(3):
+                rows.append({"domain": "books", "item_type": "book", "seen": True, "user_id": f"e{u}", "split": "eval",
+                             "window": w, "pos": p, "item_id": f"{w}-{p}", "title": f"Book {u}-{w}-{p}",
+                             "rating": float(1 + (u + w + p) % 5)})
+    pd.DataFrame(rows).to_parquet(tmp_path / "windows.parquet", index=False)
+    persona0 = "Reader 0 likes sagas."
+    pd.DataFrame([{"domain": "books", "user_id": f"e{u}", "split": "eval", "persona": f"Reader {u} likes sagas."}
+                  for u in range(2)]).to_parquet(tmp_path / "init.parquet", index=False)
+    model = {"backend": "transformers", "name": str(tiny_llama), "adapter": None, "batch_size": 8}
+    sampling = {"temperature": 1.0, "top_p": 1.0, "repetition_penalty": 1.0, "max_new_tokens": 8, "seed": 0}
+    base = {**EVAL_PARAMS, "models": {"frozen": model, "policy": model},
+            "predict": {"mode": "logprob", "rating": "expected"}, "persona": {"tokenizer": str(tiny_llama)},
+            "evaluate": {**EVAL_PARAMS["evaluate"], "sampling": sampling}}
+    tables = {}
+    for name in ("tuned", "published"):
+        monkeypatch.setenv("DEEPER_RESPONSE_CACHE", str(tmp_path / f"{name}_responses"))
+        done = _invoke(evaluate.main, tmp_path, {**base, "prompts": name}, "--method", "incupdate", "--windows",
+                       tmp_path / "windows.parquet", "--personas", tmp_path / "init.parquet", "--out-dir",
+                       tmp_path / name, "--runs-dir", tmp_path / f"{name}_runs")
+        assert done.exit_code == 0, done.output
+        tables[name] = pd.read_parquet(tmp_path / name / "incupdate.parquet").set_index(["user_id", "round"])
+    tuned, published = tables["tuned"], tables["published"]
+    assert (tuned.xs(0, level="round")["persona"] == published.xs(0, level="round")["persona"]).all()
+    assert not np.allclose(tuned.xs(0, level="round")["mae"], published.xs(0, level="round")["mae"])
+
+    llm = load_llm(model)
+    user0 = [r for r in rows if r["user_id"] == "e0"]
+    history = tuple(Window(titles=tuple(r["title"] for r in user0 if r["window"] == w),
+                           ratings=tuple(r["rating"] for r in user0 if r["window"] == w)) for w in (0, 1))
+    item = UpdateInput("book", persona0, history, (3.0, 3.0, 3.0))
+    keys = {name: generate_key(llm, IncUpdate(None, Sampling(), load_prompts(PROMPT_SETS[name])).chat(item),
+                               Sampling(**sampling), 0) for name in ("tuned", "published")}
+    store = ResponseStore(tmp_path / "published_responses")
+    assert set(store.get_many(list(keys.values()))) == {keys["published"]}
