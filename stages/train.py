@@ -44,10 +44,10 @@ def base_model_path(params: dict) -> tuple[str, str]:
 def run(params: dict, iteration: int, pairs_path: Path, init_adapter: Path | None, out: Path, metrics: Path) -> dict:
     config = TrainConfig.from_params(params, iteration)
     reference = get(params, "iter2.reference") if iteration > 1 else "base"
-    base, base_name = base_model_path(params)
     if init_adapter is not None and not (init_adapter / "adapter_config.json").is_file():
         raise InputError(init_adapter, "no LoRA adapter here; run the previous iteration's train stage first")
     train_pairs, val_pairs = read_pairs(pairs_path)
+    base, base_name = base_model_path(params)  # after the inputs: an `embedded:` model may be fetched here
     main = is_main_process()  # before training: the launcher's RANK (the process group is not up yet)
     if main:
         click.echo(f"training on {len(train_pairs)} pairs ({len(val_pairs)} validation), base {base}"
