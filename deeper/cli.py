@@ -112,6 +112,10 @@ def refine(ratings, fmt, meta, domain, item_type, store, adapter, no_adapter, pa
         shown = ", ".join(f"{user} has {n}" for user, n in list(waiting.items())[:SHOWN_WAITING])
         more = f", ... ({len(waiting) - SHOWN_WAITING} more)" if len(waiting) > SHOWN_WAITING else ""
         click.echo(f"{len(waiting)} users wait for a full window of {summary['window_size']} ratings: {shown}{more}")
+    at_limit = summary.get("stopped_at_limit", {})
+    if any(at_limit.values()):  # a cut persona is stored as written: say so, with the knob that avoids it
+        click.echo(f"{at_limit['s0']} S_0 and {at_limit['refinements']} refinements stopped at their token limit "
+                   f"(cut short; raise persona.max_new_tokens / evaluate.sampling.max_new_tokens)")
     for role, stats in summary.get("calls", {}).items():
         click.echo(f"{role} model: {stats['cache_misses']} calls made, {stats['cache_hits']} answered by the cache")
 

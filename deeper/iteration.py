@@ -31,7 +31,7 @@ import pandas as pd
 
 from deeper.config import get
 from deeper.errors import ConfigError, InputError
-from deeper.llm.base import LLM, Sampling
+from deeper.llm.base import LLM, Sampling, limit_counts
 from deeper.methods.base import FAILED_REASONS, FLAGGED_REASONS, UpdateInput, Window
 from deeper.methods.refine import Refine
 from deeper.params import number, sampling_block
@@ -261,6 +261,9 @@ def refine_personas(
     counts = {"refined": len(out), **{r: int((out["failure"] == r).sum()) for r in FAILED_REASONS},
               **{r: int((out["flag"] == r).sum()) for r in FLAGGED_REASONS},
               "words": float(out["persona"].map(count_words).mean()) if len(out) else None}
+    at_limit = limit_counts(answer for r in results for answer in r.generated)  # answers cut at max_new_tokens
+    counts.update(stopped_at_limit=at_limit["stopped_at_limit"],
+                  stopped_at_limit_share=at_limit["stopped_at_limit_share"])
     return out, counts
 
 
@@ -288,6 +291,10 @@ def sample_candidates(contexts: pd.DataFrame, policy: LLM, n: int, sampling: Sam
     counts = {"contexts": len(ids), "requested": len(ids) * n, **dict.fromkeys(FAILED_REASONS + FLAGGED_REASONS, 0),
               "duplicate_texts": 0, "copies_old_persona": 0}
     answers = policy.generate(chats, n, sampling)
+    # every requested candidate, kept or dropped, that reached max_new_tokens (cut short)
+    at_limit = limit_counts(text for texts in answers for text in texts)
+    counts.update(stopped_at_limit=at_limit["stopped_at_limit"],
+                  stopped_at_limit_share=at_limit["stopped_at_limit_share"])
     for cid, texts in zip(ids, answers):
         if len(texts) != n:
             raise RuntimeError(f"backend returned {len(texts)} samples for context {cid}, asked {n}")

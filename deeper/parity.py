@@ -37,6 +37,10 @@ PAPER = (
         "a very large max_tokens", ("persona.max_new_tokens", "sample.max_new_tokens",
                                     "evaluate.sampling.max_new_tokens", "predict.json.max_new_tokens"),
         _P + SETTINGS, open=True),
+    Row("generations cut at the limit", "not stated", "not counted", (),
+        "tests/test_llm_transformers.py::test_each_generation_says_whether_it_stopped_at_the_limit", open=True,
+        code="counted by every generating stage: stopped_at_limit_share in its metrics (vLLM/OpenAI: finish_reason "
+             "\"length\"; transformers: no end token)"),
     Row("persona length tokenizer", "not stated (Table 2)", "not stated", ("persona.tokenizer",), _P + SETTINGS,
         open=True),
     Row("prompts", "Appendix A, Tables 4-10 (one user message each)", "prompt scripts; FullRegen's differs (next row)",

@@ -11,10 +11,11 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from functools import lru_cache
+from typing import NamedTuple
 
 from deeper.config import get
 from deeper.errors import ConfigError
-from deeper.llm.base import Sampling
+from deeper.llm.base import Sampling, stopped_at_limit
 from deeper.params import number, sampling_block
 
 # persona keys left out of params (S_0, Appendix A.1); params.yaml sets every one
@@ -99,24 +100,31 @@ def token_counter(tokenizer: str) -> TokenCounter:
     return TokenCounter(tokenizer)
 
 
-def best_attempt(attempts: list[str], min_words: int) -> tuple[str, str | None]:
-    """The first usable attempt, else the longest one with its degenerate reason."""
-    for text in attempts:
+def best_attempt(attempts: list[str], min_words: int) -> int:
+    """The index of the first usable attempt, else of the longest one."""
+    for index, text in enumerate(attempts):
         if degenerate_reason(text, min_words) is None:
-            return text, None
-    text = max(attempts, key=count_words)
-    return text, degenerate_reason(text, min_words)
+            return index
+    return max(range(len(attempts)), key=lambda index: count_words(attempts[index]))
+
+
+class GeneratedPersonas(NamedTuple):
+    personas: list[str]  # cleaned, one per chat
+    attempts: list[int]  # generations each took (1 + retries used)
+    stopped_at_limit: list[bool]  # the kept generation ended at max_new_tokens (may be cut short)
 
 
 def generate_personas(llm, chats: list, settings: PersonaSettings,
-                      log: Callable[[str], None] | None = None) -> tuple[list[str], list[int]]:
-    """S_0 for each chat of the `init` template (cleaned), with the number of attempts each took.
+                      log: Callable[[str], None] | None = None) -> GeneratedPersonas:
+    """S_0 for each chat of the `init` template (cleaned), the number of attempts each took and whether the
+    kept one stopped at the token limit.
 
     A degenerate generation is re-sampled with seed+1 .. seed+retries (not at temperature 0: greedy decoding
     would repeat itself); if all fail, the longest attempt is kept. `log` gets one line per retry round. The
     cached LLM shows the progress bar, chunks the calls and stores each chunk as it finishes (a killed run
     resumes)."""
     attempts: list[list[str]] = [[] for _ in chats]
+    at_limit: list[list[bool]] = [[] for _ in chats]
     todo = list(range(len(chats)))
     max_attempts = 1 + (settings.retries if settings.sampling.temperature > 0 else 0)
     for attempt in range(max_attempts):
@@ -125,8 +133,11 @@ def generate_personas(llm, chats: list, settings: PersonaSettings,
         sampling = replace(settings.sampling, seed=settings.sampling.seed + attempt)
         texts = llm.generate([chats[i] for i in todo], 1, sampling)
         for i, text in zip(todo, texts):
-            attempts[i].append(clean_persona(text[0] if text else ""))
+            attempts[i].append(clean_persona(text[0]))
+            at_limit[i].append(stopped_at_limit(text[0]))
         todo = [i for i in todo if degenerate_reason(attempts[i][-1], settings.min_words) is not None]
         if not todo:
             break
-    return [best_attempt(a, settings.min_words)[0] for a in attempts], [len(a) for a in attempts]
+    kept = [best_attempt(a, settings.min_words) for a in attempts]
+    return GeneratedPersonas([a[k] for a, k in zip(attempts, kept)], [len(a) for a in attempts],
+                             [flags[k] for flags, k in zip(at_limit, kept)])

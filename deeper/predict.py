@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from deeper.config import get
 from deeper.errors import ConfigError
-from deeper.llm.base import LLM, RatingGroup, Sampling
+from deeper.llm.base import LLM, RatingGroup, Sampling, stopped_at_limit
 from deeper.params import mapping, number, sampling_block
 from deeper.prompts import PromptSet, load_prompts
 
@@ -124,10 +124,11 @@ class PredictStats:
     unparsed_windows: int = 0  # json mode: answers in which no rating entry was found at all
     invalid_entries: int = 0  # json mode: entries whose rating was missing, non-numeric or outside 1..5
     retried_windows: int = 0  # json mode: windows asked again (seed + 1) after an answer left an item unrated
+    stopped_at_limit_windows: int = 0  # json mode: windows whose kept answer reached max_new_tokens (cut short)
 
     def add(self, other: PredictStats) -> None:
         for name in ("windows", "items", "digit_mass_sum", "backend_failed_items", "parse_failed_items",
-                     "unparsed_windows", "invalid_entries", "retried_windows"):
+                     "unparsed_windows", "invalid_entries", "retried_windows", "stopped_at_limit_windows"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
 
     def to_metrics(self) -> dict:
@@ -143,6 +144,8 @@ class PredictStats:
                 unparsed_windows=self.unparsed_windows,
                 invalid_entries=self.invalid_entries,
                 retried_windows=self.retried_windows,
+                stopped_at_limit_windows=self.stopped_at_limit_windows,
+                stopped_at_limit_share=self.stopped_at_limit_windows / self.windows if self.windows else None,
                 fallback_rating=FALLBACK_RATING,
             )
         return out
@@ -214,7 +217,7 @@ def _predict_logprob(llm, requests, settings, prompts) -> tuple[list[WindowPredi
 
 def _predict_json(llm, requests, settings, prompts) -> tuple[list[WindowPrediction], PredictStats]:
     chats = [prompts.render("predict", persona=r.persona, item_type=r.item_type, items=list(r.titles)) for r in requests]
-    answers = [texts[0] if texts else "" for texts in llm.generate(chats, 1, settings.json_sampling)]
+    answers = [texts[0] for texts in llm.generate(chats, 1, settings.json_sampling)]
     parsed_all = [parse_json_ratings(a, r.titles) for a, r in zip(answers, requests)]
     # one retry, seed + 1, for the windows whose answer left an item without a valid rating
     retry = [i for i, parsed in enumerate(parsed_all) if None in parsed.ratings]
@@ -222,7 +225,7 @@ def _predict_json(llm, requests, settings, prompts) -> tuple[list[WindowPredicti
         again = llm.generate([chats[i] for i in retry], 1,
                              replace(settings.json_sampling, seed=settings.json_sampling.seed + 1))
         for i, texts in zip(retry, again):
-            answer = texts[0] if texts else ""
+            answer = texts[0]
             parsed = parse_json_ratings(answer, requests[i].titles)
             if parsed.ratings.count(None) < parsed_all[i].ratings.count(None):
                 answers[i], parsed_all[i] = answer, parsed
@@ -237,6 +240,7 @@ def _predict_json(llm, requests, settings, prompts) -> tuple[list[WindowPredicti
         stats.parse_failed_items += int((~ok).sum())
         stats.unparsed_windows += int(parsed.entries == 0)
         stats.invalid_entries += parsed.invalid_entries
+        stats.stopped_at_limit_windows += stopped_at_limit(answer)
     return preds, stats
 
 

@@ -17,7 +17,8 @@ Output (`RolloutResult.table`): one row per user and persona round s = 0..rounds
     update_flag (S_s was used but looks degenerate: reason, else None), answers (raw update answers),
     mae (= eps_{s+1|S_s}, the rollout's error), predicted and actual (that window's ratings, item by item: the
     pairwise choice task reads them), items, predict_failed_items (items of that window that got a
-    fallback rating), mae_w0, mae_w1, mae_w2 (errors of S_s on W_0..W_2; rounds 0 and 1 only, else NaN).
+    fallback rating), mae_w0, mae_w1, mae_w2 (errors of S_s on W_0..W_2; rounds 0 and 1 only, else NaN),
+    update_stopped_at_limit (answers of the update that wrote S_s that reached max_new_tokens; 0 in round 0).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from tqdm.auto import tqdm
 
 from deeper.config import get
 from deeper.errors import ConfigError, InputError
-from deeper.llm.base import LLM, Sampling
+from deeper.llm.base import LLM, Sampling, stopped_at_limit
 from deeper.methods.base import UpdateInput, UpdateMethod, Window
 from deeper.params import mapping, number, sampling_block
 from deeper.personas import count_words
@@ -75,7 +76,7 @@ FIRST_UPDATE_WINDOWS = (0, 1, 2)
 COLUMNS = (
     "domain", "user_id", "seen", "round", "persona", "persona_tokens", "persona_words", "update_failure",
     "update_flag", "answers", "mae", "items", "predict_failed_items", "mae_w0", "mae_w1", "mae_w2",
-    "predicted", "actual",
+    "predicted", "actual", "update_stopped_at_limit",
 )
 
 
@@ -192,6 +193,7 @@ def rollout(
                 "update_failure": failures[i][s], "update_flag": flags[i][s], "answers": list(answers[i][s]),
                 "mae": err, "items": len(u.windows[s + 1].titles), "predict_failed_items": failed,
                 "predicted": [float(p) for p in predicted], "actual": [float(a) for a in u.windows[s + 1].ratings],
+                "update_stopped_at_limit": sum(stopped_at_limit(a) for a in answers[i][s]),
             }
             for w in FIRST_UPDATE_WINDOWS:
                 row[f"mae_w{w}"] = results[(i, s, w)][1] if (i, s, w) in results and s <= 1 else math.nan
@@ -271,6 +273,9 @@ def summarize_domain(table: pd.DataFrame, rounds: int) -> dict:
     out["predict_failed_items"] = int(table["predict_failed_items"].sum())
     out["update_failures"] = int(table["update_failure"].notna().sum())
     out["update_flags"] = int(table["update_flag"].notna().sum())
+    # update answers that reached evaluate.sampling.max_new_tokens (cut short) among all update answers
+    answers = int(table["answers"].map(len).sum())
+    out["update_stopped_at_limit_share"] = float(table["update_stopped_at_limit"].sum() / answers) if answers else math.nan
     return out
 
 

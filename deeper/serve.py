@@ -34,6 +34,7 @@ from deeper.config import get
 from deeper.data.ingest import check_unknown_items, ingest
 from deeper.data.readers import READERS, SELF_NAMING, WITH_META, Source
 from deeper.errors import ConfigError, DeeperError, InputError
+from deeper.llm.base import stopped_at_limit
 from deeper.methods.base import UpdateInput, Window
 from deeper.methods.refine import Refine
 from deeper.params import param
@@ -176,8 +177,9 @@ def _round_row(plan: UserPlan, rnd: int, window: list[Rating], persona: str, mod
     }
 
 
-def compute_rounds(plans: list[UserPlan], models: Models, params: dict, log: Callable[[str], None]) -> None:
-    """Fill each plan's `rounds`: S_0 for new users, then one refinement per window, all users per step."""
+def compute_rounds(plans: list[UserPlan], models: Models, params: dict, log: Callable[[str], None]) -> dict:
+    """Fill each plan's `rounds`: S_0 for new users, then one refinement per window, all users per step.
+    Returns how many of the kept S_0 and of the refinement answers stopped at their max_new_tokens."""
     prompts = prompts_from_params(params)
     persona_settings = PersonaSettings.from_params(params)
     predict_settings = PredictSettings.from_params(params)
@@ -186,12 +188,14 @@ def compute_rounds(plans: list[UserPlan], models: Models, params: dict, log: Cal
     refine = Refine(models.policy, EvaluateSettings.from_params(params).sampling, prompts)
     # (plan, index of the plan's next window, round number of the persona it holds, that persona)
     current: dict[int, tuple[int, int, str]] = {}
+    at_limit = {"s0": 0, "refinements": 0}
     new = [i for i, p in enumerate(plans) if p.windows and p.state.last_round is None]
     if new:
         chats = [prompts.render("init", item_type=plans[i].item_type,
                                 ratings=[(r.title, r.rating) for r in plans[i].windows[0]]) for i in new]
         log(f"S_0 for {len(new)} users new to the store (frozen model, init prompt)")
-        personas, _ = generate_personas(models.frozen, chats, persona_settings, log=log)
+        personas, _, s0_at_limit = generate_personas(models.frozen, chats, persona_settings, log=log)
+        at_limit["s0"] += sum(s0_at_limit)
         for i, persona in zip(new, personas):
             # a degenerate S_0 (every attempt failed: the longest is kept, as init_personas does) is flagged
             plans[i].rounds.append(_round_row(plans[i], 0, plans[i].windows[0], persona, models, "init",
@@ -213,6 +217,7 @@ def compute_rounds(plans: list[UserPlan], models: Models, params: dict, log: Cal
                               predictions=tuple(float(x) for x in pred.ratings))
                   for i, w, pred in zip(todo, windows, preds)]
         results = refine.update(inputs)
+        at_limit["refinements"] += sum(stopped_at_limit(answer) for res in results for answer in res.generated)
         for i, w, pred, res in zip(todo, windows, preds, results):
             index, rnd, _ = current[i]
             failed = 0 if pred.failed is None else int(pred.failed.sum())
@@ -222,6 +227,7 @@ def compute_rounds(plans: list[UserPlan], models: Models, params: dict, log: Cal
                 update_flag=res.flag, policy_fingerprint=models.policy.fingerprint, adapter=models.adapter,
                 adapter_fingerprint=models.adapter_fingerprint))
             current[i] = (index + 1, rnd + 1, res.persona)
+    return at_limit
 
 
 def refine_users(params: dict, source: Source, store: str | Path = DEFAULT_STORE, adapter: str | None = None,
@@ -254,7 +260,7 @@ def refine_users(params: dict, source: Source, store: str | Path = DEFAULT_STORE
         if changed and models is None and any(p.windows for p in changed):
             models = load_models(params, adapter, adapter_fp)
         if models is not None:
-            compute_rounds([p for p in changed if p.windows], models, params, log)
+            summary["stopped_at_limit"] = compute_rounds([p for p in changed if p.windows], models, params, log)
         try:
             if changed:
                 person_store.write(

@@ -43,7 +43,7 @@ OUT_SCHEMA = pa.schema([
     ("update_failure", pa.string()), ("update_flag", pa.string()), ("answers", pa.list_(pa.string())),
     ("mae", pa.float64()), ("items", pa.int64()), ("predict_failed_items", pa.int64()),
     ("mae_w0", pa.float64()), ("mae_w1", pa.float64()), ("mae_w2", pa.float64()),
-    ("predicted", pa.list_(pa.float64())), ("actual", pa.list_(pa.float64())),
+    ("predicted", pa.list_(pa.float64())), ("actual", pa.list_(pa.float64())), ("update_stopped_at_limit", pa.int64()),
 ])
 
 

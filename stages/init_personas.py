@@ -12,6 +12,8 @@ Degenerate generations (no letters, fewer than `persona.min_words` words, or a l
 seeds seed+1 .. seed+retries (not when temperature is 0: greedy decoding would repeat itself). A user whose
 every attempt is degenerate keeps the longest attempt, flagged in the `degenerate` column (the reason) and
 counted in metrics/personas.json; it is never dropped silently and never replaced by made-up text.
+A kept S_0 whose generation reached `persona.max_new_tokens` (it may be cut short) is marked in the
+`stopped_at_limit` column; its count and share are in the metrics.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ OUT_SCHEMA = pa.schema(
     [
         ("domain", pa.string()), ("user_id", pa.string()), ("split", pa.string()), ("persona", pa.string()),
         ("persona_tokens", pa.int64()), ("persona_words", pa.int64()), ("attempts", pa.int64()),
-        ("degenerate", pa.string()),
+        ("degenerate", pa.string()), ("stopped_at_limit", pa.bool_()),
     ]
 )
 LONG_PERSONA_WORDS = 200  # the paper asks the initial persona for at least 200 words
@@ -57,6 +59,9 @@ def summarise(df: pd.DataFrame, retried: int, tokenizer: str) -> dict:
         "empty": int((df["persona_words"] == 0).sum()),
         "degenerate": {r: int(reasons.get(r, 0)) for r in ("empty", "too_short", "repetitive")},
         "retried_users": retried,
+        # kept S_0 whose generation reached persona.max_new_tokens: cut short, not finished by the model
+        "stopped_at_limit": int(df["stopped_at_limit"].sum()),
+        "stopped_at_limit_share": float(df["stopped_at_limit"].mean()) if len(df) else None,
         "token_counter": tokenizer,
     }
 
@@ -84,7 +89,7 @@ def run(params: dict, windows: Path, out: Path, metrics: Path) -> dict:
     click.echo(f"{len(users)} users: writing S0 with {spec.get('name')} ({spec.get('backend')})", err=True)
 
     llm = CachedLLM(load_llm(spec, where="models.frozen"))
-    personas, tries = generate_personas(llm, chats, settings, log=lambda line: click.echo(line, err=True))
+    personas, tries, at_limit = generate_personas(llm, chats, settings, log=lambda line: click.echo(line, err=True))
     echo_calls("frozen", llm)
 
     df = pd.DataFrame(users, columns=["domain", "user_id", "split"])
@@ -93,12 +98,14 @@ def run(params: dict, windows: Path, out: Path, metrics: Path) -> dict:
     df["persona_words"] = [count_words(p) for p in personas]
     df["attempts"] = tries
     df["degenerate"] = [degenerate_reason(p, settings.min_words) for p in personas]
+    df["stopped_at_limit"] = at_limit
     out.parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(pa.Table.from_pandas(df, schema=OUT_SCHEMA, preserve_index=False), out)
     summary = summarise(df, retried=int((df["attempts"] > 1).sum()), tokenizer=settings.tokenizer)
     write_json(metrics, summary)
     flagged = sum(summary["degenerate"].values())
-    click.echo(f"wrote {out}: {len(df)} personas, {flagged} flagged degenerate; metrics in {metrics}", err=True)
+    click.echo(f"wrote {out}: {len(df)} personas, {flagged} flagged degenerate, {summary['stopped_at_limit']} "
+               f"stopped at max_new_tokens={settings.sampling.max_new_tokens}; metrics in {metrics}", err=True)
     return summary
 
 

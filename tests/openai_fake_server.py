@@ -1,7 +1,8 @@
 """A local OpenAI-compatible chat server on 127.0.0.1 for the openai backend's tests.
 
 It speaks POST /v1/chat/completions (messages, seed, temperature, max_tokens, logprobs, top_logprobs) with a
-deterministic "model": a generated text names the last message and the seed; a rating distribution is a
+deterministic "model": a generated text names the last message and the seed (cut to max_tokens words, then
+finish_reason "length", else "stop"); a rating distribution is a
 function of the messages (`rating_logprobs`), spread over "1".."5", " 4" and non-digit tokens.
 
 Scripted faults are consumed one per request, in order: "429", "500", "sleep:<seconds>" (answers late, after
@@ -139,6 +140,10 @@ class FakeOpenAIServer:
                 text = self.reply(messages, body.get("seed"))
             else:
                 text = self.reply(messages) if self.reply else generated_text(messages, body.get("seed"), body.get("temperature"))
+            # a word is a token here: a reply longer than max_tokens is cut and says so, as a real server does
+            limit = body.get("max_tokens")
+            if limit is not None and len(text.split(" ")) > int(limit):
+                text, choice["finish_reason"] = " ".join(text.split(" ")[: int(limit)]), "length"
             choice["message"] = {"role": "assistant", "content": text}
         prompt_tokens = sum(len(m.get("content", "").split()) for m in messages)
         return 200, json.dumps({

@@ -70,7 +70,7 @@ def test_writes_one_persona_per_windowed_user(tmp_path, tiny_llama, cache_dir):
     assert result.exit_code == 0, result.output
     df = pd.read_parquet(out)
     assert list(df.columns) == ["domain", "user_id", "split", "persona", "persona_tokens", "persona_words",
-                                "attempts", "degenerate"]
+                                "attempts", "degenerate", "stopped_at_limit"]
     assert list(zip(df.domain, df.user_id, df.split)) == [
         ("movielens", "u1", "train"), ("movielens", "u2", "eval"), ("recipes", "r9", "train")]
     counter = token_counter(str(tiny_llama))
@@ -83,6 +83,8 @@ def test_writes_one_persona_per_windowed_user(tmp_path, tiny_llama, cache_dir):
     assert m["empty"] == int((df.persona_words == 0).sum())
     assert sum(m["degenerate"].values()) == int(df.degenerate.notna().sum())
     assert m["retried_users"] == int((df.attempts > 1).sum())
+    assert m["stopped_at_limit"] == int(df.stopped_at_limit.sum())
+    assert m["stopped_at_limit_share"] == pytest.approx(df.stopped_at_limit.mean())
 
     # A re-run (e.g. after a kill) answers from the response cache with the same personas.
     again, out2, _ = run_stage(tmp_path, params, windows=tmp_path / "windows.parquet", tag="rerun")
@@ -103,6 +105,9 @@ def test_degenerate_generations_are_retried_then_kept_flagged(tmp_path, tiny_lla
     assert m["retried_users"] == 3
     assert m["degenerate"]["too_short"] + m["degenerate"]["empty"] == 3
     assert m["share_200_words"] == 0.0
+    # four new tokens: every kept attempt ran into the limit, and the table and metrics say so
+    assert df.stopped_at_limit.all()
+    assert m["stopped_at_limit"] == 3 and m["stopped_at_limit_share"] == 1.0
 
 
 def test_greedy_decoding_is_not_retried(tmp_path, tiny_llama, cache_dir):

@@ -225,6 +225,10 @@ def test_sampling_gives_n_candidates_per_context_reproducibly(world, iteration1)
     expected = {k: clean_candidate(t)[0] for k, t in enumerate(raw) if clean_candidate(t)[1] != "empty"}
     mine = samples[samples["context_id"] == first["context_id"]]
     assert dict(zip(mine["sample"], mine["text"])) == expected
+    # every requested candidate that ran into max_new_tokens is counted, the dropped ones too
+    raw_all = policy.generate([json.loads(p) for p in contexts["prompt"]], n, sampling)
+    cut = sum(t.stopped_at_limit for texts in raw_all for t in texts)
+    assert cut > 0 and (m["stopped_at_limit"], m["stopped_at_limit_share"]) == (cut, cut / m["requested"])
 
 
 def test_rewards_are_old_minus_new_errors(world, iteration1):
@@ -276,6 +280,9 @@ def test_iteration_2_adds_contexts_from_model_1s_refinements(world, iteration1, 
     s1 = pd.read_parquet(tmp_path / "s1.parquet")
     assert list(s1["context_id"]) == list(read_contexts(it1 / "contexts.parquet")["context_id"])
     assert (s1["t"] == 2).all() and (s1["split"] == "train").all()
+    # eight new tokens: every refinement of the tiny model ran into the limit, and the metrics count each
+    refined = json.loads((tmp_path / "r.json").read_text())
+    assert (refined["stopped_at_limit"], refined["stopped_at_limit_share"]) == (len(s1), 1.0)
 
     summary = contexts.run(params, 2, root / "windows.parquet", tmp_path / "s1.parquet", it1 / "contexts.parquet",
                            tmp_path / "contexts.parquet", tmp_path / "contexts.json")

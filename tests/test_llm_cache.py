@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from deeper.llm import load_llm
-from deeper.llm.base import RatingGroup, Sampling
+from deeper.llm.base import Generation, RatingGroup, Sampling
 from deeper.llm.cache import CachedLLM, ResponseStore, default_cache_dir, generate_key, rating_key
 
 REPO = Path(__file__).resolve().parents[1]
@@ -83,6 +83,43 @@ def test_only_missing_samples_and_items_reach_the_backend(tiny, tmp_path):
     full = cached.rating_probs([group])[0]
     assert cached.llm.asked == [("rating", [2])]
     np.testing.assert_allclose(full.probs, tiny.rating_probs([group])[0].probs, atol=1e-4)
+
+
+def test_the_stopped_at_limit_flag_is_stored_with_the_text(tiny, tmp_path):
+    """Each answer comes back from the cache with the flag the backend gave it; an entry stored before the flag
+    existed is a miss (generated again and replaced), never an answer without its flag."""
+    class OddSeedsUnfinished(CountingLLM):
+        """The real texts; the flag set from the sample's seed, so both values go through the store."""
+
+        def generate(self, chats, n, sampling):
+            return [[Generation(t, stopped_at_limit=(sampling.seed + k) % 2 == 1) for k, t in enumerate(row)]
+                    for row in super().generate(chats, n, sampling)]
+
+    chats = [chat(i) for i in range(3)]
+    first = CachedLLM(OddSeedsUnfinished(tiny), tmp_path)
+    cut = first.generate(chats, 2, SAMPLING)
+    assert [[t.stopped_at_limit for t in row] for row in cut] == [[False, True]] * 3
+    again = CachedLLM(CountingLLM(tiny), tmp_path)
+    assert [[(t, t.stopped_at_limit) for t in row] for row in again.generate(chats, 2, SAMPLING)] == \
+        [[(t, t.stopped_at_limit) for t in row] for row in cut] and again.llm.asked == []
+
+    store = ResponseStore(tmp_path)
+    old_key = generate_key(again, chats[0], SAMPLING, 1)
+    store.put_many([(old_key, "generate", {"text": "written by an older version"})])
+    refreshed = again.generate(chats, 2, SAMPLING)
+    assert again.llm.asked == [("generate", 1, 1, 1)] and refreshed == cut
+    # the plain backend's own flag now: six new tokens, the tiny random model never ends that soon
+    assert refreshed[0][1].stopped_at_limit
+    assert store.get_many([old_key])[old_key] == {"text": str(cut[0][1]), "stopped_at_limit": True}
+
+
+def test_a_backend_answer_without_the_flag_is_refused(tiny, tmp_path):
+    class PlainText(CountingLLM):
+        def generate(self, chats, n, sampling):
+            return [[str(t) for t in row] for row in super().generate(chats, n, sampling)]
+
+    with pytest.raises(TypeError, match="Generation"):
+        CachedLLM(PlainText(tiny), tmp_path).generate([chat(0)], 1, SAMPLING)
 
 
 def test_keys_separate_everything_that_changes_outputs():

@@ -46,6 +46,15 @@ def test_generate_sends_one_request_per_sample_with_its_seed(key_env):
     assert llm.counters.calls == 6 and llm.counters.retries == 0
 
 
+def test_finish_reason_length_marks_a_generation_stopped_at_the_limit(key_env):
+    with FakeOpenAIServer() as server:
+        llm = make_llm(server, key_env)
+        (whole,), = llm.generate(CHATS[:1], 1, Sampling(max_new_tokens=12, seed=0))
+        (cut,), = llm.generate(CHATS[:1], 1, Sampling(max_new_tokens=3, seed=0))
+    assert whole == generated_text(CHATS[0], 0, 1.0) and not whole.stopped_at_limit
+    assert cut == " ".join(whole.split(" ")[:3]) and cut.stopped_at_limit
+
+
 def test_rating_reads_digits_from_top_logprobs(key_env):
     with FakeOpenAIServer() as server:
         llm = make_llm(server, key_env)

@@ -65,6 +65,23 @@ def test_generate_returns_n_texts_per_chat_and_counts_calls(llm):
     assert llm.counters.completion_tokens > 0
 
 
+def test_each_generation_says_whether_it_stopped_at_the_limit(smollm2_path):
+    """One batch, two rows: the short answer ends with an end token (then pads while the other row goes on), the
+    story runs into max_new_tokens. The flag is per row, for sampled and greedy decoding alike."""
+    from deeper.llm.base import Generation
+
+    real = load_llm({"backend": "transformers", "name": smollm2_path, "batch_size": 4})
+    chats = [[{"role": "user", "content": "What colour is a clear daytime sky? Answer with one word."}],
+             [{"role": "user", "content": "Write a long story about a dragon who learns to cook."}]]
+    for sampling in (Sampling(temperature=0.0, max_new_tokens=24), Sampling(temperature=0.7, max_new_tokens=24)):
+        short, story = (row[0] for row in real.generate(chats, 1, sampling))
+        assert isinstance(short, Generation) and isinstance(story, Generation)
+        assert len(real.encode([short])[0]) < 24 and not short.stopped_at_limit
+        assert len(real.encode([story])[0]) >= 23 and story.stopped_at_limit
+    # a limit the short answer also reaches flags it too
+    assert real.generate(chats[:1], 1, Sampling(temperature=0.0, max_new_tokens=3))[0][0].stopped_at_limit
+
+
 def test_rating_probs_are_distributions(llm):
     groups = [RatingGroup([item_chat(t) for t in TITLES[:4]]), RatingGroup([item_chat("Fargo")]), RatingGroup([])]
     results = llm.rating_probs(groups)

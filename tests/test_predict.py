@@ -236,3 +236,27 @@ def test_json_mode_retries_a_failed_parse_once_with_the_next_seed(monkeypatch):
     m = stats.to_metrics()
     assert preds[4].ratings.tolist() == [2, FALLBACK_RATING] and preds[4].failed.tolist() == [False, True]
     assert (m["retried_windows"], m["parse_failed_items"], m["items"]) == (4, 2, 9)
+
+
+def test_json_mode_counts_answers_cut_at_the_token_limit(monkeypatch):
+    """An answer that runs into predict.json.max_new_tokens (the server says finish_reason "length") is counted
+    in the stats, whether or not its ratings parsed; one that ends in time is not."""
+    from deeper.llm import load_llm
+    from tests.openai_fake_server import FakeOpenAIServer
+
+    body = answer([("Alien", 4)], fenced=False)
+    limit = len(body.split(" ")) + 5  # the fake server counts a word as a token
+
+    def reply(messages):
+        return body + (" and so on" * 30 if '"Heat"' in messages[-1]["content"] else "")
+
+    monkeypatch.setenv("DEEPER_TEST_KEY", "k")
+    settings = PredictSettings.from_params({"predict": {"mode": "json", "json": {"seed": 0, "max_new_tokens": limit}}})
+    requests = [WindowRequest(PERSONA, "movie", ["Alien"], [4]), WindowRequest(PERSONA, "movie", ["Heat"], [4])]
+    with FakeOpenAIServer(reply=reply) as server:
+        llm = load_llm({"backend": "openai", "name": "m", "base_url": server.base_url, "api_key_env": "DEEPER_TEST_KEY",
+                        "prefill": "none"})
+        preds, stats = predict_windows(llm, requests, settings)
+    assert [p.answer.stopped_at_limit for p in preds] == [False, True]
+    m = stats.to_metrics()
+    assert (m["stopped_at_limit_windows"], m["stopped_at_limit_share"], m["retried_windows"]) == (1, 0.5, 0)

@@ -299,7 +299,8 @@ class FakeEngine:
 
     def generate(self, prompts, params, lora_request=None, use_tqdm=True):
         self.calls.append({"prompts": prompts, "params": params, "lora_request": lora_request})
-        return [types.SimpleNamespace(outputs=[types.SimpleNamespace(text=f"refined {i}", token_ids=[1, 2])])
+        return [types.SimpleNamespace(outputs=[types.SimpleNamespace(text=f"refined {i}", token_ids=[1, 2],
+                                                                     finish_reason="stop")])
                 for i in range(len(prompts))]
 
 

@@ -147,6 +147,9 @@ def _hand_table() -> pd.DataFrame:
                 # a ranks the next window right, b wrong; c's user rated everything the same (no pair)
                 "predicted": {"a": [1.0, 2.0, 3.0], "b": [3.0, 2.0, 1.0 + s], "c": [1.0, 2.0, 3.0]}[user],
                 "actual": {"a": [1.0, 2.0, 3.0], "b": [1.0, 2.0, 3.0], "c": [4.0, 4.0, 4.0]}[user],
+                # b's method makes two calls per update; b's first update and c's second ran into the limit
+                "answers": [] if s == 0 else ["short", "merged"] if user == "b" else ["refined"],
+                "update_stopped_at_limit": int((user, s) in {("b", 1), ("c", 2)}),
             })
     return pd.DataFrame(rows)
 
@@ -168,6 +171,8 @@ def test_summaries_match_hand_computed_numbers():
     # a: 3 of 3 pairs right; b: round 0 none; round 1 predicts 3, 2, 2 (one tie: 0.5); round 2 predicts 3, 2, 3
     # (one wrong, one tie, one right: 1.5)
     assert books["pairwise_accuracy"] == pytest.approx({"r0": 3 / 6, "r1": 3.5 / 6, "r2": 4.5 / 6})
+    # update answers cut at the limit: 1 of books' 6 (a: 1 + 1, b: 2 + 2), 1 of garden's 2
+    assert books["update_stopped_at_limit_share"] == pytest.approx(1 / 6)
 
     summary = summarize_method(table, rounds=2)
     assert set(summary) == {"domains", "seen", "unseen", "all"}
@@ -180,6 +185,8 @@ def test_summaries_match_hand_computed_numbers():
     assert summary["all"]["mae_r1_parse_failed_share"] == pytest.approx((0.1 + 0.2) / 2)
     # garden has no pair rated differently: its accuracy is no number, and the average is books' alone
     assert summary["all"]["pairwise_accuracy"]["r0"] == pytest.approx(0.5)
+    assert summary["unseen"]["update_stopped_at_limit_share"] == pytest.approx(0.5)
+    assert summary["all"]["update_stopped_at_limit_share"] == pytest.approx((1 / 6 + 0.5) / 2)
     assert mae_by_round(table, 2) == pytest.approx([(1.5 + 0.5) / 2, (1.0 + 0.5) / 2, (0.8 + 0.25) / 2])
 
     rewards = compute_rewards(first_update_errors(table)).set_index("user_id")
@@ -300,6 +307,9 @@ def test_the_evaluate_stage_renders_the_prompt_set_params_name(tmp_path, tiny_ll
         assert done.exit_code == 0, done.output
         tables[name] = pd.read_parquet(tmp_path / name / "incupdate.parquet").set_index(["user_id", "round"])
     tuned, published = tables["tuned"], tables["published"]
+    # eight new tokens: the tiny random model's every update answer ran into the limit, round 0 has none
+    assert list(tuned["update_stopped_at_limit"]) == [0, 1, 1] * 2
+    assert summarize_domain(tuned.reset_index(), rounds=2)["update_stopped_at_limit_share"] == 1.0
     assert (tuned.xs(0, level="round")["persona"] == published.xs(0, level="round")["persona"]).all()
     assert not np.allclose(tuned.xs(0, level="round")["mae"], published.xs(0, level="round")["mae"])
 

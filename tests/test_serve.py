@@ -111,6 +111,8 @@ def test_rounds_s0_for_new_users_and_waiting_users(tmp_path, tiny_llama, tiny_ad
     summary = refine_users(params, source(first), store, log=quiet)
     assert summary["rounds_written"] == 2 and summary["users_new"] == 1 and summary["users_updated"] == 1
     assert summary["waiting"] == {"movielens/1": 1, "movielens/2": 2}
+    # twelve new tokens: the tiny random model's S_0 and its one refinement both ran into the limit
+    assert summary["stopped_at_limit"] == {"s0": 1, "refinements": 1}
     rows = PersonaStore(store).history("1")
     assert [r["round"] for r in rows] == [0, 1]
     assert [r["writer"] for r in rows] == ["init", "refine"]
@@ -163,7 +165,11 @@ def test_bad_rating_files_are_one_line_and_write_nothing(tmp_path, tiny_llama, t
     runner = CliRunner()
     args = ["--format", "movielens_csv", "--domain", "movielens", "--item-type", "movie", "--store", str(store),
             "--adapter", str(tiny_adapter), "--params", str(params_path)]
-    assert runner.invoke(main, ["refine", str(good), *args]).exit_code == 0
+    done = runner.invoke(main, ["refine", str(good), *args])
+    assert done.exit_code == 0
+    # the tiny model's S_0 and refinement ran into their 12-token limit: the user reads it, and which knobs
+    assert "1 S_0 and 1 refinements stopped at their token limit" in done.output
+    assert "persona.max_new_tokens / evaluate.sampling.max_new_tokens" in done.output
     before, pending = store_rows(store), store_rows(store, "pending")
 
     cases = {

@@ -65,6 +65,13 @@ def test_greedy_text_equals_the_transformers_backend(engine, reference):
     ours = base.generate(chats, 2, greedy)
     assert ours == reference.generate(chats, 2, greedy)
     assert all(row[0] == row[1] and row[0].strip() for row in ours)
+    # vLLM's finish_reason "length" and the transformers backend's "no end token" agree row by row
+    assert [t.stopped_at_limit for row in ours for t in row] == \
+        [t.stopped_at_limit for row in reference.generate(chats, 2, greedy) for t in row]
+    short = [[{"role": "user", "content": "What colour is a clear daytime sky? Answer with one word."}],
+             [{"role": "user", "content": "Write a long story about a dragon who learns to cook."}]]
+    assert [row[0].stopped_at_limit for row in base.generate(short, 1, Sampling(temperature=0.0, max_new_tokens=24))] \
+        == [False, True]
 
 
 def test_rating_probs_match_the_transformers_backend(engine, reference):

@@ -1,6 +1,8 @@
 """The one small LLM interface the whole method needs.
 
-- `generate(chats, n, sampling)` -> n texts per chat (personas, refinement candidates, baselines).
+- `generate(chats, n, sampling)` -> n texts per chat (personas, refinement candidates, baselines), each a
+  `Generation`: a str that also says whether decoding stopped at `max_new_tokens` (a cut text) rather than
+  at an end token.
 - `rating_probs(groups)` -> P(rating = 1..5) per item, from the next-token distribution after the
   assistant turn is prefilled (e.g. "Rating: "), renormalised over the five digits; the raw mass the
   model put on the digits is returned too, for metrics.
@@ -35,6 +37,39 @@ class Sampling:
 
     def key(self) -> dict:
         return asdict(self)
+
+
+class Generation(str):
+    """A generated text (a str: callers that want only the text use it as one) plus `stopped_at_limit`: True
+    when decoding ended because it reached `max_new_tokens` (transformers: no end token among the new tokens;
+    vLLM and OpenAI-compatible servers: finish_reason "length"), i.e. the text may be cut short.
+
+    String operations (strip, slicing, ...) return a plain str: count the flag on what the backend returned."""
+
+    stopped_at_limit: bool
+
+    def __new__(cls, text: str, stopped_at_limit: bool):
+        obj = super().__new__(cls, text)
+        obj.stopped_at_limit = bool(stopped_at_limit)
+        return obj
+
+    def __reduce__(self):
+        return Generation, (str(self), self.stopped_at_limit)
+
+
+def stopped_at_limit(text: str) -> bool:
+    """The flag of a backend's answer; a plain str (not from a backend) is a programming error, not a False."""
+    if not isinstance(text, Generation):
+        raise TypeError(f"expected a deeper.llm.base.Generation from the backend, got {type(text).__name__}")
+    return text.stopped_at_limit
+
+
+def limit_counts(texts) -> dict:
+    """{"generations", "stopped_at_limit", "stopped_at_limit_share"} over backend answers, for stage metrics."""
+    texts = list(texts)
+    stopped = sum(stopped_at_limit(t) for t in texts)
+    return {"generations": len(texts), "stopped_at_limit": stopped,
+            "stopped_at_limit_share": stopped / len(texts) if texts else None}
 
 
 @dataclass
@@ -98,6 +133,6 @@ class LLM(Protocol):
     backend: str
     fingerprint: str  # changes whenever outputs could change: weights hash/revision + adapter hash
 
-    def generate(self, chats: list[Chat], n: int, sampling: Sampling) -> list[list[str]]: ...
+    def generate(self, chats: list[Chat], n: int, sampling: Sampling) -> list[list[Generation]]: ...
 
     def rating_probs(self, groups: list[RatingGroup]) -> list[RatingResult]: ...

@@ -10,6 +10,10 @@ once. Location: $DEEPER_RESPONSE_CACHE, else $DEEPER_CACHE_DIR/responses, else .
 Only cache misses reach the backend, in chunks of its batch size; each chunk is committed as soon as it
 returns, so a killed stage loses at most one chunk and its re-run redoes only the calls that had not finished.
 Rating rows a backend marks as failed (its fallback) are returned but not stored: a re-run tries them again.
+
+A generated answer is stored as {"text", "stopped_at_limit"} and comes back as the backend gave it (a
+deeper.llm.base.Generation). An entry written before the flag existed ({"text"} alone) counts as a miss and is
+generated again (the same seed gives the same text), so no answer is ever reported without its flag.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ import numpy as np
 from tqdm import tqdm
 
 from deeper.errors import DeeperError
-from deeper.llm.base import RATINGS, Chat, RatingGroup, RatingResult, Sampling
+from deeper.llm.base import RATINGS, Chat, Generation, RatingGroup, RatingResult, Sampling, stopped_at_limit
 
 DB_NAME = "responses.sqlite3"
 BUSY_TIMEOUT_MS = 120_000
@@ -124,6 +128,13 @@ def _chunks(items: list, size: int):
         yield items[start : start + size]
 
 
+def cached_generation(value: dict | None) -> Generation | None:
+    """A stored answer, or None (a miss) when absent or stored without its stopped_at_limit flag."""
+    if value is None or "stopped_at_limit" not in value:
+        return None
+    return Generation(value["text"], stopped_at_limit=value["stopped_at_limit"])
+
+
 class CachedLLM:
     """Any backend behind the response cache; same interface, plus hit/miss counters."""
 
@@ -147,10 +158,10 @@ class CachedLLM:
 
     # --- generate -------------------------------------------------------------------------------------
 
-    def generate(self, chats: list[Chat], n: int, sampling: Sampling) -> list[list[str]]:
+    def generate(self, chats: list[Chat], n: int, sampling: Sampling) -> list[list[Generation]]:
         keys = [[generate_key(self, chat, sampling, k) for k in range(n)] for chat in chats]
         found = self.store.get_many([key for row in keys for key in row])
-        texts = [[found[key]["text"] if key in found else None for key in row] for row in keys]
+        texts = [[cached_generation(found.get(key)) for key in row] for row in keys]
         missing = [(c, k) for c, row in enumerate(texts) for k, text in enumerate(row) if text is None]
         total = len(chats) * n
         self.hits += total - len(missing)
@@ -166,7 +177,8 @@ class CachedLLM:
                 for c, samples in zip(indices, out):
                     for j, text in enumerate(samples):
                         texts[c][first + j] = text
-                        rows.append((keys[c][first + j], "generate", {"text": text}))
+                        value = {"text": str(text), "stopped_at_limit": stopped_at_limit(text)}
+                        rows.append((keys[c][first + j], "generate", value))
                 self.store.put_many(rows)
                 bar.update(len(rows))
 

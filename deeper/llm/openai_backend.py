@@ -33,7 +33,7 @@ import numpy as np
 from tqdm import tqdm
 
 from deeper.errors import ConfigError, DeeperError
-from deeper.llm.base import Chat, Counters, RatingGroup, RatingResult, Sampling, uniform_result
+from deeper.llm.base import Chat, Counters, Generation, RatingGroup, RatingResult, Sampling, uniform_result
 from deeper.llm.scoring import result_from_top_logprobs
 
 PREFILL_MODES = ("assistant", "none")
@@ -98,12 +98,14 @@ def top_logprob_pairs(response) -> list[tuple[str, float]]:
     return pairs
 
 
-def message_text(response) -> str:
+def message_text(response) -> Generation:
+    """The answer's text; finish_reason "length" (the server stopped at max_tokens) marks it stopped_at_limit."""
     try:
-        message = response.choices[0].message
+        choice = response.choices[0]
+        message = choice.message
     except (AttributeError, IndexError, TypeError) as e:
         raise MalformedReply(f"no choices in the reply ({type(e).__name__})") from None
-    return message.content or ""
+    return Generation(message.content or "", stopped_at_limit=getattr(choice, "finish_reason", None) == "length")
 
 
 class OpenAILLM:
@@ -234,7 +236,7 @@ class OpenAILLM:
 
     # --- the interface ---------------------------------------------------------------------------------
 
-    def generate(self, chats: list[Chat], n: int, sampling: Sampling) -> list[list[str]]:
+    def generate(self, chats: list[Chat], n: int, sampling: Sampling) -> list[list[Generation]]:
         extra = dict(self.extra_body)
         if sampling.repetition_penalty != 1.0 and self.send_repetition_penalty:
             extra["repetition_penalty"] = sampling.repetition_penalty

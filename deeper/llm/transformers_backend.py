@@ -20,7 +20,7 @@ import numpy as np
 from tqdm import tqdm
 
 from deeper.errors import ConfigError, DeeperError
-from deeper.llm.base import Chat, Counters, RatingGroup, RatingResult, Sampling
+from deeper.llm.base import Chat, Counters, Generation, RatingGroup, RatingResult, Sampling
 from deeper.llm.fingerprint import combine, resolve_adapter, resolve_model
 from deeper.llm.scoring import DigitTokens, render_prompt, result_from_logits
 
@@ -268,7 +268,7 @@ class TransformersLLM(DigitTokens):
 
     # --- the interface ---------------------------------------------------------------------------------
 
-    def generate(self, chats: list[Chat], n: int, sampling: Sampling) -> list[list[str]]:
+    def generate(self, chats: list[Chat], n: int, sampling: Sampling) -> list[list[Generation]]:
         import torch
 
         prompts = self.encode([render_prompt(self.tokenizer, chat) for chat in chats])
@@ -276,7 +276,8 @@ class TransformersLLM(DigitTokens):
         # One row per (chat, sample); greedy samples are all the same, so one row per chat.
         rows = [(c, k) for c in range(len(chats)) for k in range(1 if greedy else n)]
         rows.sort(key=lambda r: len(prompts[r[0]]))  # similar lengths together: less padding
-        texts: dict[tuple[int, int], str] = {}
+        texts: dict[tuple[int, int], Generation] = {}
+        eos = torch.tensor(self.eos_ids)
         batches = list(_batches(rows, self.batch_size))
         for batch in tqdm(batches, desc="generate", unit="batch", leave=False, disable=not self.show_progress or len(batches) < 2):
             input_ids, mask = left_padded([prompts[c] for c, _ in batch], self.pad_id)
@@ -292,7 +293,9 @@ class TransformersLLM(DigitTokens):
             new = out[:, width:].cpu()
             for (c, k), tokens in zip(batch, new):
                 real = tokens[~torch.isin(tokens, torch.tensor([self.pad_id, *self.eos_ids]))]
-                texts[(c, k)] = self.tokenizer.decode(tokens, skip_special_tokens=True)
+                # generate() ends a row at an end token (then pads) or at max_new_tokens: no end token = the limit
+                texts[(c, k)] = Generation(self.tokenizer.decode(tokens, skip_special_tokens=True),
+                                           stopped_at_limit=not bool(torch.isin(tokens, eos).any()))
                 self.counters.add(calls=1, prompt_tokens=len(prompts[c]), completion_tokens=len(real))
         return [[texts[(c, 0 if greedy else k)] for k in range(n)] for c in range(len(chats))]
 

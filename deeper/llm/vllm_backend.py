@@ -27,7 +27,7 @@ import os
 from pathlib import Path
 
 from deeper.errors import ConfigError, DeeperError
-from deeper.llm.base import Chat, Counters, RatingGroup, RatingResult, Sampling
+from deeper.llm.base import Chat, Counters, Generation, RatingGroup, RatingResult, Sampling
 from deeper.llm.fingerprint import combine, resolve_adapter, resolve_model
 from deeper.llm.scoring import DigitTokens, render_prompt, result_from_digit_logprobs
 
@@ -193,14 +193,15 @@ class VLLMLLM(DigitTokens):
         )
         return outputs
 
-    def generate(self, chats: list[Chat], n: int, sampling: Sampling) -> list[list[str]]:
+    def generate(self, chats: list[Chat], n: int, sampling: Sampling) -> list[list[Generation]]:
         prompts = [self._prompt(chat) for chat in chats]
         greedy = sampling.temperature == 0  # every sample is the same text: one request per chat
         jobs = [(c, k) for c in range(len(chats)) for k in range(1 if greedy else n)]
         outputs = self._run(
             [prompts[c] for c, _ in jobs], [self._params(**sampling_params_kwargs(sampling, k)) for _, k in jobs]
         )
-        texts = {job: o.outputs[0].text for job, o in zip(jobs, outputs)}
+        texts = {job: Generation(o.outputs[0].text, stopped_at_limit=o.outputs[0].finish_reason == "length")
+                 for job, o in zip(jobs, outputs)}
         return [[texts[(c, 0 if greedy else k)] for k in range(n)] for c in range(len(chats))]
 
     def rating_probs(self, groups: list[RatingGroup]) -> list[RatingResult]:
