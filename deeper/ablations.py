@@ -103,11 +103,11 @@ def comparison(exp_show: list, baseline_rev: str) -> list[dict]:
     evaluate stage's paired bootstrap (metrics/eval.json `bootstrap`)."""
     records = []
     baselines = {}  # experiment record's rev -> the commit it was run from
-    for entry in exp_show if isinstance(exp_show, list) else [exp_show]:
+    for entry in exp_show:  # one entry per commit: {"rev": <its sha>, "data": ..., "experiments": [...]}
         found = _records(entry, [])
         records += found
         for record in found:
-            baselines[record["rev"]] = entry.get("rev", "?") if isinstance(entry, dict) else "?"
+            baselines[record["rev"]] = entry["rev"]
     by_name = {}
     for record in records:  # the first listed is the newest commit's
         if record.get("name"):

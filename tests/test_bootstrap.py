@@ -17,7 +17,8 @@ def table(maes: dict[tuple[str, str], list[float]]) -> pd.DataFrame:
     """{(domain, user): [mae of round 0..ROUNDS]} -> the rows of an evaluation table that the bootstrap reads."""
     rows = [{"domain": d, "user_id": u, "seen": True, "round": s, "mae": m, "persona_tokens": 10,
              "mae_w0": 1.0, "mae_w1": 1.0, "mae_w2": 1.0, "items": 10, "predict_failed_items": 0, "update_failure": None,
-             "update_flag": None, "predicted": [1.0, 2.0], "actual": [1.0, 2.0]}
+             "update_flag": None, "predicted": [1.0, 2.0], "actual": [1.0, 2.0], "answers": [] if s == 0 else ["new"],
+             "update_stopped_at_limit": 0}
             for (d, u), values in maes.items() for s, m in enumerate(values)]
     return pd.DataFrame(rows)
 
