@@ -155,7 +155,9 @@ def test_metrics_json_has_the_documented_shape(pipeline):
         assert sorted(block["domains"]) == sorted(DOMAINS)
         for numbers in block["domains"].values():
             assert round_keys | {"users", "reduction_pct", "first_update", "persona_tokens", "pairwise_accuracy",
-                                 "predict_failed_items", "update_failures", "update_flags"} == set(numbers)
+                                 "predict_failed_items", "update_failures", "update_flags",
+                                 "update_stopped_at_limit_share"} == set(numbers)
+            assert 0 <= numbers["update_stopped_at_limit_share"] <= 1
             assert set(numbers["pairwise_accuracy"]) == {f"r{s}" for s in range(ROUNDS + 1)}
             assert all(0 <= v <= 1 for v in numbers["pairwise_accuracy"].values())
             assert numbers["users"] == USERS_PER_DOMAIN
