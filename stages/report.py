@@ -12,7 +12,8 @@ metrics/eval.json (read with `dvc metrics show` / `dvc metrics diff`):
         first_update.{prev,curr,fut}.{before,after,delta} (S_0 vs S_1 on W_0, W_1, W_2: the paper's Table 1),
         pairwise_accuracy.r0 .. r<rounds> (the pairwise choice task, Table 25: of the next window's item pairs the
         user rated differently, the share whose higher-rated item the persona's predictions rank higher),
-        persona_tokens.r0 .. r<rounds>, predict_failed_items, update_failures, update_flags
+        persona_tokens.r0 .. r<rounds>, predict_failed_items, update_failures, update_flags,
+        update_stopped_at_limit_share (the method's update answers that reached evaluate.sampling.max_new_tokens)
     methods.<method>.{seen,unseen,all}: the same numbers averaged over those domains (each domain weighs the
         same, as the paper's averages; counts summed), plus `domains` (how many)
     first_update_reward.<refiner>: the reward of the first update on held-out users (deeper/reward.py with
