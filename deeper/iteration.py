@@ -261,9 +261,7 @@ def refine_personas(
     counts = {"refined": len(out), **{r: int((out["failure"] == r).sum()) for r in FAILED_REASONS},
               **{r: int((out["flag"] == r).sum()) for r in FLAGGED_REASONS},
               "words": float(out["persona"].map(count_words).mean()) if len(out) else None}
-    at_limit = limit_counts(answer for r in results for answer in r.generated)  # answers cut at max_new_tokens
-    counts.update(stopped_at_limit=at_limit["stopped_at_limit"],
-                  stopped_at_limit_share=at_limit["stopped_at_limit_share"])
+    counts.update(limit_counts(answer for r in results for answer in r.generated))  # answers cut at max_new_tokens
     return out, counts
 
 
@@ -292,9 +290,7 @@ def sample_candidates(contexts: pd.DataFrame, policy: LLM, n: int, sampling: Sam
               "duplicate_texts": 0, "copies_old_persona": 0}
     answers = policy.generate(chats, n, sampling)
     # every requested candidate, kept or dropped, that reached max_new_tokens (cut short)
-    at_limit = limit_counts(text for texts in answers for text in texts)
-    counts.update(stopped_at_limit=at_limit["stopped_at_limit"],
-                  stopped_at_limit_share=at_limit["stopped_at_limit_share"])
+    counts.update(limit_counts(text for texts in answers for text in texts))
     for cid, texts in zip(ids, answers):
         if len(texts) != n:
             raise RuntimeError(f"backend returned {len(texts)} samples for context {cid}, asked {n}")

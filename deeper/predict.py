@@ -26,7 +26,7 @@ import math
 import re
 import unicodedata
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -127,9 +127,12 @@ class PredictStats:
     stopped_at_limit_windows: int = 0  # json mode: windows whose kept answer reached max_new_tokens (cut short)
 
     def add(self, other: PredictStats) -> None:
-        for name in ("windows", "items", "digit_mass_sum", "backend_failed_items", "parse_failed_items",
-                     "unparsed_windows", "invalid_entries", "retried_windows", "stopped_at_limit_windows"):
-            setattr(self, name, getattr(self, name) + getattr(other, name))
+        """Sum every count into this one (every field but the mode, so a new count cannot be left out)."""
+        if other.mode != self.mode:
+            raise ValueError(f"cannot add {other.mode} prediction stats to {self.mode} ones")
+        for f in fields(self):
+            if f.name != "mode":
+                setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
 
     def to_metrics(self) -> dict:
         """What a reviewer reads: counts, plus the digit mass (logprob) or the failures and fallback (json)."""

@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -15,7 +17,7 @@ import numpy as np
 import pytest
 
 from deeper.llm import load_llm
-from deeper.llm.base import Generation, RatingGroup, Sampling
+from deeper.llm.base import Generation, RatingGroup, Sampling, limit_counts
 from deeper.llm.cache import CachedLLM, ResponseStore, default_cache_dir, generate_key, rating_key
 
 REPO = Path(__file__).resolve().parents[1]
@@ -122,6 +124,15 @@ def test_a_backend_answer_without_the_flag_is_refused(tiny, tmp_path):
         CachedLLM(PlainText(tiny), tmp_path).generate([chat(0)], 1, SAMPLING)
 
 
+def test_limit_counts_are_the_two_metric_keys():
+    answers = [Generation("a", stopped_at_limit=True), Generation("b", stopped_at_limit=False),
+               Generation("c", stopped_at_limit=False)]
+    assert limit_counts(iter(answers)) == {"stopped_at_limit": 1, "stopped_at_limit_share": 1 / 3}
+    assert limit_counts([]) == {"stopped_at_limit": 0, "stopped_at_limit_share": None}
+    with pytest.raises(TypeError, match="Generation"):
+        limit_counts(["plain"])
+
+
 def test_keys_separate_everything_that_changes_outputs():
     base = SimpleNamespace(backend="transformers", fingerprint="sha256:w")
     key = generate_key(base, chat(0), SAMPLING, 0)
@@ -155,8 +166,10 @@ def test_cache_location_from_the_environment(monkeypatch, tmp_path):
 
 
 WRITER = """
-import sys
+import sys, time
 from deeper.llm.cache import ResponseStore
+while time.time() < float(sys.argv[3]):  # both open the new cache at the same moment
+    pass
 store = ResponseStore(sys.argv[1])
 name = sys.argv[2]
 for start in range(0, 300, 10):
@@ -168,8 +181,11 @@ print(len(store))
 
 
 def test_two_processes_write_at_once(tmp_path):
+    start = time.time() + 3  # after both have imported deeper
     procs = [
-        subprocess.Popen([sys.executable, "-c", WRITER, str(tmp_path), name], cwd=REPO, stdout=subprocess.PIPE, text=True)
+        subprocess.Popen(
+            [sys.executable, "-c", WRITER, str(tmp_path), name, str(start)], cwd=REPO, stdout=subprocess.PIPE, text=True
+        )
         for name in ("a", "b")
     ]
     outs = [p.communicate(timeout=120)[0] for p in procs]
@@ -178,6 +194,27 @@ def test_two_processes_write_at_once(tmp_path):
     assert len(store) == 630
     found = store.get_many([f"{n}-{i}" for n in "ab" for i in range(300)])
     assert found["b-299"] == {"text": "b 299"} and len(found) == 600
+
+
+def test_opening_waits_while_another_process_holds_a_new_cache(tmp_path):
+    # A new cache file (sqlite's default rollback journal) on which another connection holds a write lock, as
+    # the other of two stages opening a new cache at the same moment does while it switches to WAL: sqlite
+    # refuses our switch at once ("database is locked", its busy timeout not consulted; CI failed on it).
+    # Opening must wait for the lock to go.
+    other = sqlite3.connect(tmp_path / "responses.sqlite3", isolation_level=None, check_same_thread=False)
+    other.execute("CREATE TABLE held (x)")
+    other.execute("BEGIN IMMEDIATE")  # a write lock until COMMIT
+    release = threading.Timer(0.5, lambda: other.execute("COMMIT"))
+    release.start()
+    started = time.monotonic()
+    store = ResponseStore(tmp_path)
+    waited = time.monotonic() - started
+    release.join()
+    assert waited >= 0.4  # it waited for the lock, it did not open around it
+    assert store._connect().execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    store.put_many([("k", "generate", {"text": "x"})])
+    assert store.get_many(["k"]) == {"k": {"text": "x"}}
+    other.close()
 
 
 def resumable_stage(llm, cache_dir, n_chats: int, delay: float) -> dict:

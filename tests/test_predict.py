@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -11,6 +12,7 @@ from deeper.errors import ConfigError
 from deeper.predict import (
     FALLBACK_RATING,
     PredictSettings,
+    PredictStats,
     WindowRequest,
     mae,
     normalise_name,
@@ -116,6 +118,16 @@ def test_hostile_titles_in_the_answer_still_match():
 
 
 # ---------------------------------------------------------------- settings
+
+
+def test_stats_add_sums_every_count_and_refuses_another_mode():
+    counts = [f.name for f in dataclasses.fields(PredictStats) if f.name != "mode"]
+    a = PredictStats("json", **{name: i + 1 for i, name in enumerate(counts)})
+    a.add(PredictStats("json", **{name: 10 * (i + 1) for i, name in enumerate(counts)}))
+    assert {name: getattr(a, name) for name in counts} == {name: 11 * (i + 1) for i, name in enumerate(counts)}
+    assert a.mode == "json"
+    with pytest.raises(ValueError, match="logprob"):
+        a.add(PredictStats("logprob", windows=1))
 
 
 def test_settings_from_params():

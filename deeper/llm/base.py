@@ -65,11 +65,10 @@ def stopped_at_limit(text: str) -> bool:
 
 
 def limit_counts(texts) -> dict:
-    """{"generations", "stopped_at_limit", "stopped_at_limit_share"} over backend answers, for stage metrics."""
+    """{"stopped_at_limit", "stopped_at_limit_share"} over backend answers: the two keys of stage metrics."""
     texts = list(texts)
     stopped = sum(stopped_at_limit(t) for t in texts)
-    return {"generations": len(texts), "stopped_at_limit": stopped,
-            "stopped_at_limit_share": stopped / len(texts) if texts else None}
+    return {"stopped_at_limit": stopped, "stopped_at_limit_share": stopped / len(texts) if texts else None}
 
 
 @dataclass

@@ -61,6 +61,34 @@ def rating_key(llm, chat: Chat, prefill: str) -> str:
     return call_key(llm.backend, llm.fingerprint, "rating", chat, prefill=prefill)
 
 
+def _switch_to_wal(conn: sqlite3.Connection) -> None:
+    """Put the database in WAL mode, waiting for other processes that open it at the same moment.
+
+    Switching the journal mode needs the database to itself, and while another connection holds a write lock
+    (as the other opener does while it switches) sqlite answers "database is locked" at once, without waiting
+    the busy timeout: two processes opening a new cache together failed about one time in four (measured).
+    WAL mode persists in the file, so only the first opener switches; the others find it done. Retry with a
+    growing pause until the busy timeout.
+    """
+    deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
+    pause, mode = 0.005, None
+    while True:
+        try:
+            mode = conn.execute("PRAGMA journal_mode").fetchone()[0]
+            if mode != "wal":
+                # answers the mode in force afterwards: the old one when it could not switch
+                mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            if mode == "wal":
+                return
+        except sqlite3.OperationalError as e:
+            if "locked" not in str(e):
+                raise
+        if time.monotonic() + pause > deadline:
+            raise sqlite3.OperationalError(f"could not switch to WAL mode (journal mode {mode!r}): database is locked")
+        time.sleep(pause)
+        pause = min(pause * 2, 0.25)
+
+
 class ResponseStore:
     """key -> JSON value in sqlite (WAL); one connection per thread; every put is one transaction."""
 
@@ -80,7 +108,7 @@ class ResponseStore:
             try:
                 conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None)
                 conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
-                conn.execute("PRAGMA journal_mode=WAL")
+                _switch_to_wal(conn)
                 conn.execute("PRAGMA synchronous=NORMAL")  # with WAL: safe against a killed process
                 conn.execute(
                     "CREATE TABLE IF NOT EXISTS responses ("

@@ -277,7 +277,7 @@ class TransformersLLM(DigitTokens):
         rows = [(c, k) for c in range(len(chats)) for k in range(1 if greedy else n)]
         rows.sort(key=lambda r: len(prompts[r[0]]))  # similar lengths together: less padding
         texts: dict[tuple[int, int], Generation] = {}
-        eos = torch.tensor(self.eos_ids)
+        eos, not_text = torch.tensor(self.eos_ids), torch.tensor([self.pad_id, *self.eos_ids])
         batches = list(_batches(rows, self.batch_size))
         for batch in tqdm(batches, desc="generate", unit="batch", leave=False, disable=not self.show_progress or len(batches) < 2):
             input_ids, mask = left_padded([prompts[c] for c, _ in batch], self.pad_id)
@@ -292,7 +292,7 @@ class TransformersLLM(DigitTokens):
                 )
             new = out[:, width:].cpu()
             for (c, k), tokens in zip(batch, new):
-                real = tokens[~torch.isin(tokens, torch.tensor([self.pad_id, *self.eos_ids]))]
+                real = tokens[~torch.isin(tokens, not_text)]
                 # generate() ends a row at an end token (then pads) or at max_new_tokens: no end token = the limit
                 texts[(c, k)] = Generation(self.tokenizer.decode(tokens, skip_special_tokens=True),
                                            stopped_at_limit=not bool(torch.isin(tokens, eos).any()))
