@@ -43,6 +43,44 @@ class BootstrapSettings:
                    seed=param(params, "evaluate.bootstrap.seed", integer=True, low=0))
 
 
+def domain_draws(domains, settings: BootstrapSettings) -> dict[str, np.ndarray]:
+    """One draw of users per domain, shared by every quantity measured on those users (paired): domain ->
+    (resamples, users of the domain) row indices into that domain's users (in their order in `domains`)."""
+    domains = np.asarray(domains)
+    rng = np.random.default_rng(settings.seed)
+    return {d: rng.integers(0, int((domains == d).sum()), size=(settings.resamples, int((domains == d).sum())))
+            for d in sorted(set(domains.tolist()))}
+
+
+def percentile_interval(estimate, samples, level: float) -> dict:
+    """{estimate, low, high}: the point estimate and the central `level` percentile interval of its resamples."""
+    tail = (1 - level) / 2 * 100
+    low, high = np.percentile(samples, [tail, 100 - tail])
+    return {"estimate": float(estimate), "low": float(low), "high": float(high)}
+
+
+def paired_means(values: dict[str, np.ndarray], domains, settings: BootstrapSettings,
+                 contrasts: dict[str, tuple[str, str]] | None = None) -> dict:
+    """Per-user values of several conditions measured on the same users -> {"means": {name: interval},
+    "contrasts": {name: interval of a - b}}. A statistic is the mean over domains of each domain's mean (each
+    domain weighs the same, as metrics/eval.json), resampled with one draw of users for every condition."""
+    domains = np.asarray(domains)
+    draws = domain_draws(domains, settings)
+    estimates, samples = {}, {}
+    for name, column in values.items():
+        column = np.asarray(column, dtype=float)
+        if column.shape != domains.shape or not np.isfinite(column).all():
+            raise DeeperError(f"bootstrap: condition {name} needs one finite value per user")
+        per_domain = [column[domains == d] for d in draws]
+        estimates[name] = float(np.mean([v.mean() for v in per_domain]))
+        samples[name] = np.mean([v[idx].mean(axis=1) for v, idx in zip(per_domain, draws.values())], axis=0)
+    return {
+        "means": {n: percentile_interval(estimates[n], samples[n], settings.level) for n in values},
+        "contrasts": {n: percentile_interval(estimates[a] - estimates[b], samples[a] - samples[b], settings.level)
+                      for n, (a, b) in (contrasts or {}).items()},
+    }
+
+
 def user_matrix(table: pd.DataFrame, rounds: int) -> pd.DataFrame:
     """One row per (domain, user_id), sorted; columns 0..rounds: the user's eps_{s+1|S_s}."""
     wide = table.pivot_table(index=["domain", "user_id"], columns="round", values="mae", aggfunc="first")
@@ -75,10 +113,7 @@ def paired_bootstrap(tables: dict[str, pd.DataFrame], rounds: int, settings: Boo
         if not matrix.index.equals(first.index):
             raise DeeperError(f"bootstrap: methods {first_name} and {name} were evaluated on different users")
     domains = first.index.get_level_values("domain")
-    rng = np.random.default_rng(settings.seed)
-    # one draw of users per domain, shared by every method (paired)
-    draws = {d: rng.integers(0, int((domains == d).sum()), size=(settings.resamples, int((domains == d).sum())))
-             for d in sorted(set(domains))}
+    draws = domain_draws(domains, settings)
     estimates, samples = {}, {}
     for name, matrix in matrices.items():
         point, resampled = [], []
@@ -88,11 +123,9 @@ def paired_bootstrap(tables: dict[str, pd.DataFrame], rounds: int, settings: Boo
             resampled.append(values[idx].mean(axis=1))  # (resamples, rounds + 1)
         estimates[name] = _statistics(point)
         samples[name] = _statistics(resampled)
-    tail = (1 - settings.level) / 2 * 100
 
     def interval(estimate, draws_):
-        low, high = np.percentile(draws_, [tail, 100 - tail])
-        return {"estimate": float(estimate), "low": float(low), "high": float(high)}
+        return percentile_interval(estimate, draws_, settings.level)
 
     out = {"resamples": settings.resamples, "level": settings.level, "seed": settings.seed,
            "methods": {m: {s: interval(estimates[m][s], samples[m][s]) for s in STATISTICS} for m in matrices}}

@@ -177,6 +177,13 @@ def _check_evaluate(params: dict, strict: bool) -> str:
     return "evaluate"
 
 
+def _check_headroom(params: dict, strict: bool) -> str:
+    from deeper.headroom import HeadroomSettings
+
+    HeadroomSettings.from_params(params)
+    return "headroom"
+
+
 def _check_persona(params: dict, strict: bool) -> str:
     from deeper.personas import PersonaSettings
 
@@ -296,6 +303,7 @@ BLOCKS = {
     "train": (("train",), _check_train),
     "iter2": (("iter2",), _check_iter2),
     "evaluate": (("evaluate",), _check_evaluate),
+    "headroom": (("headroom",), _check_headroom),
 }
 
 

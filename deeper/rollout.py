@@ -35,13 +35,14 @@ from tqdm.auto import tqdm
 
 from deeper.config import get
 from deeper.errors import ConfigError, InputError
+from deeper.iteration import read_personas, user_windows
 from deeper.llm.base import LLM, Sampling, stopped_at_limit
 from deeper.methods.base import UpdateInput, UpdateMethod, Window
 from deeper.params import mapping, number, sampling_block
 from deeper.personas import count_words
 from deeper.predict import PredictSettings, PredictStats, WindowRequest, predict_windows
 from deeper.prompts import PromptSet
-from deeper.tables import read_parquet_checked
+from deeper.tables import domain_seen, read_parquet_checked, read_windows
 
 USER_KEYS = ("domains", "per_domain")
 
@@ -101,6 +102,38 @@ class RolloutResult:
 def windows_needed(rounds: int) -> int:
     """W_0 for S_0, then one window per round, then the one the last persona is tested on."""
     return rounds + 2
+
+
+def load_eval_users(windows: Path, personas: Path, rounds: int, domains: list[str] | None,
+                    per_domain: int | None) -> tuple[list[EvalUser], dict]:
+    """The evaluation users with S_0 and enough windows; skips counted by reason."""
+    table = read_windows(windows)
+    seen = domain_seen(table)
+    if domains is not None:
+        unknown = sorted(set(domains) - set(seen))
+        if unknown:
+            raise ConfigError("evaluate.users.domains", f"no domain {unknown[0]!r} in {windows}; have {sorted(seen)}")
+    initial = read_personas(personas, split="eval")
+    skipped = {"too_few_windows": 0, "no_persona": 0}
+    users, taken = [], {}
+    for user in user_windows(table, split="eval"):  # sorted by domain, user_id
+        if domains is not None and user.domain not in domains:
+            continue
+        if per_domain is not None and taken.get(user.domain, 0) >= per_domain:
+            continue
+        persona = initial.get((user.domain, user.user_id))
+        if persona is None:
+            skipped["no_persona"] += 1
+            continue
+        if len(user.windows) < windows_needed(rounds):
+            skipped["too_few_windows"] += 1
+            continue
+        taken[user.domain] = taken.get(user.domain, 0) + 1
+        users.append(EvalUser(user.domain, user.user_id, user.item_type, seen[user.domain], user.windows, persona))
+    if not users:
+        raise InputError(windows, f"no evaluation user with an initial persona and {windows_needed(rounds)} windows "
+                                  f"(skipped: {skipped})")
+    return users, skipped
 
 
 def rollout(

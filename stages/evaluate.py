@@ -33,8 +33,7 @@ from deeper.errors import ConfigError, InputError
 from deeper.metrics import write_json
 from deeper.predict import PredictSettings
 from deeper.prompts import prompts_from_params
-from deeper.rollout import EvaluateSettings, EvalUser, rollout, windows_needed
-from deeper.tables import domain_seen, read_windows
+from deeper.rollout import EvaluateSettings, load_eval_users, rollout
 from stages._cli import PARAMS_OPTION, echo_calls, load_checked_params, user_errors
 
 OUT_SCHEMA = pa.schema([
@@ -45,40 +44,6 @@ OUT_SCHEMA = pa.schema([
     ("mae_w0", pa.float64()), ("mae_w1", pa.float64()), ("mae_w2", pa.float64()),
     ("predicted", pa.list_(pa.float64())), ("actual", pa.list_(pa.float64())), ("update_stopped_at_limit", pa.int64()),
 ])
-
-
-def load_eval_users(windows: Path, personas: Path, rounds: int, domains: list[str] | None,
-                    per_domain: int | None) -> tuple[list[EvalUser], dict]:
-    """The evaluation users with S_0 and enough windows; skips counted by reason."""
-    from deeper.iteration import read_personas, user_windows
-
-    table = read_windows(windows)
-    seen = domain_seen(table)
-    if domains is not None:
-        unknown = sorted(set(domains) - set(seen))
-        if unknown:
-            raise ConfigError("evaluate.users.domains", f"no domain {unknown[0]!r} in {windows}; have {sorted(seen)}")
-    initial = read_personas(personas, split="eval")
-    skipped = {"too_few_windows": 0, "no_persona": 0}
-    users, taken = [], {}
-    for user in user_windows(table, split="eval"):  # sorted by domain, user_id
-        if domains is not None and user.domain not in domains:
-            continue
-        if per_domain is not None and taken.get(user.domain, 0) >= per_domain:
-            continue
-        persona = initial.get((user.domain, user.user_id))
-        if persona is None:
-            skipped["no_persona"] += 1
-            continue
-        if len(user.windows) < windows_needed(rounds):
-            skipped["too_few_windows"] += 1
-            continue
-        taken[user.domain] = taken.get(user.domain, 0) + 1
-        users.append(EvalUser(user.domain, user.user_id, user.item_type, seen[user.domain], user.windows, persona))
-    if not users:
-        raise InputError(windows, f"no evaluation user with an initial persona and {windows_needed(rounds)} windows "
-                                  f"(skipped: {skipped})")
-    return users, skipped
 
 
 def run(params: dict, method: str, windows: Path, personas: Path, out_dir: Path, adapter: str | None = None,

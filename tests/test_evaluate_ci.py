@@ -192,7 +192,7 @@ def test_plot_has_one_line_per_method(pipeline):
 
 def test_user_selection_and_counted_skips(pipeline, tmp_path):
     from deeper.errors import ConfigError, InputError
-    from stages.evaluate import load_eval_users
+    from deeper.rollout import load_eval_users
 
     windows = pipeline / "windows.parquet"
     init = pq.read_table(pipeline / "init.parquet").to_pandas()

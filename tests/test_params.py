@@ -106,6 +106,8 @@ BAD = [
     ("prompts", "paper", "prompts: must be one of tuned, published, got 'paper'"),
     ("models.sampler.backend", "llamacpp", "models.sampler.backend: 'llamacpp' is not one of"),
     ("models.policy.name", "embedded:gpt2", "models.policy.name: 'embedded:gpt2': the embedded models"),
+    ("headroom.window", 6, "headroom.window: W_6 does not exist: users have window.count=6"),
+    ("headroom.seed", -1, "headroom.seed: must be >= 0, got -1"),
 ]
 
 
@@ -115,7 +117,7 @@ def edited(key, value) -> dict:
 
 def test_the_repository_params_and_every_profile_pass():
     lines = check_params(PARAMS)
-    assert len(lines) == len(BLOCKS) == 17
+    assert len(lines) == len(BLOCKS) == 18
     assert "prompts (tuned)" in lines
     for name in available():
         assert check_params(apply_profile(PARAMS, load_profile(name, PARAMS)))

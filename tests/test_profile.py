@@ -156,7 +156,7 @@ def test_cli_prints_the_command_and_runs_it(monkeypatch, entries):
     assert result.exit_code == 0, result.output
     assert calls == [[*argv, "-S", "ingest.root=/data/raw", "--name", "paper"]]
     result = CliRunner().invoke(profile.main, ["nope"])
-    assert result.exit_code == 1 and "not found; profiles: paper" in result.output
+    assert result.exit_code == 1 and "not found; profiles: headroom, paper" in result.output
 
 
 # ---------------------------------------------------------------- every block's own checks
@@ -167,7 +167,7 @@ def test_every_block_passes_its_stages_checks(paper):
         "fetch", "ingest", "window", "models.frozen (openai), models.policy (vllm), models.sampler (vllm)",
         "prompts (published)", "persona", "predict", "refiner",
         "sample",
-        "reward", "tau_pos, tau_neg", "delta", "pair", "alpha", "train", "iter2", "evaluate"]
+        "reward", "tau_pos, tau_neg", "delta", "pair", "alpha", "train", "iter2", "evaluate", "headroom"]
 
 
 @pytest.mark.parametrize("key, value, message", [

@@ -161,7 +161,7 @@ def test_train_stage_reports_a_pairs_file_that_is_not_parquet_and_a_bad_split_ro
 
 
 def test_evaluate_reads_windows_through_the_shared_reader(tmp_path):
-    from stages.evaluate import load_eval_users
+    from deeper.rollout import load_eval_users
 
     windows, personas = tmp_path / "windows.parquet", tmp_path / "init.parquet"
     frame = windows_frame()
