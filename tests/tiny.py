@@ -24,14 +24,16 @@ CORPUS = [
 ] * 20
 
 
-def make_tiny_tokenizer() -> PreTrainedTokenizerFast:
+def make_tiny_tokenizer(corpus: list[str] | None = None, vocab_size: int = 400) -> PreTrainedTokenizerFast:
+    """A byte-level BPE trained on `corpus` (default: CORPUS): texts like the corpus take few tokens."""
     tok = Tokenizer(models.BPE(unk_token=None))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=400, special_tokens=SPECIAL, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+        vocab_size=vocab_size, special_tokens=SPECIAL, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
     )
-    tok.train_from_iterator(CORPUS, trainer)
+    tok.train_from_iterator(corpus or CORPUS, trainer)
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token=None, eos_token="<|im_end|>", pad_token="<|endoftext|>", unk_token=None
     )
@@ -39,7 +41,8 @@ def make_tiny_tokenizer() -> PreTrainedTokenizerFast:
     return fast
 
 
-def make_tiny_llama(directory: str | Path, seed: int = 0, initializer_range: float = 0.02) -> Path:
+def make_tiny_llama(directory: str | Path, seed: int = 0, initializer_range: float = 0.02,
+                    corpus: list[str] | None = None, vocab_size: int = 400) -> Path:
     """Save a tiny random Llama (2 layers, hidden 64) and its tokenizer to `directory`; return the path.
 
     With the default (HF's) initializer_range its logits are nearly flat and hardly depend on the prompt:
@@ -47,7 +50,7 @@ def make_tiny_llama(directory: str | Path, seed: int = 0, initializer_range: flo
     directory = Path(directory)
     if (directory / "config.json").exists():
         return directory
-    tokenizer = make_tiny_tokenizer()
+    tokenizer = make_tiny_tokenizer(corpus, vocab_size)
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,

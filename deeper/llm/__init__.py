@@ -5,6 +5,7 @@
      max_retries: 5, prefill: assistant}
     {backend: vllm, name: meta-llama/Llama-3.1-8B-Instruct, max_lora_rank: 16, gpu_memory_utilization: 0.85,
      tensor_parallel_size: 1, data_parallel_size: 1, max_model_len: 4096, kv_cache_gib: null}
+    {backend: tastes, name: transparent}   (the diagnostic world's rule-based predictor, deeper/diagnostic.py)
 
 Wrap the result in `deeper.llm.cache.CachedLLM` for the response cache.
 """
@@ -23,6 +24,8 @@ BACKENDS = {
     "transformers": ("deeper.llm.transformers_backend", "TransformersLLM"),
     "openai": ("deeper.llm.openai_backend", "OpenAILLM"),
     "vllm": ("deeper.llm.vllm_backend", "VLLMLLM"),
+    # the diagnostic world's transparent frozen model (deeper/diagnostic.py): a test of the trainer, no weights
+    "tastes": ("deeper.llm.tastes_backend", "TastesLLM"),
 }
 _NOT_PARAMS = {"self", "name", "adapter", "where"}
 # Numeric keys of the backends' params blocks and their ranges (deeper.params.number), whichever backend has them.

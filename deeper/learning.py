@@ -1,0 +1,107 @@
+"""Did training teach the policy what its pairs encode? Held-out preference pairs scored by a policy and its base.
+
+For every held-out pair (prompt, chosen, rejected), the summed log-probability of each completion under the
+trained policy (base model + adapter, loaded the way the evaluation loads it: deeper.llm.load_llm) and under the
+base model alone:
+- preference accuracy: the share of pairs whose chosen completion the model finds more likely than the
+  rejected one, log p(chosen) > log p(rejected), for the policy and for the base;
+- implicit reward margin (DPO's): beta x [(log p(chosen) - log p_base(chosen)) - (log p(rejected) -
+  log p_base(rejected))], > 0 where training moved probability towards the chosen text; reward accuracy: the
+  share of pairs with a margin > 0.
+Intervals: a bootstrap over contexts (a context's pairs share a prompt, so they are resampled together).
+
+Also the diagnostic world's synthetic users (deeper/diagnostic.py): `world_users`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+
+from deeper.bootstrap import BootstrapSettings, percentile_interval
+from deeper.diagnostic import Tastes, random_tastes, rate, with_genres
+from deeper.iteration import UserWindows
+from deeper.methods.base import Window
+
+
+def completion_logps(llm, pairs: pd.DataFrame) -> np.ndarray:
+    """(pairs, 2): summed log p of the chosen and the rejected completion after each pair's prompt (chat JSON),
+    under a transformers backend's model (`llm.model`, `llm.tokenizer`: with an adapter, merged at load)."""
+    import torch
+
+    model, tokenizer = llm.model, llm.tokenizer
+    out = np.zeros((len(pairs), 2))
+    with torch.no_grad():
+        for i, (prompt, chosen, rejected) in enumerate(zip(pairs["prompt"], pairs["chosen"], pairs["rejected"])):
+            messages = json.loads(prompt)
+            head = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            head_ids = tokenizer(head, add_special_tokens=False)["input_ids"]
+            for j, completion in enumerate((chosen, rejected)):
+                whole = tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": completion}],
+                                                      tokenize=False)
+                ids = tokenizer(whole, add_special_tokens=False)["input_ids"]
+                if ids[:len(head_ids)] != head_ids:
+                    raise ValueError("the chat template renders the prompt differently with an answer after it")
+                tensor = torch.tensor([ids], device=model.device)
+                logits = model(input_ids=tensor).logits[0, :-1].float()
+                logps = torch.log_softmax(logits, -1).gather(-1, tensor[0, 1:, None])[:, 0]
+                out[i, j] = float(logps[len(head_ids) - 1:].sum())
+    return out
+
+
+def preference_report(policy: np.ndarray, base: np.ndarray, contexts: Sequence[str], beta: float,
+                      bootstrap: BootstrapSettings | None = None) -> dict:
+    """policy, base: completion_logps of the same pairs. Point estimates and intervals (resampling contexts) of
+    the policy's and the base's preference accuracy, their difference, the implicit reward margin and the
+    reward accuracy."""
+    bootstrap = bootstrap or BootstrapSettings()
+    contexts = np.asarray(contexts)
+    names, index = np.unique(contexts, return_inverse=True)
+    policy_right = (policy[:, 0] > policy[:, 1]).astype(float)
+    base_right = (base[:, 0] > base[:, 1]).astype(float)
+    margin = beta * ((policy[:, 0] - base[:, 0]) - (policy[:, 1] - base[:, 1]))
+    values = {"policy_accuracy": policy_right, "base_accuracy": base_right,
+              "accuracy_gain": policy_right - base_right, "implicit_margin": margin,
+              "reward_accuracy": (margin > 0).astype(float)}
+    rng = np.random.default_rng(bootstrap.seed)
+    draws = rng.integers(0, len(names), size=(bootstrap.resamples, len(names)))
+    counts = np.stack([np.bincount(d, minlength=len(names)) for d in draws])  # (resamples, contexts)
+    pairs_per_context = np.bincount(index, minlength=len(names))
+    weights = counts[:, index]  # each pair weighs as often as its context was drawn
+    out = {"pairs": len(contexts), "contexts": len(names)}
+    for name, v in values.items():
+        resampled = (weights * v).sum(axis=1) / (counts * pairs_per_context).sum(axis=1)
+        out[name] = percentile_interval(v.mean(), resampled, bootstrap.level)
+    return out
+
+
+def world_users(catalog: Sequence[tuple[str, frozenset[str]]], genres: Sequence[str], users: int, windows: int,
+                size: int, seed: int, noise: float = 0.5, domain: str = "tastes", id_prefix: str = "u",
+                loved: str | None = None) -> list[tuple[UserWindows, Tastes]]:
+    """Synthetic users of the diagnostic world: each loves one of `genres` (or every user the genre `loved`)
+    and dislikes another (seeded), and rates `windows` windows of `size` items drawn from `catalog` ((title,
+    genres) pairs; titles shown with their genres) by deeper.diagnostic.rate. Items of the user's two genres are
+    drawn more often (half of a window), so that its windows say something about its tastes."""
+    rng = np.random.default_rng(seed)
+    by_genre = {g: [i for i, (_, gs) in enumerate(catalog) if g in gs] for g in genres}
+    out = []
+    for u in range(users):
+        if loved is None:
+            tastes = random_tastes(rng, list(genres))
+        else:
+            others = [g for g in genres if g != loved]
+            tastes = Tastes(frozenset({loved}), frozenset({others[int(rng.integers(len(others)))]}))
+        marked = sorted({i for g in tastes.loved | tastes.disliked for i in by_genre[g]})
+        built = []
+        for _ in range(windows):
+            half = size // 2
+            picks = list(rng.choice(marked, size=half, replace=False)) + \
+                list(rng.choice(len(catalog), size=size - half, replace=False))
+            titles = tuple(with_genres(catalog[i][0], catalog[i][1]) for i in picks)
+            ratings = tuple(rate(tastes, catalog[i][1], rng, noise) for i in picks)
+            built.append(Window(titles=titles, ratings=ratings))
+        out.append((UserWindows(domain, f"{id_prefix}{u:03d}", "movie", tuple(built)), tastes))
+    return out
