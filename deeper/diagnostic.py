@@ -179,3 +179,42 @@ def rated_lines(text: str) -> list[tuple[str, float]]:
 def random_tastes(rng: np.random.Generator, genres: Sequence[str], loved: int = 1, disliked: int = 1) -> Tastes:
     picked = rng.choice(len(genres), size=loved + disliked, replace=False)
     return Tastes(frozenset(genres[i] for i in picked[:loved]), frozenset(genres[i] for i in picked[loved:]))
+
+
+@dataclass(frozen=True)
+class SyntheticUser:
+    user_id: str
+    tastes: Tastes
+    windows: tuple[tuple[tuple[str, float], ...], ...]  # per window: (title with genres, rating) of each item
+
+
+def synthetic_users(catalog: Sequence[tuple[str, frozenset[str]]], genres: Sequence[str], users: int, windows: int,
+                    size: int, seed: int, noise: float = 0.5, id_prefix: str = "u",
+                    loved: str | None = None) -> list[SyntheticUser]:
+    """Users of the diagnostic world: each loves one of `genres` (or every user the genre `loved`) and dislikes
+    another (seeded), and rates `windows` windows of `size` items drawn from `catalog` ((title, genres) pairs;
+    titles shown with their genres) by `rate`. Half of a window comes from the user's two genres, so that
+    every window says something about its tastes."""
+    rng = np.random.default_rng(seed)
+    half = size // 2
+    by_genre = {g: [i for i, (_, gs) in enumerate(catalog) if g in gs] for g in genres}
+    # a taste needs items to show in: genres with fewer than half a window of items are nobody's taste
+    genres = [g for g in genres if len(by_genre[g]) >= max(half, 1)]
+    if len(genres) < 2 or (loved is not None and loved not in genres):
+        raise ValueError(f"the catalogue has too few items of the genres to build tastes from ({len(catalog)} items)")
+    out = []
+    for u in range(users):
+        if loved is None:
+            tastes = random_tastes(rng, genres)
+        else:
+            others = [g for g in genres if g != loved]
+            tastes = Tastes(frozenset({loved}), frozenset({others[int(rng.integers(len(others)))]}))
+        marked = sorted({i for g in tastes.loved | tastes.disliked for i in by_genre[g]})
+        built = []
+        for _ in range(windows):
+            picks = list(rng.choice(marked, size=half, replace=False)) + \
+                list(rng.choice(len(catalog), size=size - half, replace=False))
+            built.append(tuple((with_genres(catalog[i][0], catalog[i][1]), rate(tastes, catalog[i][1], rng, noise))
+                               for i in picks))
+        out.append(SyntheticUser(f"{id_prefix}{u:03d}", tastes, tuple(built)))
+    return out

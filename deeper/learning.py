@@ -10,7 +10,7 @@ base model alone:
   share of pairs with a margin > 0.
 Intervals: a bootstrap over contexts (a context's pairs share a prompt, so they are resampled together).
 
-Also the diagnostic world's synthetic users (deeper/diagnostic.py): `world_users`.
+Also the diagnostic world's synthetic users (deeper/diagnostic.py) as the pipeline's users: `world_users`.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 
 from deeper.bootstrap import BootstrapSettings, percentile_interval
-from deeper.diagnostic import Tastes, random_tastes, rate, with_genres
+from deeper.diagnostic import Tastes, synthetic_users
 from deeper.iteration import UserWindows
 from deeper.methods.base import Window
 
@@ -81,27 +81,8 @@ def preference_report(policy: np.ndarray, base: np.ndarray, contexts: Sequence[s
 def world_users(catalog: Sequence[tuple[str, frozenset[str]]], genres: Sequence[str], users: int, windows: int,
                 size: int, seed: int, noise: float = 0.5, domain: str = "tastes", id_prefix: str = "u",
                 loved: str | None = None) -> list[tuple[UserWindows, Tastes]]:
-    """Synthetic users of the diagnostic world: each loves one of `genres` (or every user the genre `loved`)
-    and dislikes another (seeded), and rates `windows` windows of `size` items drawn from `catalog` ((title,
-    genres) pairs; titles shown with their genres) by deeper.diagnostic.rate. Items of the user's two genres are
-    drawn more often (half of a window), so that its windows say something about its tastes."""
-    rng = np.random.default_rng(seed)
-    by_genre = {g: [i for i, (_, gs) in enumerate(catalog) if g in gs] for g in genres}
-    out = []
-    for u in range(users):
-        if loved is None:
-            tastes = random_tastes(rng, list(genres))
-        else:
-            others = [g for g in genres if g != loved]
-            tastes = Tastes(frozenset({loved}), frozenset({others[int(rng.integers(len(others)))]}))
-        marked = sorted({i for g in tastes.loved | tastes.disliked for i in by_genre[g]})
-        built = []
-        for _ in range(windows):
-            half = size // 2
-            picks = list(rng.choice(marked, size=half, replace=False)) + \
-                list(rng.choice(len(catalog), size=size - half, replace=False))
-            titles = tuple(with_genres(catalog[i][0], catalog[i][1]) for i in picks)
-            ratings = tuple(rate(tastes, catalog[i][1], rng, noise) for i in picks)
-            built.append(Window(titles=titles, ratings=ratings))
-        out.append((UserWindows(domain, f"{id_prefix}{u:03d}", "movie", tuple(built)), tastes))
-    return out
+    """deeper.diagnostic.synthetic_users as the pipeline's users (UserWindows of item type movie)."""
+    made = synthetic_users(catalog, genres, users, windows, size, seed, noise, id_prefix, loved)
+    return [(UserWindows(domain, u.user_id, "movie",
+                         tuple(Window(titles=tuple(t for t, _ in w), ratings=tuple(r for _, r in w)) for w in u.windows)),
+             u.tastes) for u in made]

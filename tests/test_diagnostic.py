@@ -148,3 +148,47 @@ def test_preference_report_by_hand():
     same = preference_report(policy, policy, ["a", "a", "b", "c"], beta=0.5)
     assert same["implicit_margin"] == {"estimate": 0.0, "low": 0.0, "high": 0.0}
     assert same["accuracy_gain"] == {"estimate": 0.0, "low": 0.0, "high": 0.0}
+
+
+# ---------------------------------------------------------------- the world as an ingest source
+
+
+def write_items(folder, n=30):
+    """A MovieLens 100K items file (the embedded format) with genre flags: item i has genre i % 5 (and the
+    first one none, the last two the same title)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folder.mkdir(parents=True)
+    columns = {"movie_id": list(range(1, n + 1)), "movie_title": [f"Film {i}" for i in range(n - 1)] + ["Film 0"]}
+    for k, genre in enumerate(GENRES):
+        columns[genre] = [int(k < 5 and i % 5 == k and i > 0) for i in range(n - 1)] + [int(k == 0)]
+    pq.write_table(pa.table(columns), folder / "MovieLens100k_items.parquet.brotli", compression="brotli")
+
+
+def test_the_world_ingests_synthetic_users_on_the_items(tmp_path):
+    import duckdb
+
+    from deeper.data import readers
+    from deeper.data.ingest import ingest
+    from deeper.data.readers import tastes_world
+
+    write_items(tmp_path / "ml")
+    source = readers.Source("tastes_world", tmp_path / "ml", None, "world", "movie")
+    summary = ingest([source], tmp_path / "ratings.duckdb")
+    with duckdb.connect(str(tmp_path / "ratings.duckdb"), read_only=True) as con:
+        tables = {name for (name,) in con.execute("SHOW TABLES").fetchall()}
+        assert "ratings" in tables, (tables, summary)
+        users, most, least = con.execute(
+            "SELECT count(DISTINCT user_id), max(n), min(n) FROM (SELECT user_id, count(*) n FROM ratings "
+            "GROUP BY user_id)").fetchone()
+        titles = dict(con.execute("SELECT item_id, title FROM items").fetchall())
+    assert users == tastes_world.USERS and most == least == tastes_world.RATINGS
+    assert titles["2"] == "Film 1 [Adventure]" and titles["30"] == "Film 0 [Action]"
+    assert "1" not in titles  # an item without a genre is never rated
+    again = tmp_path / "again.duckdb"
+    ingest([source], again)
+    with duckdb.connect(str(tmp_path / "ratings.duckdb"), read_only=True) as a, \
+            duckdb.connect(str(again), read_only=True) as b:
+        query = "SELECT * FROM ratings ORDER BY ALL"
+        assert a.execute(query).fetchall() == b.execute(query).fetchall()  # seeded

@@ -156,7 +156,7 @@ def test_cli_prints_the_command_and_runs_it(monkeypatch, entries):
     assert result.exit_code == 0, result.output
     assert calls == [[*argv, "-S", "ingest.root=/data/raw", "--name", "paper"]]
     result = CliRunner().invoke(profile.main, ["nope"])
-    assert result.exit_code == 1 and "not found; profiles: headroom, paper" in result.output
+    assert result.exit_code == 1 and "not found; profiles: headroom, learning_check, paper" in result.output
 
 
 # ---------------------------------------------------------------- every block's own checks

@@ -12,6 +12,7 @@ from deeper.data.readers import (
     ml100k,
     movielens100k_parquet,
     movielens_csv,
+    tastes_world,
 )
 from deeper.data.readers.common import Source
 
@@ -24,6 +25,8 @@ READERS = {
     "foodcom": foodcom.read,
     "google_local": google_local.read,
     "deeper_windows": deeper_windows.read,
+    # the diagnostic world (deeper/diagnostic.py): synthetic users with genre tastes on MovieLens 100K's items
+    "tastes_world": tastes_world.read,
 }
 
 # Formats whose files name their own domains and item types (a preset entry gives neither).
