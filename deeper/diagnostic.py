@@ -61,6 +61,10 @@ def _has(cues: Iterable[str], sentence: str) -> bool:
                for c in cues)
 
 
+# names no genre, so it states nothing; it makes every description at least 20 words (persona.min_words)
+_RATES_THE_REST = "Everything else gets a middling score from them, neither praised nor panned, whatever the film."
+
+
 @dataclass(frozen=True)
 class Tastes:
     loved: frozenset[str]
@@ -69,13 +73,13 @@ class Tastes:
     def describe(self) -> str:
         """A persona stating these tastes in words `stated_tastes` reads back."""
         if not self.loved and not self.disliked:
-            return "This viewer has shown no clear taste for or against any genre yet."
+            return ("This viewer has shown no clear taste for or against any genre yet. " + _RATES_THE_REST)
         parts = []
         if self.loved:
             parts.append(f"This viewer loves {_join(sorted(self.loved))} and seeks them out.")
         if self.disliked:
             parts.append(f"They dislike {_join(sorted(self.disliked))} and tend to avoid them.")
-        return " ".join(parts)
+        return " ".join(parts + [_RATES_THE_REST])
 
 
 # how `Tastes.describe` names a genre (each is one of its GENRE_WORDS)
