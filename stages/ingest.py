@@ -10,15 +10,16 @@ import click
 
 from deeper.config import get
 from deeper.data.ingest import NOTES, ingest, options_from_params, sources_from_params
+from deeper.data.readers import READERS
 from deeper.metrics import write_json
 from stages._cli import PARAMS_OPTION, load_checked_params, user_errors
 
 
-@click.command(help="""Read every source of `ingest.presets.<ingest.preset>` (paths under `ingest.root`) into
+@click.command(help=f"""Read every source of `ingest.presets.<ingest.preset>` (paths under `ingest.root`) into
 one DuckDB database with the tables domains, items and ratings (docs/ARCHITECTURE.md).
 
-Each source names a format: movielens100k_parquet, ml100k, movielens_csv, amazon2018, amazon2014,
-foodcom, google_local or deeper_windows (the DEEPER authors' windows; domains from its folder names).
+Each source names a format: {", ".join(READERS)} (deeper_windows: the DEEPER authors' windows, domains from
+its folder names; tastes_world: the diagnostic world's synthetic users, a test of the trainer).
 Every row is validated: a bad row stops the stage with one line naming the file and row (a time column
 keeps the encoding of its first row: unix time, date, or date with a time). Rows that are known not to be
 ratings (duplicates, Food.com's 0 = no stars unless `ingest.zero_ratings` keeps it, ...) are skipped and counted per reason; rows kept with a
