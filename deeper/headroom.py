@@ -35,7 +35,7 @@ from deeper.bootstrap import BootstrapSettings, paired_means
 from deeper.config import get
 from deeper.errors import ConfigError
 from deeper.params import mapping, number
-from deeper.personas import PersonaSettings, generate_personas
+from deeper.personas import PersonaSettings, generate_personas, init_chat
 from deeper.predict import PredictSettings, WindowRequest, predict_windows
 from deeper.prompts import PromptSet
 from deeper.rollout import EvalUser
@@ -112,12 +112,11 @@ def measure(users: Sequence[EvalUser], frozen, prompts: PromptSet, persona: Pers
     check_window(users, w)
     donors, across = shuffled_donors(users, settings.seed)
 
-    def init_chat(user: EvalUser, windows) -> list:
-        titles = [t for window in windows for t in window.titles]
-        ratings = [r for window in windows for r in window.ratings]
-        return prompts.render("init", item_type=user.item_type, ratings=list(zip(titles, ratings)))
+    def written_from(user: EvalUser, windows) -> list:
+        return init_chat(prompts, user.item_type, (item for window in windows for item in zip(window.titles,
+                                                                                            window.ratings)))
 
-    chats = [init_chat(u, [u.windows[w]]) for u in users] + [init_chat(u, u.windows) for u in users]
+    chats = [written_from(u, [u.windows[w]]) for u in users] + [written_from(u, u.windows) for u in users]
     written = generate_personas(frozen, chats, persona, log=log)
     n = len(users)
     personas = {

@@ -8,7 +8,7 @@ method and model, so that lengths compare across methods and rounds (the paper's
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from functools import lru_cache
 from typing import NamedTuple
@@ -106,6 +106,12 @@ def best_attempt(attempts: list[str], min_words: int) -> int:
         if degenerate_reason(text, min_words) is None:
             return index
     return max(range(len(attempts)), key=lambda index: count_words(attempts[index]))
+
+
+def init_chat(prompts, item_type: str, rated: Iterable[tuple[str, float]]) -> list[dict]:
+    """The chat that writes a persona from (title, rating) pairs (template `init`, paper Appendix A.1): S_0 from
+    W_0 (stage init_personas), and the headroom stage's oracles from the window being predicted."""
+    return prompts.render("init", item_type=item_type, ratings=list(rated))
 
 
 class GeneratedPersonas(NamedTuple):

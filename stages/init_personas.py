@@ -29,7 +29,14 @@ from deeper.config import get
 from deeper.data.schema import SPLITS
 from deeper.errors import ConfigError
 from deeper.metrics import write_json
-from deeper.personas import PersonaSettings, count_words, degenerate_reason, generate_personas, token_counter
+from deeper.personas import (
+    PersonaSettings,
+    count_words,
+    degenerate_reason,
+    generate_personas,
+    init_chat,
+    token_counter,
+)
 from deeper.prompts import prompts_from_params
 from deeper.tables import read_windows
 from stages._cli import PARAMS_OPTION, echo_calls, load_checked_params, user_errors
@@ -83,9 +90,7 @@ def run(params: dict, windows: Path, out: Path, metrics: Path) -> dict:
     chats = []
     for (domain, user_id), rows in w0.groupby(["domain", "user_id"], sort=True):
         users.append((domain, user_id, rows["split"].iloc[0]))
-        chats.append(
-            prompts.render("init", item_type=rows["item_type"].iloc[0], ratings=list(zip(rows["title"], rows["rating"])))
-        )
+        chats.append(init_chat(prompts, rows["item_type"].iloc[0], zip(rows["title"], rows["rating"])))
     click.echo(f"{len(users)} users: writing S0 with {spec.get('name')} ({spec.get('backend')})", err=True)
 
     llm = CachedLLM(load_llm(spec, where="models.frozen"))
