@@ -192,3 +192,15 @@ def test_the_world_ingests_synthetic_users_on_the_items(tmp_path):
             duckdb.connect(str(again), read_only=True) as b:
         query = "SELECT * FROM ratings ORDER BY ALL"
         assert a.execute(query).fetchall() == b.execute(query).fetchall()  # seeded
+
+
+def test_an_items_file_too_small_for_the_world_is_one_line_naming_it(tmp_path):
+    from deeper.data import readers
+    from deeper.data.ingest import ingest
+    from deeper.errors import InputError
+
+    write_items(tmp_path / "ml", n=6)  # one item per genre: no taste can show in a window
+    with pytest.raises(InputError) as err:
+        ingest([readers.Source("tastes_world", tmp_path / "ml", None, "world", "movie")], tmp_path / "r.duckdb")
+    assert str(err.value).startswith(str(tmp_path / "ml" / "MovieLens100k_items.parquet.brotli") + ": ")
+    assert "too few items" in str(err.value) and "\n" not in str(err.value)

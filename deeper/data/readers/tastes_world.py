@@ -13,6 +13,7 @@ from __future__ import annotations
 from deeper.data.readers.common import Source, id_text, require_dir
 from deeper.data.readers.movielens100k_parquet import ITEMS, read_columns
 from deeper.diagnostic import GENRES, synthetic_users, with_genres
+from deeper.errors import InputError
 
 USERS = 400        # enough for 120 train and 40 evaluation users of the learning check, and more
 RATINGS = 60       # six windows of 10
@@ -35,7 +36,11 @@ def read(src: Source, sink) -> None:
         if genres and title not in ids:
             ids[title] = item_id
             catalog.append((str(columns["movie_title"][row - 1]), genres))
-    for user in synthetic_users(catalog, GENRES, USERS, RATINGS // 10, 10, seed=SEED, noise=NOISE):
+    try:
+        users = synthetic_users(catalog, GENRES, USERS, RATINGS // 10, 10, seed=SEED, noise=NOISE)
+    except ValueError as e:  # an items file with too few items per genre (not MovieLens 100K's)
+        raise InputError(items_path, f"{e}; the tastes_world format needs MovieLens 100K's items") from None
+    for user in users:
         rated = [item for window in user.windows for item in window]
         for position, (title, rating) in enumerate(rated):
             sink.rating(src.domain, user.user_id, ids[title], rating, position)
