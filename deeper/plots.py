@@ -11,6 +11,7 @@ adding a plot there (and its files to the `plots` stage's deps) adds its image.
 from __future__ import annotations
 
 import csv
+import os
 from dataclasses import dataclass, field
 from importlib.metadata import version
 from pathlib import Path
@@ -37,10 +38,17 @@ class PlotDefinition:
     """One entry of dvc.yaml's top-level `plots:` with a single data file and field."""
 
     name: str                # the image's file stem: the plot's id, or its data file's stem
-    path: str                # the data file (CSV or TSV), relative to dvc.yaml's folder
+    path: str                # the (first) data file (CSV or TSV), relative to dvc.yaml's folder
     x: str
-    y: str
+    y: str                   # the y field (the same in every file)
     properties: dict = field(default_factory=dict)  # PROPERTIES as written
+    # every data file of an id plot `y: {<file>: <field>, <file>: <field>, ...}`, one line each (DVC's overlay:
+    # the training curves of both iterations on train and validation pairs); () for one file
+    more_paths: tuple = ()
+
+    @property
+    def paths(self) -> tuple:
+        return (self.path, *self.more_paths)
 
     @property
     def image(self) -> str:
@@ -75,14 +83,26 @@ def plot_definitions(dvc_yaml: dict, source: str = "dvc.yaml") -> list[PlotDefin
         unknown = sorted(set(props) - {"x", "y", *PROPERTIES})
         if unknown:
             raise ConfigError(where, f"the images do not draw {unknown}; keys: x, y, {', '.join(PROPERTIES)}", source)
-        file, y = _field_of(props.get("y"), f"{where}.y", None, source)
+        y_value, more_paths = props.get("y"), ()
+        if isinstance(y_value, dict) and len(y_value) > 1:
+            fields = set(y_value.values())
+            if len(fields) != 1 or not all(isinstance(f, str) and f for f in fields):
+                raise ConfigError(f"{where}.y", f"the images overlay files with one y field, got {y_value!r}", source)
+            (first, *rest), y_value = list(y_value), {next(iter(y_value)): fields.pop()}
+            more_paths = tuple(str(p) for p in rest)
+            for extra in more_paths:
+                if Path(extra).suffix not in DATA_SUFFIXES:
+                    raise ConfigError(where, f"the images read {' and '.join(DATA_SUFFIXES)} files, got {extra}",
+                                      source)
+        file, y = _field_of(y_value, f"{where}.y", None, source)
         path = file or str(key)
         _, x = _field_of(props.get("x"), f"{where}.x", path, source)
         if Path(path).suffix not in DATA_SUFFIXES:
             raise ConfigError(where, f"the images read {' and '.join(DATA_SUFFIXES)} files, got {path}", source)
         name = str(key) if file else Path(path).stem
         properties = {k: props[k] for k in PROPERTIES if k in props}
-        definitions.append(PlotDefinition(name=name, path=path, x=x, y=y, properties=properties))
+        definitions.append(PlotDefinition(name=name, path=path, x=x, y=y, properties=properties,
+                                          more_paths=more_paths))
     names = [d.name for d in definitions]
     twice = sorted({n for n in names if names.count(n) > 1})
     if twice:
@@ -127,15 +147,25 @@ def _without_revision_channels(node):
     return out
 
 
-def vega_lite_spec(definition: PlotDefinition, rows: list[dict[str, str]], template_dir: Path) -> dict:
-    """The plot's template filled as `dvc plots show` fills it for the workspace, less the revision channels."""
+def vega_lite_spec(definition: PlotDefinition, rows: list[dict[str, str]] | dict[str, list[dict[str, str]]],
+                   template_dir: Path) -> dict:
+    """The plot's template filled as `dvc plots show` fills it for the workspace, less the revision channels.
+    `rows`: read_plot_rows of the one file, or {file: rows} of every file of an overlay (DVC's short names:
+    the files' common folder dropped)."""
     from dvc_render.exceptions import DvcRenderError
     from dvc_render.vega import VegaRenderer
 
-    datapoints = [{**row, "rev": WORKSPACE, "filename": definition.path, "field": definition.y} for row in rows]
+    by_file = rows if isinstance(rows, dict) else {definition.path: rows}
+    paths = list(by_file)
+    prefix = len(os.path.commonpath(paths)) if len(paths) > 1 else 0
+    short = {p: p[prefix:].strip("/\\") for p in paths}
+    datapoints = [{**row, "rev": WORKSPACE, "filename": short[p], "field": definition.y}
+                  for p in paths for row in by_file[p]]
+    extra = {"anchors_y_definitions": [{"filename": short[p], "field": definition.y} for p in paths]} \
+        if len(paths) > 1 else {}
     try:
         renderer = VegaRenderer(datapoints, definition.path, template_dir=str(template_dir),
-                                x=definition.x, y=definition.y, **definition.properties)
+                                x=definition.x, y=definition.y, **definition.properties, **extra)
         spec = renderer.get_filled_template()
     except DvcRenderError as e:
         raise ConfigError(f"plots ({definition.name})", str(e), "dvc.yaml") from None

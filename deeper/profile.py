@@ -36,11 +36,20 @@ def available() -> list[str]:
     return sorted(p.stem for p in PROFILES_DIR.glob("*.yaml"))
 
 
+# Profiles that were removed, and why: asking for one by name says so (git history has the file).
+RETIRED = {
+    "quality": "retired: its frozen model, Qwen2.5-Coder-0.5B, does not read a persona (results/headroom/"
+               "qwen2.5-coder-0.5b: sensitivity +0.005 [-0.013, +0.027]), so its table could not rank refiners; "
+               "run the headroom profile on a frozen model first",
+}
+
+
 def load_profile(name: str | Path, params: dict) -> dict:
     """The profile's entries {dotted key: value}, each key checked against `params` (params.yaml)."""
     path = profile_path(name)
     if not path.is_file():
-        raise ConfigError("(profile)", f"not found; profiles: {', '.join(available()) or 'none'}", str(path))
+        why = RETIRED.get(str(name), "not found")
+        raise ConfigError("(profile)", f"{why}; profiles: {', '.join(available()) or 'none'}", str(path))
     try:
         entries = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as e:

@@ -93,6 +93,7 @@ class TrainConfig:
     bf16: bool = False                  # paper true (GPU); CPU autocast to bf16 is slow
     dtype: str = "float32"              # weights as loaded; bfloat16 halves memory on a GPU
     gradient_checkpointing: bool = True
+    precompute_ref_log_probs: bool = False  # TRL: the reference forward once per pair before training, not per step
     disable_dropout: bool = False       # TRL's default (true) would also zero the LoRA dropout above; the paper
                                         # profile sets true: LLaMA-Factory's DPO trainer did, so 0.2 never ran
     sft_normalization: str = "per_token"  # per_pair: LLaMA-Factory's (the paper profile); see the module docstring
@@ -140,7 +141,7 @@ class TrainConfig:
         if not (isinstance(modules, str) and modules) and not (
                 isinstance(modules, list) and modules and all(isinstance(m, str) and m for m in modules)):
             raise ConfigError("train.lora.target_modules", f"must be all-linear or a list of module names, got {modules!r}")
-        for name in ("bf16", "gradient_checkpointing", "disable_dropout"):
+        for name in ("bf16", "gradient_checkpointing", "precompute_ref_log_probs", "disable_dropout"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"train.{name}", f"must be true or false, got {getattr(self, name)!r}")
         if self.sft_normalization not in SFT_NORMALIZATIONS:
@@ -296,6 +297,7 @@ def _dpo_config(config: TrainConfig, work_dir, DPOConfig, with_eval: bool):
         max_length=config.max_length, truncation_mode=config.truncation_mode,
         per_device_train_batch_size=config.per_device_batch, per_device_eval_batch_size=config.per_device_batch,
         gradient_accumulation_steps=config.grad_accum, gradient_checkpointing=config.gradient_checkpointing,
+        precompute_ref_log_probs=config.precompute_ref_log_probs,
         learning_rate=config.lr, lr_scheduler_type=config.scheduler, warmup_steps=config.warmup_steps,
         num_train_epochs=config.epochs, max_steps=config.max_steps if config.max_steps and config.max_steps > 0 else -1,
         max_grad_norm=config.max_grad_norm, bf16=config.bf16, seed=config.seed, data_seed=config.seed,
@@ -379,12 +381,59 @@ def _freeze_reference_dropout(model) -> None:
             module.p = 0.0
 
 
+# What the training curves hold (TRL's logged names, train and eval_): the run's inputs decide every value, so the
+# curves are the same bytes on a re-run; wall-clock keys (train_runtime, *_per_second) are left out.
+CURVE_KEYS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "sft_per_pair")
+
+
+def curve_name(key: str) -> str | None:
+    """TRL's logged key -> the DVCLive metric name (`train/...` or `eval/...`), None for keys the curves leave out."""
+    split, name = ("eval", key[len("eval_"):]) if key.startswith("eval_") else ("train", key)
+    return f"{split}/{name}" if name in CURVE_KEYS else None
+
+
+def training_curves(directory: str | Path):
+    """transformers' DVCLive integration (DVCLiveCallback), writing `<directory>/plots/metrics/{train,eval}/...tsv`
+    (columns step and value, one row per logged optimizer step: `dvc plots` of the train stage) and nothing else:
+    no params file (params.yaml has them; the trainer's arguments hold a temporary folder), no summary (the stage's
+    metrics file is the summary), no timestamps. Rows are written as they are logged, so `dvc plots show` follows
+    a run in progress. The Live object is made in the main process only (its constructor empties the folder)."""
+    from dvclive import Live
+    from transformers.integrations import DVCLiveCallback
+
+    class TrainingCurves(DVCLiveCallback):
+        def setup(self, args, state, model):
+            self._initialized = True  # DVCLiveCallback would log the trainer's arguments as params
+
+        def on_log(self, args, state, control, model=None, logs=None, **kwargs):
+            if not state.is_world_process_zero:
+                return
+            self.live.step = state.global_step  # train and eval rows of one optimizer step share its number
+            for key, value in (logs or {}).items():
+                name = curve_name(key)
+                if name is not None and value is not None:
+                    self.live.log_metric(name, float(value))
+
+        def on_train_end(self, args, state, control, **kwargs):
+            pass  # the final evaluation logs after training; Live.end would write a summary file
+
+    return TrainingCurves(live=Live(str(directory), save_dvc_exp=False, dvcyaml=None, report=None))
+
+
 def _world_size() -> int:
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
         return dist.get_world_size()
     return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _logged_at(history: list[dict], step: int, key: str) -> dict | None:
+    """The log entry of `step` that holds `key` (e.g. the Trainer's own evaluation at the last step), or None."""
+    for entry in reversed(history):
+        if entry.get("step") == step and key in entry:
+            return entry
+    return None
 
 
 def _last_logged(history: list[dict], key: str):
@@ -442,6 +491,15 @@ def _write_carried_over(base_model, out_dir: Path, config: TrainConfig, init_ada
     save_adapter(peft_model, out_dir, base_name)
 
 
+def _no_curves(directory: Path) -> None:
+    """The curves folder of a run without training pairs: one note instead of curves (the folder is a DVC output)."""
+    if directory.exists():
+        shutil.rmtree(directory)
+    directory.mkdir(parents=True)
+    (directory / "untrained.txt").write_text("no training pairs: the model was carried over untrained, no curves\n",
+                                             encoding="utf-8")
+
+
 def _carry_over(base_model, out_dir, config: TrainConfig, init_adapter, reference: str, val_pairs: int,
                 started: float, base_name: str | None = None) -> dict:
     """No training pairs: the output adapter is the input model (adapter 1, or a fresh LoRA whose B is zero).
@@ -471,21 +529,26 @@ def _carry_over(base_model, out_dir, config: TrainConfig, init_adapter, referenc
 
 def train_dpo(base_model: str | Path, train_pairs: pd.DataFrame, val_pairs: pd.DataFrame, out_dir: str | Path,
               config: TrainConfig, init_adapter: str | Path | None = None, reference: str = "base",
-              source: str = "pairs", base_name: str | None = None) -> dict:
+              source: str = "pairs", base_name: str | None = None, curves_dir: str | Path | None = None) -> dict:
     """Train, save the adapter (safetensors) to out_dir and return the summary for metrics. `base_model` is
-    where the weights load from; `base_name`, if given, is the name written in adapter_config.json."""
+    where the weights load from; `base_name`, if given, is the name written in adapter_config.json; `curves_dir`,
+    if given, gets the training curves (`training_curves`)."""
     started = time.monotonic()
     train_examples = pairs_to_examples(train_pairs, source)
     val_examples = pairs_to_examples(val_pairs, source)
     if not train_examples:
         # A knob such as -S delta=0.8 can leave no pair. The DAG must still run to the evaluation, so the
         # model is carried over untrained (reported as steps 0, trained false) instead of failing the stage.
+        if curves_dir is not None and is_main_process():
+            _no_curves(Path(curves_dir))
         return _carry_over(base_model, out_dir, config, init_adapter, reference, len(val_examples), started,
                            base_name)
     with tempfile.TemporaryDirectory(prefix="deeper-train-") as work_dir, warnings.catch_warnings():
         # transformers 5 renamed gradient_checkpointing; TRL 1.16 still uses the old name on every step.
         warnings.filterwarnings("ignore", message=".*gradient_checkpointing.* is deprecated", category=FutureWarning)
         trainer = build_trainer(base_model, train_examples, val_examples, config, work_dir, init_adapter, reference)
+        if curves_dir is not None and trainer.is_world_process_zero():
+            trainer.add_callback(training_curves(curves_dir))
         train_ds, val_ds = trainer.train_dataset, trainer.eval_dataset
         dropped = {"train": len(train_examples) - len(train_ds),
                    "val": len(val_examples) - (len(val_ds) if val_ds is not None else 0)}
@@ -496,7 +559,10 @@ def train_dpo(base_model: str | Path, train_pairs: pd.DataFrame, val_pairs: pd.D
             lengths["val"] = length_counts(val_ds, config.max_length)
         output = trainer.train()
         history = trainer.state.log_history
-        final_eval = trainer.evaluate() if val_ds is not None and len(val_ds) else {}
+        final_eval = {}
+        if val_ds is not None and len(val_ds):
+            # with eval_steps, the Trainer evaluates at the last step itself: once is enough (and one curve row)
+            final_eval = _logged_at(history, trainer.state.global_step, "eval_loss") or trainer.evaluate()
         if trainer.is_world_process_zero():  # several processes hold the same adapter: one writes it
             out_dir = Path(out_dir)
             out_dir.mkdir(parents=True, exist_ok=True)

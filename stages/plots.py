@@ -28,10 +28,10 @@ def run(dvc_yaml_path: Path, out_dir: Path) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     for definition in definitions:
-        rows = read_plot_rows(root / definition.path, definition)
+        rows = {path: read_plot_rows(root / path, definition) for path in definition.paths}
         image = out_dir / definition.image
         image.write_text(render_svg(vega_lite_spec(definition, rows, root / TEMPLATE_DIR)), encoding="utf-8")
-        click.echo(f"{image}: {definition.path} ({len(rows)} rows)", err=True)
+        click.echo(f"{image}: {', '.join(definition.paths)} ({sum(map(len, rows.values()))} rows)", err=True)
         written.append(image)
     return written
 

@@ -11,7 +11,9 @@ iteration 2 `iter2.reference` (the DPO reference: `base` model or `previous` = M
 Writes the adapter (adapter_config.json + adapter_model.safetensors) and metrics: final train/eval DPO loss,
 reward accuracy and margins, steps, pairs, pairs cut at train.max_length. The run's wall-clock seconds and
 peak memory are not metrics (they change on every run): they are printed and written to train_log.json in
-the adapter folder.
+the adapter folder. Training curves (DPO loss, chosen/rejected rewards, margins, reward accuracy per logged step,
+on the train pairs and, every `train.eval_steps` and at the end, the validation pairs) go to plots/train/it{k}
+through DVCLive: `dvc plots show` / `dvc plots diff` (dvc.yaml's train_* plots).
 
 dvc.yaml starts it with params `train.launcher` (`python`, or e.g. `accelerate launch --multi_gpu
 --num_processes 4` for DDP on four GPUs): every process trains, only the main one writes the adapter, the
@@ -41,7 +43,8 @@ def base_model_path(params: dict) -> tuple[str, str]:
     return resolve_model(name, where="models.policy.name").location, name
 
 
-def run(params: dict, iteration: int, pairs_path: Path, init_adapter: Path | None, out: Path, metrics: Path) -> dict:
+def run(params: dict, iteration: int, pairs_path: Path, init_adapter: Path | None, out: Path, metrics: Path,
+        curves: Path | None = None) -> dict:
     config = TrainConfig.from_params(params, iteration)
     reference = get(params, "iter2.reference") if iteration > 1 else "base"
     if init_adapter is not None and not (init_adapter / "adapter_config.json").is_file():
@@ -55,7 +58,7 @@ def run(params: dict, iteration: int, pairs_path: Path, init_adapter: Path | Non
         if out.exists():
             shutil.rmtree(out)  # a DVC output: no stale files from an earlier run
     summary = train_dpo(base, train_pairs, val_pairs, out, config, init_adapter=init_adapter, reference=reference,
-                        source=str(pairs_path), base_name=base_name)
+                        source=str(pairs_path), base_name=base_name, curves_dir=curves)
     if not main:  # several processes (train.launcher): the main one writes
         return summary
     write_json(metrics, summary)
@@ -80,13 +83,16 @@ def run(params: dict, iteration: int, pairs_path: Path, init_adapter: Path | Non
               help="Adapter folder to write [default: models/adapters/it{k}].")
 @click.option("--metrics", "metrics_path", default=None, type=click.Path(dir_okay=False),
               help="Training summary [default: metrics/train_it{k}.json].")
+@click.option("--curves", "curves_path", default=None, type=click.Path(file_okay=False),
+              help="DVCLive folder for the training curves [default: plots/train/it{k}].")
 @user_errors
-def main(params_path, iteration, pairs_path, init_adapter, out, metrics_path):
+def main(params_path, iteration, pairs_path, init_adapter, out, metrics_path, curves_path):
     k = iteration
     run(
         load_checked_params(params_path), k, Path(pairs_path or f"data/pairs/it{k}/pairs.parquet"),
         Path(init_adapter or f"models/adapters/it{k - 1}") if k > 1 else None,
         Path(out or f"models/adapters/it{k}"), Path(metrics_path or f"metrics/train_it{k}.json"),
+        Path(curves_path or f"plots/train/it{k}"),
     )
 
 

@@ -76,7 +76,9 @@ def test_plot_definitions_read_the_path_and_the_id_forms():
     (["a.csv"], ["plots[0]: must be `<file or id>: {x: ..., y: ...}`"]),
     ([{"a.csv": {"x": "round"}}], ["plots[0].a.csv.y: must be one field name", "None"]),
     ([{"a.csv": {"y": "mae"}}], ["plots[0].a.csv.x: must be one field name"]),
-    ([{"p": {"x": "round", "y": {"a.csv": "mae", "b.csv": "mae"}}}], ["plots[0].p.y: must be one field name"]),
+    ([{"p": {"x": "round", "y": {"a.csv": "mae", "b.csv": "loss"}}}],
+     ["plots[0].p.y: the images overlay files with one y field"]),
+    ([{"p": {"x": "round", "y": {"a.csv": "mae", "b.json": "mae"}}}], ["plots[0].p: the images read", "b.json"]),
     ([{"p": {"x": {"b.csv": "round"}, "y": {"a.csv": "mae"}}}], ["plots[0].p.x:", "(a.csv)"]),
     ([{"a.json": {"x": "round", "y": "mae"}}], ["plots[0].a.json: the images read .csv and .tsv files, got a.json"]),
     ([{"a.csv": {**MAE_PLOT, "header": False}}], ["plots[0].a.csv: the images do not draw ['header']"]),
@@ -87,6 +89,27 @@ def test_plot_definitions_refuse_what_the_images_cannot_draw(plots, fragments):
         plot_definitions({"plots": plots})
     for fragment in fragments:
         assert fragment in str(caught.value), str(caught.value)
+
+
+def test_an_overlay_of_files_is_one_image_with_a_line_per_file(tmp_path):
+    """DVC's `y: {<file>: <field>, ...}` (the training curves: train and validation pairs, two iterations): one
+    image, each file a line of its own, named as `dvc plots show` names it (the files' common folder dropped)."""
+    plots = [{"train_loss": {"x": "step", "y": {"c/it1/train/loss.tsv": "loss", "c/it1/eval/loss.tsv": "loss"},
+                             "title": "loss", "template": "training_curve"}}]
+    (definition,) = plot_definitions({"plots": plots})
+    assert definition.paths == ("c/it1/train/loss.tsv", "c/it1/eval/loss.tsv") and definition.y == "loss"
+    files = {"c/it1/train/loss.tsv": "step\tloss\n1\t0.7\n2\t0.5\n", "c/it1/eval/loss.tsv": "step\tloss\n2\t0.6\n"}
+    folder = scratch_project(tmp_path, plots, files)
+    rows = {p: read_plot_rows(folder / p, definition) for p in definition.paths}
+    spec = vega_lite_spec(definition, rows, folder / TEMPLATE_DIR)
+    values = spec["data"]["values"]
+    assert sorted((v["filename"], v["step"], v["loss"]) for v in values) == [
+        ("eval/loss.tsv", "2", "0.6"), ("train/loss.tsv", "1", "0.7"), ("train/loss.tsv", "2", "0.5")]
+    svg = render_svg(spec)
+    assert "eval/loss.tsv" in svg and "train/loss.tsv" in svg  # the legend names both lines
+    result = CliRunner().invoke(plots_main, ["--dvc-yaml", str(folder / "dvc.yaml"), "--out", str(tmp_path / "i")])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "i" / "train_loss.svg").read_text(encoding="utf-8") == svg
 
 
 # ---- data rows and the filled template
@@ -213,9 +236,11 @@ def test_plots_stage_depends_on_every_plot_file_and_template():
     stage = yaml.safe_load((REPO / "dvc.yaml").read_text(encoding="utf-8"))["stages"]["plots"]
     deps = set(stage["deps"])
     definitions = repo_definitions()
-    assert {"plots/mae_by_round.csv", "results/quality/mae_by_round.csv"} <= {d.path for d in definitions}
+    assert {"plots/mae_by_round.csv", "plots/headroom.csv"} <= {d.path for d in definitions}
+    assert "plots/train/it2/plots/metrics/eval/loss.tsv" in {p for d in definitions for p in d.paths}
     for definition in definitions:
-        assert definition.path in deps, f"add {definition.path} to the deps of stage `plots` in dvc.yaml"
+        for path in definition.paths:
+            assert path in deps, f"add {path} to the deps of stage `plots` in dvc.yaml"
         template = definition.properties.get("template")
         if (REPO / TEMPLATE_DIR / f"{template}.json").is_file():
             assert f"{TEMPLATE_DIR.as_posix()}/{template}.json" in deps, f"add template {template} to stage plots"
@@ -225,7 +250,7 @@ def test_plots_stage_depends_on_every_plot_file_and_template():
 def test_committed_images_are_what_the_stage_makes_from_the_committed_files():
     """After editing a plot's title or labels in dvc.yaml (which DVC does not track): `dvc repro -f plots`."""
     for definition in repo_definitions():
-        rows = read_plot_rows(REPO / definition.path, definition)
+        rows = {path: read_plot_rows(REPO / path, definition) for path in definition.paths}
         image = REPO / "plots" / "images" / definition.image
         assert image.is_file(), f"{image} missing: run `dvc repro plots`"
         fresh = render_svg(vega_lite_spec(definition, rows, REPO / TEMPLATE_DIR))

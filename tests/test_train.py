@@ -306,3 +306,68 @@ def test_a_process_other_than_the_main_one_writes_nothing(tiny_llama, tmp_path, 
     assert sorted(p.name for p in (tmp_path / "it1").iterdir() if p.suffix != ".md" and p.name != "train_log.json") == \
         ["adapter_config.json", "adapter_model.safetensors"]
     assert json.loads((tmp_path / "train_it1.json").read_text())["processes"] == 2
+
+
+def read_curve(path):
+    lines = path.read_text().splitlines()
+    return lines[0].split("\t"), [tuple(float(x) for x in line.split("\t")) for line in lines[1:]]
+
+
+def test_training_curves_are_dvclive_files_one_row_per_step_same_bytes_on_a_rerun(tiny_llama, tmp_path):
+    """DVCLive's per-step TSVs of the train and validation pairs (dvc.yaml's train_* plots): step and value only
+    (no timestamp), the logged values themselves, and the same bytes when the same run is repeated."""
+    config = TrainConfig(**{**FAST, "max_steps": 3, "eval_steps": 2})
+    runs = []
+    for name in ("a", "b"):
+        summary = train_dpo(tiny_llama, make_pairs(8), make_pairs(2), tmp_path / name / "adapter", config,
+                            curves_dir=tmp_path / name / "curves")
+        runs.append((summary, tmp_path / name / "curves" / "plots" / "metrics"))
+    summary, curves = runs[0]
+    files = sorted(str(p.relative_to(curves)) for p in curves.rglob("*.tsv"))
+    assert files == sorted(f"{split}/{name}.tsv" for split in ("train", "eval") for name in
+                           ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"))
+    header, rows = read_curve(curves / "train" / "loss.tsv")
+    assert header == ["step", "loss"] and [r[0] for r in rows] == [1, 2, 3]
+    header, rows = read_curve(curves / "eval" / "rewards" / "margins.tsv")
+    # every eval_steps (2) and the final evaluation at the last step (3)
+    assert header == ["step", "margins"] and [r[0] for r in rows] == [2, 3]
+    assert rows[-1][1] == pytest.approx(summary["eval"]["reward_margin"], rel=1e-6)
+    _, train_acc = read_curve(curves / "train" / "rewards" / "accuracies.tsv")
+    assert train_acc[-1][1] == pytest.approx(summary["train"]["reward_accuracy_last"], rel=1e-6)
+    assert not list((tmp_path / "a" / "curves").glob("*.json"))  # no params or summary file beside the curves
+    for path in curves.rglob("*.tsv"):
+        assert path.read_bytes() == (runs[1][1] / path.relative_to(curves)).read_bytes(), path
+
+
+def test_curve_names_keep_the_dpo_keys_and_drop_wall_clock():
+    from deeper.train import curve_name
+
+    assert curve_name("loss") == "train/loss" and curve_name("eval_loss") == "eval/loss"
+    assert curve_name("rewards/margins") == "train/rewards/margins"
+    assert curve_name("eval_rewards/accuracies") == "eval/rewards/accuracies"
+    for key in ("train_runtime", "train_samples_per_second", "eval_runtime", "learning_rate", "epoch", "grad_norm"):
+        assert curve_name(key) is None, key
+
+
+def test_a_run_without_pairs_leaves_a_note_instead_of_curves(tiny_llama, tmp_path):
+    curves = tmp_path / "curves"
+    (curves / "plots").mkdir(parents=True)
+    (curves / "plots" / "stale.tsv").write_text("step\tloss\n1\t0.5\n")
+    train_dpo(tiny_llama, make_pairs(0), make_pairs(0), tmp_path / "it1", TrainConfig(**FAST), curves_dir=curves)
+    assert [p.name for p in curves.rglob("*") if p.is_file()] == ["untrained.txt"]
+
+
+def test_precomputed_reference_log_probs_train_the_same_adapter(tiny_llama, tmp_path):
+    """TRL's precompute_ref_log_probs (bench/dpo_step.py) moves the reference forward before training; the
+    reference is the same base model, so the same steps give the same weights."""
+    weights = {}
+    for precompute in (False, True):
+        out = tmp_path / str(precompute)
+        config = TrainConfig(**{**FAST, "max_steps": 2, "lora_dropout": 0.0, "precompute_ref_log_probs": precompute})
+        summary = train_dpo(tiny_llama, make_pairs(4), make_pairs(0), out, config)
+        weights[precompute] = load_file(out / "adapter_model.safetensors")
+        assert summary["steps"] == 2
+    for key, value in weights[False].items():
+        torch.testing.assert_close(weights[True][key], value, rtol=1e-4, atol=1e-6)
+    with pytest.raises(ConfigError, match="train.precompute_ref_log_probs: must be true or false"):
+        TrainConfig(precompute_ref_log_probs="yes").validate()
