@@ -35,6 +35,8 @@ adapter (and, in stages.train, the metrics); every process returns the same summ
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import os
 import resource
@@ -89,6 +91,7 @@ class TrainConfig:
     epochs: float = 1.0                 # paper 4
     max_steps: int = 6                  # > 0 overrides epochs; paper: -1 (epochs)
     eval_steps: int | None = None       # paper 100; null: evaluate once at the end
+    checkpoint_steps: int | None = None  # save a resumable checkpoint every N steps (null: none; see train_dpo)
     max_grad_norm: float = 1.0          # paper 1.0
     bf16: bool = False                  # paper true (GPU); CPU autocast to bf16 is slow
     dtype: str = "float32"              # weights as loaded; bfloat16 halves memory on a GPU
@@ -168,6 +171,7 @@ NUMBER_RULES = {
     "epochs": {"low": 0.0},
     "max_steps": {"integer": True, "low": -1},      # -1 (or 0): train `epochs` epochs
     "eval_steps": {"integer": True, "low": 1, "nullable": True},
+    "checkpoint_steps": {"integer": True, "low": 1, "nullable": True},
     "max_grad_norm": {"low": 0.0, "low_open": True},
     "seed": {"integer": True, "low": 0},
 }
@@ -303,7 +307,10 @@ def _dpo_config(config: TrainConfig, work_dir, DPOConfig, with_eval: bool):
         max_grad_norm=config.max_grad_norm, bf16=config.bf16, seed=config.seed, data_seed=config.seed,
         disable_dropout=config.disable_dropout,
         eval_strategy="steps" if (config.eval_steps and with_eval) else "no", eval_steps=config.eval_steps or None,
-        logging_steps=1, save_strategy="no", report_to="none", dataloader_pin_memory=False,
+        logging_steps=1, report_to="none", dataloader_pin_memory=False,
+        # checkpoints (train_dpo's checkpoint_dir): the latest one only, everything the Trainer needs to resume
+        save_strategy="steps" if config.checkpoint_steps else "no", save_steps=config.checkpoint_steps or 500,
+        save_total_limit=1,
         # DDP (several processes): every LoRA weight gets a gradient, so no search for unused ones per step.
         ddp_find_unused_parameters=False,
     )
@@ -405,11 +412,20 @@ def training_curves(directory: str | Path):
         def setup(self, args, state, model):
             self._initialized = True  # DVCLiveCallback would log the trainer's arguments as params
 
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
+            # resumed from a checkpoint (train_dpo): its log history holds the rows before it, written again
+            # here, so the curves of a resumed run are those of an uninterrupted one
+            if state.is_world_process_zero:
+                for entry in state.log_history:
+                    self._write(entry.get("step", 0), entry)
+
         def on_log(self, args, state, control, model=None, logs=None, **kwargs):
-            if not state.is_world_process_zero:
-                return
-            self.live.step = state.global_step  # train and eval rows of one optimizer step share its number
-            for key, value in (logs or {}).items():
+            if state.is_world_process_zero:
+                self._write(state.global_step, logs or {})
+
+        def _write(self, step: int, logs: dict) -> None:
+            self.live.step = step  # train and eval rows of one optimizer step share its number
+            for key, value in logs.items():
                 name = curve_name(key)
                 if name is not None and value is not None:
                     self.live.log_metric(name, float(value))
@@ -491,6 +507,51 @@ def _write_carried_over(base_model, out_dir: Path, config: TrainConfig, init_ada
     save_adapter(peft_model, out_dir, base_name)
 
 
+def run_key(base_model, train_examples: list[dict], val_examples: list[dict], config: TrainConfig,
+            init_adapter, reference: str) -> str:
+    """A checkpoint folder's name: the hash of everything that decides the run (a checkpoint of other inputs is
+    never resumed). The adapter to continue counts by its bytes, the base model by its location."""
+    digest = hashlib.sha256()
+    settings = {f.name: getattr(config, f.name) for f in fields(config) if f.name != "checkpoint_steps"}
+    digest.update(json.dumps([str(base_model), train_examples, val_examples, settings, reference],
+                             sort_keys=True, default=str).encode())
+    if init_adapter is not None:
+        for item in sorted(Path(init_adapter).iterdir()):
+            if item.is_file() and item.name != TRAIN_LOG:
+                digest.update(item.name.encode() + item.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def latest_checkpoint(work_dir) -> Path | None:
+    """The Trainer's latest complete checkpoint in work_dir (`checkpoint-<step>` holding its trainer_state.json,
+    which the Trainer writes last), or None."""
+    done = [p for p in Path(work_dir).glob("checkpoint-*")
+            if p.name.split("-")[-1].isdigit() and (p / "trainer_state.json").is_file()]
+    return max(done, key=lambda p: int(p.name.split("-")[-1]), default=None)
+
+
+def usable_checkpoint(work_dir) -> Path | None:
+    """latest_checkpoint, if its adapter weights, optimizer and trainer state read back; a damaged one (a disk
+    filled or a file cut while it was written) is one warning line and removed, and the run starts from step 0
+    instead of failing."""
+    import torch
+    from safetensors.torch import load_file
+
+    checkpoint = latest_checkpoint(work_dir)
+    if checkpoint is None:
+        return None
+    try:
+        json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))
+        load_file(str(checkpoint / "adapter_model.safetensors"))
+        torch.load(checkpoint / "optimizer.pt", map_location="cpu", weights_only=True)
+    except Exception as e:  # any reason it cannot be read is the same: it cannot be resumed
+        reason = " ".join(str(e).split())[:160] or type(e).__name__
+        print(f"warning: {checkpoint}: damaged checkpoint ({reason}); removed, training from step 0", flush=True)
+        shutil.rmtree(checkpoint, ignore_errors=True)
+        return None
+    return checkpoint
+
+
 def _no_curves(directory: Path) -> None:
     """The curves folder of a run without training pairs: one note instead of curves (the folder is a DVC output)."""
     if directory.exists():
@@ -529,10 +590,16 @@ def _carry_over(base_model, out_dir, config: TrainConfig, init_adapter, referenc
 
 def train_dpo(base_model: str | Path, train_pairs: pd.DataFrame, val_pairs: pd.DataFrame, out_dir: str | Path,
               config: TrainConfig, init_adapter: str | Path | None = None, reference: str = "base",
-              source: str = "pairs", base_name: str | None = None, curves_dir: str | Path | None = None) -> dict:
+              source: str = "pairs", base_name: str | None = None, curves_dir: str | Path | None = None,
+              checkpoint_dir: str | Path | None = None, callbacks: tuple = ()) -> dict:
     """Train, save the adapter (safetensors) to out_dir and return the summary for metrics. `base_model` is
     where the weights load from; `base_name`, if given, is the name written in adapter_config.json; `curves_dir`,
-    if given, gets the training curves (`training_curves`)."""
+    if given, gets the training curves (`training_curves`).
+
+    Resumable (`train.checkpoint_steps` and a `checkpoint_dir`): the Trainer saves a checkpoint (adapter,
+    optimizer, scheduler, RNG states) every checkpoint_steps steps in `checkpoint_dir/<run_key>`; a run killed
+    midway and started again with the same inputs resumes from the latest one, and the folder is removed once
+    the adapter is written. `callbacks`: extra TrainerCallbacks (the tests interrupt a run with one)."""
     started = time.monotonic()
     train_examples = pairs_to_examples(train_pairs, source)
     val_examples = pairs_to_examples(val_pairs, source)
@@ -543,10 +610,19 @@ def train_dpo(base_model: str | Path, train_pairs: pd.DataFrame, val_pairs: pd.D
             _no_curves(Path(curves_dir))
         return _carry_over(base_model, out_dir, config, init_adapter, reference, len(val_examples), started,
                            base_name)
-    with tempfile.TemporaryDirectory(prefix="deeper-train-") as work_dir, warnings.catch_warnings():
+    resumable = config.checkpoint_steps is not None and checkpoint_dir is not None
+    if resumable:
+        work = Path(checkpoint_dir) / run_key(base_model, train_examples, val_examples, config, init_adapter, reference)
+        work.mkdir(parents=True, exist_ok=True)
+        work_context = contextlib.nullcontext(str(work))
+    else:
+        work_context = tempfile.TemporaryDirectory(prefix="deeper-train-")
+    with work_context as work_dir, warnings.catch_warnings():
         # transformers 5 renamed gradient_checkpointing; TRL 1.16 still uses the old name on every step.
         warnings.filterwarnings("ignore", message=".*gradient_checkpointing.* is deprecated", category=FutureWarning)
         trainer = build_trainer(base_model, train_examples, val_examples, config, work_dir, init_adapter, reference)
+        for callback in callbacks:
+            trainer.add_callback(callback)
         if curves_dir is not None and trainer.is_world_process_zero():
             trainer.add_callback(training_curves(curves_dir))
         train_ds, val_ds = trainer.train_dataset, trainer.eval_dataset
@@ -557,7 +633,10 @@ def train_dpo(base_model: str | Path, train_pairs: pd.DataFrame, val_pairs: pd.D
         lengths = {"train": length_counts(train_ds, config.max_length)}
         if val_ds is not None and len(val_ds):
             lengths["val"] = length_counts(val_ds, config.max_length)
-        output = trainer.train()
+        resume_from = usable_checkpoint(work_dir) if resumable else None
+        if resume_from is not None and is_main_process():
+            print(f"train: resuming from {resume_from} (step {resume_from.name.split('-')[-1]})", flush=True)
+        output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
         history = trainer.state.log_history
         final_eval = {}
         if val_ds is not None and len(val_ds):
@@ -567,6 +646,8 @@ def train_dpo(base_model: str | Path, train_pairs: pd.DataFrame, val_pairs: pd.D
             out_dir = Path(out_dir)
             out_dir.mkdir(parents=True, exist_ok=True)
             save_adapter(trainer.model, out_dir, base_name, selected_adapters=["default"])
+            if resumable:
+                shutil.rmtree(work_dir, ignore_errors=True)  # done: nothing to resume
     summary = {
         "trained": True,
         "pairs": {"train": len(train_examples), "val": len(val_examples)},

@@ -13,7 +13,9 @@ reward accuracy and margins, steps, pairs, pairs cut at train.max_length. The ru
 peak memory are not metrics (they change on every run): they are printed and written to train_log.json in
 the adapter folder. Training curves (DPO loss, chosen/rejected rewards, margins, reward accuracy per logged step,
 on the train pairs and, every `train.eval_steps` and at the end, the validation pairs) go to plots/train/it{k}
-through DVCLive: `dvc plots show` / `dvc plots diff` (dvc.yaml's train_* plots).
+through DVCLive: `dvc plots show` / `dvc plots diff` (dvc.yaml's train_* plots). With `train.checkpoint_steps`,
+the stage is resumable: a run killed midway and started again (`dvc repro`) continues from its latest checkpoint
+in $DEEPER_CACHE_DIR/train/ (default .cache/deeper/train/) instead of step 0.
 
 dvc.yaml starts it with params `train.launcher` (`python`, or e.g. `accelerate launch --multi_gpu
 --num_processes 4` for DDP on four GPUs): every process trains, only the main one writes the adapter, the
@@ -27,6 +29,7 @@ from pathlib import Path
 
 import click
 
+from deeper.assets import cache_root
 from deeper.config import get
 from deeper.errors import ConfigError, InputError
 from deeper.llm.fingerprint import resolve_model
@@ -58,7 +61,8 @@ def run(params: dict, iteration: int, pairs_path: Path, init_adapter: Path | Non
         if out.exists():
             shutil.rmtree(out)  # a DVC output: no stale files from an earlier run
     summary = train_dpo(base, train_pairs, val_pairs, out, config, init_adapter=init_adapter, reference=reference,
-                        source=str(pairs_path), base_name=base_name, curves_dir=curves)
+                        source=str(pairs_path), base_name=base_name, curves_dir=curves,
+                        checkpoint_dir=cache_root() / "train")
     if not main:  # several processes (train.launcher): the main one writes
         return summary
     write_json(metrics, summary)

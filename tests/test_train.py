@@ -371,3 +371,98 @@ def test_precomputed_reference_log_probs_train_the_same_adapter(tiny_llama, tmp_
         torch.testing.assert_close(weights[True][key], value, rtol=1e-4, atol=1e-6)
     with pytest.raises(ConfigError, match="train.precompute_ref_log_probs: must be true or false"):
         TrainConfig(precompute_ref_log_probs="yes").validate()
+
+
+def test_a_killed_run_resumes_from_its_checkpoint_to_the_same_adapter_and_curves(tiny_llama, tmp_path):
+    """train.checkpoint_steps: a run stopped by an exception after step 3 (of 5; checkpoints every 2) and started
+    again with the same inputs resumes from checkpoint-2 and ends with the same adapter bytes and curves as a run
+    that was never stopped; the checkpoint folder is gone once the adapter is written."""
+    from transformers import TrainerCallback
+
+    from deeper.train import latest_checkpoint
+
+    class Killed(Exception):
+        pass
+
+    class KillAfterStep3(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 3:
+                raise Killed
+
+    config = TrainConfig(**{**FAST, "max_steps": 5, "per_device_batch": 1, "checkpoint_steps": 2, "eval_steps": 2})
+    whole = train_dpo(tiny_llama, make_pairs(6), make_pairs(2), tmp_path / "whole", config,
+                      curves_dir=tmp_path / "whole-curves", checkpoint_dir=tmp_path / "ckpt-whole")
+    assert not any((tmp_path / "ckpt-whole").iterdir())  # removed after the adapter was written
+    with pytest.raises(Killed):
+        train_dpo(tiny_llama, make_pairs(6), make_pairs(2), tmp_path / "resumed", config,
+                  curves_dir=tmp_path / "resumed-curves", checkpoint_dir=tmp_path / "ckpt", callbacks=(KillAfterStep3(),))
+    (run_dir,) = (tmp_path / "ckpt").iterdir()
+    assert latest_checkpoint(run_dir).name == "checkpoint-2"
+    class StepsRun(TrainerCallback):
+        steps: list = []
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.steps.append(state.global_step)
+
+    resumed = train_dpo(tiny_llama, make_pairs(6), make_pairs(2), tmp_path / "resumed", config,
+                        curves_dir=tmp_path / "resumed-curves", checkpoint_dir=tmp_path / "ckpt", callbacks=(StepsRun(),))
+    assert StepsRun.steps == [3, 4, 5]  # resumed after step 2, not from the start
+    assert resumed["steps"] == whole["steps"] == 5 and not run_dir.exists()
+    assert (tmp_path / "resumed" / "adapter_model.safetensors").read_bytes() == \
+        (tmp_path / "whole" / "adapter_model.safetensors").read_bytes()
+    whole_curves, resumed_curves = tmp_path / "whole-curves", tmp_path / "resumed-curves"
+    for path in whole_curves.rglob("*.tsv"):
+        assert (resumed_curves / path.relative_to(whole_curves)).read_bytes() == path.read_bytes(), path
+    assert resumed["eval"] == whole["eval"] and resumed["train"]["loss_last"] == whole["train"]["loss_last"]
+
+
+def test_a_checkpoint_of_other_inputs_is_never_resumed(tiny_llama, tmp_path):
+    from deeper.train import run_key
+
+    config = TrainConfig(**{**FAST, "checkpoint_steps": 2})
+    examples = pairs_to_examples(make_pairs(2), "p")
+    key = run_key(tiny_llama, examples, [], config, None, "base")
+    assert key == run_key(tiny_llama, examples, [], TrainConfig(**{**FAST, "checkpoint_steps": 5}), None, "base")
+    assert key != run_key(tiny_llama, examples[:1], [], config, None, "base")
+    assert key != run_key(tiny_llama, examples, [], TrainConfig(**{**FAST, "lr": 0.5, "checkpoint_steps": 2}), None,
+                          "base")
+    assert key != run_key(tiny_llama, examples, [], config, None, "previous")
+    adapter = tmp_path / "a"
+    adapter.mkdir()
+    (adapter / "adapter_model.safetensors").write_bytes(b"1")
+    first = run_key(tiny_llama, examples, [], config, adapter, "base")
+    (adapter / "adapter_model.safetensors").write_bytes(b"2")
+    assert first != run_key(tiny_llama, examples, [], config, adapter, "base") != key
+
+
+@pytest.mark.parametrize("damage", ["adapter_model.safetensors", "optimizer.pt", "trainer_state.json"])
+def test_a_damaged_checkpoint_is_a_warning_and_training_starts_over(tiny_llama, tmp_path, capsys, damage):
+    """A checkpoint cut while it was written (disk full, power off): one warning line naming it, then the run
+    trains from step 0 and writes the adapter an uninterrupted run writes."""
+    from transformers import TrainerCallback
+
+    class Killed(Exception):
+        pass
+
+    class KillAfterStep3(TrainerCallback):  # checkpoint-2 is saved after step 2's callbacks
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 3:
+                raise Killed
+
+    config = TrainConfig(**{**FAST, "max_steps": 4, "per_device_batch": 1, "checkpoint_steps": 2})
+    with pytest.raises(Killed):
+        train_dpo(tiny_llama, make_pairs(4), make_pairs(0), tmp_path / "a", config, checkpoint_dir=tmp_path / "ckpt",
+                  callbacks=(KillAfterStep3(),))
+    (checkpoint,) = (tmp_path / "ckpt").glob("*/checkpoint-2")
+    path = checkpoint / damage
+    path.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 2])
+    capsys.readouterr()
+    summary = train_dpo(tiny_llama, make_pairs(4), make_pairs(0), tmp_path / "a", config,
+                        checkpoint_dir=tmp_path / "ckpt")
+    out = capsys.readouterr().out
+    (line,) = [x for x in out.splitlines() if x.startswith("warning:")]
+    assert f"{checkpoint}: damaged checkpoint (" in line and line.endswith("removed, training from step 0")
+    assert summary["steps"] == 4
+    whole = train_dpo(tiny_llama, make_pairs(4), make_pairs(0), tmp_path / "b", config)
+    assert (tmp_path / "a" / "adapter_model.safetensors").read_bytes() == \
+        (tmp_path / "b" / "adapter_model.safetensors").read_bytes()
