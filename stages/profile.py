@@ -16,6 +16,7 @@ that pins it.
 
 from __future__ import annotations
 
+import os
 import shlex
 import subprocess
 import sys
@@ -57,7 +58,15 @@ def main(params_path, run_it, name, dvc_args):
         click.echo(shlex.join(argv))
         return
     click.echo(f"running: {shlex.join(argv)}", err=True)
-    sys.exit(subprocess.call(argv))
+    sys.exit(subprocess.call(argv, env=with_interpreter_on_path()))
+
+
+def with_interpreter_on_path() -> dict:
+    """The environment with this interpreter's bin folder first on PATH: `dvc` and the stages' `python -m ...`
+    commands are then this environment's, also when the venv was not activated (`.venv/bin/python -m
+    stages.profile ...`)."""
+    bin_dir = os.path.dirname(sys.executable)
+    return {**os.environ, "PATH": os.pathsep.join([bin_dir, os.environ.get("PATH", "")])}
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import re
 import shlex
 import shutil
@@ -151,10 +152,12 @@ def test_cli_prints_the_command_and_runs_it(monkeypatch, entries):
     argv = shlex.split(result.stdout.strip())  # the parity table goes to stderr
     assert argv == ["dvc", "exp", "run", *dvc_flags(entries)]
     calls = []
-    monkeypatch.setattr(profile.subprocess, "call", lambda cmd: calls.append(cmd) or 0)
+    monkeypatch.setattr(profile.subprocess, "call", lambda cmd, env: calls.append((cmd, env)) or 0)
+    monkeypatch.setenv("PATH", "/usr/bin")  # the venv not activated: its dvc and python must still be the ones run
     result = CliRunner().invoke(profile.main, ["paper", "--run", "-S", "ingest.root=/data/raw", "--name", "paper"])
     assert result.exit_code == 0, result.output
-    assert calls == [[*argv, "-S", "ingest.root=/data/raw", "--name", "paper"]]
+    assert [cmd for cmd, _ in calls] == [[*argv, "-S", "ingest.root=/data/raw", "--name", "paper"]]
+    assert calls[0][1]["PATH"] == os.pathsep.join([os.path.dirname(sys.executable), "/usr/bin"])
     result = CliRunner().invoke(profile.main, ["nope"])
     assert result.exit_code == 1 and "not found; profiles: headroom, learning_check, paper" in result.output
 
