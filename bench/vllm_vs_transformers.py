@@ -10,7 +10,7 @@ One run, the same prompts, the same thread count (torch on `--threads`; vLLM's O
   the largest difference of the probabilities is reported too;
 - our transformers backend vs raw `model.generate` on the same batch and lengths: greedy (the same tokens,
   checked) and sampled (the backend draws with per-row seeded generators, raw generate with the global one).
-Needs the vLLM venv (README "vLLM"); writes a JSON summary.
+Needs the vLLM venv (docs/vllm.md); writes a JSON summary.
 
     python bench/vllm_vs_transformers.py          # models/embedded/smollm2-135m (or the cache's copy)
 """

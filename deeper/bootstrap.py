@@ -8,7 +8,7 @@ summarises the run (deeper/rollout.py): each domain's statistics from its round 
 domains.
 
 Statistics, for rounds 1..R (R = evaluate.rounds):
-- mean_mae: the mean over rounds 1..R of eps_{t+1|S_t} (the README's "mean of rounds 1-R"),
+- mean_mae: the mean over rounds 1..R of eps_{t+1|S_t} (docs/runs.md's "mean of rounds 1-4" for R = 4),
 - reduction_pct: 100 * (mae_r0 - mae_rR) / mae_r0 (positive = better),
 and, against the reference method (DEEPER), reference minus method of each (a negative mean_mae difference means
 DEEPER predicts better). Intervals are percentile intervals of `resamples` resamples drawn with `seed`.

@@ -1,4 +1,11 @@
-"""Reading params.yaml: stages read only the keys their dvc.yaml entry declares."""
+"""Reading params.yaml: `load_params` reads the whole file, `get` one dotted key of it.
+
+A stage does not read only the keys its dvc.yaml entry declares: every stage that takes params
+(`stages._cli.load_checked_params`) loads the whole file and checks every block it has with
+`deeper.params.check_params` before any work, so a bad value of a key the stage never uses stops it too. It then
+reads the values it uses with `get`. The keys a stage declares in dvc.yaml are only what DVC watches to decide
+whether it re-runs; nothing here checks that a stage reads no key it does not declare.
+"""
 
 from __future__ import annotations
 

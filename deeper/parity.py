@@ -3,7 +3,7 @@ code and run (sheep333c/DEEPER: windows, LLaMA-Factory configs; LLaMA-Factory's 
 profile gives it (read from the applied profile, so the table cannot drift from profiles/paper.yaml) and the
 test that pins it. A setting the paper leaves open is marked `open`.
 
-`python -m stages.profile paper` prints it; the README's "Paper parity" section is `render(...)` of it
+`python -m stages.profile paper` prints it; docs/parity.md#paper-parity is `render(...)` of it
 (tests/test_profile.py checks both).
 """
 

@@ -1,4 +1,4 @@
-"""Cut three rounds of "new" ratings for the README's `deeper refine` example from the pipeline's own data.
+"""Cut three rounds of "new" ratings for docs/refiner.md's `deeper refine` example from the pipeline's own data.
 
     python scripts/cut_rounds.py            # after `dvc repro` (reads the ingest and window stages' outputs)
 

@@ -1,4 +1,5 @@
-"""Stage plots: every plot of dvc.yaml's top-level `plots:` as an SVG image in plots/images/ (the README shows them).
+"""Stage plots: every plot of dvc.yaml's top-level `plots:` as an SVG image in plots/images/ (docs/plots.md
+shows them).
 
     python -m stages.plots                       # as `dvc repro plots` runs it
     python -m stages.plots --dvc-yaml dvc.yaml --out /tmp/images

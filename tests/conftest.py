@@ -24,7 +24,7 @@ def one_line_error(result, *fragments):
 def shared_data() -> Path:
     """The real test files of ../shared/data; tests skip where the folder is absent."""
     if not SHARED_DATA.is_dir():
-        pytest.skip(f"real test data absent: {SHARED_DATA} (see DEVELOPERS.md: ../shared/data beside the repo)")
+        pytest.skip(f"real test data absent: {SHARED_DATA} (README 'Tests and benchmarks': ../shared/data)")
     return SHARED_DATA
 
 

@@ -1,5 +1,5 @@
-"""scripts/cut_rounds.py (the README's `deeper refine` example) on a small ingest database and windows file:
-the rounds hold the evaluation users' ratings in time order, cut at window boundaries, in a format the
+"""scripts/cut_rounds.py (docs/refiner.md's `deeper refine` example) on a small ingest database and
+windows file: the rounds hold the evaluation users' ratings in time order, cut at window boundaries, in a format the
 movielens_csv reader takes back."""
 
 from __future__ import annotations

@@ -9,7 +9,9 @@ repository, and each place where the docs once drifted from the code is derived 
 - docs/ARCHITECTURE.md's cache section lists every folder the code puts under the cache root, and says where
   the response cache defaults to;
 - file shapes in docs/ARCHITECTURE.md are the code's column constants; the README's diagram names every stage;
-  its profile table every profile; docs/plots.md every plot of dvc.yaml.
+  its profile table every profile; docs/plots.md every plot of dvc.yaml;
+- a README section that code, config or a prompt names (README "<section>", README: <section>) is a heading of
+  README.md, and a docs/<page>.md they name (with its #anchor) exists.
 Files are read when a test runs (through `REPO`), so the checks can be run on an edited copy of the tree."""
 
 from __future__ import annotations
@@ -361,3 +363,102 @@ def test_the_plots_page_names_every_plot_of_dvc_yaml():
         key = next(iter(entry)) if isinstance(entry, dict) else entry
         name = Path(key).stem if "/" in key else key
         assert f"`{name}`" in page, f"docs/plots.md does not name the plot {name}"
+
+
+# ---------------------------------------------------------------- README sections named in code and config
+
+# Where code, config and prompt comments point at the docs. results/ is left out: its params.yaml copies are the
+# records of past runs, kept as they were.
+_SCANNED_FOLDERS = (".ci", ".github", "bench", "deeper", "profiles", "scripts", "stages", "tests")
+_SCANNED_SUFFIXES = (".py", ".yaml", ".yml", ".toml", ".txt")  # .txt: the prompt templates' # comments
+_SCANNED_TOP = ("params.yaml", "dvc.yaml", "pyproject.toml", "Makefile", ".ci/run")
+# README "Section", README 'Section', README's "Section", README: "Section" or README, "Section"; and
+# README: Section unquoted (up to ; ) ] , or the line's end). A README with no section after it is a plain
+# mention and is not checked.
+_README_SECTION = re.compile(
+    r"""\bREADME(?:\.md)?(?:'s)?(?:[ \t]*[:,][ \t]*|[ \t]+)(?:"(?P<dq>[^"\n]+)"|'(?P<sq>[^'\n]+)')"""
+    r"""|\bREADME(?:\.md)?:[ \t]*(?P<bare>[^\s"'][^;)\],\n]*)"""
+)
+_PAGE_LINK = re.compile(r"(?<![\w/.])(?P<page>README\.md|docs/[\w.-]+\.md)(?:#(?P<anchor>[\w-]+))?")
+# Stale references in files this test's author could not edit, each to be mended there; the test fails once the
+# reference is gone, so the exception cannot outlive it.
+_PENDING: set = set()
+
+
+def _scanned_files() -> list[Path]:
+    files = [REPO / rel for rel in _SCANNED_TOP if (REPO / rel).is_file()]
+    for folder in _SCANNED_FOLDERS:
+        for path in sorted((REPO / folder).rglob("*")):
+            if path.is_file() and path.suffix in _SCANNED_SUFFIXES and "__pycache__" not in path.parts:
+                files.append(path)
+    here = Path(__file__).resolve()
+    return [f for f in dict.fromkeys(files) if f.resolve() != here]
+
+
+def _readme_headings() -> list[str]:
+    text = re.sub(r"^```.*?^```[^\n]*$", "", _read("README.md"), flags=re.DOTALL | re.MULTILINE)
+    return [h.strip() for h in re.findall(r"^#{1,6} (.+)$", text, re.MULTILINE)]
+
+
+def _names_a_readme_heading(section: str, headings: list[str]) -> bool:
+    """`section` is a heading's text, or its part before a colon ("Profiles" for "Profiles: the embedded ...")."""
+    want = section.strip().rstrip(".").casefold()
+    return any(want in (h.casefold(), h.split(":", 1)[0].strip().casefold()) for h in headings)
+
+
+def _doc_references() -> tuple[list[tuple[str, int, str]], list[tuple[str, int, str, str | None]]]:
+    """(README sections named, as (file, line, section)); (pages named, as (file, line, page, anchor))."""
+    sections, pages = [], []
+    for path in _scanned_files():
+        rel = path.relative_to(REPO).as_posix()
+        for lineno, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+            for m in _README_SECTION.finditer(line):
+                section = (m.group("dq") or m.group("sq") or m.group("bare")).strip()
+                if section:
+                    sections.append((rel, lineno, section))
+            for m in _PAGE_LINK.finditer(line):
+                pages.append((rel, lineno, m.group("page"), m.group("anchor")))
+    return sections, pages
+
+
+def test_every_readme_section_and_docs_page_that_code_names_exists():
+    sections, pages = _doc_references()
+    headings = _readme_headings()
+    missing = [
+        f"{rel}:{lineno}: README has no section {section!r} (move the reference to the docs/ page that holds it)"
+        for rel, lineno, section in sections
+        if not _names_a_readme_heading(section, headings) and (rel, section) not in _PENDING
+    ]
+    for rel, lineno, page, anchor in pages:
+        target = REPO / page
+        if not target.is_file():
+            missing.append(f"{rel}:{lineno}: no such page {page}")
+        elif anchor and anchor not in _anchors(target):
+            missing.append(f"{rel}:{lineno}: {page} has no heading #{anchor}; it has {sorted(_anchors(target))}")
+    assert not missing, "\n".join(missing)
+    pending = {(rel, section) for rel, _, section in sections} & _PENDING
+    assert pending == _PENDING, f"mended, remove from _PENDING: {sorted(_PENDING - pending)}"
+    # the scan reads references at all: README sections, docs pages and anchors into them
+    assert len({s for _, _, s in sections}) >= 2, sections
+    assert len(pages) >= 15 and sum(anchor is not None for *_, anchor in pages) >= 4, pages
+
+
+def test_the_reference_scan_tells_a_section_from_a_plain_mention():
+    cases = {
+        '(README "vLLM")': "vLLM",
+        "(.ci/run, README 'vLLM')": "vLLM",
+        "README: Paper-scale profile, \"Sharing outputs\")": "Paper-scale profile",
+        'see README, "vLLM").': "vLLM",
+        'the README\'s "Paper parity" section': "Paper parity",
+        "README: \"Prompt sets\"": "Prompt sets",
+    }
+    for text, section in cases.items():
+        m = _README_SECTION.search(text)
+        assert m and (m.group("dq") or m.group("sq") or m.group("bare")).strip() == section, text
+    for plain in ("see the README", "(deeper/serve.py, README)", "(hours: README)", "the README's test command",
+                  'readme = "README.md"', '"README").write_text(', "a README edit",
+                  '(repo / "models" / "embedded" / "README").write_text("x")', "README\n'vLLM'"):
+        assert not _README_SECTION.search(plain), plain
+    headings = ["Profiles: the embedded default and the paper", "Tests and benchmarks"]
+    assert _names_a_readme_heading("Profiles", headings) and _names_a_readme_heading("tests and benchmarks", headings)
+    assert not _names_a_readme_heading("vLLM", headings) and not _names_a_readme_heading("Paper parity", headings)

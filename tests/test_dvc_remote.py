@@ -1,4 +1,4 @@
-"""Sharing outputs through a DVC remote (README: Paper-scale profile, "Sharing outputs"), for real: a local
+"""Sharing outputs through a DVC remote (docs/parity.md#sharing-outputs-dvc-remote), for real: a local
 directory remote stands in for s3://...; a scratch repo pushes a stage's output, loses its cache and workspace
 copy, and pulls them back. Only DVC outputs travel: the `.cache/deeper` folder (downloads, LLM responses) is
 never pushed.

@@ -3,7 +3,7 @@
 No wheel is downloaded (the CUDA one is 336 MB and pulls 555 MB of torch): PyPI's JSON API gives the
 `requires_dist` of the pinned release. Every pin of ours that the engine also constrains must satisfy it, and
 every exact pin of the engine must be inside our range; `pip install --dry-run -e '.[vllm]'` then resolves
-without backtracking (README "vLLM"). Skipped with the reason when PyPI cannot be reached.
+without backtracking (docs/vllm.md). Skipped with the reason when PyPI cannot be reached.
 """
 
 from __future__ import annotations

@@ -25,7 +25,7 @@ from deeper.llm import load_llm
 from deeper.llm.base import Sampling
 from deeper.methods import Refine
 from deeper.predict import PredictSettings, WindowRequest, predict_windows
-from deeper.reward import NEW_COLUMNS, OLD_COLUMNS, PARTS
+from deeper.reward import NEW_COLUMNS, OLD_COLUMNS, PARTS, is_negative, is_positive
 from tests.stage_runs import cached_rows, stage_calls
 
 REPO = Path(__file__).resolve().parents[1]
@@ -114,8 +114,8 @@ def iteration1(world, tmp_path_factory):
                                  "sampler"),
             "reward": reward.run(params, out / "contexts.parquet", out / "samples.parquet", root / "windows.parquet",
                                  out / "rewards.parquet", out / "reward.json"),
-            "pair": pair.run(params, 1, out / "contexts.parquet", out / "rewards.parquet", None,
-                             out / "pairs.parquet", out / "pairs.json"),
+            "pair": pair.run(thresholds_that_pair(params, out / "rewards.parquet"), 1, out / "contexts.parquet",
+                             out / "rewards.parquet", None, out / "pairs.parquet", out / "pairs.json"),
         }
     finally:
         if old is None:
@@ -123,6 +123,18 @@ def iteration1(world, tmp_path_factory):
         else:
             os.environ["DEEPER_RESPONSE_CACHE"] = old
     return out, metrics
+
+
+def thresholds_that_pair(params: dict, rewards_path: Path) -> dict:
+    """`params` with tau_pos and tau_neg placed among the rewards the tiny random model earns (all within ~0.01
+    of 0, so the module's 0.05 / 0.0 would pair nothing): the best and the worst candidate of the context whose
+    rewards spread widest. That context pairs them, its candidates between them are neither positive nor
+    negative, and every other context lacks a side: pairs are made, and the thresholds leave candidates out."""
+    r = pd.read_parquet(rewards_path).drop_duplicates(["context_id", "text"])
+    spread = r.groupby("context_id")["r"].agg(["min", "max"])
+    low, high = spread.loc[(spread["max"] - spread["min"]).idxmax()]
+    assert high - low > 1e-6, spread  # the candidates' rewards differ at all
+    return {**params, "tau_pos": float(high), "tau_neg": float(low)}
 
 
 def frozen_llm(params):
@@ -258,11 +270,24 @@ def test_pairs_follow_thresholds_and_carry_the_context_prompt(world, iteration1)
     pairs = pd.read_parquet(out / "pairs.parquet")
     rewards = pd.read_parquet(out / "rewards.parquet")
     contexts = read_contexts(out / "contexts.parquet").set_index("context_id")
-    r = rewards.drop_duplicates(["context_id", "text"])
-    has_both = {c for c, g in r.groupby("context_id") if (g["r"] >= params["tau_pos"]).any() and (g["r"] <= params["tau_neg"]).any()}
+    used = thresholds_that_pair(params, out / "rewards.parquet")  # what pair@1 ran with
+    tau_pos, tau_neg = used["tau_pos"], used["tau_neg"]
+    r = rewards.drop_duplicates(["context_id", "text"]).assign(
+        pos=lambda d: is_positive(d["r"], tau_pos), neg=lambda d: is_negative(d["r"], tau_neg))
+    sides = r.groupby("context_id")[["pos", "neg"]].sum()
+    has_both = set(sides.index[(sides["pos"] > 0) & (sides["neg"] > 0)])
+    # Pairing made something: a pair@1 that silently pairs nothing fails here (the sets below would agree).
+    assert len(pairs) >= 1 and metrics["pair"]["pairs"] == len(pairs)
     assert set(pairs["context_id"]) == has_both  # delta 0: every context with a positive and a negative pairs
-    assert metrics["pair"]["pairs"] == len(pairs)
-    assert (pairs["chosen_reward"] >= params["tau_pos"]).all() and (pairs["rejected_reward"] <= params["tau_neg"]).all()
+    # The thresholds are what leave the others out: candidates between them are neither positive nor negative,
+    # contexts without one side pair nothing, and a context pairs as many as its smaller side allows (each
+    # candidate at most once, up to pair.max_per_context: the largest_margin strategy).
+    assert (~r["pos"] & ~r["neg"]).any() and len(has_both) < len(sides)
+    per_context = pairs.groupby("context_id").size()
+    for cid in has_both:
+        allowed = min(params["pair"]["max_per_context"], sides.loc[cid, "pos"], sides.loc[cid, "neg"])
+        assert per_context[cid] == allowed, (cid, sides.loc[cid].to_dict())
+    assert is_positive(pairs["chosen_reward"], tau_pos).all() and is_negative(pairs["rejected_reward"], tau_neg).all()
     assert (pairs["prompt"] == contexts.loc[pairs["context_id"], "prompt"].to_numpy()).all()
     assert set(pairs["split"]) <= {"train", "val"}
 
@@ -315,7 +340,7 @@ def test_iteration_2_adds_contexts_from_model_1s_refinements(world, iteration1, 
     m = pair.run(params, 2, tmp_path / "contexts.parquet", tmp_path / "rewards.parquet", it1 / "pairs.parquet",
                  tmp_path / "pairs.parquet", tmp_path / "pairs.json")
     pairs1 = pd.read_parquet(it1 / "pairs.parquet")
-    assert m["replay_pairs"] == min(params["iter2"]["replay_max"], int((pairs1["margin"] > 1e-9).sum()))
+    assert m["replay_pairs"] == min(params["iter2"]["replay_max"], int((pairs1["margin"] > 1e-9).sum())) >= 1
 
 
 # ---------------------------------------------------------------- resuming

