@@ -86,3 +86,22 @@ def world_users(catalog: Sequence[tuple[str, frozenset[str]]], genres: Sequence[
     return [(UserWindows(domain, u.user_id, "movie",
                          tuple(Window(titles=tuple(t for t, _ in w), ratings=tuple(r for _, r in w)) for w in u.windows)),
              u.tastes) for u in made]
+
+
+def first_update_contrasts(table: pd.DataFrame, refiners: dict[str, str], bootstrap: BootstrapSettings) -> dict:
+    """The held-out first-update reward r (plots/first_update_reward.csv: method, part, domain, user_id, reward)
+    of several refiners on the same evaluation users: each one's mean and every refiner minus the first, with
+    paired intervals over users (deeper.bootstrap.paired_means). `refiners`: {label: method}, the first the base."""
+    from deeper.bootstrap import paired_means
+
+    r = table[table["part"] == "r"]
+    missing = [m for m in refiners.values() if m not in set(r["method"])]
+    if missing:
+        raise ValueError(f"no first-update reward of {missing} (methods: {sorted(set(r['method']))})")
+    wide = r.pivot_table(index=["domain", "user_id"], columns="method", values="reward", aggfunc="first")
+    wide = wide[list(refiners.values())].dropna()  # users every refiner was scored on
+    labels = list(refiners)
+    values = {label: wide[refiners[label]].to_numpy() for label in labels}
+    contrasts = {f"{label} - {labels[0]}": (label, labels[0]) for label in labels[1:]}
+    out = paired_means(values, wide.index.get_level_values("domain").to_numpy(), bootstrap, contrasts)
+    return {**out, "users": len(wide)}

@@ -184,3 +184,28 @@ def test_a_reward_sign_flipped_before_pairing_is_caught(world, policy_model, tmp
     flipped, _ = world_pairs(world.train_users, flip_reward=True)
     report = train_and_score(policy_model, flipped, world.held, tmp_path / "adapter")
     assert not learned(report), json.dumps(report, indent=1)
+
+
+def test_first_update_contrasts_pair_the_same_users():
+    """Model 2 - base on the same users: a constant gain of 0.1 per user gives exactly 0.1 with a zero-width
+    interval, whatever the users' spread; a user one refiner was not scored on is left out of all."""
+    from deeper.bootstrap import BootstrapSettings
+    from deeper.learning import first_update_contrasts
+
+    rng = np.random.default_rng(0)
+    base = rng.normal(0, 1, 30)
+    rows = [("untrained", u, b) for u, b in enumerate(base)] + [("deeper", u, b + 0.1) for u, b in enumerate(base)]
+    rows += [("deeper_it1", u, b - 0.2) for u, b in enumerate(base[:-1])]  # user 29 unscored for Model 1
+    table = pd.DataFrame([{"method": m, "part": part, "domain": "d", "user_id": u, "reward": v if part == "r" else 9.0}
+                          for m, u, v in rows for part in ("r", "r_fut")])
+    out = first_update_contrasts(table, {"base": "untrained", "model_1": "deeper_it1", "model_2": "deeper"},
+                                 BootstrapSettings(resamples=500))
+    assert out["users"] == 29
+    gain = out["contrasts"]["model_2 - base"]
+    assert gain["estimate"] == pytest.approx(0.1) and gain["low"] == pytest.approx(0.1) and \
+        gain["high"] == pytest.approx(0.1)
+    assert out["contrasts"]["model_1 - base"]["estimate"] == pytest.approx(-0.2)
+    assert out["means"]["base"]["estimate"] == pytest.approx(base[:-1].mean())
+    assert out["means"]["base"]["low"] < out["means"]["base"]["estimate"] < out["means"]["base"]["high"]
+    with pytest.raises(ValueError, match="no first-update reward of \\['nope'\\]"):
+        first_update_contrasts(table, {"base": "nope"}, BootstrapSettings(resamples=100))

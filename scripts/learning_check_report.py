@@ -1,0 +1,190 @@
+"""The learning check's report (issue 20): did the RL loop teach the refiner what its pairs encode, in the
+diagnostic world (profiles/learning_check.yaml; a test of the TRAINER, not of the paper's claim)?
+
+Reads a finished (or partly finished) run of the profile in RUN_DIR and writes OUT/report.json and OUT/report.md:
+- held-out DPO preference accuracy and implicit reward margin of Model 1 and Model 2 against the base policy on
+  the validation pairs of iteration 1 (contexts never trained on in either iteration), intervals over contexts
+  (deeper.learning.preference_report);
+- train vs held-out DPO reward margins and accuracies at the end of each iteration (metrics/train_it{k}.json);
+- the held-out first-update reward (the paper's Fig. 3) of base, Model 1 and Model 2 on the evaluation users,
+  with paired intervals over users (deeper.learning.first_update_contrasts);
+- future-window MAE, mean of rounds 1-4, of every method and DEEPER minus each, with the report's paired
+  intervals (metrics/eval.json);
+- the share of candidates that are not a persona at all (assistant chatter; deeper.diagnostic.stated_tastes
+  finds no taste), per iteration.
+It also copies the run's params.yaml, metrics and training curves into OUT. Parts whose inputs do not exist yet
+(a run still going) are reported as missing, not guessed.
+
+    python scripts/learning_check_report.py --run-dir /path/to/run --out results/learning_check
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import click
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from stages._cli import user_errors  # after the repo root is on the path
+
+REFINERS = {"base": "untrained", "model_1": "deeper_it1", "model_2": "deeper"}  # evaluate.methods names
+
+
+def held_out_pairs(run: Path):
+    """Iteration 1's validation pairs whose contexts iteration 2 did not train on either."""
+    import pandas as pd
+
+    pairs = pd.read_parquet(run / "data/pairs/it1/pairs.parquet")
+    held = pairs[pairs["split"] == "val"]
+    it2 = run / "data/pairs/it2/pairs.parquet"
+    if it2.is_file():
+        trained_2 = set(pd.read_parquet(it2).query("split == 'train'")["context_id"])
+        held = held[~held["context_id"].isin(trained_2)]
+    return held.reset_index(drop=True)
+
+
+def preference(run: Path, pairs, beta: float, policy_name: str) -> dict:
+    from deeper.learning import completion_logps, preference_report
+    from deeper.llm import load_llm
+
+    spec = {"backend": "transformers", "name": str(run / policy_name), "batch_size": 1, "device": "cpu",
+            "dtype": "float32"}
+    base = completion_logps(load_llm(spec), pairs)
+    out = {}
+    for label, folder in (("model_1", "models/adapters/it1"), ("model_2", "models/adapters/it2")):
+        if not (run / folder / "adapter_model.safetensors").is_file():
+            out[label] = "missing: the run has not trained it yet"
+            continue
+        policy = completion_logps(load_llm(spec, adapter=str(run / folder)), pairs)
+        out[label] = preference_report(policy, base, pairs["context_id"].tolist(), beta)
+    return out
+
+
+def percentile_row(interval: dict) -> str:
+    return f"{interval['estimate']:+.3f} [{interval['low']:+.3f}, {interval['high']:+.3f}]"
+
+
+@click.command(help=__doc__.split("\n\n")[0])
+@click.option("--run-dir", required=True, type=click.Path(file_okay=False, exists=True),
+              help="The repository folder the learning_check profile ran in.")
+@click.option("--out", default="results/learning_check", show_default=True, type=click.Path(file_okay=False),
+              help="Where the report and the copied run files go.")
+@click.option("--skip-preference", is_flag=True, help="Leave out the held-out pair scoring (minutes of CPU).")
+@user_errors
+def main(run_dir, out, skip_preference):
+    import pandas as pd
+    import yaml
+
+    from deeper.bootstrap import BootstrapSettings
+    from deeper.diagnostic import stated_tastes
+    from deeper.learning import first_update_contrasts
+    from deeper.metrics import write_json
+
+    run, out = Path(run_dir), Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    params = yaml.safe_load((run / "params.yaml").read_text(encoding="utf-8"))
+    shutil.copy2(run / "params.yaml", out / "params.yaml")
+    report: dict = {"world": "diagnostic (profiles/learning_check.yaml): a test of the trainer, not of the paper"}
+
+    counts = {}
+    for k in (1, 2):
+        for name in (f"pairs_it{k}", f"train_it{k}", f"reward_it{k}", f"sample_it{k}"):
+            path = run / "metrics" / f"{name}.json"
+            if path.is_file():
+                shutil.copy2(path, out / path.name)
+                counts[name] = json.loads(path.read_text(encoding="utf-8"))
+        samples = run / f"data/samples/it{k}.parquet"
+        if samples.is_file():
+            table = pd.read_parquet(samples)
+            no_taste = sum(not (t.loved or t.disliked) for t in map(stated_tastes, table["text"]))
+            report[f"candidates_it{k}"] = {"candidates": len(table), "stating_no_taste": no_taste,
+                                           "flagged": int((table["flag"].fillna("") != "").sum())}
+        log = run / f"models/adapters/it{k}/train_log.json"
+        if log.is_file():
+            report[f"train_log_it{k}"] = json.loads(log.read_text(encoding="utf-8"))
+        curves = run / f"plots/train/it{k}"
+        if curves.is_dir():
+            shutil.copytree(curves, out / f"curves/it{k}", dirs_exist_ok=True)
+    for k in (1, 2):
+        train = counts.get(f"train_it{k}")
+        if train:
+            report[f"train_vs_held_out_it{k}"] = {
+                "pairs": train["pairs"], "steps": train["steps"], "epochs": train["epochs"],
+                "train_reward_margin_last": train["train"]["reward_margin_last"],
+                "train_reward_accuracy_last": train["train"]["reward_accuracy_last"],
+                "held_out_reward_margin": train["eval"]["reward_margin"],
+                "held_out_reward_accuracy": train["eval"]["reward_accuracy"],
+            }
+    images = run / "plots/images"
+    for image in sorted(images.glob("train_*.svg")) if images.is_dir() else []:
+        (out / "images").mkdir(exist_ok=True)
+        shutil.copy2(image, out / "images" / image.name)
+
+    if not skip_preference and (run / "data/pairs/it1/pairs.parquet").is_file():
+        pairs = held_out_pairs(run)
+        report["held_out_pairs"] = {"pairs": len(pairs), "contexts": int(pairs["context_id"].nunique())}
+        if len(pairs):
+            report["preference"] = preference(run, pairs, float(params["train"]["beta"]),
+                                              params["models"]["policy"]["name"])
+
+    first = run / "plots/first_update_reward.csv"
+    settings = BootstrapSettings.from_params(params)
+    if first.is_file():
+        report["first_update_reward"] = first_update_contrasts(pd.read_csv(first), REFINERS, settings)
+    evaluation = run / "metrics/eval.json"
+    if evaluation.is_file():
+        shutil.copy2(evaluation, out / "eval.json")
+        boot = json.loads(evaluation.read_text(encoding="utf-8"))["bootstrap"]
+        report["mean_mae_rounds_1_4"] = {m: v["mean_mae"] for m, v in boot["methods"].items()}
+        report["deeper_minus"] = {m: v["mean_mae"] for m, v in boot["vs_deeper"].items()}
+    write_json(out / "report.json", report)
+    (out / "report.md").write_text(render(report), encoding="utf-8")
+    click.echo(f"wrote {out / 'report.json'} and {out / 'report.md'}")
+
+
+def render(report: dict) -> str:
+    lines = ["# Learning check: the diagnostic world (a test of the trainer, not of the paper's claim)", ""]
+    pref = report.get("preference")
+    if pref:
+        held = report["held_out_pairs"]
+        lines += [f"Held-out pairs: {held['pairs']} of {held['contexts']} contexts never trained on.", "",
+                  "| model | DPO implicit reward margin vs base | reward accuracy | preference accuracy (policy) | "
+                  "preference accuracy (base) |", "|---|---|---|---|---|"]
+        for label, r in pref.items():
+            if isinstance(r, str):
+                lines.append(f"| {label} | {r} | | | |")
+            else:
+                lines.append(f"| {label} | {percentile_row(r['implicit_margin'])} | {percentile_row(r['reward_accuracy'])}"
+                             f" | {percentile_row(r['policy_accuracy'])} | {percentile_row(r['base_accuracy'])} |")
+        lines.append("")
+    first = report.get("first_update_reward")
+    if first:
+        lines += ["Held-out first-update reward (evaluation users, paired intervals over users):", "",
+                  "| refiner | mean r |", "|---|---|"]
+        lines += [f"| {name} | {percentile_row(v)} |" for name, v in first["means"].items()]
+        lines += [f"| {name} | {percentile_row(v)} |" for name, v in first["contrasts"].items()]
+        lines.append("")
+    if "mean_mae_rounds_1_4" in report:
+        lines += ["Future-window MAE, mean of rounds 1-4:", "", "| method | MAE | DEEPER minus it |", "|---|---|---|"]
+        for method, v in report["mean_mae_rounds_1_4"].items():
+            minus = report.get("deeper_minus", {}).get(method)
+            lines.append(f"| {method} | {percentile_row(v)} | {percentile_row(minus) if minus else ''} |")
+        lines.append("")
+    for k in (1, 2):
+        t = report.get(f"train_vs_held_out_it{k}")
+        if t:
+            lines.append(f"Iteration {k}: {t['pairs']} pairs, {t['steps']} steps ({t['epochs']:.1f} epochs); reward "
+                         f"margin train {t['train_reward_margin_last']} / held-out {t['held_out_reward_margin']}, "
+                         f"accuracy train {t['train_reward_accuracy_last']} / held-out {t['held_out_reward_accuracy']}.")
+        c = report.get(f"candidates_it{k}")
+        if c:
+            lines.append(f"Iteration {k} candidates stating no taste at all: {c['stating_no_taste']} of {c['candidates']}.")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
