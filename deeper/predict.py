@@ -32,7 +32,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from deeper.config import get
-from deeper.errors import ConfigError
+from deeper.errors import ConfigError, DeeperError
 from deeper.llm.base import LLM, RatingGroup, Sampling, stopped_at_limit
 from deeper.params import mapping, number, sampling_block
 from deeper.prompts import PromptSet, load_prompts
@@ -59,6 +59,7 @@ def mae(pred, actual) -> float:
 # predict.json keys left out of params: greedy, one JSON list of a window in at most 384 new tokens
 JSON_SAMPLING_DEFAULTS = Sampling(temperature=0.0, top_p=1.0, repetition_penalty=1.0, max_new_tokens=384, seed=0)
 PREDICT_KEYS = ("mode", "rating", "windows_per_call", "json")
+DEFAULT_MAX_PARSE_FAILED_SHARE = 0.05  # see PredictSettings.max_parse_failed_share
 
 
 @dataclass(frozen=True)
@@ -69,6 +70,11 @@ class PredictSettings:
     # call further to its batch size and stores every chunk as it finishes).
     windows_per_call: int = 64
     json_sampling: Sampling = JSON_SAMPLING_DEFAULTS
+    # json mode: the share of items left without a valid rating after the retry past which the stage stops
+    # (predict.json.max_parse_failed_share). Each such item is predicted FALLBACK_RATING (3); one in twenty at 3
+    # moves a method's MAE by up to ~0.05-0.1 (|3 - actual| is up to 2 stars), the size of the differences
+    # between methods the paper reports, so past 5% the numbers would measure the model's JSON, not its personas.
+    max_parse_failed_share: float = DEFAULT_MAX_PARSE_FAILED_SHARE
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -82,13 +88,17 @@ class PredictSettings:
     def from_params(cls, params: dict) -> PredictSettings:
         """From the `predict` block of params.yaml (every key optional; defaults as in the dataclass)."""
         block = mapping(get(params, "predict", {}), "predict", known=PREDICT_KEYS, nullable=True)
-        sampling = sampling_block(block.get("json") or {}, "predict.json", defaults=JSON_SAMPLING_DEFAULTS)
+        json_block = dict(mapping(block.get("json") or {}, "predict.json"))
+        max_failed = number(json_block.pop("max_parse_failed_share", DEFAULT_MAX_PARSE_FAILED_SHARE),
+                            "predict.json.max_parse_failed_share", low=0.0, high=1.0)
+        sampling = sampling_block(json_block, "predict.json", defaults=JSON_SAMPLING_DEFAULTS)
         windows_per_call = number(block.get("windows_per_call", 64), "predict.windows_per_call", integer=True, low=1)
         return cls(
             mode=block.get("mode", "logprob"),
             rating=block.get("rating", "expected"),
             windows_per_call=windows_per_call,
             json_sampling=sampling,
+            max_parse_failed_share=max_failed,
         )
 
 
@@ -125,13 +135,17 @@ class PredictStats:
     invalid_entries: int = 0  # json mode: entries whose rating was missing, non-numeric or outside 1..5
     retried_windows: int = 0  # json mode: windows asked again (seed + 1) after an answer left an item unrated
     stopped_at_limit_windows: int = 0  # json mode: windows whose kept answer reached max_new_tokens (cut short)
+    first_failed_answer: str | None = None  # json mode: the first answer that left an item unrated (messages only)
 
     def add(self, other: PredictStats) -> None:
         """Sum every count into this one (every field but the mode, so a new count cannot be left out)."""
         if other.mode != self.mode:
             raise ValueError(f"cannot add {other.mode} prediction stats to {self.mode} ones")
         for f in fields(self):
-            if f.name != "mode":
+            if f.name == "first_failed_answer":
+                self.first_failed_answer = self.first_failed_answer if self.first_failed_answer is not None \
+                    else other.first_failed_answer
+            elif f.name != "mode":
                 setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
 
     def to_metrics(self) -> dict:
@@ -182,7 +196,24 @@ def predict_windows(
             out.extend(preds)
             stats.add(chunk_stats)
             bar.update(len(chunk))
+            if settings.mode == "json":
+                # checked after every call, so a model that cannot write JSON stops a paid run early
+                check_parse_failures(llm, stats, settings.max_parse_failed_share)
     return out, stats
+
+
+def check_parse_failures(llm, stats: PredictStats, limit: float) -> None:
+    """Stop (one line) when more than `limit` of the items so far were left without a valid rating."""
+    if not stats.items or stats.parse_failed_items / stats.items <= limit:
+        return
+    inner = getattr(llm, "llm", llm)  # a CachedLLM wraps the backend
+    first = " ".join(str(stats.first_failed_answer or "").split())
+    first = first if len(first) <= 120 else first[:117] + "..."
+    raise DeeperError(
+        f"predict.json: {llm.backend} model {getattr(inner, 'name', '?')} left {stats.parse_failed_items} of "
+        f"{stats.items} items ({stats.parse_failed_items / stats.items:.0%}) without a valid rating after the retry, "
+        f"more than predict.json.max_parse_failed_share {limit:g}; first such answer: {first!r}. Use a model that "
+        f"writes the JSON list, raise the limit, or predict.mode: logprob")
 
 
 def _window_mae(req: WindowRequest, ratings: np.ndarray) -> float | None:
@@ -241,6 +272,8 @@ def _predict_json(llm, requests, settings, prompts) -> tuple[list[WindowPredicti
         stats.windows += 1
         stats.items += len(req.titles)
         stats.parse_failed_items += int((~ok).sum())
+        if (~ok).any() and stats.first_failed_answer is None:
+            stats.first_failed_answer = str(answer)
         stats.unparsed_windows += int(parsed.entries == 0)
         stats.invalid_entries += parsed.invalid_entries
         stats.stopped_at_limit_windows += stopped_at_limit(answer)

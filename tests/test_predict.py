@@ -121,11 +121,13 @@ def test_hostile_titles_in_the_answer_still_match():
 
 
 def test_stats_add_sums_every_count_and_refuses_another_mode():
-    counts = [f.name for f in dataclasses.fields(PredictStats) if f.name != "mode"]
+    counts = [f.name for f in dataclasses.fields(PredictStats) if f.name not in ("mode", "first_failed_answer")]
     a = PredictStats("json", **{name: i + 1 for i, name in enumerate(counts)})
-    a.add(PredictStats("json", **{name: 10 * (i + 1) for i, name in enumerate(counts)}))
+    a.add(PredictStats("json", **{name: 10 * (i + 1) for i, name in enumerate(counts)}, first_failed_answer="b"))
     assert {name: getattr(a, name) for name in counts} == {name: 11 * (i + 1) for i, name in enumerate(counts)}
-    assert a.mode == "json"
+    assert a.mode == "json" and a.first_failed_answer == "b"  # the first one seen is kept, not summed
+    a.add(PredictStats("json", first_failed_answer="c"))
+    assert a.first_failed_answer == "b"
     with pytest.raises(ValueError, match="logprob"):
         a.add(PredictStats("logprob", windows=1))
 
@@ -191,7 +193,8 @@ def test_logprob_mode_gives_ratings_in_range_and_the_rule_switch(frozen):
 
 def test_json_mode_counts_every_unparsable_item_and_never_gives_nan(frozen):
     """The tiny random model writes no JSON: every item falls back to the midpoint and is counted."""
-    settings = PredictSettings.from_params({"predict": {"mode": "json", "json": {"max_new_tokens": 12}}})
+    settings = PredictSettings.from_params({"predict": {"mode": "json", "json": {"max_new_tokens": 12,
+                                                                                 "max_parse_failed_share": 1.0}}})
     preds, stats = predict_windows(frozen, requests_(), settings)
     for p, req in zip(preds, requests_()):
         assert isinstance(p.answer, str)
@@ -234,7 +237,8 @@ def test_json_mode_retries_a_failed_parse_once_with_the_next_seed(monkeypatch):
                 WindowRequest(PERSONA, "book", ["Dune"], [2]),
                 WindowRequest(PERSONA, "movie", ["Alien", "Heat"], [5, 1]),
                 WindowRequest(PERSONA, "movie", ["Alien", "Zodiac"], [5, 1])]
-    settings = PredictSettings.from_params({"predict": {"mode": "json", "json": {"seed": 0}}})
+    settings = PredictSettings.from_params({"predict": {"mode": "json", "json": {"seed": 0,
+                                                                                 "max_parse_failed_share": 0.25}}})
     with FakeOpenAIServer(reply=reply, reply_sees_seed=True) as server:
         llm = load_llm({"backend": "openai", "name": "m", "base_url": server.base_url, "api_key_env": "DEEPER_TEST_KEY",
                         "prefill": "none"})
@@ -272,3 +276,54 @@ def test_json_mode_counts_answers_cut_at_the_token_limit(monkeypatch):
     assert [p.answer.stopped_at_limit for p in preds] == [False, True]
     m = stats.to_metrics()
     assert (m["stopped_at_limit_windows"], m["stopped_at_limit_share"], m["retried_windows"]) == (1, 0.5, 0)
+
+
+def test_json_mode_stops_with_one_line_past_the_parse_failure_limit(frozen):
+    """A model that cannot write JSON (the tiny random model) stops the prediction after the retry, naming the
+    model, the share and the first bad answer, instead of predicting 3 for every item; at the limit it goes on."""
+    from deeper.errors import DeeperError
+
+    settings = PredictSettings.from_params({"predict": {"mode": "json", "json": {"max_new_tokens": 12}}})
+    assert settings.max_parse_failed_share == 0.05  # the default
+    with pytest.raises(DeeperError) as caught:
+        predict_windows(frozen, requests_(), settings)
+    message = str(caught.value)
+    assert "\n" not in message and message.startswith("predict.json: transformers model ")
+    assert "left 13 of 13 items (100%) without a valid rating after the retry" in message
+    assert "more than predict.json.max_parse_failed_share 0.05; first such answer: '" in message
+    exactly = PredictSettings.from_params({"predict": {"mode": "json", "json": {"max_new_tokens": 12,
+                                                                                "max_parse_failed_share": 1.0}}})
+    predict_windows(frozen, requests_(), exactly)  # 13 of 13 is not more than 1.0
+
+
+def test_the_parse_failure_limit_is_checked_after_every_call_and_counts_all_calls_so_far(monkeypatch):
+    """Through the openai backend and a local server: 1 failed item of 4 per call (25%) passes a limit of 0.25
+    call after call; a limit of 0.2 stops after the first call, before the second is paid for."""
+    import re
+
+    from deeper.errors import ConfigError, DeeperError
+    from deeper.llm import load_llm
+    from tests.openai_fake_server import FakeOpenAIServer
+
+    def reply(messages):
+        titles = re.findall(r'^\d+\. "(.*)"$', messages[-1]["content"], flags=re.MULTILINE)
+        return "No idea." if titles == ["Dune"] else answer([(t, 4) for t in titles])
+
+    monkeypatch.setenv("DEEPER_TEST_KEY", "k")
+    requests = [WindowRequest(PERSONA, "movie", ["Alien", "Heat", "Fargo"], [4, 4, 4]),
+                WindowRequest(PERSONA, "book", ["Dune"], [2])] * 2
+    for limit, calls in ((0.25, 2 * 3), (0.2, 3)):  # a call: 2 windows, the failed one asked again
+        settings = PredictSettings.from_params({"predict": {"mode": "json", "windows_per_call": 2,
+                                                            "json": {"max_parse_failed_share": limit}}})
+        with FakeOpenAIServer(reply=reply) as server:
+            llm = load_llm({"backend": "openai", "name": "m", "base_url": server.base_url,
+                            "api_key_env": "DEEPER_TEST_KEY", "prefill": "none"})
+            if limit == 0.25:
+                _, stats = predict_windows(llm, requests, settings)
+                assert stats.to_metrics()["parse_failed_share"] == 0.25
+            else:
+                with pytest.raises(DeeperError, match="openai model m left 1 of 4 items \\(25%\\).*'No idea.'"):
+                    predict_windows(llm, requests, settings)
+        assert len(server.requests) == calls
+    with pytest.raises(ConfigError, match="predict.json.max_parse_failed_share"):
+        PredictSettings.from_params({"predict": {"mode": "json", "json": {"max_parse_failed_share": 1.5}}})

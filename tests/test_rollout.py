@@ -63,7 +63,8 @@ def tiny_llm(tiny_llama):
 def test_json_mode_failed_answers_give_the_midpoint_and_hand_computed_errors(tiny_llm):
     """The random model writes no JSON: every item falls back to rating 3, so every error is known."""
     users = _users()
-    settings = PredictSettings(mode="json", json_sampling=Sampling(temperature=0.0, max_new_tokens=8))
+    settings = PredictSettings(mode="json", json_sampling=Sampling(temperature=0.0, max_new_tokens=8),
+                               max_parse_failed_share=1.0)  # every answer fails: counted, not stopped here
     result = rollout(users, Tagging(), tiny_llm, rounds=2, predict_settings=settings, count_tokens=len, progress=False)
     table = result.table.set_index(["user_id", "round"])
     for u, user in enumerate(users):

@@ -78,3 +78,24 @@ def test_seeded_samples_repeat(server, smollm2_path):
     sampling = Sampling(temperature=1.0, top_p=0.9, repetition_penalty=1.1, max_new_tokens=12, seed=3)
     first = base.generate(chats, 2, sampling)
     assert first == base.generate(chats, 2, sampling) and all(a != b for a, b in first)
+
+
+def test_json_prediction_by_a_model_that_cannot_write_json_stops_with_one_line(server, smollm2_path):
+    """The paper's json prediction (predict.mode json, the published prompt) answered by SmolLM2 through the
+    real server: it writes titles and prose, never the JSON list (measured: 0 of 5 items rated, with either
+    prompt set), so the prediction stops after the retry with one line naming the model, the share and the
+    first answer, instead of predicting 3 for every item (issue 21)."""
+    from deeper.errors import DeeperError
+    from deeper.predict import PredictSettings, WindowRequest, predict_windows
+    from deeper.prompts.render import prompts_from_params
+
+    llm = client(server, smollm2_path)
+    settings = PredictSettings.from_params({"predict": {"mode": "json", "json": {"max_new_tokens": 128}}})
+    requests = [WindowRequest("A viewer who loves thrillers and avoids musicals.", "movie", TITLES[:3], [4, 4, 4]),
+                WindowRequest("A viewer who loves thrillers and avoids musicals.", "movie", TITLES[3:], [2, 5])]
+    with pytest.raises(DeeperError) as caught:
+        predict_windows(llm, requests, settings, prompts_from_params({"prompts": "published"}))
+    message = str(caught.value)
+    assert "\n" not in message
+    assert message.startswith(f"predict.json: openai model {smollm2_path} left 5 of 5 items (100%) without a valid "
+                              "rating after the retry, more than predict.json.max_parse_failed_share 0.05")
