@@ -44,8 +44,8 @@ def queue_commands(params: dict, names: list[str] | None = None) -> list[list[st
     """One checked `dvc exp run --queue -n ablation-<name> -S ...` argv per ablation (all when `names` is
     empty). Every profile is checked (keys exist, the params it gives pass every block's validator) before
     any is returned, so a bad one queues nothing."""
-    from deeper.params import check_params
     from deeper.profile import apply_profile
+    from deeper.validate import check_params
 
     chosen = names or available()
     unknown = sorted(set(chosen) - set(available()))

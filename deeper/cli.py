@@ -38,9 +38,9 @@ def parse_overrides(pairs: tuple[str, ...]) -> dict:
 
 
 def checked_params(path: str, overrides: tuple[str, ...]) -> dict:
-    """params.yaml with the -S overrides applied, checked by the one params validator (deeper.params)."""
-    from deeper.params import check_params
+    """params.yaml with the -S overrides applied, checked by the one params validator (deeper.validate)."""
     from deeper.profile import apply_profile
+    from deeper.validate import check_params
 
     params = load_params(path)
     entries = parse_overrides(overrides)
@@ -117,7 +117,10 @@ def refine(ratings, fmt, meta, domain, item_type, store, adapter, no_adapter, pa
         click.echo(f"{at_limit['s0']} S_0 and {at_limit['refinements']} refinements stopped at their token limit "
                    f"(cut short; raise persona.max_new_tokens / evaluate.sampling.max_new_tokens)")
     for role, stats in summary.get("calls", {}).items():
-        click.echo(f"{role} model: {stats['cache_misses']} calls made, {stats['cache_hits']} answered by the cache")
+        healed = (f" (its cache file was damaged: replaced, {stats['cache_salvaged']} answers salvaged)"
+                  if stats.get("cache_healed") else "")
+        click.echo(f"{role} model: {stats['cache_misses']} calls made, {stats['cache_hits']} answered by the cache"
+                   + healed)
 
 
 @main.command(help="""Show one user's persona history: every round's persona with a word-level diff to the

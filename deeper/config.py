@@ -2,9 +2,9 @@
 
 A stage does not read only the keys its dvc.yaml entry declares: every stage that takes params
 (`stages._cli.load_checked_params`) loads the whole file and checks every block it has with
-`deeper.params.check_params` before any work, so a bad value of a key the stage never uses stops it too. It then
-reads the values it uses with `get`. The keys a stage declares in dvc.yaml are only what DVC watches to decide
-whether it re-runs; nothing here checks that a stage reads no key it does not declare.
+`deeper.validate.check_params` before any work, so a bad value of a key the stage never uses stops it too. It
+then reads the values it uses with `get`. The keys a stage declares in dvc.yaml are only what DVC watches to
+decide whether it re-runs; nothing here checks that a stage reads no key it does not declare.
 """
 
 from __future__ import annotations

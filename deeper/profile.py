@@ -4,7 +4,7 @@ A profile maps dotted params.yaml keys to values; each entry sets that key to ex
 replaces the whole block, as `models.policy` must when the backend changes). `load_profile` refuses keys that
 params.yaml does not have (a typo would otherwise add a key no stage reads), `dvc_flags` turns the entries
 into DVC's `-S` overrides (Hydra syntax: `key=value`, or `~key` + `+key={...}` to replace a block),
-`apply_profile` is the params the flags produce; `deeper.params.check_params` (the stages' own validator) checks every
+`apply_profile` is the params the flags produce; `deeper.validate.check_params` (the stages' own validator) checks every
 block (the same code the stages run), up to the point where a GPU, a server or a key would be needed.
 """
 

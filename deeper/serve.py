@@ -234,7 +234,7 @@ def refine_users(params: dict, source: Source, store: str | Path = DEFAULT_STORE
                  use_adapter: bool = True, log: Callable[[str], None] = print) -> dict:
     """Record new rounds for the users of a file of new ratings; returns what was done (counts, model calls).
 
-    `params`: a params.yaml mapping, already checked (deeper.params.check_params); read: window.size,
+    `params`: a params.yaml mapping, already checked (deeper.validate.check_params); read: window.size,
     ingest.unknown_items, models.frozen, models.policy, persona, predict, evaluate.sampling. `adapter`: a peft
     folder on the policy, for the openai backend the name of a served LoRA; None: the `deeper` evaluation
     method's (Model 2, models/adapters/it2). `use_adapter=False`: the untrained policy.

@@ -39,10 +39,10 @@ def user_errors(fn):
 
 
 def load_checked_params(path) -> dict:
-    """params.yaml, every block it has checked (deeper.params) before the stage does any work: a bad value
+    """params.yaml, every block it has checked (deeper.validate) before the stage does any work: a bad value
     anywhere stops the first stage DVC runs, in seconds, with one line naming its key."""
     from deeper.config import load_params
-    from deeper.params import check_params
+    from deeper.validate import check_params
 
     params = load_params(path)
     check_params(params, every_block=False)

@@ -8,10 +8,10 @@
                                                     # (after `--` all of them, e.g. a dvc option named --params)
 
 Not a pipeline stage: it only composes `dvc exp run`. Every key of the profile must exist in params.yaml, and
-the resulting params pass the stages' own validator (deeper.params: every block, from fetch to evaluate) before anything
-runs; nothing here needs a GPU, a server or a key. A profile with a parity table (deeper/parity.py: the paper)
-prints it first, on stderr: each setting of the paper and of the authors' code, the profile's value, the test
-that pins it.
+the resulting params pass the stages' own validator (deeper.validate: every block, from fetch to evaluate)
+before anything runs; nothing here needs a GPU, a server or a key. A profile with a parity table
+(deeper/parity.py: the paper) prints it first, on stderr: each setting of the paper and of the authors' code,
+the profile's value, the test that pins it.
 """
 
 from __future__ import annotations
@@ -24,9 +24,9 @@ import sys
 import click
 
 from deeper.config import load_params
-from deeper.params import check_params
 from deeper.parity import PARITY, render
 from deeper.profile import apply_profile, dvc_flags, load_profile
+from deeper.validate import check_params
 from stages._cli import PARAMS_OPTION, user_errors
 
 

@@ -1,4 +1,4 @@
-"""deeper.params: the one validator of params.yaml, shared by every stage and `python -m stages.profile`.
+"""deeper.validate: the one validator of params.yaml, shared by every stage and `python -m stages.profile`.
 
 Every case sets one key of the repository's params.yaml to a bad value and expects one line naming that key,
 from the validator, from a stage's own entry (before it reads any input) and from the profile command."""
@@ -16,8 +16,9 @@ from click.testing import CliRunner
 
 from deeper.config import load_params
 from deeper.errors import ConfigError
-from deeper.params import BLOCKS, check_params, number
+from deeper.params import number
 from deeper.profile import apply_profile, available, load_profile
+from deeper.validate import BLOCKS, check_params
 from tests.conftest import REPO, one_line_error
 
 PARAMS = load_params(REPO / "params.yaml")

@@ -27,8 +27,8 @@ from deeper.config import load_params
 from deeper.errors import ConfigError, DeeperError
 from deeper.llm import load_llm
 from deeper.llm.base import Sampling
-from deeper.params import check_params
 from deeper.profile import apply_profile, dvc_flags, hydra_value, load_profile
+from deeper.validate import check_params
 from tests.conftest import REPO
 from tests.openai_fake_server import FakeOpenAIServer
 
