@@ -147,29 +147,66 @@ def _without_revision_channels(node):
     return out
 
 
-def vega_lite_spec(definition: PlotDefinition, rows: list[dict[str, str]] | dict[str, list[dict[str, str]]],
-                   template_dir: Path) -> dict:
-    """The plot's template filled as `dvc plots show` fills it for the workspace, less the revision channels.
-    `rows`: read_plot_rows of the one file, or {file: rows} of every file of an overlay (DVC's short names:
-    the files' common folder dropped)."""
+def _filled_template(definition: PlotDefinition, by_rev: dict[str, dict[str, list[dict[str, str]]]],
+                     template_dir: Path) -> dict:
+    """The plot's template filled by dvc_render from {revision: {file: rows}}: each row tagged with its revision
+    (`rev`), its file's short name (DVC's: the files' common folder dropped) and the y field, as DVC tags them."""
     from dvc_render.exceptions import DvcRenderError
     from dvc_render.vega import VegaRenderer
 
-    by_file = rows if isinstance(rows, dict) else {definition.path: rows}
-    paths = list(by_file)
+    paths = list(dict.fromkeys(p for by_file in by_rev.values() for p in by_file))
     prefix = len(os.path.commonpath(paths)) if len(paths) > 1 else 0
     short = {p: p[prefix:].strip("/\\") for p in paths}
-    datapoints = [{**row, "rev": WORKSPACE, "filename": short[p], "field": definition.y}
-                  for p in paths for row in by_file[p]]
+    datapoints = [{**row, "rev": rev, "filename": short[p], "field": definition.y}
+                  for rev, by_file in by_rev.items() for p in by_file for row in by_file[p]]
     extra = {"anchors_y_definitions": [{"filename": short[p], "field": definition.y} for p in paths]} \
         if len(paths) > 1 else {}
     try:
         renderer = VegaRenderer(datapoints, definition.path, template_dir=str(template_dir),
                                 x=definition.x, y=definition.y, **definition.properties, **extra)
-        spec = renderer.get_filled_template()
+        return renderer.get_filled_template()
     except DvcRenderError as e:
         raise ConfigError(f"plots ({definition.name})", str(e), "dvc.yaml") from None
-    return _without_revision_channels(spec)
+
+
+def vega_lite_spec(definition: PlotDefinition, rows: list[dict[str, str]] | dict[str, list[dict[str, str]]],
+                   template_dir: Path) -> dict:
+    """The plot's template filled as `dvc plots show` fills it for the workspace, less the revision channels.
+    `rows`: read_plot_rows of the one file, or {file: rows} of every file of an overlay (DVC's short names:
+    the files' common folder dropped)."""
+    by_file = rows if isinstance(rows, dict) else {definition.path: rows}
+    return _without_revision_channels(_filled_template(definition, {WORKSPACE: by_file}, template_dir))
+
+
+# The legend of a line style by revision: a solid or dashed stroke. Vega's default symbol, a filled circle, looks
+# the same for every revision, and Vega-Lite gives a line-with-points legend a transparent stroke, which only an
+# encode block overrides (symbolStrokeColor does not).
+DASH_LEGEND = {"symbolType": "stroke", "symbolSize": 400, "symbolStrokeWidth": 2,
+               "encode": {"symbols": {"update": {"stroke": {"value": "black"}}}}}
+
+
+def _revisions_in_order(node, revisions: list[str]):
+    """Each encoding by revision sorted as `revisions` (base before head) instead of by name, so the legend
+    reads old then new and the first revision keeps the solid line; a line style's legend draws the stroke."""
+    if isinstance(node, list):
+        return [_revisions_in_order(v, revisions) for v in node]
+    if not isinstance(node, dict):
+        return node
+    out = {k: _revisions_in_order(v, revisions) for k, v in node.items()}
+    if isinstance(out.get("encoding"), dict):
+        out["encoding"] = {
+            channel: ({**enc, "sort": list(revisions), **({"legend": DASH_LEGEND} if channel == "strokeDash" else {})}
+                      if isinstance(enc, dict) and enc.get("field") == "rev" else enc)
+            for channel, enc in out["encoding"].items()}
+    return out
+
+
+def vega_lite_diff_spec(definition: PlotDefinition, rows_by_rev: dict[str, dict[str, list[dict[str, str]]]],
+                        template_dir: Path) -> dict:
+    """The plot's template filled as `dvc plots diff` fills it: {revision: {file: rows}} (a revision may lack a
+    file), every row tagged with its revision, and the templates' revision channels (line dash, colour, offset)
+    kept, so old and new share one chart; revisions in the order given."""
+    return _revisions_in_order(_filled_template(definition, rows_by_rev, template_dir), list(rows_by_rev))
 
 
 def render_svg(spec: dict) -> str:
