@@ -131,10 +131,12 @@ def run_setting(model: str, name: str, steps: int) -> dict:
               help="Epochs over which a precomputed reference forward is amortised (the learning check's 3).")
 @click.option("--setting", "only", default=None, type=click.Choice(list(SETTINGS)), hidden=True,
               help="Run one setting in this process and print its JSON (used by the parent run).")
+@click.option("--settings", "chosen", default=",".join(SETTINGS), show_default=True,
+              help="Comma-separated settings to run (baseline is always run: the ratios need it).")
 @click.option("--out", default="bench/results/dpo_step.json", show_default=True, type=click.Path(dir_okay=False),
               help="Where the JSON summary goes.")
 @user_errors
-def main(model, steps, epochs, only, out):
+def main(model, steps, epochs, only, chosen, out):
     """Time DPO pair-steps under each trainer setting, one process per setting; write a JSON summary."""
     if only is not None:
         print("RESULT " + json.dumps(run_setting(model, only, steps)), flush=True)
@@ -146,8 +148,13 @@ def main(model, steps, epochs, only, out):
 
     from deeper.metrics import write_json
 
+    wanted = {"baseline", *(c.strip() for c in chosen.split(",") if c.strip())}
+    unknown = sorted(wanted - set(SETTINGS))
+    if unknown:
+        raise click.BadParameter(f"unknown settings {unknown}; choose from {', '.join(SETTINGS)}",
+                                 param_hint="--settings")
     results = {}
-    for name in SETTINGS:
+    for name in [n for n in SETTINGS if n in wanted]:
         click.echo(f"{name} ...", err=True)
         proc = subprocess.run([sys.executable, __file__, "--model", model, "--steps", str(steps), "--setting", name],
                               capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
