@@ -21,7 +21,9 @@ $(VENV)/.installed: pyproject.toml
 repro: setup
 	dvc repro
 
+# ruff's lint first (seconds; config in pyproject.toml): a finding fails the run before the tests start
 test: setup
+	ruff check .
 	pytest
 
 PROFILE ?= paper

@@ -88,7 +88,7 @@ def plot_definitions(dvc_yaml: dict, source: str = "dvc.yaml") -> list[PlotDefin
             fields = set(y_value.values())
             if len(fields) != 1 or not all(isinstance(f, str) and f for f in fields):
                 raise ConfigError(f"{where}.y", f"the images overlay files with one y field, got {y_value!r}", source)
-            (first, *rest), y_value = list(y_value), {next(iter(y_value)): fields.pop()}
+            (_, *rest), y_value = list(y_value), {next(iter(y_value)): fields.pop()}
             more_paths = tuple(str(p) for p in rest)
             for extra in more_paths:
                 if Path(extra).suffix not in DATA_SUFFIXES:

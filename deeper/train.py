@@ -544,7 +544,7 @@ def usable_checkpoint(work_dir) -> Path | None:
         json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))
         load_file(str(checkpoint / "adapter_model.safetensors"))
         torch.load(checkpoint / "optimizer.pt", map_location="cpu", weights_only=True)
-    except Exception as e:  # any reason it cannot be read is the same: it cannot be resumed
+    except Exception as e:  # noqa: BLE001 - any reason it cannot be read is the same: it cannot be resumed
         reason = " ".join(str(e).split())[:160] or type(e).__name__
         print(f"warning: {checkpoint}: damaged checkpoint ({reason}); removed, training from step 0", flush=True)
         shutil.rmtree(checkpoint, ignore_errors=True)

@@ -152,8 +152,8 @@ def render(report: dict) -> str:
     if pref:
         held = report["held_out_pairs"]
         lines += [f"Held-out pairs: {held['pairs']} of {held['contexts']} contexts never trained on.", "",
-                  "| model | DPO implicit reward margin vs base | reward accuracy | preference accuracy (policy) | "
-                  "preference accuracy (base) |", "|---|---|---|---|---|"]
+                  ("| model | DPO implicit reward margin vs base | reward accuracy | preference accuracy (policy) | "
+                   "preference accuracy (base) |"), "|---|---|---|---|---|"]
         for label, r in pref.items():
             if isinstance(r, str):
                 lines.append(f"| {label} | {r} | | | |")

@@ -2,6 +2,7 @@
 
 import json
 import math
+from typing import ClassVar
 
 import pandas as pd
 import pytest
@@ -399,7 +400,7 @@ def test_a_killed_run_resumes_from_its_checkpoint_to_the_same_adapter_and_curves
     (run_dir,) = (tmp_path / "ckpt").iterdir()
     assert latest_checkpoint(run_dir).name == "checkpoint-2"
     class StepsRun(TrainerCallback):
-        steps: list = []
+        steps: ClassVar[list] = []
 
         def on_step_end(self, args, state, control, **kwargs):
             self.steps.append(state.global_step)
@@ -463,6 +464,6 @@ def test_a_damaged_checkpoint_is_a_warning_and_training_starts_over(tiny_llama, 
     (line,) = [x for x in out.splitlines() if x.startswith("warning:")]
     assert f"{checkpoint}: damaged checkpoint (" in line and line.endswith("removed, training from step 0")
     assert summary["steps"] == 4
-    whole = train_dpo(tiny_llama, make_pairs(4), make_pairs(0), tmp_path / "b", config)
+    train_dpo(tiny_llama, make_pairs(4), make_pairs(0), tmp_path / "b", config)
     assert (tmp_path / "a" / "adapter_model.safetensors").read_bytes() == \
         (tmp_path / "b" / "adapter_model.safetensors").read_bytes()
