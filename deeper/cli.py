@@ -2,6 +2,9 @@
 
     deeper refine new_ratings/ --format movielens_csv --domain movielens --item-type movie
     deeper show 42 --html user42.html --markdown user42.md
+    deeper store check personas.duckdb
+    deeper store export personas.duckdb backups/2024-06-01
+    deeper store import backups/2024-06-01 personas.duckdb
 """
 
 from __future__ import annotations
@@ -54,7 +57,8 @@ def checked_params(path: str, overrides: tuple[str, ...]) -> dict:
 
 
 @click.group(help="Use the trained DEEPER refiner on live users: keep their personas current as new ratings "
-                  "arrive (`deeper refine`), and show a user's persona history (`deeper show`).")
+                  "arrive (`deeper refine`), show a user's persona history (`deeper show`), and check, back up "
+                  "and restore the persona store (`deeper store`).")
 def main():
     pass
 
@@ -145,6 +149,62 @@ def show(user, store, domain, html_path, md_path):
             click.echo(f"wrote {path}: {len(rows)} rounds of user {user}", err=True)
     if html_path is None and md_path is None:
         click.echo(render_markdown(rows), nl=False)
+
+
+@main.group(help="""Check, back up and restore the persona store (deeper.store_tools). A damaged store makes every
+command print one line naming the two ways back: `deeper store import` of the last export, or the rating files
+replayed with `deeper refine` in their original order (docs/refiner.md, "Damage, backups and replay").""")
+def store():
+    pass
+
+
+@store.command("check", help="""Read every block of STORE back (every column of every row, and on a temporary
+copy every index) and print its row counts and, per domain, its users, rounds and waiting ratings. Exit 0 when
+sound; 1 with one line naming the damage and the ways back when DuckDB finds a block that does not read back.""")
+@click.argument("store_path", metavar="STORE", type=click.Path(dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@user_errors
+def store_check(store_path, as_json):
+    from deeper.store_tools import check_lines, check_store
+
+    report = check_store(store_path)
+    if as_json:
+        click.echo(json.dumps(report, indent=1, sort_keys=True))
+        return
+    for line in check_lines(report):
+        click.echo(line)
+
+
+@store.command("export", help="""Write every table of STORE to Parquet in DIR (personas.parquet, pending.parquet)
+with manifest.json (schema version, row counts, columns, sha256 of each file): a backup any Parquet reader opens
+(DuckDB, pandas, polars, pyarrow). DIR must be new or empty (--force replaces it once the new export is whole).""")
+@click.argument("store_path", metavar="STORE", type=click.Path(dir_okay=False))
+@click.argument("folder", metavar="DIR", type=click.Path(file_okay=False))
+@click.option("--force", is_flag=True, help="Replace DIR if it holds files.")
+@user_errors
+def store_export(store_path, folder, force):
+    from deeper.store_tools import export_store
+
+    manifest = export_store(store_path, folder, force)
+    counts = ", ".join(f"{t} {e['rows']} rows" for t, e in manifest["tables"].items())
+    click.echo(f"exported {store_path} to {folder}: {counts} (schema version {manifest['schema_version']})")
+
+
+@store.command("import", help="""Restore a store from DIR (a `deeper store export`) into STORE, after checking
+its manifest, schema version, each file's sha256, columns and row count. STORE must not exist: --force replaces
+it, keeping the old file renamed beside it (STORE.replaced-<time>). The new store is built beside STORE and moved
+into place only when whole.""")
+@click.argument("folder", metavar="DIR", type=click.Path(file_okay=False))
+@click.argument("store_path", metavar="STORE", type=click.Path(dir_okay=False))
+@click.option("--force", is_flag=True, help="Replace an existing STORE (kept, renamed).")
+@user_errors
+def store_import(folder, store_path, force):
+    from deeper.store_tools import import_store
+
+    done = import_store(folder, store_path, force)
+    counts = ", ".join(f"{t} {n} rows" for t, n in done["tables"].items())
+    click.echo(f"imported {folder} (exported {done['exported_at']}) into {store_path}: {counts}"
+               + (f"; the store it replaced is kept as {done['replaced']}" if done["replaced"] else ""))
 
 
 if __name__ == "__main__":

@@ -18,6 +18,13 @@ here opens the file under a file lock (`<store>.lock`) and closes it before rele
 `deeper show` wait for each other only as long as one read or one write transaction takes, never for model
 calls. A run reads the users' state, computes without the lock, then writes in one transaction after checking
 that the state it computed from is still the store's (`StaleState` otherwise: the caller plans again).
+
+Damage: DuckDB keeps a checksum per 256 KiB block and verifies it when it reads the block, so a damaged block
+(a torn write, a bad sector, a copy cut short) surfaces as a duckdb error on open or on the first query that
+reads that block. `connect` turns every such error, wherever in the caller's queries it comes, into one line
+(`StoreDamaged`: the file, DuckDB's words, the two ways back: import the last `deeper store export`, or replay
+the rating files), so no command shows a traceback and none has to check for itself. `deeper store check`
+(deeper.store_tools) reads every block on purpose.
 """
 
 from __future__ import annotations
@@ -52,6 +59,9 @@ PENDING_FIELDS = (
     ("pos", "INTEGER NOT NULL"), ("item_id", "VARCHAR NOT NULL"), ("title", "VARCHAR NOT NULL"),
     ("rating", "DOUBLE NOT NULL"), ("ts", "BIGINT NOT NULL"),
 )
+# The version of the two tables' columns (PERSONA_FIELDS, PENDING_FIELDS): an export records it and an import
+# refuses another, so a backup is never read into columns it was not written from. Bump it with any change.
+SCHEMA_VERSION = 1
 PERSONA_COLUMNS = tuple(name for name, _ in PERSONA_FIELDS)
 PENDING_COLUMNS = tuple(name for name, _ in PENDING_FIELDS)
 SCHEMA = (
@@ -60,6 +70,46 @@ SCHEMA = (
     (f"CREATE TABLE IF NOT EXISTS pending ({', '.join(f'{n} {t}' for n, t in PENDING_FIELDS)}, "
      "PRIMARY KEY (domain, user_id, item_id, rating, ts))"),
 )
+TABLES = {"personas": PERSONA_FIELDS, "pending": PENDING_FIELDS}
+KEYS = {"personas": ("domain", "user_id", "round"), "pending": ("domain", "user_id", "pos")}  # one row each, in order
+
+# DuckDB's words for a file it cannot read back (measured with DuckDB 2.0 on stores with bytes overwritten or cut
+# off, tests/test_store_tools.py): a block whose checksum fails ("Corrupt database file: computed checksum ...
+# does not match stored checksum ..."; FATAL "Data Corruption Error" when a write meets it), a file shorter than
+# its blocks ("Could not read enough bytes"), a database a fatal error closed ("invalidated"). Matched on the
+# message because DuckDB raises them as the base duckdb.Error or as IOException/FatalException alike.
+DAMAGE_MARKS = ("corrupt database file", "data corruption", "could not read enough bytes", "invalidated")
+NOT_DUCKDB_MARK = "not a valid duckdb database file"  # a file of another kind, or a store whose header is damaged
+
+
+def ways_back(store: str | Path) -> str:
+    """The two ways to a sound store, named in every damage message (docs/refiner.md, "Damage, backups and
+    replay"). Ratings already in a store are skipped, so replaying a file the restored export holds adds nothing."""
+    return (f"ways back: (1) `deeper store import BACKUP_DIR {store} --force` restores the last export (the damaged "
+            f"file is kept, renamed), then replay the rating files refined since; or (2) move the file aside and "
+            f"replay every rating file in its original order: `deeper refine FILE --store {store} ...` on each "
+            f"(ratings already in the store are skipped; the response cache answers the calls already made: no "
+            f"model call again)")
+
+
+class StoreDamaged(InputError):
+    """The persona store's file cannot be read back: one line with the file, DuckDB's words and the ways back.
+    `index`: only an index block failed, every row reads back (deeper.store_tools.check_store tells)."""
+
+    def __init__(self, path, detail: str, index: bool = False):
+        self.detail, self.index = detail, index
+        rescue = (f"every row still reads back, so `deeper store export {path} DIR` then (1) with DIR loses "
+                  f"nothing; " if index else "")
+        super().__init__(path, f"damaged{' index' if index else ''} ({detail}); nothing was written; {rescue}"
+                               f"{ways_back(path)}")
+
+
+def first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
+def is_damage(error: BaseException) -> bool:
+    return isinstance(error, duckdb.Error) and any(m in str(error).lower() for m in DAMAGE_MARKS)
 
 
 @dataclass(frozen=True)
@@ -108,7 +158,10 @@ class PersonaStore:
 
     @contextmanager
     def connect(self, write: bool) -> Iterator[duckdb.DuckDBPyConnection | None]:
-        """The open database under the file lock (None when reading a store that does not exist yet)."""
+        """The open database under the file lock (None when reading a store that does not exist yet).
+
+        A damaged file raises StoreDamaged, whether DuckDB notices on open, on the schema check here or in any
+        query of the caller (a damaged data block is read only by the query that needs it)."""
         try:
             with self.lock:
                 if not write and not self.path.exists():
@@ -119,25 +172,55 @@ class PersonaStore:
                 try:
                     con = duckdb.connect(str(self.path), read_only=not write)
                 except duckdb.Error as e:
-                    first = str(e).splitlines()[0]
-                    if "lock" in first.lower():  # a process outside this lock (e.g. a duckdb shell) has it open
-                        raise DeeperError(f"{self.path}: open in another process; close it and re-run "
-                                          f"({first})") from None
-                    raise InputError(self.path, f"not a DuckDB persona store: {first}") from None
+                    raise self.open_error(e) from None
                 try:
-                    tables = {t for (t,) in con.execute(
-                        "SELECT table_name FROM information_schema.tables WHERE table_schema = 'main'").fetchall()}
-                    if tables and not {"personas", "pending"} <= tables:
-                        raise InputError(self.path, f"not a persona store (tables: {', '.join(sorted(tables))})")
+                    tables = self._check_schema(con)
                     if not tables and not write:
                         yield None
                         return
                     yield con
+                except duckdb.Error as e:
+                    if is_damage(e):
+                        raise StoreDamaged(self.path, first_line(e)) from None
+                    raise  # not damage: a bug here, whose traceback is what a fix needs
                 finally:
-                    con.close()
+                    try:
+                        con.close()
+                    except duckdb.Error:  # a database a fatal error invalidated may refuse even this
+                        pass
         except Timeout:
             raise DeeperError(f"{self.path}: locked by another run for {self.lock.timeout:g} s "
                               f"({self.lock.lock_file})") from None
+
+    def open_error(self, e: duckdb.Error) -> DeeperError:
+        """The one line for a file DuckDB would not open."""
+        first = first_line(e)
+        if is_damage(e):
+            return StoreDamaged(self.path, first)
+        if NOT_DUCKDB_MARK in first.lower():
+            # DuckDB cannot tell a damaged header from another kind of file; say both
+            return InputError(self.path, f"not a DuckDB persona store ({first}); if it was one, its header is "
+                                         f"damaged: {ways_back(self.path)}")
+        if "lock" in first.lower():  # a process outside this lock (e.g. a duckdb shell) has it open
+            return DeeperError(f"{self.path}: open in another process; close it and re-run ({first})")
+        return InputError(self.path, f"not a DuckDB persona store: {first}")
+
+    def _check_schema(self, con) -> set[str]:
+        """The store's tables; InputError unless they are this version's personas and pending (an empty file is
+        a new store)."""
+        tables = {t for (t,) in con.execute(
+            "SELECT table_name FROM information_schema.tables WHERE table_schema = 'main'").fetchall()}
+        if tables and not set(TABLES) <= tables:
+            raise InputError(self.path, f"not a persona store (tables: {', '.join(sorted(tables))})")
+        if tables:
+            for table, fields in TABLES.items():
+                have = con.execute("SELECT column_name, data_type FROM information_schema.columns WHERE "
+                                   "table_schema = 'main' AND table_name = ? ORDER BY ordinal_position",
+                                   [table]).fetchall()
+                if have != column_types(fields):
+                    raise InputError(self.path, f"table {table} has other columns than this version of deeper "
+                                                f"writes ({schema_difference(have, column_types(fields))})")
+        return tables
 
     # ------------------------------------------------------------------ reading
 
@@ -202,8 +285,26 @@ class PersonaStore:
                         [[row[c] for c in PERSONA_COLUMNS] for row in rounds])
                 con.execute("COMMIT")
             except BaseException:
-                con.execute("ROLLBACK")
+                try:
+                    con.execute("ROLLBACK")
+                except duckdb.Error:
+                    # a fatal error (a damaged block met by this write) already ended the transaction uncommitted;
+                    # the first error, raised below, is the one that says what happened
+                    pass
                 raise
+
+
+def column_types(fields) -> list[tuple[str, str]]:
+    """(name, DuckDB type) of a table's fields as information_schema names them (no NOT NULL)."""
+    return [(name, kind.removesuffix(" NOT NULL")) for name, kind in fields]
+
+
+def schema_difference(have: list[tuple[str, str]], want: list[tuple[str, str]]) -> str:
+    missing = [f"{n} {t}" for n, t in want if (n, t) not in have]
+    extra = [f"{n} {t}" for n, t in have if (n, t) not in want]
+    parts = (([f"missing {', '.join(missing)}"] if missing else [])
+             + ([f"unexpected {', '.join(extra)}"] if extra else []))
+    return "; ".join(parts) or "same columns in another order"
 
 
 def _read_states(con, users: Sequence[tuple[str, str]], known: bool) -> dict[tuple[str, str], UserState]:

@@ -238,7 +238,8 @@ def test_stage_writes_adapter_and_metrics_and_reports_bad_input(tiny_llama, tmp_
     pairs = make_pairs(6).assign(split=["train"] * 5 + ["val"])
     pairs.to_parquet(tmp_path / "pairs.parquet")
     args = ["--params", str(tmp_path / "params.yaml"), "--pairs", str(tmp_path / "pairs.parquet"),
-            "--out", str(tmp_path / "it1"), "--metrics", str(tmp_path / "train_it1.json")]
+            "--out", str(tmp_path / "it1"), "--metrics", str(tmp_path / "train_it1.json"),
+            "--curves", str(tmp_path / "curves")]  # never the repository's plots/train
     result = CliRunner().invoke(main, ["--iteration", "1", *args])
     assert result.exit_code == 0, result.output
     assert (tmp_path / "it1" / "adapter_model.safetensors").is_file()
