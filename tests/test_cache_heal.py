@@ -19,7 +19,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import pytest
 from click.testing import CliRunner
 from filelock import FileLock
@@ -29,8 +28,9 @@ from deeper.llm import load_llm
 from deeper.llm.base import RatingGroup
 from deeper.llm.cache import DB_NAME, CachedLLM, ResponseStore
 from tests.stage_runs import cached_rows, stage_calls
-from tests.test_init_personas import MOVIES, write_params
+from tests.test_init_personas import write_params
 from tests.test_llm_cache import CountingLLM, chat
+from tests.test_stage_kill import windows_frame  # the same users: each W_0 (so each prompt) its own
 from tests.tiny import make_tiny_llama
 
 REPO = Path(__file__).resolve().parents[1]
@@ -279,19 +279,6 @@ def test_an_error_that_is_not_damage_is_one_line_and_moves_nothing(tmp_path):
 # ------------------------------------------------------------------------------
 
 USERS = 48
-
-
-def windows_frame(users: int) -> pd.DataFrame:
-    """`users` users with two windows of four movies, each W_0 (so each prompt) its own."""
-    rows = []
-    for u in range(users):
-        for window in range(2):
-            for pos in range(4):
-                title = f"Film no. {u}" if window == pos == 0 else MOVIES[(u + window * 4 + pos) % len(MOVIES)]
-                rows.append({"domain": "movielens", "item_type": "movie", "seen": True, "user_id": f"u{u:02d}",
-                             "split": "eval" if u % 4 == 0 else "train", "window": window, "pos": pos,
-                             "item_id": f"m{u}-{window}-{pos}", "title": title, "rating": float(1 + (u + pos) % 5)})
-    return pd.DataFrame(rows)
 
 
 @pytest.fixture(scope="module")
