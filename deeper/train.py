@@ -433,7 +433,15 @@ def training_curves(directory: str | Path):
         def on_train_end(self, args, state, control, **kwargs):
             pass  # the final evaluation logs after training; Live.end would write a summary file
 
-    return TrainingCurves(live=Live(str(directory), save_dvc_exp=False, dvcyaml=None, report=None))
+    class CurvesOnly(Live):
+        """Live without its DVC integration, which the curves do not use (no experiment, no dvc.yaml): dvclive
+        3.49.1 probes git there and fails in a repository without a commit (`scm.get_rev()` before its own
+        `no_commits` check: SCMError "Empty git repo", seen in tests/test_train_ddp.py's fresh scratch repo)."""
+
+        def _init_dvc(self):
+            pass
+
+    return TrainingCurves(live=CurvesOnly(str(directory), save_dvc_exp=False, dvcyaml=None, report=None))
 
 
 def _world_size() -> int:

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from deeper.plots import TEMPLATE_DIR, plot_definitions
+from deeper.plots import DATA_SUFFIXES, TEMPLATE_DIR, plot_definitions
 from tests.conftest import REPO
 from tests.png_pixels import png_colours
 from tests.stage_runs import DVC, dvc, init_repo
@@ -44,10 +44,13 @@ def git(*args, cwd: Path) -> None:
 def write_data(repo: Path, shift: float = 0.0) -> None:
     """Small data for each plot of dvc.yaml: one line per method over three rounds."""
     for definition in plot_definitions(yaml.safe_load((repo / "dvc.yaml").read_text(encoding="utf-8"))):
-        lines = [f"method,{definition.x},{definition.y}"]
-        lines += [f"{m},{r},{0.9 - 0.05 * r + 0.02 * i + shift:.3f}" for i, m in enumerate(METHODS) for r in range(3)]
-        (repo / definition.path).parent.mkdir(parents=True, exist_ok=True)
-        (repo / definition.path).write_text("\n".join(lines) + "\n", encoding="utf-8")
+        for path in definition.paths:  # every file of an overlay (the training curves), in its own delimiter
+            sep = DATA_SUFFIXES[Path(path).suffix]
+            lines = [sep.join(["method", definition.x, definition.y])]
+            lines += [sep.join([m, str(r), f"{0.9 - 0.05 * r + 0.02 * i + shift:.3f}"])
+                      for i, m in enumerate(METHODS) for r in range(3)]
+            (repo / path).parent.mkdir(parents=True, exist_ok=True)
+            (repo / path).write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
 def scratch_repo(root: Path, offline_page: bool = True) -> Path:

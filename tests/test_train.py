@@ -468,3 +468,18 @@ def test_a_damaged_checkpoint_is_a_warning_and_training_starts_over(tiny_llama, 
     train_dpo(tiny_llama, make_pairs(4), make_pairs(0), tmp_path / "b", config)
     assert (tmp_path / "a" / "adapter_model.safetensors").read_bytes() == \
         (tmp_path / "b" / "adapter_model.safetensors").read_bytes()
+
+
+def test_training_curves_are_written_in_a_git_repository_without_a_commit(tiny_llama, tmp_path, monkeypatch):
+    """A fresh `git init` + `dvc init` with no commit yet (the DDP test's scratch repo, a new user's first run):
+    dvclive's git probe used to fail there ("Empty git repo"); the curves need no git."""
+    import subprocess
+
+    from tests.stage_runs import dvc
+
+    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
+    dvc("init", "-q", cwd=tmp_path)
+    monkeypatch.chdir(tmp_path)
+    train_dpo(tiny_llama, make_pairs(2), make_pairs(0), tmp_path / "a", TrainConfig(**{**FAST, "max_steps": 1}),
+              curves_dir=tmp_path / "curves")
+    assert (tmp_path / "curves" / "plots" / "metrics" / "train" / "loss.tsv").is_file()
