@@ -21,6 +21,7 @@ from pathlib import Path
 import yaml
 
 from deeper.errors import DeeperError
+from deeper.outputs import write_text
 from deeper.profile import PROFILES_DIR, dvc_flags, load_profile
 
 ABLATIONS_DIR = PROFILES_DIR / "ablations"
@@ -152,8 +153,5 @@ def markdown(rows: list[dict]) -> str:
 
 
 def write(rows: list[dict], out_dir: Path, baseline_rev: str) -> None:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "comparison.json").write_text(
-        json.dumps({"baseline_rev": baseline_rev, "rows": rows}, indent=2) + "\n", encoding="utf-8"
-    )
-    (out_dir / "comparison.md").write_text(markdown(rows), encoding="utf-8")
+    write_text(out_dir / "comparison.json", json.dumps({"baseline_rev": baseline_rev, "rows": rows}, indent=2) + "\n")
+    write_text(out_dir / "comparison.md", markdown(rows))

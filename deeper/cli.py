@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import click
 import yaml
@@ -139,13 +138,13 @@ Writes a self-contained HTML page (--html) and/or Markdown (--markdown); with ne
 @user_errors
 def show(user, store, domain, html_path, md_path):
     from deeper.history import render_html, render_markdown
+    from deeper.outputs import write_text
     from deeper.store import PersonaStore
 
     rows = PersonaStore(store).history(user, domain)
     for path, render in ((html_path, render_html), (md_path, render_markdown)):
         if path is not None:
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-            Path(path).write_text(render(rows), encoding="utf-8")
+            write_text(path, render(rows))
             click.echo(f"wrote {path}: {len(rows)} rounds of user {user}", err=True)
     if html_path is None and md_path is None:
         click.echo(render_markdown(rows), nl=False)

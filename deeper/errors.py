@@ -21,3 +21,9 @@ class ConfigError(DeeperError):
 
     def __init__(self, key: str, message: str, path: str = "params.yaml"):
         super().__init__(f"{path}: {key}: {message}")
+
+
+def first_line(error: BaseException) -> str:
+    """An exception's message cut to its first line (its type's name if it has none): what a one-line error
+    quotes of a library's multi-line message."""
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]

@@ -6,6 +6,8 @@ import json
 import math
 from pathlib import Path
 
+from deeper.outputs import write_text
+
 
 def _clean(value, digits: int):
     if isinstance(value, dict):
@@ -20,7 +22,4 @@ def _clean(value, digits: int):
 
 
 def write_json(path: str | Path, data: dict, digits: int = 4) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(_clean(data, digits), indent=2, sort_keys=True)
-    path.write_text(text + "\n", encoding="utf-8")
+    write_text(path, json.dumps(_clean(data, digits), indent=2, sort_keys=True) + "\n")

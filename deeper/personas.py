@@ -80,11 +80,11 @@ def degenerate_reason(text: str, min_words: int) -> str | None:
 class TokenCounter:
     """Counts tokens with one Hugging Face tokenizer (a local folder or a hub id)."""
 
-    def __init__(self, tokenizer: str):
+    def __init__(self, tokenizer: str, local_only: bool = False):
         from transformers import AutoTokenizer
 
-        try:
-            self.tokenizer = AutoTokenizer.from_pretrained(str(tokenizer))
+        try:  # local_only: a folder, or a hub id already in the Hugging Face cache; never the network
+            self.tokenizer = AutoTokenizer.from_pretrained(str(tokenizer), local_files_only=local_only)
         except (OSError, ValueError) as e:
             raise ConfigError(
                 "persona.tokenizer", f"cannot load tokenizer {tokenizer!r}: {str(e).splitlines()[0]}"
@@ -96,8 +96,8 @@ class TokenCounter:
 
 
 @lru_cache(maxsize=4)
-def token_counter(tokenizer: str) -> TokenCounter:
-    return TokenCounter(tokenizer)
+def token_counter(tokenizer: str, local_only: bool = False) -> TokenCounter:
+    return TokenCounter(tokenizer, local_only)
 
 
 def best_attempt(attempts: list[str], min_words: int) -> int:

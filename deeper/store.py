@@ -40,7 +40,9 @@ import duckdb
 import pyarrow as pa
 from filelock import FileLock, Timeout
 
-from deeper.errors import DeeperError, InputError
+from deeper.duck import is_damage, is_not_duckdb
+from deeper.errors import DeeperError, InputError, first_line
+from deeper.outputs import DiskFull, is_disk_full
 
 LOCK_TIMEOUT_S = 600.0  # a write transaction takes well under a second; ten minutes means a stuck process
 
@@ -78,8 +80,6 @@ KEYS = {"personas": ("domain", "user_id", "round"), "pending": ("domain", "user_
 # does not match stored checksum ..."; FATAL "Data Corruption Error" when a write meets it), a file shorter than
 # its blocks ("Could not read enough bytes"), a database a fatal error closed ("invalidated"). Matched on the
 # message because DuckDB raises them as the base duckdb.Error or as IOException/FatalException alike.
-DAMAGE_MARKS = ("corrupt database file", "data corruption", "could not read enough bytes", "invalidated")
-NOT_DUCKDB_MARK = "not a valid duckdb database file"  # a file of another kind, or a store whose header is damaged
 
 
 def ways_back(store: str | Path) -> str:
@@ -102,14 +102,6 @@ class StoreDamaged(InputError):
                   f"nothing; " if index else "")
         super().__init__(path, f"damaged{' index' if index else ''} ({detail}); nothing was written; {rescue}"
                                f"{ways_back(path)}")
-
-
-def first_line(error: BaseException) -> str:
-    return (str(error).strip().splitlines() or [type(error).__name__])[0]
-
-
-def is_damage(error: BaseException) -> bool:
-    return isinstance(error, duckdb.Error) and any(m in str(error).lower() for m in DAMAGE_MARKS)
 
 
 @dataclass(frozen=True)
@@ -182,6 +174,8 @@ class PersonaStore:
                 except duckdb.Error as e:
                     if is_damage(e):
                         raise StoreDamaged(self.path, first_line(e)) from None
+                    if is_disk_full(e):  # the write's transaction rolled back: the store is as it was
+                        raise DiskFull(self.path, first_line(e)) from None
                     raise  # not damage: a bug here, whose traceback is what a fix needs
                 finally:
                     try:
@@ -195,9 +189,11 @@ class PersonaStore:
     def open_error(self, e: duckdb.Error) -> DeeperError:
         """The one line for a file DuckDB would not open."""
         first = first_line(e)
+        if is_disk_full(e):
+            return DiskFull(self.path, first)
         if is_damage(e):
             return StoreDamaged(self.path, first)
-        if NOT_DUCKDB_MARK in first.lower():
+        if is_not_duckdb(e):
             # DuckDB cannot tell a damaged header from another kind of file; say both
             return InputError(self.path, f"not a DuckDB persona store ({first}); if it was one, its header is "
                                          f"damaged: {ways_back(self.path)}")

@@ -32,7 +32,9 @@ from pathlib import Path
 
 import duckdb
 
-from deeper.errors import DeeperError, InputError
+from deeper.duck import is_damage
+from deeper.errors import DeeperError, InputError, first_line
+from deeper.outputs import replacing
 from deeper.store import (
     KEYS,
     SCHEMA,
@@ -41,8 +43,6 @@ from deeper.store import (
     PersonaStore,
     StoreDamaged,
     column_types,
-    first_line,
-    is_damage,
     schema_difference,
 )
 
@@ -163,10 +163,9 @@ def export_store(path: str | Path, folder: str | Path, force: bool = False) -> d
     if folder.exists() and (not folder.is_dir() or any(folder.iterdir())) and not force:
         raise DeeperError(f"{folder}: exists and is not an empty folder; export to a new folder (e.g. one named "
                           f"by the date) or pass --force to replace it")
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    # written beside the target and renamed at the end: an interrupted export leaves no folder that looks whole
-    partial = Path(tempfile.mkdtemp(prefix=f".{folder.name}.partial-", dir=folder.parent))
-    try:
+    # built beside the target and swapped in whole (deeper.outputs): an interrupted export or a full disk leaves
+    # no folder that looks whole, and with --force the old export goes only once the new one is complete
+    with replacing(folder, folder=True) as partial:
         manifest = {"format": EXPORT_FORMAT, "schema_version": SCHEMA_VERSION, "store": str(path),
                     "exported_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                     "duckdb": duckdb.__version__, "tables": {}}
@@ -183,16 +182,6 @@ def export_store(path: str | Path, folder: str | Path, force: bool = False) -> d
                 manifest["tables"][table] = {"file": out.name, "rows": rows, "sha256": _sha256(out),
                                              "columns": dict(column_types(fields))}
         (partial / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
-        if folder.exists():  # --force: the old folder goes only once the new one is whole
-            old = _aside(folder, "replaced")
-            folder.rename(old)
-            partial.rename(folder)
-            shutil.rmtree(old) if old.is_dir() else old.unlink()
-        else:
-            partial.rename(folder)
-    finally:
-        if partial.exists():
-            shutil.rmtree(partial, ignore_errors=True)
     return manifest
 
 

@@ -52,6 +52,7 @@ import pandas as pd
 from deeper.config import get
 from deeper.errors import ConfigError, DeeperError, InputError
 from deeper.metrics import write_json
+from deeper.outputs import replacing
 from deeper.params import number
 from deeper.tables import first_bad_row, read_parquet_checked
 
@@ -467,14 +468,15 @@ def _last_logged(history: list[dict], key: str):
     return None
 
 
-def _write_train_log(out_dir: Path, started: float) -> dict:
-    """Wall-clock seconds and peak memory: printed on one line and written to <out_dir>/train_log.json, not
-    into the metrics (they differ on every run and would make `dvc metrics diff` noisy)."""
+def _write_train_log(folder: Path, started: float, out_dir: Path) -> dict:
+    """Wall-clock seconds and peak memory: printed on one line and written to train_log.json in the adapter
+    `folder` being built for `out_dir`, not into the metrics (they differ on every run and would make
+    `dvc metrics diff` noisy)."""
     log = {"seconds": time.monotonic() - started,
            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
-    path = Path(out_dir) / TRAIN_LOG
-    write_json(path, log)
-    print(f"train: {log['seconds']:.1f} s, peak RSS {log['peak_rss_mb']:.0f} MB (in {path})", flush=True)
+    write_json(Path(folder) / TRAIN_LOG, log)
+    print(f"train: {log['seconds']:.1f} s, peak RSS {log['peak_rss_mb']:.0f} MB "
+          f"(in {Path(out_dir) / TRAIN_LOG})", flush=True)
     return log
 
 
@@ -562,20 +564,19 @@ def usable_checkpoint(work_dir) -> Path | None:
 
 def _no_curves(directory: Path) -> None:
     """The curves folder of a run without training pairs: one note instead of curves (the folder is a DVC output)."""
-    if directory.exists():
-        shutil.rmtree(directory)
-    directory.mkdir(parents=True)
-    (directory / "untrained.txt").write_text("no training pairs: the model was carried over untrained, no curves\n",
-                                             encoding="utf-8")
+    with replacing(directory, folder=True) as building:
+        (building / "untrained.txt").write_text("no training pairs: the model was carried over untrained, no "
+                                                "curves\n", encoding="utf-8")
 
 
 def _carry_over(base_model, out_dir, config: TrainConfig, init_adapter, reference: str, val_pairs: int,
                 started: float, base_name: str | None = None) -> dict:
     """No training pairs: the output adapter is the input model (adapter 1, or a fresh LoRA whose B is zero).
     Written by the main process only."""
-    if is_main_process():
-        _write_carried_over(base_model, Path(out_dir), config, init_adapter, base_name)
-        _write_train_log(Path(out_dir), started)
+    if is_main_process():  # the whole folder or none: a kill or a full disk leaves no half adapter
+        with replacing(out_dir, folder=True) as building:
+            _write_carried_over(base_model, building, config, init_adapter, base_name)
+            _write_train_log(building, started, out_dir)
     none = {"loss": None, "reward_accuracy": None, "reward_margin": None, "reward_chosen": None,
             "reward_rejected": None}
     return {
@@ -651,9 +652,10 @@ def train_dpo(base_model: str | Path, train_pairs: pd.DataFrame, val_pairs: pd.D
             # with eval_steps, the Trainer evaluates at the last step itself: once is enough (and one curve row)
             final_eval = _logged_at(history, trainer.state.global_step, "eval_loss") or trainer.evaluate()
         if trainer.is_world_process_zero():  # several processes hold the same adapter: one writes it
-            out_dir = Path(out_dir)
-            out_dir.mkdir(parents=True, exist_ok=True)
-            save_adapter(trainer.model, out_dir, base_name, selected_adapters=["default"])
+            # the whole folder or none: a kill or a full disk leaves no half adapter for the next stage
+            with replacing(out_dir, folder=True) as building:
+                save_adapter(trainer.model, building, base_name, selected_adapters=["default"])
+                _write_train_log(building, started, out_dir)
             if resumable:
                 shutil.rmtree(work_dir, ignore_errors=True)  # done: nothing to resume
     summary = {
@@ -684,6 +686,4 @@ def train_dpo(base_model: str | Path, train_pairs: pd.DataFrame, val_pairs: pd.D
         "init_adapter": init_adapter is not None,
         "reference": reference if init_adapter is not None else "base",
     }
-    if is_main_process():
-        _write_train_log(Path(out_dir), started)
     return summary

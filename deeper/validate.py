@@ -189,6 +189,13 @@ def _check_fetch(params: dict, strict: bool) -> str:
     return "fetch"
 
 
+def _check_plan(params: dict, strict: bool) -> str:
+    from deeper.plan import PlanSettings
+
+    PlanSettings.from_params(params)
+    return "plan"
+
+
 # block -> (the top-level keys it checks, its check). Stages check the blocks their params file has (a missing
 # key is a one-line error where a stage reads it); the profile check needs every block.
 BLOCKS = {
@@ -210,6 +217,7 @@ BLOCKS = {
     "iter2": (("iter2",), _check_iter2),
     "evaluate": (("evaluate",), _check_evaluate),
     "headroom": (("headroom",), _check_headroom),
+    "plan": (("plan",), _check_plan),
 }
 
 

@@ -7,7 +7,8 @@ import sys
 
 import click
 
-from deeper.errors import DeeperError
+from deeper.errors import DeeperError, first_line
+from deeper.outputs import DiskFull, is_disk_full
 
 PARAMS_OPTION = click.option(
     "--params", "params_path", default="params.yaml", show_default=True,
@@ -30,6 +31,11 @@ def user_errors(fn):
             return fn(*args, **kwargs)
         except DeeperError as e:
             click.echo(f"error: {e}", err=True)
+            sys.exit(1)
+        except OSError as e:  # a full disk met outside deeper.outputs (a log, a checkpoint): one line too
+            if not is_disk_full(e):
+                raise
+            click.echo(f"error: {DiskFull(e.filename or 'a file the stage was writing', first_line(e))}", err=True)
             sys.exit(1)
         except KeyboardInterrupt:
             click.echo("interrupted; re-run to resume", err=True)

@@ -30,6 +30,7 @@ from deeper.iteration import (
 )
 from deeper.methods import trained_update_from_params
 from deeper.metrics import write_json
+from deeper.outputs import write_parquet
 from deeper.predict import PredictSettings
 from deeper.prompts import prompts_from_params
 from deeper.reward import OLD_COLUMNS, PARTS
@@ -60,8 +61,7 @@ def run(params: dict, iteration: int, windows: Path, personas: Path, previous: P
     twice = contexts["context_id"].duplicated()
     if twice.any():
         raise InputError(previous, f"context {contexts['context_id'][twice].iloc[0]!r} is built again at t={iteration}")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    contexts.to_parquet(out, index=False)
+    write_parquet(contexts, out)
     summary = summarize(contexts, len(new), skipped, stats.to_metrics())
     write_json(metrics, summary)
     echo_calls("frozen", frozen)

@@ -26,11 +26,11 @@ from pathlib import Path
 
 import click
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from deeper.config import get
 from deeper.errors import ConfigError, InputError
 from deeper.metrics import write_json
+from deeper.outputs import write_parquet
 from deeper.predict import PredictSettings
 from deeper.prompts import prompts_from_params
 from deeper.rollout import EvaluateSettings, load_eval_users, rollout
@@ -84,9 +84,8 @@ def run(params: dict, method: str, windows: Path, personas: Path, out_dir: Path,
     result = rollout(users, spec.build(updater, sampling, prompts), frozen, rounds, predict_settings, count_tokens,
                      progress=progress, label=method, prompts=prompts)
 
-    out_dir.mkdir(parents=True, exist_ok=True)
     table_path = out_dir / f"{method}.parquet"
-    pq.write_table(pa.Table.from_pandas(result.table, schema=OUT_SCHEMA, preserve_index=False), table_path)
+    write_parquet(result.table, table_path, OUT_SCHEMA)
     table = result.table
     summary = {
         "method": method,

@@ -17,18 +17,17 @@ as well from another user's persona as from the right one, so no refiner can be 
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 
 import click
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from deeper.bootstrap import BootstrapSettings
 from deeper.config import get
 from deeper.headroom import CONDITIONS, CONTRASTS, HeadroomSettings, check_window, measure, plot_rows
 from deeper.iteration import load_frozen
 from deeper.metrics import write_json
+from deeper.outputs import write_csv, write_parquet
 from deeper.personas import PersonaSettings
 from deeper.predict import PredictSettings
 from deeper.prompts import prompts_from_params
@@ -59,16 +58,11 @@ def run(params: dict, windows: Path, personas: Path, out: Path, metrics: Path, p
                      log=lambda line: click.echo(f"oracle personas: {line}", err=True))
     echo_calls("frozen", frozen)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(pa.Table.from_pandas(result.table, schema=OUT_SCHEMA, preserve_index=False), out)
+    write_parquet(result.table, out, OUT_SCHEMA)
     summary = {**result.summary, "skipped_users": skipped, "frozen": name}
     write_json(metrics, summary)
-    plot.parent.mkdir(parents=True, exist_ok=True)
-    with plot.open("w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=["condition", "mae", "low", "high"], lineterminator="\n")
-        writer.writeheader()
-        writer.writerows({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}
-                         for row in plot_rows(summary))
+    write_csv(plot, ["condition", "mae", "low", "high"],
+              ({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()} for row in plot_rows(summary)))
     shown = ", ".join(f"{name} {summary[name]['estimate']:+.3f} [{summary[name]['low']:+.3f}, "
                       f"{summary[name]['high']:+.3f}]" for name in CONTRASTS)
     click.echo(f"wrote {out}, {metrics}, {plot}: {shown}", err=True)

@@ -23,12 +23,12 @@ from pathlib import Path
 import click
 import pandas as pd
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from deeper.config import get
 from deeper.data.schema import SPLITS
 from deeper.errors import ConfigError
 from deeper.metrics import write_json
+from deeper.outputs import write_parquet
 from deeper.personas import (
     PersonaSettings,
     count_words,
@@ -82,8 +82,8 @@ def run(params: dict, windows: Path, out: Path, metrics: Path) -> dict:
     if not isinstance(spec, dict):
         raise ConfigError("models.frozen", "must be a mapping such as {backend: transformers, name: ...}")
     prompts = prompts_from_params(params)  # a broken template fails here, before the model loads
+    table = read_windows(windows)  # validated (sorted by domain, user_id, window, pos) before any model loads
     counter = token_counter(settings.tokenizer)
-    table = read_windows(windows)  # validated; sorted by domain, user_id, window, pos
     w0 = table[table["window"] == 0]
 
     users = []
@@ -104,8 +104,7 @@ def run(params: dict, windows: Path, out: Path, metrics: Path) -> dict:
     df["attempts"] = tries
     df["degenerate"] = [degenerate_reason(p, settings.min_words) for p in personas]
     df["stopped_at_limit"] = at_limit
-    out.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(pa.Table.from_pandas(df, schema=OUT_SCHEMA, preserve_index=False), out)
+    write_parquet(df, out, OUT_SCHEMA)
     summary = summarise(df, retried=int((df["attempts"] > 1).sum()), tokenizer=settings.tokenizer)
     write_json(metrics, summary)
     flagged = sum(summary["degenerate"].values())

@@ -18,6 +18,7 @@ import click
 
 from deeper.iteration import read_contexts
 from deeper.metrics import write_json
+from deeper.outputs import write_parquet
 from deeper.pairs import (
     PairConfig,
     build_pairs,
@@ -42,8 +43,7 @@ def run(params: dict, iteration: int, contexts_path: Path, rewards_path: Path, p
     pairs, summary = build_pairs(candidates, config, iteration, source=str(rewards_path),
                                  replay_from=replay, replay_max=replay_max, replay_source=str(previous),
                                  replay_order=replay_order)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    pairs.to_parquet(out, index=False)
+    write_parquet(pairs, out)
     write_json(metrics, summary)
     replayed = f"{summary['replay_pairs']} replayed"
     if summary["replay_duplicates"]:

@@ -16,6 +16,7 @@ import click
 import yaml
 
 from deeper.errors import InputError
+from deeper.outputs import write_text
 from deeper.plots import TEMPLATE_DIR, plot_definitions, read_plot_rows, render_svg, vega_lite_spec
 from stages._cli import user_errors
 
@@ -31,7 +32,7 @@ def run(dvc_yaml_path: Path, out_dir: Path) -> list[Path]:
     for definition in definitions:
         rows = {path: read_plot_rows(root / path, definition) for path in definition.paths}
         image = out_dir / definition.image
-        image.write_text(render_svg(vega_lite_spec(definition, rows, root / TEMPLATE_DIR)), encoding="utf-8")
+        write_text(image, render_svg(vega_lite_spec(definition, rows, root / TEMPLATE_DIR)))
         click.echo(f"{image}: {', '.join(definition.paths)} ({sum(map(len, rows.values()))} rows)", err=True)
         written.append(image)
     return written

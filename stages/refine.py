@@ -21,6 +21,7 @@ import click
 from deeper.iteration import SampleSettings, load_policy, read_contexts, read_user_windows, refine_personas
 from deeper.methods import trained_update_from_params
 from deeper.metrics import write_json
+from deeper.outputs import write_parquet
 from deeper.prompts import prompts_from_params
 from stages._cli import PARAMS_OPTION, echo_calls, load_checked_params, user_errors
 
@@ -36,8 +37,7 @@ def run(params: dict, contexts_path: Path, windows: Path, adapter: Path, out: Pa
     refined, counts = refine_personas(latest, users, policy, sampling, prompts_from_params(params),
                                       source=str(contexts_path),
                                       update=trained_update_from_params(params))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    refined.to_parquet(out, index=False)
+    write_parquet(refined, out)
     write_json(metrics, counts)
     echo_calls("policy", policy)
     click.echo(f"wrote {out}: {counts['refined']} personas ({counts['empty']} empty answers kept the old one) "

@@ -35,13 +35,13 @@ reports/case_study.md: one evaluation user's personas per method and round with 
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 
 import click
 
 from deeper.bootstrap import BootstrapSettings, paired_bootstrap
 from deeper.metrics import write_json
+from deeper.outputs import write_csv, write_text
 from deeper.pairs import thresholds_from_params
 from deeper.report import PLOT_FILES, build_report, case_study, persona_similarity
 from deeper.reward import RewardWeights
@@ -65,14 +65,9 @@ def run(params: dict, eval_dir: Path, metrics_path: Path, plots_dir: Path, case_
     metrics["persona_similarity"], plots["persona_similarity.csv"] = persona_similarity(tables, rounds, embedder)
     page = case_study(tables, rounds, case_user)
     write_json(metrics_path, metrics)
-    plots_dir.mkdir(parents=True, exist_ok=True)
     for name, rows in plots.items():
-        with (plots_dir / name).open("w", newline="", encoding="utf-8") as f:
-            writer = csv.DictWriter(f, fieldnames=PLOT_FILES[name])
-            writer.writeheader()
-            writer.writerows(rows)
-    case_path.parent.mkdir(parents=True, exist_ok=True)
-    case_path.write_text(page, encoding="utf-8")
+        write_csv(plots_dir / name, PLOT_FILES[name], rows)
+    write_text(case_path, page)
     for method in methods:
         overall = metrics["methods"][method]["all"]
         first, last, cut = (overall.get(k) for k in ("mae_r0", f"mae_r{rounds}", "reduction_pct"))

@@ -26,6 +26,7 @@ import click
 import yaml
 
 from deeper.errors import ConfigError, DeeperError, InputError
+from deeper.outputs import write_text
 from deeper.plots import TEMPLATE_DIR, plot_definitions, read_plot_rows, render_svg, vega_lite_diff_spec
 from deeper.review import COUNT_FILE, PlotImage, RevisionData, build_review
 from stages._cli import user_errors
@@ -164,7 +165,7 @@ def draw_plots(base: Revision, head: Revision, out_dir: Path, scratch: Path):
             # the page; the rest of the review still says what it can
             missing.append((definition.name, str(e)))
             continue
-        (plots_dir / definition.image).write_text(svg, encoding="utf-8")
+        write_text(plots_dir / definition.image, svg)
         note = "" if len(rows) == 2 else f"only in {next(iter(rows))}"
         images.append(PlotImage(definition.name, definition.properties.get("title", definition.name),
                                 f"plots/{definition.image}", note))
@@ -186,9 +187,9 @@ def run(repo: Path, base_rev: str, head_rev: str | None, out_dir: Path) -> Path:
     with tempfile.TemporaryDirectory(prefix="review-") as scratch:
         images, unchanged, missing = draw_plots(base, head, out_dir, Path(scratch))
     page = build_review(base_data, head_data, params_diff, metrics_md, images, unchanged, missing)
-    (out_dir / METRICS_DIFF).write_text(metrics_md or "No metric changed.\n", encoding="utf-8")
+    write_text(out_dir / METRICS_DIFF, metrics_md or "No metric changed.\n")
     review = out_dir / "review.md"
-    review.write_text(page, encoding="utf-8")
+    write_text(review, page)
     summary = page.split("\n\n", 2)[1].replace("**", "")
     click.echo(f"{review}: {summary}", err=True)
     return review

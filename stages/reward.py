@@ -19,6 +19,7 @@ import click
 
 from deeper.iteration import candidate_errors, load_frozen, read_contexts, read_samples, read_user_windows
 from deeper.metrics import write_json
+from deeper.outputs import write_parquet
 from deeper.pairs import thresholds_from_params
 from deeper.predict import PredictSettings
 from deeper.prompts import prompts_from_params
@@ -39,8 +40,7 @@ def run(params: dict, contexts_path: Path, samples_path: Path, windows: Path, ou
     errors, stats = candidate_errors(contexts, samples, users, frozen, settings, prompts_from_params(params))
     rewards = compute_rewards(errors, weights, source=str(samples_path))
     rewards = rewards.merge(contexts[["context_id", "t"]], on="context_id", how="left")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    rewards.to_parquet(out, index=False)
+    write_parquet(rewards, out)
     summary = summarize_rewards(rewards, tau_pos, tau_neg)
     summary["r_mean_by_step"] = {f"t{t}": float(rows["r"].mean()) for t, rows in rewards.groupby("t", sort=True)}
     summary["predict"] = stats.to_metrics()

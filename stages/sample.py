@@ -20,6 +20,7 @@ import click
 
 from deeper.iteration import POLICY_ROLES, SampleSettings, load_policy, read_contexts, sample_candidates
 from deeper.metrics import write_json
+from deeper.outputs import write_parquet
 from stages._cli import PARAMS_OPTION, echo_calls, load_checked_params, user_errors
 
 
@@ -32,8 +33,7 @@ def run(params: dict, iteration: int, contexts_path: Path, adapter: Path | None,
     click.echo(f"{len(contexts)} contexts x {settings.n} candidates from models.{role}"
                f"{f' + {adapter}' if adapter else ''}", err=True)
     samples, counts = sample_candidates(contexts, policy, settings.n, settings.sampling)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    samples.to_parquet(out, index=False)
+    write_parquet(samples, out)
     write_json(metrics, counts)
     echo_calls("policy", policy)
     click.echo(f"wrote {out}: {len(samples)} candidates ({counts['empty']} empty dropped) "

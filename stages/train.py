@@ -24,7 +24,6 @@ metrics and the log lines.
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import click
@@ -32,7 +31,7 @@ import click
 from deeper.assets import cache_root
 from deeper.config import get
 from deeper.errors import ConfigError, InputError
-from deeper.llm.fingerprint import resolve_model
+from deeper.llm.fingerprint import check_adapter_folder, resolve_model
 from deeper.metrics import write_json
 from deeper.train import TrainConfig, is_main_process, read_pairs, train_dpo
 from stages._cli import PARAMS_OPTION, load_checked_params, user_errors
@@ -50,16 +49,16 @@ def run(params: dict, iteration: int, pairs_path: Path, init_adapter: Path | Non
         curves: Path | None = None) -> dict:
     config = TrainConfig.from_params(params, iteration)
     reference = get(params, "iter2.reference") if iteration > 1 else "base"
-    if init_adapter is not None and not (init_adapter / "adapter_config.json").is_file():
-        raise InputError(init_adapter, "no LoRA adapter here; run the previous iteration's train stage first")
+    if init_adapter is not None:
+        if not (init_adapter / "adapter_config.json").is_file():
+            raise InputError(init_adapter, "no LoRA adapter here; run the previous iteration's train stage first")
+        check_adapter_folder(init_adapter)
     train_pairs, val_pairs = read_pairs(pairs_path)
     base, base_name = base_model_path(params)  # after the inputs: an `embedded:` model may be fetched here
     main = is_main_process()  # before training: the launcher's RANK (the process group is not up yet)
     if main:
         click.echo(f"training on {len(train_pairs)} pairs ({len(val_pairs)} validation), base {base}"
                    + (f", from {init_adapter}, reference {reference}" if init_adapter else ""), err=True)
-        if out.exists():
-            shutil.rmtree(out)  # a DVC output: no stale files from an earlier run
     summary = train_dpo(base, train_pairs, val_pairs, out, config, init_adapter=init_adapter, reference=reference,
                         source=str(pairs_path), base_name=base_name, curves_dir=curves,
                         checkpoint_dir=cache_root() / "train")

@@ -439,8 +439,9 @@ def test_bad_window_params_and_missing_database(tmp_path, monkeypatch):
         "error: data/ingest/ratings.duckdb: not found; run the ingest stage first (dvc repro ingest)"
     (tmp_path / "data" / "ingest").mkdir(parents=True)
     (tmp_path / "data" / "ingest" / "ratings.duckdb").write_bytes(b"not a database at all" * 100)
-    assert error_line(run(window_main, tmp_path, monkeypatch)).startswith(
-        "error: data/ingest/ratings.duckdb: cannot open the database: ")
+    line = error_line(run(window_main, tmp_path, monkeypatch))
+    assert line.startswith("error: data/ingest/ratings.duckdb: not a DuckDB database, or its header is damaged (")
+    assert line.endswith("); rebuild it from the raw files: dvc repro -f --single-item ingest")
 
 
 # --- titles that could break things reach windows.parquet intact (whitespace made one space) -----------

@@ -170,7 +170,7 @@ def test_every_block_passes_its_stages_checks(paper):
         "fetch", "ingest", "window", "models.frozen (openai), models.policy (vllm), models.sampler (vllm)",
         "prompts (published)", "persona", "predict", "refiner",
         "sample",
-        "reward", "tau_pos, tau_neg", "delta", "pair", "alpha", "train", "iter2", "evaluate", "headroom"]
+        "reward", "tau_pos, tau_neg", "delta", "pair", "alpha", "train", "iter2", "evaluate", "headroom", "plan"]
 
 
 @pytest.mark.parametrize("key, value, message", [
@@ -181,6 +181,8 @@ def test_every_block_passes_its_stages_checks(paper):
     ("predict.mode", "jsn", "predict.mode: must be one of"),
     ("ingest.preset", "paper", "ingest.preset: 'paper' is not under ingest.presets"),
     ("train.launcher", "", "train.launcher: must be a command"),
+    ("plan.batch_discount", 1.5, "plan.batch_discount: must be <= 1"),
+    ("plan.gpu_tokens_per_s", {"prompt": 0, "completion": 10}, "plan.gpu_tokens_per_s.prompt: must be > 0"),
 ])
 def test_a_bad_block_is_a_one_line_config_error(paper, key, value, message):
     with pytest.raises(ConfigError, match=re.escape(message)) as err:

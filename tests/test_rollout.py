@@ -33,6 +33,9 @@ class Tagging(UpdateMethod):
         super().__init__(llm=None, sampling=Sampling())
         self.seen_inputs = []
 
+    def planned_chats(self, item):
+        return []  # no model call
+
     def update(self, inputs):
         self.seen_inputs.append(list(inputs))
         return [

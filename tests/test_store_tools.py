@@ -19,6 +19,7 @@ from click.testing import CliRunner
 
 from deeper.cli import main
 from deeper.store import KEYS, TABLES
+from tests.damage import damaged_copies, damaged_data_copy
 from tests.test_serve import tiny_adapter, tiny_params, user_rows, write_params, write_ratings  # noqa: F401
 
 # Three rating files, window size 3. File 1: user 1 gets S_0 and a refinement (one rating left waiting),
@@ -188,35 +189,9 @@ def test_a_bad_backup_is_one_line_and_imports_nothing(built, tmp_path):
     refused(tmp_path / "absent", "no export folder here")
 
 
-def _damaged_data_copy(store: Path, tmp_path: Path) -> tuple[Path, int]:
-    """A copy of the store with 64 bytes overwritten in the middle of a block that holds the personas rows, and
-    the offset: the first such offset (at half-block steps) where the file still opens and DuckDB itself then
-    refuses `SELECT * FROM personas` with its checksum error."""
-    size = store.stat().st_size
-    step = 128 * 1024
-    for n, offset in enumerate(range(12288 + step // 2, size, step)):
-        copy = tmp_path / f"probe{n}.duckdb"
-        shutil.copyfile(store, copy)
-        with copy.open("r+b") as f:
-            f.seek(offset)
-            f.write(bytes(range(64)))
-        try:
-            con = duckdb.connect(str(copy), read_only=True)
-        except duckdb.Error:
-            continue  # a header or catalog block: the open fails (also one line, but not what is tested here)
-        try:
-            con.execute("SELECT * FROM personas").fetchall()
-        except duckdb.Error as e:
-            if "Corrupt database file: computed checksum" in str(e):
-                return copy, offset
-        finally:
-            con.close()
-    raise AssertionError(f"no offset of {store} gave a block DuckDB rejects on reading personas")
-
-
 def test_a_damaged_store_is_one_line_for_show_refine_and_check(built, tmp_path, monkeypatch):
     monkeypatch.setenv("DEEPER_RESPONSE_CACHE", str(built["root"] / "cache"))
-    damaged, offset = _damaged_data_copy(built["store"], tmp_path)
+    damaged, offset = damaged_data_copy(built["store"], tmp_path, "SELECT * FROM personas")
     runner = CliRunner()
     more = write_ratings(tmp_path / "more", user_rows(1, range(70, 74), 5000))
     commands = {"show": ["show", "1"], "refine": None, "check": ["store", "check"]}
@@ -254,13 +229,8 @@ def test_a_damaged_store_is_one_line_for_show_refine_and_check(built, tmp_path, 
 def test_a_damaged_index_is_found_by_check_and_loses_no_row(built, tmp_path):
     """Reads never load an index; check does (on a copy), and export + import rebuilds one with every row."""
     store, runner = built["store"], CliRunner()
-    size, found = store.stat().st_size, None
-    for n, offset in enumerate(range(12288 + 64 * 1024, size, 128 * 1024)):
-        copy = tmp_path / f"index{n}.duckdb"
-        shutil.copyfile(store, copy)
-        with copy.open("r+b") as f:
-            f.seek(offset)
-            f.write(bytes(range(64)))
+    found = None
+    for copy, _offset in damaged_copies(store, tmp_path, "index"):
         try:
             rows(copy, "personas"), rows(copy, "pending")
         except duckdb.Error:

@@ -8,7 +8,7 @@ every skip and remark by reason and returns the per-domain summary written to me
 
 from __future__ import annotations
 
-import os
+import contextlib
 from collections import Counter
 from pathlib import Path
 
@@ -19,7 +19,8 @@ from deeper.config import get
 from deeper.data.readers import READERS, SELF_NAMING, WITH_META, Source
 from deeper.data.readers.common import clean_title
 from deeper.data.schema import TABLES
-from deeper.errors import ConfigError, DeeperError, InputError
+from deeper.errors import ConfigError, DeeperError, InputError, first_line
+from deeper.outputs import is_disk_full, replacing
 
 # Rows read but not kept, by reason; every domain reports every reason (0 included) so that the metrics
 # keep one shape across datasets and `dvc metrics diff` lines up.
@@ -278,25 +279,25 @@ def ingest(sources: list[Source], out: str | Path, unknown_items: str = "keep", 
     keep Food.com's 0 ("no stars")."""
     check_unknown_items(unknown_items)
     check_zero_ratings(zero_ratings)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    for stale in (tmp, tmp.with_name(tmp.name + ".wal")):
-        stale.unlink(missing_ok=True)
-    try:
-        con = duckdb.connect(str(tmp))
-    except duckdb.Error as e:
-        raise InputError(tmp, f"cannot create the database: {str(e).splitlines()[0]}") from None
-    try:
-        sink = Sink(con, unknown_items, zero_ratings)
-        for src in sources:
-            READERS[src.format](src, sink)
-        summary = sink.finish()
-        con.execute("CHECKPOINT")
-    except BaseException:
+    with replacing(out) as tmp:  # a failure, a kill or a full disk leaves the previous database in place
+        wal = tmp.with_name(tmp.name + ".wal")
+        wal.unlink(missing_ok=True)
+        try:
+            con = duckdb.connect(str(tmp))
+        except duckdb.Error as e:
+            if is_disk_full(e):
+                raise  # replacing's one line
+            raise InputError(tmp, f"cannot create the database: {first_line(e)}") from None
+        try:
+            sink = Sink(con, unknown_items, zero_ratings)
+            for src in sources:
+                READERS[src.format](src, sink)
+            summary = sink.finish()
+            con.execute("CHECKPOINT")
+        except BaseException:
+            with contextlib.suppress(duckdb.Error):  # closing after a failed write may fail again (full disk)
+                con.close()
+            wal.unlink(missing_ok=True)
+            raise
         con.close()
-        tmp.unlink(missing_ok=True)
-        raise
-    con.close()
-    os.replace(tmp, out)
     return summary

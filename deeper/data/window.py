@@ -12,17 +12,17 @@
 
 from __future__ import annotations
 
-import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
 
 import duckdb
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from deeper.data.schema import SPLITS, TABLES, WINDOW_COLUMNS
-from deeper.errors import ConfigError, DeeperError, InputError
+from deeper.duck import is_damage, is_not_duckdb
+from deeper.errors import ConfigError, DeeperError, InputError, first_line
+from deeper.outputs import write_parquet
 from deeper.params import fill, mapping, number
 
 SKIP_REASONS = (
@@ -75,18 +75,34 @@ def _split(key: str, block, default: DomainSplit | None) -> DomainSplit:
     return DomainSplit(**fill(mapping(block, key, known=SPLIT_KEYS), key, SPLIT_KEYS, default, check))
 
 
+def split_of(domain: str, default: DomainSplit, overrides: dict[str, dict]) -> DomainSplit:
+    """The users a domain gets: its `window.domains` entry over `window.default`."""
+    return _split(f"window.domains.{domain}", overrides[domain], default) if domain in overrides else default
+
+
+REBUILD = "rebuild it from the raw files: dvc repro -f --single-item ingest"
+
+
+def damaged(db_path: Path, error: BaseException) -> InputError:
+    """The one line for an ingest database DuckDB finds damaged (or not a database at all)."""
+    what = "damaged" if is_damage(error) else "not a DuckDB database, or its header is damaged"
+    return InputError(db_path, f"{what} ({first_line(error)}); {REBUILD}")
+
+
 def _open(db_path: Path) -> duckdb.DuckDBPyConnection:
     if not db_path.is_file():
         raise InputError(db_path, "not found; run the ingest stage first (dvc repro ingest)")
     try:
         con = duckdb.connect(str(db_path), read_only=True)
     except duckdb.Error as e:
-        raise InputError(db_path, f"cannot open the database: {str(e).splitlines()[0]}") from None
+        if is_damage(e) or is_not_duckdb(e):
+            raise damaged(db_path, e) from None
+        raise InputError(db_path, f"cannot open the database: {first_line(e)}") from None
     tables = {t for (t,) in con.execute("SELECT table_name FROM information_schema.tables").fetchall()}
     missing = [t for t in TABLES if t not in tables]
     if missing:
         con.close()
-        raise InputError(db_path, f"missing table(s) {', '.join(missing)}; re-run the ingest stage")
+        raise InputError(db_path, f"missing table(s) {', '.join(missing)}; {REBUILD}")
     return con
 
 
@@ -110,7 +126,7 @@ def choose_users(con, spec: WindowSpec, default: DomainSplit, overrides: dict) -
     domains = con.execute("SELECT domain FROM domains ORDER BY domain").fetchall()
     chosen, report = [], {}
     for (domain,) in domains:
-        split = _split(f"window.domains.{domain}", overrides[domain], default) if domain in overrides else default
+        split = split_of(domain, default, overrides)
         kinds = con.execute("""
             SELECT count(*) FILTER (window_hint IS NULL), count(*) FILTER (window_hint IS NOT NULL)
             FROM ratings WHERE domain = ?""", [domain]).fetchone()
@@ -201,13 +217,14 @@ def make_windows(db_path: str | Path, out: str | Path, spec: WindowSpec, default
             SELECT domain, count(*), count(*) FILTER (n < $size), sum(n)
             FROM (SELECT domain, user_id, "window", count(*) n FROM written GROUP BY ALL) GROUP BY 1""",
             {"size": spec.size}).fetchall()}
+    except duckdb.Error as e:
+        if is_damage(e):  # a damaged block is met by the first query that reads it
+            raise damaged(db_path, e) from None
+        raise
     finally:
         con.close()
     assert tuple(table.column_names) == WINDOW_COLUMNS, table.column_names
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, out)
+    write_parquet(table, out)
     for domain, entry in report.items():
         windows, short, ratings = per_domain.get(domain, (0, 0, 0))
         entry.update(windows=windows, short_windows=short, ratings=int(ratings or 0))

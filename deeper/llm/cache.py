@@ -40,8 +40,9 @@ import numpy as np
 from filelock import FileLock
 from tqdm import tqdm
 
-from deeper.errors import DeeperError
+from deeper.errors import DeeperError, first_line
 from deeper.llm.base import RATINGS, Chat, Generation, RatingGroup, RatingResult, Sampling, stopped_at_limit
+from deeper.outputs import DiskFull, is_disk_full
 
 DB_NAME = "responses.sqlite3"
 BUSY_TIMEOUT_MS = 120_000
@@ -234,6 +235,8 @@ class ResponseStore:
         found = _damage(error)
         if found is not None:
             return found
+        if is_disk_full(error):  # sqlite rolled the write back: the cache holds every finished chunk
+            raise DiskFull(self.path, first_line(error)) from None
         if isinstance(error, sqlite3.OperationalError):
             raise DeeperError(f"response cache {self.path}: {error}") from None
         raise error

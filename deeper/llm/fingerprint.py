@@ -16,7 +16,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from deeper.errors import ConfigError
+from deeper.errors import ConfigError, InputError, first_line
 
 FINGERPRINT_FILE = "fingerprint.txt"
 _CHUNK = 1 << 20
@@ -109,14 +109,69 @@ def resolve_model(name: str, revision: str | None = None, where: str = "model.na
     return ModelSource(name, None, revision, f"hf:{name}@{revision}", False)
 
 
+ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")  # what peft's save_pretrained writes
+REBUILD_ADAPTER = ("restore it (`dvc checkout` from the DVC cache, or `dvc repro` re-runs the train stage that "
+                   "writes it)")
+
+
 def resolve_adapter(adapter: str | Path | None, where: str = "adapter") -> str | None:
-    """The adapter's fingerprint, or None without an adapter; a missing folder is a ConfigError."""
+    """The adapter's fingerprint, or None without an adapter; a missing folder is a ConfigError, a folder with
+    a missing or damaged file an InputError (check_adapter_folder)."""
     if adapter is None:
         return None
     folder = Path(adapter)
     if not (folder / "adapter_config.json").is_file():
         raise ConfigError(where, f"no peft adapter at {adapter} (adapter_config.json missing)")
+    check_adapter_folder(folder)
     return adapter_fingerprint(folder)
+
+
+def check_adapter_folder(folder: str | Path) -> None:
+    """One InputError line, before a model is loaded, for a peft adapter folder peft would fail on with a
+    traceback: adapter_config.json that is not JSON, no weights file, or a safetensors file cut short or with a
+    damaged header (its 8-byte length, JSON header and the tensors' data offsets are checked, not the values)."""
+    import json
+
+    folder = Path(folder)
+    config = folder / "adapter_config.json"
+    try:
+        json.loads(config.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise InputError(config, f"not valid JSON ({first_line(e)}); {REBUILD_ADAPTER}") from None
+    weights = next((folder / name for name in ADAPTER_WEIGHTS if (folder / name).is_file()), None)
+    if weights is None:
+        raise InputError(folder, f"no adapter weights ({' or '.join(ADAPTER_WEIGHTS)} missing); {REBUILD_ADAPTER}")
+    if weights.suffix == ".safetensors":
+        problem = safetensors_problem(weights)
+        if problem:
+            raise InputError(weights, f"damaged: {problem}; {REBUILD_ADAPTER}")
+
+
+def safetensors_problem(path: Path) -> str | None:
+    """What is wrong with a safetensors file's layout (None if nothing): the format is an 8-byte little-endian
+    header length, a JSON header naming each tensor's data_offsets, then the data."""
+    import json
+
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            return f"{size} bytes, shorter than a safetensors header"
+        length = int.from_bytes(head, "little")
+        if length > size - 8:
+            return f"its header says {length} bytes, the file has {size - 8} after the length"
+        try:
+            header = json.loads(f.read(length))
+        except (ValueError, UnicodeDecodeError):
+            return "its header is not JSON"
+    if not isinstance(header, dict):
+        return "its header is not a JSON object"
+    ends = [entry["data_offsets"][1] for name, entry in header.items()
+            if name != "__metadata__" and isinstance(entry, dict) and len(entry.get("data_offsets", ())) == 2]
+    data = size - 8 - length
+    if ends and max(ends) > data:
+        return f"cut short: its tensors need {max(ends)} bytes of data, the file has {data}"
+    return None
 
 
 def combine(weights: str, adapter: str | None, **extra) -> str:

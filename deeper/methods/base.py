@@ -90,7 +90,6 @@ class UpdateMethod(ABC):
     """A persona update method: `update(inputs)` -> one result per input, in order."""
 
     name: str = ""
-    calls_per_update: int = 1  # LLM generate calls per user and update
 
     def __init__(self, llm: LLM, sampling: Sampling, prompts: PromptSet | None = None):
         self.llm = llm
@@ -99,6 +98,11 @@ class UpdateMethod(ABC):
 
     @abstractmethod
     def update(self, inputs: Sequence[UpdateInput]) -> list[UpdateResult]: ...
+
+    @abstractmethod
+    def planned_chats(self, item: UpdateInput) -> list[Chat]:
+        """The chats one update of `item` sends, in order, rendered without a model (an answer a later call
+        needs is stood in for by the old persona): what the cost plan (deeper.plan) counts tokens on."""
 
     def _generate(self, chats: list[Chat]) -> list[str]:
         """One answer per chat (all chats in one backend call)."""
@@ -131,6 +135,9 @@ class SingleCallMethod(UpdateMethod):
     def chat(self, item: UpdateInput) -> Chat:
         """The rendered prompt of one update (the iteration stages train on exactly this prompt)."""
         return self.prompts.render(self.template, **self.values(item))
+
+    def planned_chats(self, item: UpdateInput) -> list[Chat]:
+        return [self.chat(item)]
 
     def update(self, inputs: Sequence[UpdateInput]) -> list[UpdateResult]:
         chats = [self.chat(item) for item in inputs]

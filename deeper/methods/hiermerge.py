@@ -10,32 +10,31 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from deeper.llm.base import Chat
 from deeper.methods.base import FAILED_REASONS, UpdateInput, UpdateMethod, UpdateResult, finish
 from deeper.personas import clean_persona, degenerate_reason
 
 
 class HierMerge(UpdateMethod):
     name = "hiermerge"
-    calls_per_update = 2
+
+    def short_chat(self, item: UpdateInput) -> Chat:
+        return self.prompts.render("hiermerge_short", item_type=item.item_type, ratings=item.current.pairs())
+
+    def merge_chat(self, item: UpdateInput, short_term_persona: str) -> Chat:
+        return self.prompts.render("hiermerge_merge", item_type=item.item_type, long_term_persona=item.persona,
+                                   short_term_persona=short_term_persona)
+
+    def planned_chats(self, item: UpdateInput) -> list[Chat]:
+        return [self.short_chat(item), self.merge_chat(item, item.persona)]
 
     def update(self, inputs: Sequence[UpdateInput]) -> list[UpdateResult]:
-        short_chats = [
-            self.prompts.render("hiermerge_short", item_type=item.item_type, ratings=item.current.pairs())
-            for item in inputs
-        ]
-        short_raw = self._generate(short_chats)
+        short_raw = self._generate([self.short_chat(item) for item in inputs])
         short = [clean_persona(text) for text in short_raw]
         mergeable = [
             i for i, text in enumerate(short) if degenerate_reason(text, min_words=0) not in FAILED_REASONS
         ]
-        merge_chats = [
-            self.prompts.render(
-                "hiermerge_merge", item_type=inputs[i].item_type,
-                long_term_persona=inputs[i].persona, short_term_persona=short[i],
-            )
-            for i in mergeable
-        ]
-        merged = dict(zip(mergeable, self._generate(merge_chats)))
+        merged = dict(zip(mergeable, self._generate([self.merge_chat(inputs[i], short[i]) for i in mergeable])))
         results = []
         for i, item in enumerate(inputs):
             if i not in merged:
