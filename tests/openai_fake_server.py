@@ -15,6 +15,14 @@ It records every request (headers and body), and the largest number of requests 
 key its API does not have (e.g. vLLM's `repetition_penalty`): 400 "Unrecognized request argument supplied".
 `hold_first=k` makes the first k requests wait until k are in flight (or 5 s pass), so a concurrency
 bound shows up in `max_in_flight` whatever the machine's speed.
+
+The Batch API: POST /v1/files (multipart, purpose "batch"), GET /v1/files/<id>/content, POST /v1/batches and
+GET /v1/batches/<id>. A batch answers each line as /v1/chat/completions would; it is "in_progress" for
+`batch_polls` retrieves (its request counts growing), then "completed" with an output file (and an error file
+for failed lines). Scripted batch faults, one per created batch, in order (`batch_faults`): "expire" (the batch
+ends "expired" with only the first half of its lines answered), "fail_line" (its first line fails with a 500
+in the error file), "refuse" (status "failed", the whole input refused). It records uploads, created batches
+and retrieves.
 """
 
 from __future__ import annotations
@@ -25,6 +33,8 @@ import math
 import threading
 import time
 from collections import deque
+from email.parser import BytesParser
+from email.policy import default as email_policy
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 RATING_TOKENS = ["1", "2", "3", "4", "5", " 4", "I", "\n", "The"]
@@ -62,8 +72,12 @@ def generated_text(messages: list[dict], seed, temperature) -> str:
 
 class FakeOpenAIServer:
     def __init__(self, faults=(), hold_first: int = 0, delay: float = 0.0, reply=None, strict: bool = False,
-                 reply_sees_seed: bool = False):
+                 reply_sees_seed: bool = False, batch_polls: int = 1, batch_faults=()):
         self.faults = deque(faults)
+        self.batch_polls, self.batch_faults = batch_polls, deque(batch_faults)
+        self.files: dict[str, bytes] = {}
+        self.batches: dict[str, dict] = {}  # id -> the batch object, plus "_lines", "_fault", "_polls"
+        self.uploads = self.batches_created = self.retrieves = 0
         self.reply, self.strict, self.reply_sees_seed = reply, strict, reply_sees_seed
         self.hold_first, self.delay = hold_first, delay
         self.requests: list[dict] = []
@@ -151,6 +165,79 @@ class FakeOpenAIServer:
             "choices": [choice], "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": 1, "total_tokens": prompt_tokens + 1},
         }).encode()
 
+    # --- the Batch API --------------------------------------------------------------------------------
+
+    def _upload(self, content_type: str, data: bytes) -> tuple[int, bytes]:
+        message = BytesParser(policy=email_policy).parsebytes(
+            f"Content-Type: {content_type}\r\n\r\n".encode() + data)
+        fields = {part.get_param("name", header="content-disposition"): part.get_payload(decode=True)
+                  for part in message.iter_parts()}
+        with self._lock:
+            self.uploads += 1
+            file_id = f"file-{len(self.files) + 1}"
+            self.files[file_id] = fields.get("file") or b""
+        return 200, json.dumps({"id": file_id, "object": "file", "bytes": len(self.files[file_id]), "created_at": 0,
+                                "filename": "requests.jsonl", "purpose": (fields.get("purpose") or b"").decode(),
+                                "status": "processed"}).encode()
+
+    def _create_batch(self, body: dict) -> tuple[int, bytes]:
+        lines = [json.loads(line) for line in self.files[body["input_file_id"]].decode().splitlines() if line.strip()]
+        with self._lock:
+            self.batches_created += 1
+            batch_id = f"batch_{len(self.batches) + 1}"
+            fault = self.batch_faults.popleft() if self.batch_faults else None
+            self.batches[batch_id] = {
+                "id": batch_id, "object": "batch", "endpoint": body["endpoint"], "errors": None,
+                "input_file_id": body["input_file_id"], "completion_window": body["completion_window"],
+                "status": "validating", "output_file_id": None, "error_file_id": None, "created_at": 0,
+                "request_counts": {"total": len(lines), "completed": 0, "failed": 0},
+                "_lines": lines, "_fault": fault, "_polls": 0}
+        return 200, self._batch_json(batch_id)
+
+    def _batch_json(self, batch_id: str) -> bytes:
+        return json.dumps({k: v for k, v in self.batches[batch_id].items() if not k.startswith("_")}).encode()
+
+    def _retrieve_batch(self, batch_id: str) -> tuple[int, bytes]:
+        with self._lock:
+            self.retrieves += 1
+            batch = self.batches.get(batch_id)
+            if batch is None:
+                return 404, b'{"error": {"message": "no such batch"}}'
+            if batch["status"] in ("validating", "in_progress"):
+                batch["_polls"] += 1
+                lines, fault = batch["_lines"], batch["_fault"]
+                if batch["_polls"] < self.batch_polls:
+                    batch["status"] = "in_progress"
+                    batch["request_counts"]["completed"] = len(lines) * batch["_polls"] // (self.batch_polls + 1)
+                elif fault == "refuse":
+                    batch["status"] = "failed"
+                    batch["errors"] = {"object": "list", "data": [{"code": "invalid_json_line", "line": 1,
+                                                                   "message": "line 1 is not valid JSON"}]}
+                else:
+                    self._finish(batch, lines, fault)
+        return 200, self._batch_json(batch_id)
+
+    def _finish(self, batch: dict, lines: list[dict], fault: str | None) -> None:
+        answered = lines[: len(lines) // 2] if fault == "expire" else lines
+        output, errors = [], []
+        for n, line in enumerate(answered):
+            if fault == "fail_line" and n == 0:
+                errors.append({"id": f"req_{n}", "custom_id": line["custom_id"],
+                               "response": {"status_code": 500, "request_id": "r", "body": {}},
+                               "error": {"code": "server_error", "message": "internal error"}})
+                continue
+            status, payload = self._reply(line["body"], None)
+            output.append({"id": f"req_{n}", "custom_id": line["custom_id"],
+                           "response": {"status_code": status, "request_id": "r", "body": json.loads(payload)},
+                           "error": None})
+        for rows, key in ((output, "output_file_id"), (errors, "error_file_id")):
+            if rows:
+                file_id = f"file-{len(self.files) + 1}"
+                self.files[file_id] = "".join(json.dumps(row) + "\n" for row in rows).encode()
+                batch[key] = file_id
+        batch["status"] = "expired" if fault == "expire" else "completed"
+        batch["request_counts"].update(completed=len(output), failed=len(errors))
+
     def _handler(self):
         server = self
 
@@ -158,7 +245,33 @@ class FakeOpenAIServer:
             def log_message(self, *args):  # keep test output quiet
                 pass
 
+            def _send(self, status: int, payload: bytes, content_type: str = "application/json") -> None:
+                self.send_response(status)
+                self.send_header("Content-Type", content_type)
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+
+            def do_GET(self):
+                path = self.path.rstrip("/")
+                if path.startswith("/v1/batches/"):
+                    self._send(*server._retrieve_batch(path.rsplit("/", 1)[1]))
+                elif path.startswith("/v1/files/") and path.endswith("/content"):
+                    data = server.files.get(path.split("/")[3])
+                    self._send(200, data, "application/octet-stream") if data is not None else \
+                        self._send(404, b'{"error": {"message": "no such file"}}')
+                else:
+                    self._send(404, b'{"error": {"message": "not found"}}')
+
             def do_POST(self):
+                path = self.path.rstrip("/")
+                if path in ("/v1/files", "/v1/batches"):
+                    data = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                    if path == "/v1/files":
+                        self._send(*server._upload(self.headers.get("Content-Type", ""), data))
+                    else:
+                        self._send(*server._create_batch(json.loads(data)))
+                    return
                 fault, held = server._enter()
                 try:
                     length = int(self.headers.get("Content-Length", 0))

@@ -43,6 +43,10 @@ NUMBER_RULES = {
     "data_parallel_size": {"integer": True, "low": 1},
     "kv_cache_gib": {"integer": True, "low": 1, "nullable": True},
     "block_size": {"integer": True, "low": 1, "nullable": True},
+    "batch_poll_s": {"low": 0.0},
+    "batch_wait_s": {"low": 0.0},
+    "batch_max_rounds": {"integer": True, "low": 1},
+    "batch_max_requests": {"integer": True, "low": 1, "high": 50_000},  # OpenAI's limit per batch
 }
 
 

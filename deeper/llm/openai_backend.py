@@ -38,6 +38,7 @@ from deeper.llm.scoring import result_from_top_logprobs
 
 PREFILL_MODES = ("assistant", "none")
 TOP_LOGPROBS = 20
+BATCH_CHUNK = 10_000_000  # the response cache's chunk in batch mode: every miss of a stage in one go
 
 
 class MalformedReply(Exception):
@@ -116,10 +117,12 @@ class OpenAILLM:
         timeout: float = 60, max_retries: int = 5, prefill: str = "assistant", batch_size: int | None = None,
         retry_base_delay: float = 1.0, retry_max_delay: float = 60.0, extra_body: dict | None = None,
         send_repetition_penalty: bool = True, rating_extra_body: dict | None = None, adapter: str | None = None,
-        where: str = "model",
+        batch: bool = False, batch_poll_s: float = 30.0, batch_wait_s: float = 86_400.0, batch_max_rounds: int = 3,
+        batch_max_requests: int = 50_000, where: str = "model",
     ):
         import openai
 
+        self.check_settings({"batch": batch}, where)
         if prefill not in PREFILL_MODES:
             raise ConfigError(f"{where}.prefill", f"{prefill!r} is not one of {', '.join(PREFILL_MODES)}")
         if int(concurrency) < 1:
@@ -142,8 +145,13 @@ class OpenAILLM:
         self.rating_extra_body = {**self.extra_body, **(rating_extra_body or {})}
         self.send_repetition_penalty = send_repetition_penalty
         self.concurrency, self.max_retries = int(concurrency), int(max_retries)
-        # chunk size of the response cache (each chunk committed on return): several requests per worker
-        self.batch_size = int(batch_size or 4 * self.concurrency)
+        # chunk size of the response cache (each chunk committed on return): several requests per worker; with
+        # the Batch API one chunk is one batch
+        self.batch = batch
+        # (all of a stage's misses: the batches are split and stored by id in deeper.llm.openai_batch)
+        self.batch_size = int(batch_size or (BATCH_CHUNK if batch else 4 * self.concurrency))
+        self.batch_poll_s, self.batch_wait_s = float(batch_poll_s), float(batch_wait_s)
+        self.batch_max_rounds, self.batch_max_requests = int(batch_max_rounds), int(batch_max_requests)
         self.retry_base_delay, self.retry_max_delay = float(retry_base_delay), float(retry_max_delay)
         self.client = openai.OpenAI(api_key=key, base_url=base_url, timeout=float(timeout), max_retries=0)
         self._errors = openai
@@ -156,6 +164,11 @@ class OpenAILLM:
         self.fingerprint = f"openai:{self.base_url}|{self.model}|{settings}"
         self.counters = Counters()
         self.show_progress = True
+
+    @staticmethod
+    def check_settings(settings: dict, where: str) -> None:
+        if not isinstance(settings.get("batch", False), bool):
+            raise ConfigError(f"{where}.batch", f"must be true or false, got {settings['batch']!r}")
 
     @staticmethod
     def prefill_problem(settings: dict) -> str | None:
@@ -253,8 +266,23 @@ class OpenAILLM:
 
             return call
 
-        flat = self._run_all([job(chat, k) for chat in chats for k in range(n)], "generate")
+        if self.batch:
+            bodies = [{"messages": chat, "temperature": sampling.temperature, "top_p": sampling.top_p,
+                       "max_tokens": sampling.max_new_tokens, "seed": sampling.seed + k, **extra}
+                      for chat in chats for k in range(n)]
+            flat = self._batches().run(bodies, message_text, "generate")
+            missing = [i for i, value in enumerate(flat) if value is None]
+            if missing:
+                raise DeeperError(f"openai backend: {self.base_url} model {self.model}: {len(missing)} of "
+                                  f"{len(flat)} batch requests still failed after {self.batch_max_rounds} batches")
+        else:
+            flat = self._run_all([job(chat, k) for chat in chats for k in range(n)], "generate")
         return [flat[i * n : (i + 1) * n] for i in range(len(chats))]
+
+    def _batches(self):
+        from deeper.llm.openai_batch import BatchRunner
+
+        return BatchRunner(self, lambda attempt: backoff_delay(attempt, self.retry_base_delay, self.retry_max_delay))
 
     def rating_probs(self, groups: list[RatingGroup]) -> list[RatingResult]:
         def job(chat, prefill):
@@ -273,8 +301,14 @@ class OpenAILLM:
 
             return call
 
-        jobs = [job(chat, g.prefill) for g in groups for chat in g.chats]
-        flat = self._run_all(jobs, "rate")
+        if self.batch:  # a line still failed after the batches gets the fallback, as a malformed live reply
+            bodies = [{"messages": rating_messages(chat, g.prefill, self.prefill_mode), "max_tokens": 1,
+                       "temperature": 0.0, "seed": 0, "logprobs": True, "top_logprobs": TOP_LOGPROBS,
+                       **self.rating_extra_body} for g in groups for chat in g.chats]
+            flat = self._batches().run(bodies, top_logprob_pairs, "rate")
+            self.counters.add(failures=sum(value is None for value in flat))
+        else:
+            flat = self._run_all([job(chat, g.prefill) for g in groups for chat in g.chats], "rate")
         results, start = [], 0
         for group in groups:
             rows = flat[start : start + len(group.chats)]
