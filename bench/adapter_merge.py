@@ -33,11 +33,20 @@ from bench.prefix_reuse import PERSONA, machine, window_chats  # one persona for
 from stages._cli import user_errors  # after the repo root is on the path
 
 # A fourth window for the fourth chat: MovieLens 100k ids 31-40.
-GENERATION_WINDOWS = WINDOWS + [[
-    "Crimson Tide (1995)", "Crumb (1994)", "Desperado (1995)", "Doom Generation, The (1995)",
-    "Free Willy 2: The Adventure Home (1995)", "Mad Love (1995)", "Nadja (1994)", "Net, The (1995)",
-    "Strange Days (1995)", "To Wong Foo, Thanks for Everything! Julie Newmar (1995)",
-]]
+GENERATION_WINDOWS = WINDOWS + [
+    [
+        "Crimson Tide (1995)",
+        "Crumb (1994)",
+        "Desperado (1995)",
+        "Doom Generation, The (1995)",
+        "Free Willy 2: The Adventure Home (1995)",
+        "Mad Love (1995)",
+        "Nadja (1994)",
+        "Net, The (1995)",
+        "Strange Days (1995)",
+        "To Wong Foo, Thanks for Everything! Julie Newmar (1995)",
+    ]
+]
 
 
 def refine_chats() -> list[list[dict]]:
@@ -47,8 +56,12 @@ def refine_chats() -> list[list[dict]]:
     prompts = load_prompts()
     return [
         prompts.render(
-            "refine", item_type="movie", old_persona=PERSONA,
-            comparisons=[(title, 1 + (3 * i + w) % 5, 1 + (2 * i + 3 * w) % 5) for i, title in enumerate(titles)],
+            "refine",
+            item_type="movie",
+            old_persona=PERSONA,
+            comparisons=[
+                (title, 1 + (3 * i + w) % 5, 1 + (2 * i + 3 * w) % 5) for i, title in enumerate(titles)
+            ],
         )
         for w, titles in enumerate(GENERATION_WINDOWS)
     ]
@@ -69,14 +82,29 @@ def record_tokens(llm) -> list:
 
 
 @click.command()
-@click.option("--model", default="models/embedded/smollm2-135m", show_default=True,
-              help="HF model folder (the fetch stage's embedded model by default).")
-@click.option("--adapter", default="models/adapters/it1", show_default=True,
-              help="peft LoRA adapter folder trained on that model (the train stage's first iteration by default).")
+@click.option(
+    "--model",
+    default="models/embedded/smollm2-135m",
+    show_default=True,
+    help="HF model folder (the fetch stage's embedded model by default).",
+)
+@click.option(
+    "--adapter",
+    default="models/adapters/it1",
+    show_default=True,
+    help="peft LoRA adapter folder trained on that model (the train stage's first iteration by default).",
+)
 @click.option("--new-tokens", default=64, show_default=True, help="Greedy tokens generated per chat.")
-@click.option("--repeats", default=7, show_default=True, help="Timed runs of each path (medians are reported).")
-@click.option("--out", default="bench/results/adapter_merge.json", show_default=True, type=click.Path(dir_okay=False),
-              help="Where the JSON summary goes.")
+@click.option(
+    "--repeats", default=7, show_default=True, help="Timed runs of each path (medians are reported)."
+)
+@click.option(
+    "--out",
+    default="bench/results/adapter_merge.json",
+    show_default=True,
+    type=click.Path(dir_okay=False),
+    help="Where the JSON summary goes.",
+)
 @user_errors
 def main(model, adapter, new_tokens, repeats, out):
     """Time the merged adapter against the unmerged PeftModel (generation and rating); write a JSON summary."""

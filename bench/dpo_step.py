@@ -58,8 +58,16 @@ def bench_pairs(count: int):
     chats = refine_chats()
     sentences = PERSONA.split(". ")
     rejected = ". ".join(reversed(sentences))
-    rows = [{"context_id": f"c{i}", "prompt": json.dumps(chats[i % len(chats)]), "chosen": PERSONA,
-             "rejected": rejected, "split": "train"} for i in range(count)]
+    rows = [
+        {
+            "context_id": f"c{i}",
+            "prompt": json.dumps(chats[i % len(chats)]),
+            "chosen": PERSONA,
+            "rejected": rejected,
+            "split": "train",
+        }
+        for i in range(count)
+    ]
     return pd.DataFrame(rows)
 
 
@@ -83,8 +91,9 @@ def run_setting(model: str, name: str, steps: int) -> dict:
 
     from deeper.train import TrainConfig, build_trainer, pairs_to_examples
 
-    config = TrainConfig(max_steps=steps, per_device_batch=1, grad_accum=1, max_length=896, lr=1e-4,
-                         **SETTINGS[name])
+    config = TrainConfig(
+        max_steps=steps, per_device_batch=1, grad_accum=1, max_length=896, lr=1e-4, **SETTINGS[name]
+    )
     examples = pairs_to_examples(bench_pairs(steps), "bench")
     step_seconds: list[float] = []
 
@@ -101,9 +110,14 @@ def run_setting(model: str, name: str, steps: int) -> dict:
         build_seconds = time.perf_counter() - started
         trainer.add_callback(StepTimer())
         trainer.train()
-        tokens = [len(p) + max(len(c), len(r)) for p, c, r in zip(
-            trainer.train_dataset["prompt_ids"], trainer.train_dataset["chosen_ids"],
-            trainer.train_dataset["rejected_ids"])]
+        tokens = [
+            len(p) + max(len(c), len(r))
+            for p, c, r in zip(
+                trainer.train_dataset["prompt_ids"],
+                trainer.train_dataset["chosen_ids"],
+                trainer.train_dataset["rejected_ids"],
+            )
+        ]
         # the yardstick: a plain forward of the first pair (chosen and rejected rows) through the base model
         row = trainer.train_dataset[0]
         seqs = [row["prompt_ids"] + row["chosen_ids"], row["prompt_ids"] + row["rejected_ids"]]
@@ -118,23 +132,53 @@ def run_setting(model: str, name: str, steps: int) -> dict:
                 t = time.perf_counter()
                 model_(input_ids=ids, attention_mask=mask)
                 forward_seconds.append(time.perf_counter() - t)
-    return {"step_seconds": step_seconds, "build_seconds": build_seconds, "pair_tokens": tokens,
-            "forward_seconds": forward_seconds,
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    return {
+        "step_seconds": step_seconds,
+        "build_seconds": build_seconds,
+        "pair_tokens": tokens,
+        "forward_seconds": forward_seconds,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
 
 
 @click.command()
-@click.option("--model", default="models/embedded/smollm2-135m", show_default=True,
-              help="HF model folder (the fetch stage's embedded model by default).")
-@click.option("--steps", default=4, show_default=True, help="Pair-steps per setting (the first is a warm-up).")
-@click.option("--epochs", default=3, show_default=True,
-              help="Epochs over which a precomputed reference forward is amortised (the learning check's 3).")
-@click.option("--setting", "only", default=None, type=click.Choice(list(SETTINGS)), hidden=True,
-              help="Run one setting in this process and print its JSON (used by the parent run).")
-@click.option("--settings", "chosen", default=",".join(SETTINGS), show_default=True,
-              help="Comma-separated settings to run (baseline is always run: the ratios need it).")
-@click.option("--out", default="bench/results/dpo_step.json", show_default=True, type=click.Path(dir_okay=False),
-              help="Where the JSON summary goes.")
+@click.option(
+    "--model",
+    default="models/embedded/smollm2-135m",
+    show_default=True,
+    help="HF model folder (the fetch stage's embedded model by default).",
+)
+@click.option(
+    "--steps", default=4, show_default=True, help="Pair-steps per setting (the first is a warm-up)."
+)
+@click.option(
+    "--epochs",
+    default=3,
+    show_default=True,
+    help="Epochs over which a precomputed reference forward is amortised (the learning check's 3).",
+)
+@click.option(
+    "--setting",
+    "only",
+    default=None,
+    type=click.Choice(list(SETTINGS)),
+    hidden=True,
+    help="Run one setting in this process and print its JSON (used by the parent run).",
+)
+@click.option(
+    "--settings",
+    "chosen",
+    default=",".join(SETTINGS),
+    show_default=True,
+    help="Comma-separated settings to run (baseline is always run: the ratios need it).",
+)
+@click.option(
+    "--out",
+    default="bench/results/dpo_step.json",
+    show_default=True,
+    type=click.Path(dir_okay=False),
+    help="Where the JSON summary goes.",
+)
 @user_errors
 def main(model, steps, epochs, only, chosen, out):
     """Time DPO pair-steps under each trainer setting, one process per setting; write a JSON summary."""
@@ -151,20 +195,26 @@ def main(model, steps, epochs, only, chosen, out):
     wanted = {"baseline", *(c.strip() for c in chosen.split(",") if c.strip())}
     unknown = sorted(wanted - set(SETTINGS))
     if unknown:
-        raise click.BadParameter(f"unknown settings {unknown}; choose from {', '.join(SETTINGS)}",
-                                 param_hint="--settings")
+        raise click.BadParameter(
+            f"unknown settings {unknown}; choose from {', '.join(SETTINGS)}", param_hint="--settings"
+        )
     results = {}
     for name in [n for n in SETTINGS if n in wanted]:
         click.echo(f"{name} ...", err=True)
-        proc = subprocess.run([sys.executable, __file__, "--model", model, "--steps", str(steps), "--setting", name],
-                              capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"}, check=False)
+        proc = subprocess.run(
+            [sys.executable, __file__, "--model", model, "--steps", str(steps), "--setting", name],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "TQDM_DISABLE": "1"},
+            check=False,
+        )
         lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
         if proc.returncode or not lines:
             tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
             results[name] = {"error": " | ".join(tail)}
             click.echo(f"  failed: {results[name]['error']}", err=True)
             continue
-        results[name] = json.loads(lines[-1][len("RESULT "):])
+        results[name] = json.loads(lines[-1][len("RESULT ") :])
     base = results.get("baseline", {})
     if "error" in base or not base:
         raise SystemExit("error: the baseline setting failed: " + base.get("error", "no result"))
@@ -175,14 +225,17 @@ def main(model, steps, epochs, only, chosen, out):
             summary_settings[name] = {"error": r["error"]}
             continue
         step = statistics.median(r["step_seconds"][1:])
-        precompute = max(0.0, r["build_seconds"] - base["build_seconds"]) / steps if SETTINGS[name][
-            "precompute_ref_log_probs"] else 0.0
+        precompute = (
+            max(0.0, r["build_seconds"] - base["build_seconds"]) / steps
+            if SETTINGS[name]["precompute_ref_log_probs"]
+            else 0.0
+        )
         per_pair = step + precompute / epochs
         summary_settings[name] = {
             **SETTINGS[name],
             "step_median_s": step,
             "precompute_per_pair_s": precompute,
-            "per_pair_step_s": per_pair,            # the step plus the precompute amortised over the epochs
+            "per_pair_step_s": per_pair,  # the step plus the precompute amortised over the epochs
             "forwards_per_pair_step": per_pair / forward,
             "ratio_to_baseline": per_pair / statistics.median(base["step_seconds"][1:]),
             "peak_rss_mb": r["peak_rss_mb"],
@@ -199,11 +252,14 @@ def main(model, steps, epochs, only, chosen, out):
         "not_benchmarked": {
             "padding_free": "TRL 1.16 disables padding_free (falls back to padding); one pair per step pads nothing",
             "bf16_autocast": ("the CPU has " + ", ".join(sorted(flags & set(BF16_FLAGS))))
-            if flags & set(BF16_FLAGS) else "the CPU has no native bf16 instructions (no avx512_bf16 / amx_bf16 "
-                                             "in lscpu flags): autocast would emulate bf16 and be slower",
+            if flags & set(BF16_FLAGS)
+            else "the CPU has no native bf16 instructions (no avx512_bf16 / amx_bf16 "
+            "in lscpu flags): autocast would emulate bf16 and be slower",
         },
         "machine": machine(),
-        "peft": peft.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
+        "peft": peft.__version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
         "trl": trl.__version__,
     }
     write_json(out, summary, digits=4)
@@ -211,8 +267,10 @@ def main(model, steps, epochs, only, chosen, out):
         if "error" in s:
             click.echo(f"{name:32s} failed: {s['error']}")
         else:
-            click.echo(f"{name:32s} {s['per_pair_step_s']:6.1f} s per pair-step ({s['ratio_to_baseline']:.2f}x the "
-                       f"baseline, {s['forwards_per_pair_step']:.1f} forwards), peak RSS {s['peak_rss_mb']:.0f} MB")
+            click.echo(
+                f"{name:32s} {s['per_pair_step_s']:6.1f} s per pair-step ({s['ratio_to_baseline']:.2f}x the "
+                f"baseline, {s['forwards_per_pair_step']:.1f} forwards), peak RSS {s['peak_rss_mb']:.0f} MB"
+            )
     click.echo(f"wrote {out}")
 
 

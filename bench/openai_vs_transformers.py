@@ -47,8 +47,14 @@ def movie_titles(count: int) -> list[str]:
 
     from deeper.assets import ensure_embedded_dataset
 
-    items = pq.read_table(ensure_embedded_dataset("movielens100k") / "MovieLens100k_items.parquet.brotli",
-                          columns=["movie_id", "movie_title"]).to_pandas().sort_values("movie_id")
+    items = (
+        pq.read_table(
+            ensure_embedded_dataset("movielens100k") / "MovieLens100k_items.parquet.brotli",
+            columns=["movie_id", "movie_title"],
+        )
+        .to_pandas()
+        .sort_values("movie_id")
+    )
     titles = items["movie_title"].tolist()
     if len(titles) < count:
         raise SystemExit(f"error: the dataset has {len(titles)} titles, fewer than {count}")
@@ -64,8 +70,12 @@ def rating_groups(windows: int, items: int):
     titles = movie_titles(windows * items)
     return [
         RatingGroup(
-            [prompts.render("predict_item", persona=f"(User {w + 1}.) {PERSONA}", item_type="movie", item=t)
-             for t in titles[w * items : (w + 1) * items]],
+            [
+                prompts.render(
+                    "predict_item", persona=f"(User {w + 1}.) {PERSONA}", item_type="movie", item=t
+                )
+                for t in titles[w * items : (w + 1) * items]
+            ],
             prefill,
         )
         for w in range(windows)
@@ -83,8 +93,10 @@ def server_versions(python: str) -> dict:
     code = "import llama_cpp, fastapi, uvicorn; print(llama_cpp.__version__, fastapi.__version__, uvicorn.__version__)"
     out = subprocess.run([python, "-c", code], check=False, capture_output=True, text=True)
     if out.returncode != 0:
-        raise SystemExit(f"error: llama-cpp-python is not installed for {python}: run scripts/install_llamacpp.sh "
-                         "or set LLAMACPP_PYTHON")
+        raise SystemExit(
+            f"error: llama-cpp-python is not installed for {python}: run scripts/install_llamacpp.sh "
+            "or set LLAMACPP_PYTHON"
+        )
     llama_cpp, fastapi, uvicorn = out.stdout.split()
     return {"llama_cpp_python": llama_cpp, "fastapi": fastapi, "uvicorn": uvicorn}
 
@@ -99,16 +111,33 @@ def cpu_features(log_path: Path) -> str:
 
 @click.command()
 @click.option("--gguf", default=None, help="GGUF to serve (default: the embedded smollm2-135m).")
-@click.option("--hf-model", default=None, help="The same model as an HF folder (default: the embedded smollm2-135m).")
+@click.option(
+    "--hf-model", default=None, help="The same model as an HF folder (default: the embedded smollm2-135m)."
+)
 @click.option("--windows", default=10, show_default=True, help="Rating windows (one persona each).")
 @click.option("--items", default=10, show_default=True, help="Items per window.")
-@click.option("--n-threads", "n_threads", multiple=True, type=int, default=(1, 2), show_default=True,
-              help="llama.cpp server threads; repeat to time several (one server each).")
-@click.option("--concurrency", default=1, show_default=True,
-              help="openai backend requests in flight (llama-cpp-python answers one at a time).")
+@click.option(
+    "--n-threads",
+    "n_threads",
+    multiple=True,
+    type=int,
+    default=(1, 2),
+    show_default=True,
+    help="llama.cpp server threads; repeat to time several (one server each).",
+)
+@click.option(
+    "--concurrency",
+    default=1,
+    show_default=True,
+    help="openai backend requests in flight (llama-cpp-python answers one at a time).",
+)
 @click.option("--batch-size", default=16, show_default=True, help="transformers backend batch size.")
-@click.option("--out", default="bench/results/openai_vs_transformers.json", show_default=True,
-              type=click.Path(dir_okay=False))
+@click.option(
+    "--out",
+    default="bench/results/openai_vs_transformers.json",
+    show_default=True,
+    type=click.Path(dir_okay=False),
+)
 def main(gguf, hf_model, windows, items, n_threads, concurrency, batch_size, out):
     """Rating throughput (prompts/s) of openai backend + llama.cpp server vs the transformers backend."""
     import numpy as np
@@ -141,15 +170,28 @@ def main(gguf, hf_model, windows, items, n_threads, concurrency, batch_size, out
         log = Path(out).with_suffix(f".server{threads}.log")
         try:
             with launcher.LlamaCppServer(gguf, python=python, n_threads=threads, log_path=log) as server:
-                remote = load_llm({"backend": "openai", "name": MODEL, "base_url": server.base_url,
-                                   "concurrency": concurrency, "timeout": 300})
+                remote = load_llm(
+                    {
+                        "backend": "openai",
+                        "name": MODEL,
+                        "base_url": server.base_url,
+                        "concurrency": concurrency,
+                        "timeout": 300,
+                    }
+                )
                 remote.show_progress = False
                 seconds, served_results = timed_rating(remote, groups)
             features = cpu_features(log)
         finally:
             log.unlink(missing_ok=True)
-        served.append({"n_threads": threads, "seconds": seconds, "prompts_per_s": prompts / seconds,
-                       "failures": remote.counters.failures})
+        served.append(
+            {
+                "n_threads": threads,
+                "seconds": seconds,
+                "prompts_per_s": prompts / seconds,
+                "failures": remote.counters.failures,
+            }
+        )
         click.echo(f"openai + llama.cpp ({threads} threads): {prompts / seconds:.2f} prompts/s", err=True)
 
     local_probs = np.vstack([r.probs for r in local_results])
@@ -165,25 +207,41 @@ def main(gguf, hf_model, windows, items, n_threads, concurrency, batch_size, out
         "prompts": prompts,
         "persona_tokens": persona_tokens,
         "prompt_tokens_mean": float(np.mean(prompt_tokens)),
-        "transformers": {"seconds": local_seconds, "prompts_per_s": local_pps, "batch_size": batch_size,
-                         "torch_threads": torch.get_num_threads(), "prefix_reuse": True},
+        "transformers": {
+            "seconds": local_seconds,
+            "prompts_per_s": local_pps,
+            "batch_size": batch_size,
+            "torch_threads": torch.get_num_threads(),
+            "prefix_reuse": True,
+        },
         "openai_llamacpp": {"concurrency": concurrency, "runs": served},
         "ratio_transformers_over_llamacpp": local_pps / best["prompts_per_s"],
         "agreement": {
             "max_abs_diff_probs": float(diff.max()),
             "mean_abs_diff_probs": float(diff.mean()),
             "argmax_agreement": float((served_probs.argmax(1) == local_probs.argmax(1)).mean()),
-            "max_abs_diff_expected_rating": float(np.abs((served_probs - local_probs) @ np.arange(1, 6)).max()),
-            "digit_mass_mean_transformers": float(np.concatenate([r.digit_mass for r in local_results]).mean()),
+            "max_abs_diff_expected_rating": float(
+                np.abs((served_probs - local_probs) @ np.arange(1, 6)).max()
+            ),
+            "digit_mass_mean_transformers": float(
+                np.concatenate([r.digit_mass for r in local_results]).mean()
+            ),
             "digit_mass_mean_llamacpp": float(np.concatenate([r.digit_mass for r in served_results]).mean()),
         },
         "machine": {
-            "cpu_model": cpu_model(), "cpu_count": os.cpu_count(), "llamacpp_cpu_features": features,
-            "load_average_1m_before": load_before, "load_average_1m_after": os.getloadavg()[0],
+            "cpu_model": cpu_model(),
+            "cpu_count": os.cpu_count(),
+            "llamacpp_cpu_features": features,
+            "load_average_1m_before": load_before,
+            "load_average_1m_after": os.getloadavg()[0],
             "python": platform.python_version(),
         },
-        "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
-                     "openai": openai.__version__, **versions},
+        "versions": {
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "openai": openai.__version__,
+            **versions,
+        },
     }
     write_json(out, summary, digits=4)
     click.echo(

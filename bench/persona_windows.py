@@ -33,14 +33,28 @@ from stages._cli import user_errors  # after the repo root is on the path
 WINDOWS = [
     TITLES,
     [
-        "Seven (Se7en) (1995)", "Usual Suspects, The (1995)", "Mighty Aphrodite (1995)", "Postino, Il (1994)",
-        "Mr. Holland's Opus (1995)", "French Twist (Gazon maudit) (1995)", "From Dusk Till Dawn (1996)",
-        "White Balloon, The (1995)", "Antonia's Line (1995)", "Angels and Insects (1995)",
+        "Seven (Se7en) (1995)",
+        "Usual Suspects, The (1995)",
+        "Mighty Aphrodite (1995)",
+        "Postino, Il (1994)",
+        "Mr. Holland's Opus (1995)",
+        "French Twist (Gazon maudit) (1995)",
+        "From Dusk Till Dawn (1996)",
+        "White Balloon, The (1995)",
+        "Antonia's Line (1995)",
+        "Angels and Insects (1995)",
     ],
     [
-        "Muppet Treasure Island (1996)", "Braveheart (1995)", "Taxi Driver (1976)", "Rumble in the Bronx (1995)",
-        "Birdcage, The (1996)", "Brothers McMullen, The (1995)", "Bad Boys (1995)", "Apollo 13 (1995)",
-        "Batman Forever (1995)", "Belle de jour (1967)",
+        "Muppet Treasure Island (1996)",
+        "Braveheart (1995)",
+        "Taxi Driver (1976)",
+        "Rumble in the Bronx (1995)",
+        "Birdcage, The (1996)",
+        "Brothers McMullen, The (1995)",
+        "Bad Boys (1995)",
+        "Apollo 13 (1995)",
+        "Batman Forever (1995)",
+        "Belle de jour (1967)",
     ],
 ]
 
@@ -49,19 +63,32 @@ def window_chats(titles: list[str]) -> list[list[dict]]:
     """bench/prefix_reuse.py's window (its persona and instructions) with the given titles."""
     system = f"{INSTRUCTIONS}\n\nUser persona:\n{PERSONA}"
     return [
-        [{"role": "system", "content": system},
-         {"role": "user", "content": f'Movie: "{title}"\nHow would this user rate this movie?'}]
+        [
+            {"role": "system", "content": system},
+            {"role": "user", "content": f'Movie: "{title}"\nHow would this user rate this movie?'},
+        ]
         for title in titles
     ]
 
 
 @click.command()
-@click.option("--model", default="models/embedded/smollm2-135m", show_default=True,
-              help="HF model folder (the fetch stage's embedded model by default).")
-@click.option("--repeats", default=7, show_default=True, help="Timed runs of each path (medians are reported).")
+@click.option(
+    "--model",
+    default="models/embedded/smollm2-135m",
+    show_default=True,
+    help="HF model folder (the fetch stage's embedded model by default).",
+)
+@click.option(
+    "--repeats", default=7, show_default=True, help="Timed runs of each path (medians are reported)."
+)
 @click.option("--batch-size", default=16, show_default=True, help="Backend batch size (both paths).")
-@click.option("--out", default="bench/results/persona_windows.json", show_default=True,
-              type=click.Path(dir_okay=False), help="Where the JSON summary goes.")
+@click.option(
+    "--out",
+    default="bench/results/persona_windows.json",
+    show_default=True,
+    type=click.Path(dir_okay=False),
+    help="Where the JSON summary goes.",
+)
 @user_errors
 def main(model, repeats, batch_size, out):
     """Time a persona's 3 windows with a shared PrefixMemo against a fresh one per window; write a JSON summary."""
@@ -112,7 +139,10 @@ def main(model, repeats, batch_size, out):
     max_diff = max(
         float(np.abs(a.probs - b.probs).max()) for a, b in zip(results["shared_memo"], results["fresh_memo"])
     )
-    shared_median, fresh_median = statistics.median(times["shared_memo"]), statistics.median(times["fresh_memo"])
+    shared_median, fresh_median = (
+        statistics.median(times["shared_memo"]),
+        statistics.median(times["fresh_memo"]),
+    )
     windows = len(groups)
     summary = {
         "model": str(model),
@@ -145,8 +175,10 @@ def main(model, repeats, batch_size, out):
     if max_diff > 1e-4:
         raise SystemExit("error: the shared and the fresh memo disagree by more than 1e-4")
     if hits["shared_memo"] != windows - 1 or hits["fresh_memo"] != 0:
-        raise SystemExit(f"error: expected {windows - 1} memo hits per run with the shared memo and none with "
-                         f"fresh ones, got {hits['shared_memo']} and {hits['fresh_memo']}")
+        raise SystemExit(
+            f"error: expected {windows - 1} memo hits per run with the shared memo and none with "
+            f"fresh ones, got {hits['shared_memo']} and {hits['fresh_memo']}"
+        )
 
 
 if __name__ == "__main__":

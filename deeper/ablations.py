@@ -89,7 +89,9 @@ def _dig(data: dict, dotted: str):
 
 def _interval(data: dict, dotted: str, digits: int) -> str:
     value = _dig(data, dotted)
-    if not isinstance(value, dict) or not all(isinstance(value.get(k), (int, float)) for k in ("estimate", "low", "high")):
+    if not isinstance(value, dict) or not all(
+        isinstance(value.get(k), (int, float)) for k in ("estimate", "low", "high")
+    ):
         return "-"
     if any(math.isnan(value[k]) for k in ("estimate", "low", "high")):
         return "-"
@@ -153,5 +155,7 @@ def markdown(rows: list[dict]) -> str:
 
 
 def write(rows: list[dict], out_dir: Path, baseline_rev: str) -> None:
-    write_text(out_dir / "comparison.json", json.dumps({"baseline_rev": baseline_rev, "rows": rows}, indent=2) + "\n")
+    write_text(
+        out_dir / "comparison.json", json.dumps({"baseline_rev": baseline_rev, "rows": rows}, indent=2) + "\n"
+    )
     write_text(out_dir / "comparison.md", markdown(rows))

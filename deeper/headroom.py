@@ -41,7 +41,11 @@ from deeper.prompts import PromptSet
 from deeper.rollout import EvalUser
 
 CONDITIONS = ("none", "shuffled", "own", "oracle", "oracle_all")
-CONTRASTS = {"sensitivity": ("shuffled", "own"), "headroom": ("own", "oracle"), "headroom_all": ("own", "oracle_all")}
+CONTRASTS = {
+    "sensitivity": ("shuffled", "own"),
+    "headroom": ("own", "oracle"),
+    "headroom_all": ("own", "oracle_all"),
+}
 # One row per user and condition (data/headroom/users.parquet).
 COLUMNS = ("domain", "user_id", "condition", "persona", "mae", "spread", "predicted", "actual")
 HEADROOM_KEYS = ("window", "seed")
@@ -60,8 +64,10 @@ class HeadroomSettings:
         window = number(block.get("window", 1), "headroom.window", integer=True, low=1)
         count = get(params, "window.count", None)
         if isinstance(count, int) and window >= count:
-            raise ConfigError("headroom.window", f"W_{window} does not exist: users have window.count={count} "
-                                                 f"windows (W_0 .. W_{count - 1})")
+            raise ConfigError(
+                "headroom.window",
+                f"W_{window} does not exist: users have window.count={count} windows (W_0 .. W_{count - 1})",
+            )
         return cls(window, number(block.get("seed", 0), "headroom.seed", integer=True, low=0))
 
 
@@ -79,7 +85,9 @@ def shuffled_donors(users: Sequence[EvalUser], seed: int) -> tuple[list[int], in
         members = by_domain[domain]
         if len(members) == 1:
             if len(users) < 2:
-                raise ConfigError("evaluate.users", "the shuffled condition needs at least two evaluation users")
+                raise ConfigError(
+                    "evaluate.users", "the shuffled condition needs at least two evaluation users"
+                )
             others = [j for j in range(len(users)) if j != members[0]]
             donors[members[0]] = others[int(rng.integers(len(others)))]
             across += 1
@@ -94,27 +102,42 @@ def check_window(users: Sequence[EvalUser], window: int) -> None:
     """ConfigError naming the first user without W_window (before any model is loaded)."""
     short = [u for u in users if len(u.windows) <= window]
     if short:
-        raise ConfigError("headroom.window", f"W_{window} does not exist: user {short[0].user_id} has windows "
-                                             f"W_0 .. W_{len(short[0].windows) - 1}")
+        raise ConfigError(
+            "headroom.window",
+            f"W_{window} does not exist: user {short[0].user_id} has windows "
+            f"W_0 .. W_{len(short[0].windows) - 1}",
+        )
 
 
 @dataclass
 class HeadroomResult:
-    table: pd.DataFrame  # COLUMNS, one row per user and condition, users in order, conditions in CONDITIONS order
+    table: (
+        pd.DataFrame
+    )  # COLUMNS, one row per user and condition, users in order, conditions in CONDITIONS order
     summary: dict  # metrics/headroom.json
 
 
-def measure(users: Sequence[EvalUser], frozen, prompts: PromptSet, persona: PersonaSettings,
-            predict: PredictSettings, settings: HeadroomSettings, bootstrap: BootstrapSettings,
-            log: Callable[[str], None] | None = None) -> HeadroomResult:
+def measure(
+    users: Sequence[EvalUser],
+    frozen,
+    prompts: PromptSet,
+    persona: PersonaSettings,
+    predict: PredictSettings,
+    settings: HeadroomSettings,
+    bootstrap: BootstrapSettings,
+    log: Callable[[str], None] | None = None,
+) -> HeadroomResult:
     """Every condition's error on W_{settings.window} for every user, and the summary with intervals."""
     w = settings.window
     check_window(users, w)
     donors, across = shuffled_donors(users, settings.seed)
 
     def written_from(user: EvalUser, windows) -> list:
-        return init_chat(prompts, user.item_type, (item for window in windows for item in zip(window.titles,
-                                                                                            window.ratings)))
+        return init_chat(
+            prompts,
+            user.item_type,
+            (item for window in windows for item in zip(window.titles, window.ratings)),
+        )
 
     chats = [written_from(u, [u.windows[w]]) for u in users] + [written_from(u, u.windows) for u in users]
     written = generate_personas(frozen, chats, persona, log=log)
@@ -126,21 +149,35 @@ def measure(users: Sequence[EvalUser], frozen, prompts: PromptSet, persona: Pers
         "oracle": written.personas[:n],
         "oracle_all": written.personas[n:],
     }
-    requests = [WindowRequest(personas[c][i], u.item_type, u.windows[w].titles, u.windows[w].ratings)
-                for c in CONDITIONS for i, u in enumerate(users)]
+    requests = [
+        WindowRequest(personas[c][i], u.item_type, u.windows[w].titles, u.windows[w].ratings)
+        for c in CONDITIONS
+        for i, u in enumerate(users)
+    ]
     predictions, stats = predict_windows(frozen, requests, predict, prompts, progress=f"headroom W_{w}")
 
     rows = []
     for k, (request, prediction) in enumerate(zip(requests, predictions)):
         user = users[k % n]
-        rows.append((user.domain, user.user_id, CONDITIONS[k // n], request.persona, prediction.mae,
-                     float(np.std(prediction.ratings)), [float(x) for x in prediction.ratings],
-                     [float(x) for x in request.actual]))
+        rows.append(
+            (
+                user.domain,
+                user.user_id,
+                CONDITIONS[k // n],
+                request.persona,
+                prediction.mae,
+                float(np.std(prediction.ratings)),
+                [float(x) for x in prediction.ratings],
+                [float(x) for x in request.actual],
+            )
+        )
     table = pd.DataFrame(rows, columns=list(COLUMNS))
     # users x conditions, in the users' order (the bootstrap pairs them by position)
-    mae = {c: table["mae"].to_numpy()[i * n:(i + 1) * n] for i, c in enumerate(CONDITIONS)}
+    mae = {c: table["mae"].to_numpy()[i * n : (i + 1) * n] for i, c in enumerate(CONDITIONS)}
     intervals = paired_means(mae, [u.domain for u in users], bootstrap, CONTRASTS)
-    spread = {c: float(table["spread"].to_numpy()[i * n:(i + 1) * n].mean()) for i, c in enumerate(CONDITIONS)}
+    spread = {
+        c: float(table["spread"].to_numpy()[i * n : (i + 1) * n].mean()) for i, c in enumerate(CONDITIONS)
+    }
     summary = {
         "window": w,
         "users": n,
@@ -158,5 +195,7 @@ def measure(users: Sequence[EvalUser], frozen, prompts: PromptSet, persona: Pers
 def plot_rows(summary: dict) -> list[dict]:
     """plots/headroom.csv: one row per condition, its mean MAE and interval (the `headroom` template draws
     them as points with error bars)."""
-    return [{"condition": c, "mae": v["mae"]["estimate"], "low": v["mae"]["low"], "high": v["mae"]["high"]}
-            for c, v in summary["conditions"].items()]
+    return [
+        {"condition": c, "mae": v["mae"]["estimate"], "low": v["mae"]["low"], "high": v["mae"]["high"]}
+        for c, v in summary["conditions"].items()
+    ]

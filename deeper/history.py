@@ -61,26 +61,36 @@ def render_markdown(rows: list[dict]) -> str:
     out = [f"# Persona history of user {md_escape(first['user_id'])} ({md_escape(first['domain'])})", ""]
     out += ["| round | written | MAE before | words | tokens | created (UTC) |", "|---|---|---|---|---|---|"]
     for row in rows:
-        out.append(f"| {row['round']} | {row['writer']} | {_number(row['mae_before'])} | {row['persona_words']} "
-                   f"| {row['persona_tokens']} | {row['created_at']:%Y-%m-%d %H:%M:%S} |")
+        out.append(
+            f"| {row['round']} | {row['writer']} | {_number(row['mae_before'])} | {row['persona_words']} "
+            f"| {row['persona_tokens']} | {row['created_at']:%Y-%m-%d %H:%M:%S} |"
+        )
     pending = rows[-1].get("pending_after")
     if pending:
         out += ["", f"{pending} newer ratings wait for a full window."]
     previous = None
     for row in rows:
-        summary = (f"{_writer(row)}; MAE before {_number(row['mae_before'])}, {row['persona_words']} words, "
-                   f"{row['persona_tokens']} tokens.")
+        summary = (
+            f"{_writer(row)}; MAE before {_number(row['mae_before'])}, {row['persona_words']} words, "
+            f"{row['persona_tokens']} tokens."
+        )
         out += ["", f"## Round {row['round']}", "", summary, ""]
         out += ["| item | actual | predicted |", "|---|---|---|"]
         predicted = row["predicted"] or [None] * len(row["titles"])
-        out += [f"| {md_escape(t)} | {_rating(a)} | {_rating(p)} |"
-                for t, a, p in zip(row["titles"], row["actual"], predicted)]
+        out += [
+            f"| {md_escape(t)} | {_rating(a)} | {_rating(p)} |"
+            for t, a, p in zip(row["titles"], row["actual"], predicted)
+        ]
         out.append("")
         if previous is None:
             out.append(md_escape(row["persona"]))
         else:
             marks = {"same": "{}", "del": "~~{}~~", "ins": "**{}**"}
-            out.append(" ".join(marks[op].format(md_escape(words)) for op, words in word_diff(previous, row["persona"])))
+            out.append(
+                " ".join(
+                    marks[op].format(md_escape(words)) for op, words in word_diff(previous, row["persona"])
+                )
+            )
         previous = row["persona"]
     return "\n".join(out) + "\n"
 
@@ -103,14 +113,23 @@ def _e(value) -> str:
 def render_html(rows: list[dict]) -> str:
     first = rows[0]
     title = f"Persona history of user {first['user_id']} ({first['domain']})"
-    out = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">', f"<title>{_e(title)}</title>",
-           f"<style>{_STYLE}</style></head><body>", f"<h1>{_e(title)}</h1>",
-           ("<table><tr><th>round</th><th>written</th><th>MAE before</th><th>words</th><th>tokens</th>"
-            "<th>created (UTC)</th></tr>")]
+    out = [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        f"<title>{_e(title)}</title>",
+        f"<style>{_STYLE}</style></head><body>",
+        f"<h1>{_e(title)}</h1>",
+        (
+            "<table><tr><th>round</th><th>written</th><th>MAE before</th><th>words</th><th>tokens</th>"
+            "<th>created (UTC)</th></tr>"
+        ),
+    ]
     for row in rows:
-        out.append(f'<tr><td>{row["round"]}</td><td>{_e(row["writer"])}</td><td>{_number(row["mae_before"])}</td>'
-                   f'<td>{row["persona_words"]}</td><td>{row["persona_tokens"]}</td>'
-                   f'<td>{row["created_at"]:%Y-%m-%d %H:%M:%S}</td></tr>')
+        out.append(
+            f"<tr><td>{row['round']}</td><td>{_e(row['writer'])}</td><td>{_number(row['mae_before'])}</td>"
+            f"<td>{row['persona_words']}</td><td>{row['persona_tokens']}</td>"
+            f"<td>{row['created_at']:%Y-%m-%d %H:%M:%S}</td></tr>"
+        )
     out.append("</table>")
     pending = rows[-1].get("pending_after")
     if pending:
@@ -118,12 +137,16 @@ def render_html(rows: list[dict]) -> str:
     previous = None
     for row in rows:
         out.append(f'<section id="round-{row["round"]}"><h2>Round {row["round"]}</h2>')
-        out.append(f'<p class="meta">{_e(_writer(row))}; MAE before {_number(row["mae_before"])}, '
-                   f'{row["persona_words"]} words, {row["persona_tokens"]} tokens.</p>')
+        out.append(
+            f'<p class="meta">{_e(_writer(row))}; MAE before {_number(row["mae_before"])}, '
+            f"{row['persona_words']} words, {row['persona_tokens']} tokens.</p>"
+        )
         out.append("<table><tr><th>item</th><th>actual</th><th>predicted</th></tr>")
         predicted = row["predicted"] or [None] * len(row["titles"])
-        out += [f"<tr><td>{_e(t)}</td><td>{_rating(a)}</td><td>{_rating(p)}</td></tr>"
-                for t, a, p in zip(row["titles"], row["actual"], predicted)]
+        out += [
+            f"<tr><td>{_e(t)}</td><td>{_rating(a)}</td><td>{_rating(p)}</td></tr>"
+            for t, a, p in zip(row["titles"], row["actual"], predicted)
+        ]
         out.append("</table>")
         if previous is None:
             body = _e(row["persona"])

@@ -45,7 +45,15 @@ from deeper.tables import first_bad_row, read_parquet_checked, read_windows
 OFFSETS = dict(zip(PARTS, (-1, 0, 1)))
 # `predicted`: the ratings of W_t predicted with the old persona (the O_t half the prompt shows).
 CONTEXT_COLUMNS = (
-    "context_id", "domain", "user_id", "t", "item_type", "persona_old", "predicted", "prompt", *OLD_COLUMNS,
+    "context_id",
+    "domain",
+    "user_id",
+    "t",
+    "item_type",
+    "persona_old",
+    "predicted",
+    "prompt",
+    *OLD_COLUMNS,
 )
 SAMPLE_COLUMNS = ("context_id", "sample", "text", "words", "flag")
 PERSONA_COLUMNS = ("domain", "user_id", "split", "persona")
@@ -121,7 +129,9 @@ class State:
 def user_windows(windows: pd.DataFrame, split: str = "train") -> list[UserWindows]:
     """The users of `split` with all their windows, from a table validated by `deeper.tables.read_windows`."""
     users = []
-    for (domain, user_id), rows in windows[windows["split"] == split].groupby(["domain", "user_id"], sort=True):
+    for (domain, user_id), rows in windows[windows["split"] == split].groupby(
+        ["domain", "user_id"], sort=True
+    ):
         windows_of_user = tuple(
             Window(titles=tuple(w["title"]), ratings=tuple(float(r) for r in w["rating"]))
             for _, w in rows.groupby("window", sort=True)
@@ -171,7 +181,9 @@ def states_from_personas(users: Sequence[UserWindows], personas: dict[tuple[str,
 def _window_requests(state: State) -> list[WindowRequest]:
     """Requests for W_{t-1}, W_t, W_{t+1} (in PARTS order) with the state's persona."""
     return [
-        WindowRequest(persona=state.persona, item_type=state.user.item_type, titles=w.titles, actual=w.ratings)
+        WindowRequest(
+            persona=state.persona, item_type=state.user.item_type, titles=w.titles, actual=w.ratings
+        )
         for w in (state.user.windows[state.t + o] for o in OFFSETS.values())
     ]
 
@@ -179,8 +191,10 @@ def _window_requests(state: State) -> list[WindowRequest]:
 def update_input(state: State, predictions: Sequence[float]) -> UpdateInput:
     """The refine method's input: S_{t-1}, the history up to W_t and the ratings predicted for W_t."""
     return UpdateInput(
-        item_type=state.user.item_type, persona=state.persona,
-        history=tuple(state.user.windows[: state.t + 1]), predictions=tuple(float(p) for p in predictions),
+        item_type=state.user.item_type,
+        persona=state.persona,
+        history=tuple(state.user.windows[: state.t + 1]),
+        predictions=tuple(float(p) for p in predictions),
     )
 
 
@@ -191,8 +205,12 @@ def refine_chat(item: UpdateInput, prompts: PromptSet, update: type = Refine) ->
 
 
 def build_contexts(
-    states: Sequence[State], frozen: LLM, settings: PredictSettings, prompts: PromptSet | None = None,
-    progress: str | None = "contexts: predict with the old personas", update: type = Refine,
+    states: Sequence[State],
+    frozen: LLM,
+    settings: PredictSettings,
+    prompts: PromptSet | None = None,
+    progress: str | None = "contexts: predict with the old personas",
+    update: type = Refine,
 ) -> tuple[pd.DataFrame, PredictStats]:
     """One context per state: the old persona's three errors and the prompt of `update` (CONTEXT_COLUMNS)."""
     prompts = prompts or load_prompts()
@@ -202,13 +220,19 @@ def build_contexts(
     for i, state in enumerate(states):
         mine = dict(zip(PARTS, preds[3 * i : 3 * i + 3]))
         item = update_input(state, mine["curr"].ratings)
-        rows.append({
-            "context_id": context_id(state.user.domain, state.user.user_id, state.t),
-            "domain": state.user.domain, "user_id": state.user.user_id, "t": state.t,
-            "item_type": state.user.item_type, "persona_old": state.persona, "predicted": list(item.predictions),
-            "prompt": json.dumps(refine_chat(item, prompts, update), ensure_ascii=False),
-            **{col: float(mine[part].mae) for part, col in zip(PARTS, OLD_COLUMNS)},
-        })
+        rows.append(
+            {
+                "context_id": context_id(state.user.domain, state.user.user_id, state.t),
+                "domain": state.user.domain,
+                "user_id": state.user.user_id,
+                "t": state.t,
+                "item_type": state.user.item_type,
+                "persona_old": state.persona,
+                "predicted": list(item.predictions),
+                "prompt": json.dumps(refine_chat(item, prompts, update), ensure_ascii=False),
+                **{col: float(mine[part].mae) for part, col in zip(PARTS, OLD_COLUMNS)},
+            }
+        )
     return pd.DataFrame(rows, columns=list(CONTEXT_COLUMNS)), stats
 
 
@@ -223,7 +247,11 @@ def read_contexts(path: str | Path) -> pd.DataFrame:
             chat = json.loads(prompt)
         except (TypeError, json.JSONDecodeError):
             chat = None
-        if not (isinstance(chat, list) and chat and all(isinstance(m, dict) and {"role", "content"} <= set(m) for m in chat)):
+        if not (
+            isinstance(chat, list)
+            and chat
+            and all(isinstance(m, dict) and {"role", "content"} <= set(m) for m in chat)
+        ):
             raise InputError(path, "prompt is not a JSON list of chat messages", i)
     return df
 
@@ -232,8 +260,13 @@ REFINED_COLUMNS = (*PERSONA_COLUMNS, "t", "context_id", "failure", "flag")
 
 
 def refine_personas(
-    contexts: pd.DataFrame, users: Sequence[UserWindows], policy: LLM, sampling: Sampling,
-    prompts: PromptSet | None = None, source: str = "contexts", update: type = Refine,
+    contexts: pd.DataFrame,
+    users: Sequence[UserWindows],
+    policy: LLM,
+    sampling: Sampling,
+    prompts: PromptSet | None = None,
+    source: str = "contexts",
+    update: type = Refine,
 ) -> tuple[pd.DataFrame, dict]:
     """The policy refines each context's old persona once, S_{t-1} -> S_t (REFINED_COLUMNS; `t` is the step
     the new persona is the old persona of, `context_id` the context it was refined from).
@@ -249,19 +282,33 @@ def refine_personas(
             raise InputError(source, f"context {row.context_id}: user not in the windows file", row_number)
         item = update_input(State(user, int(row.t), row.persona_old), row.predicted)
         if refine_chat(item, prompts, update) != json.loads(row.prompt):
-            raise InputError(source, f"context {row.context_id}: prompt differs from its persona and windows", row_number)
+            raise InputError(
+                source, f"context {row.context_id}: prompt differs from its persona and windows", row_number
+            )
         items.append(item)
     results = update(policy, sampling, prompts).update(items)
-    out = pd.DataFrame({
-        "domain": contexts["domain"].to_numpy(), "user_id": contexts["user_id"].to_numpy(), "split": "train",
-        "persona": [r.persona for r in results], "t": contexts["t"].to_numpy() + 1,
-        "context_id": contexts["context_id"].to_numpy(), "failure": [r.failure for r in results],
-        "flag": [r.flag for r in results],
-    }, columns=list(REFINED_COLUMNS))
-    counts = {"refined": len(out), **{r: int((out["failure"] == r).sum()) for r in FAILED_REASONS},
-              **{r: int((out["flag"] == r).sum()) for r in FLAGGED_REASONS},
-              "words": float(out["persona"].map(count_words).mean()) if len(out) else None}
-    counts.update(limit_counts(answer for r in results for answer in r.generated))  # answers cut at max_new_tokens
+    out = pd.DataFrame(
+        {
+            "domain": contexts["domain"].to_numpy(),
+            "user_id": contexts["user_id"].to_numpy(),
+            "split": "train",
+            "persona": [r.persona for r in results],
+            "t": contexts["t"].to_numpy() + 1,
+            "context_id": contexts["context_id"].to_numpy(),
+            "failure": [r.failure for r in results],
+            "flag": [r.flag for r in results],
+        },
+        columns=list(REFINED_COLUMNS),
+    )
+    counts = {
+        "refined": len(out),
+        **{r: int((out["failure"] == r).sum()) for r in FAILED_REASONS},
+        **{r: int((out["flag"] == r).sum()) for r in FLAGGED_REASONS},
+        "words": float(out["persona"].map(count_words).mean()) if len(out) else None,
+    }
+    counts.update(
+        limit_counts(answer for r in results for answer in r.generated)
+    )  # answers cut at max_new_tokens
     return out, counts
 
 
@@ -276,7 +323,9 @@ def clean_candidate(raw: str) -> tuple[str, str | None]:
     return text, degenerate_reason(text, min_words=0)
 
 
-def sample_candidates(contexts: pd.DataFrame, policy: LLM, n: int, sampling: Sampling) -> tuple[pd.DataFrame, dict]:
+def sample_candidates(
+    contexts: pd.DataFrame, policy: LLM, n: int, sampling: Sampling
+) -> tuple[pd.DataFrame, dict]:
     """n candidate refinements per context (SAMPLE_COLUMNS) and counts for metrics.
 
     All chats go to the policy in one call (a CachedLLM chunks, shows progress and resumes); sample k of a
@@ -286,8 +335,13 @@ def sample_candidates(contexts: pd.DataFrame, policy: LLM, n: int, sampling: Sam
     ids = list(contexts["context_id"])
     old = dict(zip(ids, contexts["persona_old"]))
     rows = []
-    counts = {"contexts": len(ids), "requested": len(ids) * n, **dict.fromkeys(FAILED_REASONS + FLAGGED_REASONS, 0),
-              "duplicate_texts": 0, "copies_old_persona": 0}
+    counts = {
+        "contexts": len(ids),
+        "requested": len(ids) * n,
+        **dict.fromkeys(FAILED_REASONS + FLAGGED_REASONS, 0),
+        "duplicate_texts": 0,
+        "copies_old_persona": 0,
+    }
     answers = policy.generate(chats, n, sampling)
     # every requested candidate, kept or dropped, that reached max_new_tokens (cut short)
     counts.update(limit_counts(text for texts in answers for text in texts))
@@ -304,11 +358,17 @@ def sample_candidates(contexts: pd.DataFrame, policy: LLM, n: int, sampling: Sam
             counts["duplicate_texts"] += text in seen
             counts["copies_old_persona"] += text == clean_persona(old[cid])
             seen.add(text)
-            rows.append({"context_id": cid, "sample": k, "text": text, "words": count_words(text), "flag": reason})
+            rows.append(
+                {"context_id": cid, "sample": k, "text": text, "words": count_words(text), "flag": reason}
+            )
     samples = pd.DataFrame(rows, columns=list(SAMPLE_COLUMNS))
     counts["kept"] = len(samples)
     words = samples["words"]
-    counts["words"] = {"mean": float(words.mean()), "min": int(words.min()), "max": int(words.max())} if len(samples) else {}
+    counts["words"] = (
+        {"mean": float(words.mean()), "min": int(words.min()), "max": int(words.max())}
+        if len(samples)
+        else {}
+    )
     return samples, counts
 
 
@@ -320,7 +380,11 @@ def read_samples(path: str | Path, contexts: pd.DataFrame) -> pd.DataFrame:
         raise InputError(path, "duplicate (context_id, sample)", first_bad_row(dup))
     unknown = ~df["context_id"].isin(contexts["context_id"])
     if unknown.any():
-        raise InputError(path, f"context {df['context_id'][unknown].iloc[0]!r} is not in the contexts file", first_bad_row(unknown))
+        raise InputError(
+            path,
+            f"context {df['context_id'][unknown].iloc[0]!r} is not in the contexts file",
+            first_bad_row(unknown),
+        )
     bad = ~df["text"].map(lambda v: isinstance(v, str) and v.strip() != "")
     if bad.any():
         raise InputError(path, "text is missing or empty", first_bad_row(bad))
@@ -328,8 +392,12 @@ def read_samples(path: str | Path, contexts: pd.DataFrame) -> pd.DataFrame:
 
 
 def candidate_errors(
-    contexts: pd.DataFrame, samples: pd.DataFrame, users: Sequence[UserWindows], frozen: LLM,
-    settings: PredictSettings, prompts: PromptSet | None = None,
+    contexts: pd.DataFrame,
+    samples: pd.DataFrame,
+    users: Sequence[UserWindows],
+    frozen: LLM,
+    settings: PredictSettings,
+    prompts: PromptSet | None = None,
     progress: str | None = "rewards: predict with the candidates",
 ) -> tuple[pd.DataFrame, PredictStats]:
     """Each candidate's errors on its context's W_{t-1}, W_t, W_{t+1} (new_eps_*), beside the old persona's
@@ -341,7 +409,10 @@ def candidate_errors(
         row = ctx.loc[cid]
         user = by_user.get((row["domain"], row["user_id"]))
         if user is None or len(user.windows) < int(row["t"]) + 2:
-            raise InputError("contexts", f"context {cid}: windows {int(row['t']) - 1}..{int(row['t']) + 1} not in the windows file")
+            raise InputError(
+                "contexts",
+                f"context {cid}: windows {int(row['t']) - 1}..{int(row['t']) + 1} not in the windows file",
+            )
         requests.extend(_window_requests(State(user, int(row["t"]), text)))
     preds, stats = predict_windows(frozen, requests, settings, prompts or load_prompts(), progress=progress)
     out = samples[["context_id", "sample", "text"]].reset_index(drop=True)

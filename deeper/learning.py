@@ -35,25 +35,35 @@ def completion_logps(llm, pairs: pd.DataFrame) -> np.ndarray:
     model, tokenizer = llm.model, llm.tokenizer
     out = np.zeros((len(pairs), 2))
     with torch.no_grad():
-        for i, (prompt, chosen, rejected) in enumerate(zip(pairs["prompt"], pairs["chosen"], pairs["rejected"])):
+        for i, (prompt, chosen, rejected) in enumerate(
+            zip(pairs["prompt"], pairs["chosen"], pairs["rejected"])
+        ):
             messages = json.loads(prompt)
             head = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
             head_ids = tokenizer(head, add_special_tokens=False)["input_ids"]
             for j, completion in enumerate((chosen, rejected)):
-                whole = tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": completion}],
-                                                      tokenize=False)
+                whole = tokenizer.apply_chat_template(
+                    messages + [{"role": "assistant", "content": completion}], tokenize=False
+                )
                 ids = tokenizer(whole, add_special_tokens=False)["input_ids"]
-                if ids[:len(head_ids)] != head_ids:
-                    raise ValueError("the chat template renders the prompt differently with an answer after it")
+                if ids[: len(head_ids)] != head_ids:
+                    raise ValueError(
+                        "the chat template renders the prompt differently with an answer after it"
+                    )
                 tensor = torch.tensor([ids], device=model.device)
                 logits = model(input_ids=tensor).logits[0, :-1].float()
                 logps = torch.log_softmax(logits, -1).gather(-1, tensor[0, 1:, None])[:, 0]
-                out[i, j] = float(logps[len(head_ids) - 1:].sum())
+                out[i, j] = float(logps[len(head_ids) - 1 :].sum())
     return out
 
 
-def preference_report(policy: np.ndarray, base: np.ndarray, contexts: Sequence[str], beta: float,
-                      bootstrap: BootstrapSettings | None = None) -> dict:
+def preference_report(
+    policy: np.ndarray,
+    base: np.ndarray,
+    contexts: Sequence[str],
+    beta: float,
+    bootstrap: BootstrapSettings | None = None,
+) -> dict:
     """policy, base: completion_logps of the same pairs. Point estimates and intervals (resampling contexts) of
     the policy's and the base's preference accuracy, their difference, the implicit reward margin and the
     reward accuracy."""
@@ -63,9 +73,13 @@ def preference_report(policy: np.ndarray, base: np.ndarray, contexts: Sequence[s
     policy_right = (policy[:, 0] > policy[:, 1]).astype(float)
     base_right = (base[:, 0] > base[:, 1]).astype(float)
     margin = beta * ((policy[:, 0] - base[:, 0]) - (policy[:, 1] - base[:, 1]))
-    values = {"policy_accuracy": policy_right, "base_accuracy": base_right,
-              "accuracy_gain": policy_right - base_right, "implicit_margin": margin,
-              "reward_accuracy": (margin > 0).astype(float)}
+    values = {
+        "policy_accuracy": policy_right,
+        "base_accuracy": base_right,
+        "accuracy_gain": policy_right - base_right,
+        "implicit_margin": margin,
+        "reward_accuracy": (margin > 0).astype(float),
+    }
     rng = np.random.default_rng(bootstrap.seed)
     draws = rng.integers(0, len(names), size=(bootstrap.resamples, len(names)))
     counts = np.stack([np.bincount(d, minlength=len(names)) for d in draws])  # (resamples, contexts)
@@ -78,17 +92,39 @@ def preference_report(policy: np.ndarray, base: np.ndarray, contexts: Sequence[s
     return out
 
 
-def world_users(catalog: Sequence[tuple[str, frozenset[str]]], genres: Sequence[str], users: int, windows: int,
-                size: int, seed: int, noise: float = 0.5, domain: str = "tastes", id_prefix: str = "u",
-                loved: str | None = None) -> list[tuple[UserWindows, Tastes]]:
+def world_users(
+    catalog: Sequence[tuple[str, frozenset[str]]],
+    genres: Sequence[str],
+    users: int,
+    windows: int,
+    size: int,
+    seed: int,
+    noise: float = 0.5,
+    domain: str = "tastes",
+    id_prefix: str = "u",
+    loved: str | None = None,
+) -> list[tuple[UserWindows, Tastes]]:
     """deeper.diagnostic.synthetic_users as the pipeline's users (UserWindows of item type movie)."""
     made = synthetic_users(catalog, genres, users, windows, size, seed, noise, id_prefix, loved)
-    return [(UserWindows(domain, u.user_id, "movie",
-                         tuple(Window(titles=tuple(t for t, _ in w), ratings=tuple(r for _, r in w)) for w in u.windows)),
-             u.tastes) for u in made]
+    return [
+        (
+            UserWindows(
+                domain,
+                u.user_id,
+                "movie",
+                tuple(
+                    Window(titles=tuple(t for t, _ in w), ratings=tuple(r for _, r in w)) for w in u.windows
+                ),
+            ),
+            u.tastes,
+        )
+        for u in made
+    ]
 
 
-def first_update_contrasts(table: pd.DataFrame, refiners: dict[str, str], bootstrap: BootstrapSettings) -> dict:
+def first_update_contrasts(
+    table: pd.DataFrame, refiners: dict[str, str], bootstrap: BootstrapSettings
+) -> dict:
     """The held-out first-update reward r (plots/first_update_reward.csv: method, part, domain, user_id, reward)
     of several refiners on the same evaluation users: each one's mean and every refiner minus the first, with
     paired intervals over users (deeper.bootstrap.paired_means). `refiners`: {label: method}, the first the base."""

@@ -35,9 +35,11 @@ class DiskFull(DeeperError):
 
     def __init__(self, path, detail: str = ""):
         self.path = str(path)
-        super().__init__(f"{path}: no space left on the device{f' ({detail})' if detail else ''}; nothing "
-                         f"half-written was left, the previous file (if any) is kept: free space and re-run "
-                         f"(finished model calls are in the response cache)")
+        super().__init__(
+            f"{path}: no space left on the device{f' ({detail})' if detail else ''}; nothing "
+            f"half-written was left, the previous file (if any) is kept: free space and re-run "
+            f"(finished model calls are in the response cache)"
+        )
 
 
 def is_disk_full(error: BaseException) -> bool:

@@ -50,8 +50,17 @@ from deeper.tables import first_bad_row, read_parquet_checked
 CANDIDATE_COLUMNS = ("context_id", "prompt", "sample", "text", "r")
 REWARD_COLUMNS = ("context_id", "sample", "text", "r")  # what pairing reads of the reward stage's output
 PAIR_COLUMNS = (
-    "context_id", "prompt", "chosen", "rejected", "chosen_reward", "rejected_reward", "margin", "split",
-    "chosen_sample", "rejected_sample", "iteration",
+    "context_id",
+    "prompt",
+    "chosen",
+    "rejected",
+    "chosen_reward",
+    "rejected_reward",
+    "margin",
+    "split",
+    "chosen_sample",
+    "rejected_sample",
+    "iteration",
 )
 STRATEGIES = ("largest_margin", "best_vs_worst", "all")
 REPLAY_ORDERS = ("largest_margin", "random")  # iter2.replay_order
@@ -88,8 +97,13 @@ class PairConfig:
         """Iteration 1 uses the top-level delta, iteration 2 `iter2.delta` (paper: 0.5 then 0.8)."""
         delta_key = "delta" if iteration == 1 else "iter2.delta"
         tau_pos, tau_neg = thresholds_from_params(params)
-        return cls(tau_pos=tau_pos, tau_neg=tau_neg, delta=param(params, delta_key, low=0.0), delta_key=delta_key,
-                   **pair_block_from_params(params))
+        return cls(
+            tau_pos=tau_pos,
+            tau_neg=tau_neg,
+            delta=param(params, delta_key, low=0.0),
+            delta_key=delta_key,
+            **pair_block_from_params(params),
+        )
 
 
 def check_strategy(strategy) -> str:
@@ -101,8 +115,10 @@ def check_strategy(strategy) -> str:
 def pair_block_from_params(params: dict) -> dict:
     """params `pair` (how pairs are chosen and split), checked: strategy, max_per_context, val_fraction, seed."""
     mapping(get(params, "pair"), "pair", known=("strategy", *PAIR_RULES))
-    return {"strategy": check_strategy(get(params, "pair.strategy")),
-            **{name: param(params, f"pair.{name}", **rule) for name, rule in PAIR_RULES.items()}}
+    return {
+        "strategy": check_strategy(get(params, "pair.strategy")),
+        **{name: param(params, f"pair.{name}", **rule) for name, rule in PAIR_RULES.items()},
+    }
 
 
 def check_thresholds(tau_pos: float, tau_neg: float) -> tuple[float, float]:
@@ -111,8 +127,11 @@ def check_thresholds(tau_pos: float, tau_neg: float) -> tuple[float, float]:
     positive and negative)."""
     tau_pos, tau_neg = number(tau_pos, "tau_pos"), number(tau_neg, "tau_neg")
     if not tau_pos - tau_neg > 2 * THRESHOLD_TOLERANCE:
-        raise ConfigError("tau_neg", f"must be below tau_pos by more than {2 * THRESHOLD_TOLERANCE:g} "
-                                     f"(got tau_neg {tau_neg}, tau_pos {tau_pos})")
+        raise ConfigError(
+            "tau_neg",
+            f"must be below tau_pos by more than {2 * THRESHOLD_TOLERANCE:g} "
+            f"(got tau_neg {tau_neg}, tau_pos {tau_pos})",
+        )
     return tau_pos, tau_neg
 
 
@@ -141,8 +160,11 @@ def read_candidates(rewards_path: str | Path, contexts: pd.DataFrame, contexts_s
     rewards = read_parquet_checked(path, REWARD_COLUMNS, "run `dvc repro reward` first")[list(REWARD_COLUMNS)]
     unknown = ~rewards["context_id"].isin(contexts["context_id"])
     if unknown.any():
-        raise InputError(path, f"context {rewards['context_id'][unknown].iloc[0]!r} is not in {contexts_source}",
-                         first_bad_row(unknown))
+        raise InputError(
+            path,
+            f"context {rewards['context_id'][unknown].iloc[0]!r} is not in {contexts_source}",
+            first_bad_row(unknown),
+        )
     return rewards.merge(contexts[["context_id", "prompt"]], on="context_id", how="left")
 
 
@@ -177,7 +199,9 @@ def validate_candidates(candidates: pd.DataFrame, source: str) -> pd.DataFrame:
     dup = df.duplicated(["context_id", "sample"])
     if dup.any():
         row = int(np.flatnonzero(dup.to_numpy())[0])
-        raise InputError(source, f"context {df['context_id'][row]!r} has sample {df['sample'][row]} twice", row + 1)
+        raise InputError(
+            source, f"context {df['context_id'][row]!r} has sample {df['sample'][row]} twice", row + 1
+        )
     prompts = df.groupby("context_id")["prompt"].nunique()
     if (prompts > 1).any():
         ctx = prompts[prompts > 1].index[0]
@@ -186,36 +210,56 @@ def validate_candidates(candidates: pd.DataFrame, source: str) -> pd.DataFrame:
     return df
 
 
-def select_pairs(candidates: pd.DataFrame, config: PairConfig, source: str = "candidates",
-                 iteration: int = 1) -> tuple[pd.DataFrame, dict]:
+def select_pairs(
+    candidates: pd.DataFrame, config: PairConfig, source: str = "candidates", iteration: int = 1
+) -> tuple[pd.DataFrame, dict]:
     """Pairs of one iteration (split column not set yet) and counts for the summary."""
     df = validate_candidates(candidates, source)
     scored = df[df["r"].notna()]
-    unique = scored.sort_values(["context_id", "sample"]).drop_duplicates(["context_id", "text"], keep="first")
+    unique = scored.sort_values(["context_id", "sample"]).drop_duplicates(
+        ["context_id", "text"], keep="first"
+    )
     pos = unique[is_positive(unique["r"], config.tau_pos)]
     neg = unique[is_negative(unique["r"], config.tau_neg)]
     combos = pos.merge(neg[["context_id", "sample", "text", "r"]], on="context_id", suffixes=("_w", "_l"))
     combos["margin"] = combos["r_w"] - combos["r_l"]
     combos = combos[combos["margin"] >= config.delta - THRESHOLD_TOLERANCE]
     combos = (
-        combos.assign(_margin_key=combos["margin"].round(MARGIN_DECIMALS), _reward_key=combos["r_w"].round(MARGIN_DECIMALS))
-        .sort_values(["context_id", "_margin_key", "_reward_key", "sample_w", "sample_l"],
-                     ascending=[True, False, False, True, True], kind="mergesort")
+        combos.assign(
+            _margin_key=combos["margin"].round(MARGIN_DECIMALS),
+            _reward_key=combos["r_w"].round(MARGIN_DECIMALS),
+        )
+        .sort_values(
+            ["context_id", "_margin_key", "_reward_key", "sample_w", "sample_l"],
+            ascending=[True, False, False, True, True],
+            kind="mergesort",
+        )
         .reset_index(drop=True)
     )
     if config.strategy == "all":
-        chosen = combos if config.max_per_context is None else combos.groupby("context_id").head(config.max_per_context)
+        chosen = (
+            combos
+            if config.max_per_context is None
+            else combos.groupby("context_id").head(config.max_per_context)
+        )
     else:
         cap = 1 if config.strategy == "best_vs_worst" else config.max_per_context
         chosen = combos.loc[_greedy_disjoint(combos, cap)]
-    pairs = pd.DataFrame({
-        "context_id": chosen["context_id"], "prompt": chosen["prompt"],
-        "chosen": chosen["text_w"], "rejected": chosen["text_l"],
-        "chosen_reward": chosen["r_w"].astype(float), "rejected_reward": chosen["r_l"].astype(float),
-        "margin": chosen["margin"].astype(float), "split": "",
-        "chosen_sample": chosen["sample_w"].astype(np.int64), "rejected_sample": chosen["sample_l"].astype(np.int64),
-        "iteration": np.int64(iteration),
-    }).reset_index(drop=True)
+    pairs = pd.DataFrame(
+        {
+            "context_id": chosen["context_id"],
+            "prompt": chosen["prompt"],
+            "chosen": chosen["text_w"],
+            "rejected": chosen["text_l"],
+            "chosen_reward": chosen["r_w"].astype(float),
+            "rejected_reward": chosen["r_l"].astype(float),
+            "margin": chosen["margin"].astype(float),
+            "split": "",
+            "chosen_sample": chosen["sample_w"].astype(np.int64),
+            "rejected_sample": chosen["sample_l"].astype(np.int64),
+            "iteration": np.int64(iteration),
+        }
+    ).reset_index(drop=True)
     counts = {
         "candidates": len(df),
         "unscored": int(len(df) - len(scored)),
@@ -271,9 +315,14 @@ def assign_splits(pairs: pd.DataFrame, val_fraction: float, seed: int) -> pd.Dat
 PAIR_IDENTITY = ["context_id", "chosen", "rejected"]  # one pair, however often it is chosen
 
 
-def select_replay(previous_pairs: pd.DataFrame, min_margin: float, max_pairs: int | None,
-                  exclude: pd.DataFrame | None = None, order: str = "largest_margin",
-                  seed: int = 0) -> tuple[pd.DataFrame, int]:
+def select_replay(
+    previous_pairs: pd.DataFrame,
+    min_margin: float,
+    max_pairs: int | None,
+    exclude: pd.DataFrame | None = None,
+    order: str = "largest_margin",
+    seed: int = 0,
+) -> tuple[pd.DataFrame, int]:
     """Iteration-1 pairs with margin > min_margin, at most max_pairs (null: all) chosen by `order` (the largest
     margins, or a sample seeded by `seed`), written largest first, and how many
     of them were left out because `exclude` (iteration 2's own pairs) already holds the same pair: iteration 2
@@ -289,24 +338,35 @@ def select_replay(previous_pairs: pd.DataFrame, min_margin: float, max_pairs: in
         kept = kept[~again]
     kept = (
         kept.assign(_m=kept["margin"].round(MARGIN_DECIMALS), _r=kept["chosen_reward"].round(MARGIN_DECIMALS))
-        .sort_values(["_m", "_r", "context_id", "chosen_sample", "rejected_sample"],
-                     ascending=[False, False, True, True, True], kind="mergesort")
+        .sort_values(
+            ["_m", "_r", "context_id", "chosen_sample", "rejected_sample"],
+            ascending=[False, False, True, True, True],
+            kind="mergesort",
+        )
         .drop(columns=["_m", "_r"])
     )
     if max_pairs is not None and order == "random" and len(kept) > max_pairs:
         # positions in a canonical (context, samples) order, so the sample depends on the pairs and the seed only
-        canonical = kept.sort_values(["context_id", "chosen_sample", "rejected_sample", "chosen", "rejected"],
-                                     kind="mergesort").index
-        picked = set(canonical[np.random.default_rng(seed).permutation(len(kept))[:int(max_pairs)]])
+        canonical = kept.sort_values(
+            ["context_id", "chosen_sample", "rejected_sample", "chosen", "rejected"], kind="mergesort"
+        ).index
+        picked = set(canonical[np.random.default_rng(seed).permutation(len(kept))[: int(max_pairs)]])
         kept = kept[kept.index.isin(picked)]
     elif max_pairs is not None:
         kept = kept.head(int(max_pairs))
     return kept.reset_index(drop=True), duplicates
 
 
-def build_pairs(candidates: pd.DataFrame, config: PairConfig, iteration: int = 1, source: str = "candidates",
-                replay_from: pd.DataFrame | None = None, replay_max: int | None = None,
-                replay_source: str = "replay pairs", replay_order: str = "largest_margin") -> tuple[pd.DataFrame, dict]:
+def build_pairs(
+    candidates: pd.DataFrame,
+    config: PairConfig,
+    iteration: int = 1,
+    source: str = "candidates",
+    replay_from: pd.DataFrame | None = None,
+    replay_max: int | None = None,
+    replay_source: str = "replay pairs",
+    replay_order: str = "largest_margin",
+) -> tuple[pd.DataFrame, dict]:
     """Pairs of one iteration with their split, plus replay pairs for iteration 2, and the summary for metrics.
 
     `replay_from`: the previous iteration's pairs; those with margin > config.delta (up to `replay_max`) that
@@ -320,8 +380,14 @@ def build_pairs(candidates: pd.DataFrame, config: PairConfig, iteration: int = 1
         if missing:
             raise InputError(replay_source, f"missing columns {missing}; have {list(replay_from.columns)}")
         replay_max = number(replay_max, "iter2.replay_max", integer=True, low=0, nullable=True)
-        replay, duplicates = select_replay(replay_from[list(PAIR_COLUMNS)], config.delta, replay_max,
-                                           exclude=pairs, order=replay_order, seed=config.seed)
+        replay, duplicates = select_replay(
+            replay_from[list(PAIR_COLUMNS)],
+            config.delta,
+            replay_max,
+            exclude=pairs,
+            order=replay_order,
+            seed=config.seed,
+        )
         replay_count = len(replay)
         pairs = pd.concat([pairs, replay], ignore_index=True)
     pairs = assign_splits(pairs, config.val_fraction, config.seed)
@@ -339,7 +405,9 @@ def summarize_pairs(pairs: pd.DataFrame, counts: dict, replay_pairs: int = 0) ->
         "mean_margin": float(pairs["margin"].mean()) if n else None,
         "contexts_with_pair": contexts_with_pair,
         # this iteration's own pairs (replay excluded) per context it sampled: the paper's 34,782 / 10,800 = 3.2
-        "pairs_per_context": float((n - replay_pairs) / counts["contexts_total"]) if counts.get("contexts_total") else None,
+        "pairs_per_context": float((n - replay_pairs) / counts["contexts_total"])
+        if counts.get("contexts_total")
+        else None,
         "pairs_per_context_with_pair": float(n / contexts_with_pair) if contexts_with_pair else None,
         "train_pairs": int((pairs["split"] == "train").sum()),
         "val_pairs": int((pairs["split"] == "val").sum()),

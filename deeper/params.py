@@ -25,8 +25,17 @@ from deeper.errors import ConfigError
 _DECIMAL = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
 
 
-def number(value, key: str, *, integer: bool = False, low: float | None = None, high: float | None = None,
-           low_open: bool = False, high_open: bool = False, nullable: bool = False):
+def number(
+    value,
+    key: str,
+    *,
+    integer: bool = False,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+    high_open: bool = False,
+    nullable: bool = False,
+):
     """`value` checked as a finite number in [low, high] (open ends with low_open / high_open); an int when
     `integer`. None passes only when `nullable`. Anything else is a ConfigError naming `key`."""
     if value is None:
@@ -95,8 +104,15 @@ def sampling_block(block, key: str, defaults=None, extra: tuple[str, ...] = ()):
     )
 
     block = mapping(block, key, known=SAMPLING_KEYS + extra)
-    return Sampling(**fill(block, key, SAMPLING_KEYS, defaults,
-                           lambda name, value: number(value, f"{key}.{name}", **SAMPLING_RULES[name])))
+    return Sampling(
+        **fill(
+            block,
+            key,
+            SAMPLING_KEYS,
+            defaults,
+            lambda name, value: number(value, f"{key}.{name}", **SAMPLING_RULES[name]),
+        )
+    )
 
 
 def fill(block: dict, key: str, names, defaults, check) -> dict:

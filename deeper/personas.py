@@ -19,7 +19,9 @@ from deeper.llm.base import Sampling, stopped_at_limit
 from deeper.params import number, sampling_block
 
 # persona keys left out of params (S_0, Appendix A.1); params.yaml sets every one
-PERSONA_SAMPLING_DEFAULTS = Sampling(temperature=0.7, top_p=0.9, repetition_penalty=1.1, max_new_tokens=256, seed=0)
+PERSONA_SAMPLING_DEFAULTS = Sampling(
+    temperature=0.7, top_p=0.9, repetition_penalty=1.1, max_new_tokens=256, seed=0
+)
 
 
 @dataclass(frozen=True)
@@ -34,18 +36,28 @@ class PersonaSettings:
     @classmethod
     def from_params(cls, params: dict) -> PersonaSettings:
         block = get(params, "persona")
-        sampling = sampling_block(block, "persona", PERSONA_SAMPLING_DEFAULTS,
-                                  extra=("retries", "min_words", "tokenizer"))
+        sampling = sampling_block(
+            block, "persona", PERSONA_SAMPLING_DEFAULTS, extra=("retries", "min_words", "tokenizer")
+        )
         tokenizer = block.get("tokenizer")
         if not tokenizer or not isinstance(tokenizer, str):
-            raise ConfigError("persona.tokenizer", "missing: a tokenizer folder or hub id to count persona tokens")
-        return cls(sampling, number(block.get("retries", 2), "persona.retries", integer=True, low=0),
-                   number(block.get("min_words", 20), "persona.min_words", integer=True, low=0), tokenizer)
+            raise ConfigError(
+                "persona.tokenizer", "missing: a tokenizer folder or hub id to count persona tokens"
+            )
+        return cls(
+            sampling,
+            number(block.get("retries", 2), "persona.retries", integer=True, low=0),
+            number(block.get("min_words", 20), "persona.min_words", integer=True, low=0),
+            tokenizer,
+        )
+
 
 # A label models often echo before the persona: "**User Persona:**", "## Refined persona", "Updated Long-Term Persona:".
 _LABEL = r"[#*_\s]*(?:(?:the|user|user's|refined|updated|improved|new|initial|merged|final|long-term|short-term)\s+){0,3}persona"
 _LABEL_LINE_RE = re.compile(rf"^{_LABEL}[*_:\s]*$", re.IGNORECASE)  # the whole first line is the label
-_LABEL_PREFIX_RE = re.compile(rf"^{_LABEL}\s*[*_]*\s*:[*_]*\s*", re.IGNORECASE)  # "Persona: The user ..." keeps the text
+_LABEL_PREFIX_RE = re.compile(
+    rf"^{_LABEL}\s*[*_]*\s*:[*_]*\s*", re.IGNORECASE
+)  # "Persona: The user ..." keeps the text
 
 
 def clean_persona(text: str) -> str:
@@ -120,8 +132,9 @@ class GeneratedPersonas(NamedTuple):
     stopped_at_limit: list[bool]  # the kept generation ended at max_new_tokens (may be cut short)
 
 
-def generate_personas(llm, chats: list, settings: PersonaSettings,
-                      log: Callable[[str], None] | None = None) -> GeneratedPersonas:
+def generate_personas(
+    llm, chats: list, settings: PersonaSettings, log: Callable[[str], None] | None = None
+) -> GeneratedPersonas:
     """S_0 for each chat of the `init` template (cleaned), the number of attempts each took and whether the
     kept one stopped at the token limit.
 
@@ -145,5 +158,8 @@ def generate_personas(llm, chats: list, settings: PersonaSettings,
         if not todo:
             break
     kept = [best_attempt(a, settings.min_words) for a in attempts]
-    return GeneratedPersonas([a[k] for a, k in zip(attempts, kept)], [len(a) for a in attempts],
-                             [flags[k] for flags, k in zip(at_limit, kept)])
+    return GeneratedPersonas(
+        [a[k] for a, k in zip(attempts, kept)],
+        [len(a) for a in attempts],
+        [flags[k] for flags, k in zip(at_limit, kept)],
+    )

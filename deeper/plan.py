@@ -35,7 +35,9 @@ from deeper.params import mapping, number
 
 CHAT_MARKUP_TOKENS = 4  # per message: role markers and separators of a chat template
 PLAN_KEYS = ("persona_tokens", "prices", "batch_discount", "gpu_tokens_per_s")
-PLACEHOLDER_WORD = "reader"  # the stand-in persona is this word repeated: one token per word for common tokenizers
+PLACEHOLDER_WORD = (
+    "reader"  # the stand-in persona is this word repeated: one token per word for common tokenizers
+)
 
 
 @dataclass(frozen=True)
@@ -53,13 +55,20 @@ class PlanSettings:
         prices = {}
         for name, price in mapping(block.get("prices", {}), "plan.prices", nullable=True).items():
             price = mapping(price, f"plan.prices.{name}", known=("input", "output"))
-            prices[str(name)] = tuple(number(price.get(k), f"plan.prices.{name}.{k}", low=0.0) for k in ("input", "output"))
-        speed = mapping(block.get("gpu_tokens_per_s"), "plan.gpu_tokens_per_s", known=("prompt", "completion"))
+            prices[str(name)] = tuple(
+                number(price.get(k), f"plan.prices.{name}.{k}", low=0.0) for k in ("input", "output")
+            )
+        speed = mapping(
+            block.get("gpu_tokens_per_s"), "plan.gpu_tokens_per_s", known=("prompt", "completion")
+        )
         return cls(
-            number(block.get("persona_tokens"), "plan.persona_tokens", integer=True, low=1), prices,
+            number(block.get("persona_tokens"), "plan.persona_tokens", integer=True, low=1),
+            prices,
             number(block.get("batch_discount"), "plan.batch_discount", low=0.0, high=1.0),
-            {k: number(speed.get(k), f"plan.gpu_tokens_per_s.{k}", low=0.0, low_open=True)
-             for k in ("prompt", "completion")},
+            {
+                k: number(speed.get(k), f"plan.gpu_tokens_per_s.{k}", low=0.0, low_open=True)
+                for k in ("prompt", "completion")
+            },
         )
 
 
@@ -92,13 +101,16 @@ def planned_domains(params: dict) -> list[str]:
     from deeper.data.ingest import sources_from_params
 
     domains = set()
-    for source in sources_from_params(str(get(params, "ingest.root")), get(params, "ingest.preset"),
-                                      get(params, "ingest.presets")):
+    for source in sources_from_params(
+        str(get(params, "ingest.root")), get(params, "ingest.preset"), get(params, "ingest.presets")
+    ):
         if source.domain is not None:
             domains.add(source.domain)
             continue
         renamed = dict(source.domains)
-        folders = [p.name for p in source.path.iterdir() if p.is_dir()] if source.path.is_dir() else list(renamed)
+        folders = (
+            [p.name for p in source.path.iterdir() if p.is_dir()] if source.path.is_dir() else list(renamed)
+        )
         domains.update(renamed.get(folder, folder) for folder in folders)
     return sorted(domains)
 
@@ -155,18 +167,26 @@ class PromptSizes:
     def init(self, split: str) -> int:
         from deeper.personas import init_chat
 
-        return self.mean(self.chat_tokens(init_chat(self.prompts, u.item_type, u.windows[0].pairs()))
-                         for u in self.users(split))
+        return self.mean(
+            self.chat_tokens(init_chat(self.prompts, u.item_type, u.windows[0].pairs()))
+            for u in self.users(split)
+        )
 
     def oracle(self, window: int) -> tuple[int, int]:
         """The headroom stage's two oracle personas: written from W_window alone and from every window."""
         from deeper.personas import init_chat
 
         users = self.users("eval")
-        one = self.mean(self.chat_tokens(init_chat(self.prompts, u.item_type, u.windows[min(window, len(u.windows) - 1)]
-                                                   .pairs())) for u in users)
-        every = self.mean(self.chat_tokens(init_chat(self.prompts, u.item_type,
-                                                     [p for w in u.windows for p in w.pairs()])) for u in users)
+        one = self.mean(
+            self.chat_tokens(
+                init_chat(self.prompts, u.item_type, u.windows[min(window, len(u.windows) - 1)].pairs())
+            )
+            for u in users
+        )
+        every = self.mean(
+            self.chat_tokens(init_chat(self.prompts, u.item_type, [p for w in u.windows for p in w.pairs()]))
+            for u in users
+        )
         return one, every
 
     def prediction(self, split: str, persona: str | None = None) -> tuple[int, int, int]:
@@ -175,16 +195,34 @@ class PromptSizes:
         persona = self.persona if persona is None else persona
         users = self.users(split)
         if self.predict.mode == "json":
-            prompt = self.mean(self.chat_tokens(self.prompts.render("predict", persona=persona, item_type=u.item_type,
-                                                                    items=list(u.windows[1].titles))) for u in users)
-            answer = self.mean(self.count(json.dumps([{"item_name": t, "predict_rating": 3} for t in u.windows[1].titles],
-                                                     ensure_ascii=False)) for u in users)
+            prompt = self.mean(
+                self.chat_tokens(
+                    self.prompts.render(
+                        "predict", persona=persona, item_type=u.item_type, items=list(u.windows[1].titles)
+                    )
+                )
+                for u in users
+            )
+            answer = self.mean(
+                self.count(
+                    json.dumps(
+                        [{"item_name": t, "predict_rating": 3} for t in u.windows[1].titles],
+                        ensure_ascii=False,
+                    )
+                )
+                for u in users
+            )
             return 1, prompt, answer
         prefill = self.count(self.prompts.prefill("predict_item") or "")
         items = [len(u.windows[1].titles) for u in users]
-        prompt = self.mean(self.chat_tokens(self.prompts.render("predict_item", persona=persona, item_type=u.item_type,
-                                                                item=t)) + prefill
-                           for u in users for t in u.windows[1].titles)
+        prompt = self.mean(
+            self.chat_tokens(
+                self.prompts.render("predict_item", persona=persona, item_type=u.item_type, item=t)
+            )
+            + prefill
+            for u in users
+            for t in u.windows[1].titles
+        )
         return self.mean(items), prompt, 1
 
     def update(self, update_cls, t_values, split: str) -> tuple[int, int]:
@@ -203,7 +241,9 @@ class PromptSizes:
                 chats.append(method.planned_chats(item))
         if not chats:
             return 0, 0
-        return round(sum(map(len, chats)) / len(chats)), self.mean(self.chat_tokens(c) for group in chats for c in group)
+        return round(sum(map(len, chats)) / len(chats)), self.mean(
+            self.chat_tokens(c) for group in chats for c in group
+        )
 
 
 def _max_new(block) -> int:
@@ -237,13 +277,28 @@ def plan_lines(params: dict, users: Users, sizes: PromptSizes, settings: PlanSet
         lines.append(Line(stage, "frozen", op, calls, calls * prompt, calls * completion))
 
     # init_personas (stages/init_personas.py): one S_0 per user, train and evaluation, from W_0
-    lines.append(Line("init_personas", "frozen", "generate", tr + ev,
-                      tr * sizes.init("train") + ev * sizes.init("eval"),
-                      (tr + ev) * persona_out(_max_new(persona.sampling))))
+    lines.append(
+        Line(
+            "init_personas",
+            "frozen",
+            "generate",
+            tr + ev,
+            tr * sizes.init("train") + ev * sizes.init("eval"),
+            (tr + ev) * persona_out(_max_new(persona.sampling)),
+        )
+    )
     # headroom (deeper/headroom.py measure): two oracle personas per evaluation user, then five conditions on W_w
     one, every = sizes.oracle(headroom.window)
-    lines.append(Line("headroom", "frozen", "generate", 2 * ev, ev * (one + every),
-                      2 * ev * persona_out(_max_new(persona.sampling))))
+    lines.append(
+        Line(
+            "headroom",
+            "frozen",
+            "generate",
+            2 * ev,
+            ev * (one + every),
+            2 * ev * persona_out(_max_new(persona.sampling)),
+        )
+    )
     predictions("headroom", 5 * ev, "eval")
     for k in (1, 2):
         # contexts@k (deeper/iteration.py build_contexts): W_{t-1}, W_t, W_{t+1} with the old persona, t = k
@@ -254,15 +309,31 @@ def plan_lines(params: dict, users: Users, sizes: PromptSizes, settings: PlanSet
         role = "sampler" if k == 1 else "policy"
         per_update, prompt = sizes.update(refine_cls, range(1, k + 1), "train")
         calls = sample.n * contexts * per_update
-        lines.append(Line(f"sample@{k}", role, "generate", calls, calls * prompt,
-                          calls * persona_out(_max_new(sample.sampling))))
+        lines.append(
+            Line(
+                f"sample@{k}",
+                role,
+                "generate",
+                calls,
+                calls * prompt,
+                calls * persona_out(_max_new(sample.sampling)),
+            )
+        )
         # reward@k (candidate_errors): each candidate predicts W_{t-1}, W_t, W_{t+1}
         predictions(f"reward@{k}", 3 * sample.n * contexts, "train")
         if k == 1:
             # refine@1 (refine_personas): Model 1 refines each iteration-1 context once, S_0 -> S_1
             per_update, prompt = sizes.update(refine_cls, [1], "train")
-            lines.append(Line("refine@1", "policy", "generate", tr * per_update, tr * per_update * prompt,
-                              tr * per_update * persona_out(_max_new(sample.sampling))))
+            lines.append(
+                Line(
+                    "refine@1",
+                    "policy",
+                    "generate",
+                    tr * per_update,
+                    tr * per_update * prompt,
+                    tr * per_update * persona_out(_max_new(sample.sampling)),
+                )
+            )
     # evaluate@m (deeper/rollout.py rollout): `rounds` updates per user, and the predictions of rounds + 5 windows
     # per user, of which those with S_0 (W_1 and the first update's W_0, W_2) are the same requests for every
     # method: the response cache answers them after the first method
@@ -271,8 +342,16 @@ def plan_lines(params: dict, users: Users, sizes: PromptSizes, settings: PlanSet
         stage = f"evaluate@{name}"
         per_update, prompt = sizes.update(spec.cls, range(1, rounds + 1), "eval")
         calls = ev * rounds * per_update
-        lines.append(Line(stage, spec.role, "generate", calls, calls * prompt,
-                          calls * persona_out(_max_new(evaluate.sampling))))
+        lines.append(
+            Line(
+                stage,
+                spec.role,
+                "generate",
+                calls,
+                calls * prompt,
+                calls * persona_out(_max_new(evaluate.sampling)),
+            )
+        )
         predictions(stage, ev * (rounds + 5 - (0 if i == 0 else shared)), "eval")
     return lines
 
@@ -285,7 +364,8 @@ def price_lines(params: dict, lines: list[Line], settings: PlanSettings) -> list
         backend, name = block.get("backend"), str(block.get("name"))
         # a model on this machine's CPU (device: cpu, as the embedded defaults run) costs no GPU time
         on_gpu = (backend in ("vllm", "transformers") and block.get("device", "auto") != "cpu") or (
-            backend == "openai" and block.get("base_url"))
+            backend == "openai" and block.get("base_url")
+        )
         if backend == "openai" and not block.get("base_url"):
             if name not in settings.prices:
                 note = f"models.{line.role} ({name}): no price in plan.prices, dollars not planned"
@@ -297,7 +377,9 @@ def price_lines(params: dict, lines: list[Line], settings: PlanSettings) -> list
             line.dollars_batch = line.dollars * (1 - settings.batch_discount)
         elif on_gpu:
             speed = settings.gpu_tokens_per_s
-            line.gpu_hours = (line.prompt_tokens / speed["prompt"] + line.completion_tokens / speed["completion"]) / 3600
+            line.gpu_hours = (
+                line.prompt_tokens / speed["prompt"] + line.completion_tokens / speed["completion"]
+            ) / 3600
     return notes
 
 
@@ -308,25 +390,34 @@ def model_label(params: dict, role: str) -> str:
 
 def render(params: dict, lines: list[Line], users: Users, per_domain: dict, notes: list[str]) -> str:
     """The plan as a Markdown table with totals."""
+
     def n(value) -> str:
         return "" if value is None else f"{value:,.0f}" if isinstance(value, int) else f"{value:,.2f}"
 
-    out = [f"Users: {users.train:,} training, {users.eval:,} evaluation ("
-           + ", ".join(f"{d} {t}/{e}" for d, (t, e) in per_domain.items()) + ")", "",
-           "| stage | model | call | calls | prompt tokens | completion tokens | $ live | $ batch | GPU-hours |",
-           "|---|---|---|---:|---:|---:|---:|---:|---:|"]
+    out = [
+        f"Users: {users.train:,} training, {users.eval:,} evaluation ("
+        + ", ".join(f"{d} {t}/{e}" for d, (t, e) in per_domain.items())
+        + ")",
+        "",
+        "| stage | model | call | calls | prompt tokens | completion tokens | $ live | $ batch | GPU-hours |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
     for line in lines:
-        out.append(f"| {line.stage} | {model_label(params, line.role)} | {line.op} | {n(line.calls)} | "
-                   f"{n(line.prompt_tokens)} | {n(line.completion_tokens)} | {n(line.dollars)} | "
-                   f"{n(line.dollars_batch)} | {n(line.gpu_hours)} |")
+        out.append(
+            f"| {line.stage} | {model_label(params, line.role)} | {line.op} | {n(line.calls)} | "
+            f"{n(line.prompt_tokens)} | {n(line.completion_tokens)} | {n(line.dollars)} | "
+            f"{n(line.dollars_batch)} | {n(line.gpu_hours)} |"
+        )
 
     def total(attr):
         values = [getattr(line, attr) for line in lines if getattr(line, attr) is not None]
         return sum(values) if values else None
 
-    out.append(f"| **total** | | | {n(total('calls'))} | {n(total('prompt_tokens'))} | "
-               f"{n(total('completion_tokens'))} | {n(total('dollars'))} | {n(total('dollars_batch'))} | "
-               f"{n(total('gpu_hours'))} |")
+    out.append(
+        f"| **total** | | | {n(total('calls'))} | {n(total('prompt_tokens'))} | "
+        f"{n(total('completion_tokens'))} | {n(total('dollars'))} | {n(total('dollars_batch'))} | "
+        f"{n(total('gpu_hours'))} |"
+    )
     return "\n".join(out + ([""] + [f"note: {note}" for note in notes] if notes else [])) + "\n"
 
 

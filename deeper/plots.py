@@ -37,10 +37,10 @@ PAGE_PLACEHOLDERS = ("{scripts}", "{plot_divs}", "{refresh_tag}")
 class PlotDefinition:
     """One entry of dvc.yaml's top-level `plots:` with a single data file and field."""
 
-    name: str                # the image's file stem: the plot's id, or its data file's stem
-    path: str                # the (first) data file (CSV or TSV), relative to dvc.yaml's folder
+    name: str  # the image's file stem: the plot's id, or its data file's stem
+    path: str  # the (first) data file (CSV or TSV), relative to dvc.yaml's folder
     x: str
-    y: str                   # the y field (the same in every file)
+    y: str  # the y field (the same in every file)
     properties: dict = field(default_factory=dict)  # PROPERTIES as written
     # every data file of an id plot `y: {<file>: <field>, <file>: <field>, ...}`, one line each (DVC's overlay:
     # the training curves of both iterations on train and validation pairs); () for one file
@@ -63,8 +63,12 @@ def _field_of(value, key: str, path: str | None, source: str) -> tuple[str | Non
         ((file, name),) = value.items()
         if isinstance(name, str) and name and (path is None or file == path):
             return str(file), name
-    raise ConfigError(key, f"must be one field name or {{file: field}} with one file and one field"
-                           f"{'' if path is None else f' ({path})'}, got {value!r}", source)
+    raise ConfigError(
+        key,
+        f"must be one field name or {{file: field}} with one file and one field"
+        f"{'' if path is None else f' ({path})'}, got {value!r}",
+        source,
+    )
 
 
 def plot_definitions(dvc_yaml: dict, source: str = "dvc.yaml") -> list[PlotDefinition]:
@@ -77,37 +81,50 @@ def plot_definitions(dvc_yaml: dict, source: str = "dvc.yaml") -> list[PlotDefin
     definitions: list[PlotDefinition] = []
     for i, entry in enumerate(entries):
         if not (isinstance(entry, dict) and len(entry) == 1 and isinstance(next(iter(entry.values())), dict)):
-            raise ConfigError(f"plots[{i}]", f"must be `<file or id>: {{x: ..., y: ...}}`, got {entry!r}", source)
+            raise ConfigError(
+                f"plots[{i}]", f"must be `<file or id>: {{x: ..., y: ...}}`, got {entry!r}", source
+            )
         ((key, props),) = entry.items()
         where = f"plots[{i}].{key}"
         unknown = sorted(set(props) - {"x", "y", *PROPERTIES})
         if unknown:
-            raise ConfigError(where, f"the images do not draw {unknown}; keys: x, y, {', '.join(PROPERTIES)}", source)
+            raise ConfigError(
+                where, f"the images do not draw {unknown}; keys: x, y, {', '.join(PROPERTIES)}", source
+            )
         y_value, more_paths = props.get("y"), ()
         if isinstance(y_value, dict) and len(y_value) > 1:
             fields = set(y_value.values())
             if len(fields) != 1 or not all(isinstance(f, str) and f for f in fields):
-                raise ConfigError(f"{where}.y", f"the images overlay files with one y field, got {y_value!r}", source)
+                raise ConfigError(
+                    f"{where}.y", f"the images overlay files with one y field, got {y_value!r}", source
+                )
             (_, *rest), y_value = list(y_value), {next(iter(y_value)): fields.pop()}
             more_paths = tuple(str(p) for p in rest)
             for extra in more_paths:
                 if Path(extra).suffix not in DATA_SUFFIXES:
-                    raise ConfigError(where, f"the images read {' and '.join(DATA_SUFFIXES)} files, got {extra}",
-                                      source)
+                    raise ConfigError(
+                        where, f"the images read {' and '.join(DATA_SUFFIXES)} files, got {extra}", source
+                    )
         file, y = _field_of(y_value, f"{where}.y", None, source)
         path = file or str(key)
         _, x = _field_of(props.get("x"), f"{where}.x", path, source)
         if Path(path).suffix not in DATA_SUFFIXES:
-            raise ConfigError(where, f"the images read {' and '.join(DATA_SUFFIXES)} files, got {path}", source)
+            raise ConfigError(
+                where, f"the images read {' and '.join(DATA_SUFFIXES)} files, got {path}", source
+            )
         name = str(key) if file else Path(path).stem
         properties = {k: props[k] for k in PROPERTIES if k in props}
-        definitions.append(PlotDefinition(name=name, path=path, x=x, y=y, properties=properties,
-                                          more_paths=more_paths))
+        definitions.append(
+            PlotDefinition(name=name, path=path, x=x, y=y, properties=properties, more_paths=more_paths)
+        )
     names = [d.name for d in definitions]
     twice = sorted({n for n in names if names.count(n) > 1})
     if twice:
-        raise ConfigError("plots", f"two plots make the image {twice[0]}.svg: give one an id "
-                                   f"(`- <id>: {{y: {{<file>: <field>}}}}`)", source)
+        raise ConfigError(
+            "plots",
+            f"two plots make the image {twice[0]}.svg: give one an id (`- <id>: {{y: {{<file>: <field>}}}}`)",
+            source,
+        )
     return definitions
 
 
@@ -122,8 +139,11 @@ def read_plot_rows(path: Path, definition: PlotDefinition) -> list[dict[str, str
             raise InputError(path, "empty: no header line", 1)
         for column in (definition.x, definition.y):
             if column not in header:
-                raise InputError(path, f"no column {column!r} (plot {definition.name} in dvc.yaml); header: "
-                                       f"{','.join(header)}", 1)
+                raise InputError(
+                    path,
+                    f"no column {column!r} (plot {definition.name} in dvc.yaml); header: {','.join(header)}",
+                    1,
+                )
         rows = []
         for line, values in enumerate(reader, start=2):
             if len(values) != len(header):
@@ -142,13 +162,17 @@ def _without_revision_channels(node):
         return node
     out = {k: _without_revision_channels(v) for k, v in node.items()}
     if isinstance(out.get("encoding"), dict):
-        out["encoding"] = {channel: enc for channel, enc in out["encoding"].items()
-                           if not (isinstance(enc, dict) and enc.get("field") == "rev")}
+        out["encoding"] = {
+            channel: enc
+            for channel, enc in out["encoding"].items()
+            if not (isinstance(enc, dict) and enc.get("field") == "rev")
+        }
     return out
 
 
-def _filled_template(definition: PlotDefinition, by_rev: dict[str, dict[str, list[dict[str, str]]]],
-                     template_dir: Path) -> dict:
+def _filled_template(
+    definition: PlotDefinition, by_rev: dict[str, dict[str, list[dict[str, str]]]], template_dir: Path
+) -> dict:
     """The plot's template filled by dvc_render from {revision: {file: rows}}: each row tagged with its revision
     (`rev`), its file's short name (DVC's: the files' common folder dropped) and the y field, as DVC tags them."""
     from dvc_render.exceptions import DvcRenderError
@@ -157,20 +181,37 @@ def _filled_template(definition: PlotDefinition, by_rev: dict[str, dict[str, lis
     paths = list(dict.fromkeys(p for by_file in by_rev.values() for p in by_file))
     prefix = len(os.path.commonpath(paths)) if len(paths) > 1 else 0
     short = {p: p[prefix:].strip("/\\") for p in paths}
-    datapoints = [{**row, "rev": rev, "filename": short[p], "field": definition.y}
-                  for rev, by_file in by_rev.items() for p in by_file for row in by_file[p]]
-    extra = {"anchors_y_definitions": [{"filename": short[p], "field": definition.y} for p in paths]} \
-        if len(paths) > 1 else {}
+    datapoints = [
+        {**row, "rev": rev, "filename": short[p], "field": definition.y}
+        for rev, by_file in by_rev.items()
+        for p in by_file
+        for row in by_file[p]
+    ]
+    extra = (
+        {"anchors_y_definitions": [{"filename": short[p], "field": definition.y} for p in paths]}
+        if len(paths) > 1
+        else {}
+    )
     try:
-        renderer = VegaRenderer(datapoints, definition.path, template_dir=str(template_dir),
-                                x=definition.x, y=definition.y, **definition.properties, **extra)
+        renderer = VegaRenderer(
+            datapoints,
+            definition.path,
+            template_dir=str(template_dir),
+            x=definition.x,
+            y=definition.y,
+            **definition.properties,
+            **extra,
+        )
         return renderer.get_filled_template()
     except DvcRenderError as e:
         raise ConfigError(f"plots ({definition.name})", str(e), "dvc.yaml") from None
 
 
-def vega_lite_spec(definition: PlotDefinition, rows: list[dict[str, str]] | dict[str, list[dict[str, str]]],
-                   template_dir: Path) -> dict:
+def vega_lite_spec(
+    definition: PlotDefinition,
+    rows: list[dict[str, str]] | dict[str, list[dict[str, str]]],
+    template_dir: Path,
+) -> dict:
     """The plot's template filled as `dvc plots show` fills it for the workspace, less the revision channels.
     `rows`: read_plot_rows of the one file, or {file: rows} of every file of an overlay (DVC's short names:
     the files' common folder dropped)."""
@@ -181,8 +222,12 @@ def vega_lite_spec(definition: PlotDefinition, rows: list[dict[str, str]] | dict
 # The legend of a line style by revision: a solid or dashed stroke. Vega's default symbol, a filled circle, looks
 # the same for every revision, and Vega-Lite gives a line-with-points legend a transparent stroke, which only an
 # encode block overrides (symbolStrokeColor does not).
-DASH_LEGEND = {"symbolType": "stroke", "symbolSize": 400, "symbolStrokeWidth": 2,
-               "encode": {"symbols": {"update": {"stroke": {"value": "black"}}}}}
+DASH_LEGEND = {
+    "symbolType": "stroke",
+    "symbolSize": 400,
+    "symbolStrokeWidth": 2,
+    "encode": {"symbols": {"update": {"stroke": {"value": "black"}}}},
+}
 
 
 def _revisions_in_order(node, revisions: list[str]):
@@ -195,14 +240,23 @@ def _revisions_in_order(node, revisions: list[str]):
     out = {k: _revisions_in_order(v, revisions) for k, v in node.items()}
     if isinstance(out.get("encoding"), dict):
         out["encoding"] = {
-            channel: ({**enc, "sort": list(revisions), **({"legend": DASH_LEGEND} if channel == "strokeDash" else {})}
-                      if isinstance(enc, dict) and enc.get("field") == "rev" else enc)
-            for channel, enc in out["encoding"].items()}
+            channel: (
+                {
+                    **enc,
+                    "sort": list(revisions),
+                    **({"legend": DASH_LEGEND} if channel == "strokeDash" else {}),
+                }
+                if isinstance(enc, dict) and enc.get("field") == "rev"
+                else enc
+            )
+            for channel, enc in out["encoding"].items()
+        }
     return out
 
 
-def vega_lite_diff_spec(definition: PlotDefinition, rows_by_rev: dict[str, dict[str, list[dict[str, str]]]],
-                        template_dir: Path) -> dict:
+def vega_lite_diff_spec(
+    definition: PlotDefinition, rows_by_rev: dict[str, dict[str, list[dict[str, str]]]], template_dir: Path
+) -> dict:
     """The plot's template filled as `dvc plots diff` fills it: {revision: {file: rows}} (a revision may lack a
     file), every row tagged with its revision, and the templates' revision channels (line dash, colour, offset)
     kept, so old and new share one chart; revisions in the order given."""
@@ -226,10 +280,10 @@ def offline_page(bundle: str, provenance: str) -> str:
         if placeholder in bundle or placeholder in provenance:
             raise ValueError(f"the JavaScript bundle holds DVC's placeholder {placeholder}")
     return (
-        "<!DOCTYPE html>\n<html>\n<head>\n    {refresh_tag}\n    <meta charset=\"utf-8\">\n"
+        '<!DOCTYPE html>\n<html>\n<head>\n    {refresh_tag}\n    <meta charset="utf-8">\n'
         "    <title>DVC Plot</title>\n"
         f"    <!-- {provenance} -->\n"
-        f"    <script type=\"text/javascript\">{bundle}</script>\n"
+        f'    <script type="text/javascript">{bundle}</script>\n'
         "    <style>\n        table {\n            border-spacing: 15px;\n        }\n    </style>\n"
         "</head>\n<body>\n    {plot_divs}\n</body>\n</html>\n"
     )
@@ -239,8 +293,10 @@ def build_offline_page() -> str:
     """The offline page from the installed vl-convert-python (pinned in pyproject.toml)."""
     import vl_convert
 
-    provenance = (f"Offline page for dvc plots show / diff: Vega {vl_convert.get_vega_version()}, "
-                  f"Vega-Lite {VEGA_LITE_VERSION}, Vega-Embed {vl_convert.get_vega_embed_version()} inline, "
-                  f"the javascript_bundle of vl-convert-python {version('vl-convert-python')}; "
-                  f"made by scripts/build_offline_plots_page.py")
+    provenance = (
+        f"Offline page for dvc plots show / diff: Vega {vl_convert.get_vega_version()}, "
+        f"Vega-Lite {VEGA_LITE_VERSION}, Vega-Embed {vl_convert.get_vega_embed_version()} inline, "
+        f"the javascript_bundle of vl-convert-python {version('vl-convert-python')}; "
+        f"made by scripts/build_offline_plots_page.py"
+    )
     return offline_page(vl_convert.javascript_bundle(vl_version=VEGA_LITE_VERSION), provenance)

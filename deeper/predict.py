@@ -47,7 +47,9 @@ def mae(pred, actual) -> float:
     """Mean absolute error of one window (the paper's eps_{t|S}); both arguments 1-D, same length, finite."""
     p, a = np.asarray(pred, dtype=float), np.asarray(actual, dtype=float)
     if p.ndim != 1 or p.shape != a.shape or p.size == 0:
-        raise ValueError(f"mae needs two non-empty 1-D arrays of one length, got shapes {p.shape} and {a.shape}")
+        raise ValueError(
+            f"mae needs two non-empty 1-D arrays of one length, got shapes {p.shape} and {a.shape}"
+        )
     if not (np.isfinite(p).all() and np.isfinite(a).all()):
         raise ValueError("mae got a NaN or infinite rating")
     return float(np.abs(p - a).mean())
@@ -57,7 +59,9 @@ def mae(pred, actual) -> float:
 
 
 # predict.json keys left out of params: greedy, one JSON list of a window in at most 384 new tokens
-JSON_SAMPLING_DEFAULTS = Sampling(temperature=0.0, top_p=1.0, repetition_penalty=1.0, max_new_tokens=384, seed=0)
+JSON_SAMPLING_DEFAULTS = Sampling(
+    temperature=0.0, top_p=1.0, repetition_penalty=1.0, max_new_tokens=384, seed=0
+)
 PREDICT_KEYS = ("mode", "rating", "windows_per_call", "json")
 DEFAULT_MAX_PARSE_FAILED_SHARE = 0.05  # see PredictSettings.max_parse_failed_share
 
@@ -82,17 +86,25 @@ class PredictSettings:
         if self.rating not in RATING_RULES:
             raise ConfigError("predict.rating", f"must be one of {list(RATING_RULES)}, got {self.rating!r}")
         if not isinstance(self.windows_per_call, int) or self.windows_per_call < 1:
-            raise ConfigError("predict.windows_per_call", f"must be a positive integer, got {self.windows_per_call!r}")
+            raise ConfigError(
+                "predict.windows_per_call", f"must be a positive integer, got {self.windows_per_call!r}"
+            )
 
     @classmethod
     def from_params(cls, params: dict) -> PredictSettings:
         """From the `predict` block of params.yaml (every key optional; defaults as in the dataclass)."""
         block = mapping(get(params, "predict", {}), "predict", known=PREDICT_KEYS, nullable=True)
         json_block = dict(mapping(block.get("json") or {}, "predict.json"))
-        max_failed = number(json_block.pop("max_parse_failed_share", DEFAULT_MAX_PARSE_FAILED_SHARE),
-                            "predict.json.max_parse_failed_share", low=0.0, high=1.0)
+        max_failed = number(
+            json_block.pop("max_parse_failed_share", DEFAULT_MAX_PARSE_FAILED_SHARE),
+            "predict.json.max_parse_failed_share",
+            low=0.0,
+            high=1.0,
+        )
         sampling = sampling_block(json_block, "predict.json", defaults=JSON_SAMPLING_DEFAULTS)
-        windows_per_call = number(block.get("windows_per_call", 64), "predict.windows_per_call", integer=True, low=1)
+        windows_per_call = number(
+            block.get("windows_per_call", 64), "predict.windows_per_call", integer=True, low=1
+        )
         return cls(
             mode=block.get("mode", "logprob"),
             rating=block.get("rating", "expected"),
@@ -134,8 +146,12 @@ class PredictStats:
     unparsed_windows: int = 0  # json mode: answers in which no rating entry was found at all
     invalid_entries: int = 0  # json mode: entries whose rating was missing, non-numeric or outside 1..5
     retried_windows: int = 0  # json mode: windows asked again (seed + 1) after an answer left an item unrated
-    stopped_at_limit_windows: int = 0  # json mode: windows whose kept answer reached max_new_tokens (cut short)
-    first_failed_answer: str | None = None  # json mode: the first answer that left an item unrated (messages only)
+    stopped_at_limit_windows: int = (
+        0  # json mode: windows whose kept answer reached max_new_tokens (cut short)
+    )
+    first_failed_answer: str | None = (
+        None  # json mode: the first answer that left an item unrated (messages only)
+    )
 
     def add(self, other: PredictStats) -> None:
         """Sum every count into this one (every field but the mode, so a new count cannot be left out)."""
@@ -143,8 +159,11 @@ class PredictStats:
             raise ValueError(f"cannot add {other.mode} prediction stats to {self.mode} ones")
         for f in fields(self):
             if f.name == "first_failed_answer":
-                self.first_failed_answer = self.first_failed_answer if self.first_failed_answer is not None \
+                self.first_failed_answer = (
+                    self.first_failed_answer
+                    if self.first_failed_answer is not None
                     else other.first_failed_answer
+                )
             elif f.name != "mode":
                 setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
 
@@ -189,7 +208,9 @@ def predict_windows(
     step = _predict_logprob if settings.mode == "logprob" else _predict_json
     stats = PredictStats(mode=settings.mode)
     out: list[WindowPrediction] = []
-    with tqdm(total=len(requests), desc=progress or "predict", unit="window", disable=progress is None) as bar:
+    with tqdm(
+        total=len(requests), desc=progress or "predict", unit="window", disable=progress is None
+    ) as bar:
         for start in range(0, len(requests), settings.windows_per_call):
             chunk = requests[start : start + settings.windows_per_call]
             preds, chunk_stats = step(llm, chunk, settings, prompts)
@@ -213,7 +234,8 @@ def check_parse_failures(llm, stats: PredictStats, limit: float) -> None:
         f"predict.json: {llm.backend} model {getattr(inner, 'name', '?')} left {stats.parse_failed_items} of "
         f"{stats.items} items ({stats.parse_failed_items / stats.items:.0%}) without a valid rating after the retry, "
         f"more than predict.json.max_parse_failed_share {limit:g}; first such answer: {first!r}. Use a model that "
-        f"writes the JSON list, raise the limit, or predict.mode: logprob")
+        f"writes the JSON list, raise the limit, or predict.mode: logprob"
+    )
 
 
 def _window_mae(req: WindowRequest, ratings: np.ndarray) -> float | None:
@@ -224,14 +246,19 @@ def _predict_logprob(llm, requests, settings, prompts) -> tuple[list[WindowPredi
     prefill = prompts.prefill("predict_item")
     groups = [
         RatingGroup(
-            chats=[prompts.render("predict_item", persona=r.persona, item_type=r.item_type, item=t) for t in r.titles],
+            chats=[
+                prompts.render("predict_item", persona=r.persona, item_type=r.item_type, item=t)
+                for t in r.titles
+            ],
             prefill=prefill,
         )
         for r in requests
     ]
     results = llm.rating_probs(groups)
     if len(results) != len(groups):
-        raise RuntimeError(f"backend {llm.backend} returned {len(results)} results for {len(groups)} rating groups")
+        raise RuntimeError(
+            f"backend {llm.backend} returned {len(results)} results for {len(groups)} rating groups"
+        )
     stats = PredictStats(mode="logprob")
     preds = []
     for req, res in zip(requests, results):
@@ -241,7 +268,9 @@ def _predict_logprob(llm, requests, settings, prompts) -> tuple[list[WindowPredi
         ratings = probs @ SCALE if settings.rating == "expected" else probs.argmax(axis=1) + 1.0
         mass = None if res.digit_mass is None else np.asarray(res.digit_mass, dtype=float)
         failed = np.zeros(len(req.titles), bool) if res.failed is None else np.asarray(res.failed, dtype=bool)
-        preds.append(WindowPrediction(ratings, _window_mae(req, ratings), probs=probs, digit_mass=mass, failed=failed))
+        preds.append(
+            WindowPrediction(ratings, _window_mae(req, ratings), probs=probs, digit_mass=mass, failed=failed)
+        )
         stats.windows += 1
         stats.items += len(req.titles)
         stats.backend_failed_items += int(failed.sum())
@@ -250,14 +279,20 @@ def _predict_logprob(llm, requests, settings, prompts) -> tuple[list[WindowPredi
 
 
 def _predict_json(llm, requests, settings, prompts) -> tuple[list[WindowPrediction], PredictStats]:
-    chats = [prompts.render("predict", persona=r.persona, item_type=r.item_type, items=list(r.titles)) for r in requests]
+    chats = [
+        prompts.render("predict", persona=r.persona, item_type=r.item_type, items=list(r.titles))
+        for r in requests
+    ]
     answers = [texts[0] for texts in llm.generate(chats, 1, settings.json_sampling)]
     parsed_all = [parse_json_ratings(a, r.titles) for a, r in zip(answers, requests)]
     # one retry, seed + 1, for the windows whose answer left an item without a valid rating
     retry = [i for i, parsed in enumerate(parsed_all) if None in parsed.ratings]
     if retry:
-        again = llm.generate([chats[i] for i in retry], 1,
-                             replace(settings.json_sampling, seed=settings.json_sampling.seed + 1))
+        again = llm.generate(
+            [chats[i] for i in retry],
+            1,
+            replace(settings.json_sampling, seed=settings.json_sampling.seed + 1),
+        )
         for i, texts in zip(retry, again):
             answer = texts[0]
             parsed = parse_json_ratings(answer, requests[i].titles)
@@ -383,7 +418,10 @@ def parse_json_ratings(text: str, titles: Sequence[str]) -> ParsedAnswer:
         if key:
             j = next((i for i in range(n) if not taken[i] and keys[i] == key), None)
             if j is None and len(key) >= 3:
-                j = next((i for i in range(n) if not taken[i] and keys[i] and (key in keys[i] or keys[i] in key)), None)
+                j = next(
+                    (i for i in range(n) if not taken[i] and keys[i] and (key in keys[i] or keys[i] in key)),
+                    None,
+                )
         if j is None:
             leftovers.append((pos, value, raw))
             continue

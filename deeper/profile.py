@@ -39,8 +39,8 @@ def available() -> list[str]:
 # Profiles that were removed, and why: asking for one by name says so (git history has the file).
 RETIRED = {
     "quality": "retired: its frozen model, Qwen2.5-Coder-0.5B, does not read a persona (results/headroom/"
-               "qwen2.5-coder-0.5b: sensitivity +0.005 [-0.013, +0.027]), so its table could not rank refiners; "
-               "run the headroom profile on a frozen model first",
+    "qwen2.5-coder-0.5b: sensitivity +0.005 [-0.013, +0.027]), so its table could not rank refiners; "
+    "run the headroom profile on a frozen model first",
 }
 
 
@@ -65,8 +65,12 @@ def load_profile(name: str | Path, params: dict) -> dict:
     if "models.policy" in entries and "models.sampler" not in entries:
         # DEEPER samples iteration 1's candidates from the base policy; a profile that swaps the policy's block
         # (another backend or model) and forgot the sampler would sample them from params.yaml's model
-        raise ConfigError("models.sampler", "must be set where models.policy is (the model that samples iteration "
-                          "1's candidates; equal to models.policy for DEEPER as published)", str(path))
+        raise ConfigError(
+            "models.sampler",
+            "must be set where models.policy is (the model that samples iteration "
+            "1's candidates; equal to models.policy for DEEPER as published)",
+            str(path),
+        )
     return entries
 
 

@@ -20,8 +20,14 @@ PLOT_FILES = {
 }
 
 
-def build_report(tables: dict[str, pd.DataFrame], rounds: int, weights: RewardWeights, tau_pos: float,
-                 tau_neg: float, refiners: set[str] = frozenset()) -> tuple[dict, dict[str, list[dict]]]:
+def build_report(
+    tables: dict[str, pd.DataFrame],
+    rounds: int,
+    weights: RewardWeights,
+    tau_pos: float,
+    tau_neg: float,
+    refiners: set[str] = frozenset(),
+) -> tuple[dict, dict[str, list[dict]]]:
     """(metrics, plot rows by file name) from each method's evaluation table; `refiners`: the methods whose
     first update is scored as a reward (the ones that run DEEPER's refine prompt)."""
     metrics: dict = {"rounds": rounds, "methods": {}, "first_update_reward": {}}
@@ -31,21 +37,33 @@ def build_report(tables: dict[str, pd.DataFrame], rounds: int, weights: RewardWe
         metrics["methods"][method] = summary
         for s, value in enumerate(mae_by_round(table, rounds)):
             plots["mae_by_round.csv"].append({"method": method, "round": s, "mae": round(value, 4)})
-        groups = {**summary["domains"], **{g: summary[g] for g in ("seen", "unseen", "all") if summary[g]["domains"]}}
+        groups = {
+            **summary["domains"],
+            **{g: summary[g] for g in ("seen", "unseen", "all") if summary[g]["domains"]},
+        }
         for group, numbers in groups.items():
             for s in range(rounds + 1):
                 plots["mae_by_round_domain.csv"].append(
-                    {"method": method, "domain": group, "round": s, "mae": round(numbers[f"mae_r{s}"], 4)})
+                    {"method": method, "domain": group, "round": s, "mae": round(numbers[f"mae_r{s}"], 4)}
+                )
         if method in refiners:
-            rewards = compute_rewards(first_update_errors(table), weights, source=f"data/eval/{method}.parquet")
+            rewards = compute_rewards(
+                first_update_errors(table), weights, source=f"data/eval/{method}.parquet"
+            )
             reward_summary = summarize_rewards(rewards, tau_pos, tau_neg)
             reward_summary["domains"] = {str(d): float(r.mean()) for d, r in rewards.groupby("domain")["r"]}
             metrics["first_update_reward"][method] = reward_summary
             for row in rewards.sort_values(["domain", "user_id"]).itertuples():
                 for part in ("r", "r_prev", "r_curr", "r_fut"):
                     plots["first_update_reward.csv"].append(
-                        {"method": method, "part": part, "domain": row.domain, "user_id": row.user_id,
-                         "reward": round(float(getattr(row, part)), 4)})
+                        {
+                            "method": method,
+                            "part": part,
+                            "domain": row.domain,
+                            "user_id": row.user_id,
+                            "reward": round(float(getattr(row, part)), 4),
+                        }
+                    )
     return metrics, plots
 
 
@@ -58,7 +76,10 @@ def persona_similarity(tables: dict[str, pd.DataFrame], rounds: int, embedder) -
     metrics, rows = {}, []
     for method, table in tables.items():
         metrics[method] = similarity_by_round(consecutive_similarity(table, rounds, embedder), rounds)
-        rows += [{"method": method, "round": int(k[1:]), "similarity": round(v, 4)} for k, v in metrics[method].items()]
+        rows += [
+            {"method": method, "round": int(k[1:]), "similarity": round(v, 4)}
+            for k, v in metrics[method].items()
+        ]
     return metrics, rows
 
 
@@ -71,14 +92,26 @@ def case_study(tables: dict[str, pd.DataFrame], rounds: int, user: str | None = 
     if user not in keys:
         raise ConfigError("--case-user", f"{user!r} is not an evaluation user; e.g. {keys[0]!r}")
     domain, user_id = user.split("/", 1)
-    lines = [f"# Case study: user {user_id} ({domain})", "",
-             ("Each method's persona after each update round s, and the error eps_{s+1|S_s} with which it predicts "
-             "the next window's ratings (written by the report stage; round 0 is every method's shared S_0)."), ""]
+    lines = [
+        f"# Case study: user {user_id} ({domain})",
+        "",
+        (
+            "Each method's persona after each update round s, and the error eps_{s+1|S_s} with which it predicts "
+            "the next window's ratings (written by the report stage; round 0 is every method's shared S_0)."
+        ),
+        "",
+    ]
     for method, table in tables.items():
         rows = table[(table["domain"] == domain) & (table["user_id"] == user_id)].sort_values("round")
         lines += [f"## {method}", ""]
         for row in rows.itertuples():
-            note = f"; update failed ({row.update_failure}), previous persona kept" if row.update_failure else ""
-            lines += [f"### round {row.round}: MAE {row.mae:.3f}, {row.persona_words} words{note}", "",
-                      *[f"> {line}" if line else ">" for line in str(row.persona).splitlines()], ""]
+            note = (
+                f"; update failed ({row.update_failure}), previous persona kept" if row.update_failure else ""
+            )
+            lines += [
+                f"### round {row.round}: MAE {row.mae:.3f}, {row.persona_words} words{note}",
+                "",
+                *[f"> {line}" if line else ">" for line in str(row.persona).splitlines()],
+                "",
+            ]
     return "\n".join(lines).rstrip() + "\n"

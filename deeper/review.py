@@ -34,13 +34,13 @@ REFERENCE = "deeper"
 COMMENT_LIMIT = 60_000
 
 # How an estimate moved from base to head.
-SAME = "same"                # the same number
-NOISE = "noise"              # moved, but inside the base's interval
-OUTSIDE = "outside"          # moved outside the base's interval: a change to read
+SAME = "same"  # the same number
+NOISE = "noise"  # moved, but inside the base's interval
+OUTSIDE = "outside"  # moved outside the base's interval: a change to read
 NO_INTERVAL = "no interval"  # moved; the base has no interval to judge it by
-NEW = "new"                  # only the head has it
-REMOVED = "removed"          # only the base has it
-ABSENT = "absent"            # neither has it
+NEW = "new"  # only the head has it
+REMOVED = "removed"  # only the base has it
+ABSENT = "absent"  # neither has it
 MARK_TEXT = {
     SAME: "same",
     NOISE: "noise (inside the old interval)",
@@ -52,15 +52,23 @@ MARK_TEXT = {
 }
 # The counts of each iteration's metrics files worth a reviewer's eye: (key, label); dotted keys are nested.
 PAIR_COUNTS = (
-    ("pairs", "pairs"), ("train_pairs", "train pairs"), ("val_pairs", "validation pairs"),
-    ("contexts_with_pair", "contexts with a pair"), ("contexts_total", "contexts"),
-    ("positives", "positive candidates"), ("negatives", "negative candidates"),
+    ("pairs", "pairs"),
+    ("train_pairs", "train pairs"),
+    ("val_pairs", "validation pairs"),
+    ("contexts_with_pair", "contexts with a pair"),
+    ("contexts_total", "contexts"),
+    ("positives", "positive candidates"),
+    ("negatives", "negative candidates"),
     ("replay_pairs", "replayed iteration-1 pairs"),
 )
 TRAIN_COUNTS = (
-    ("steps", "optimizer steps"), ("epochs", "epochs"), ("pairs.train", "pairs trained on"),
-    ("pairs.val", "pairs validated on"), ("truncated_pairs.train", "train pairs truncated"),
-    ("dropped_prompt_too_long.train", "train pairs dropped (prompt too long)"), ("trained", "trained"),
+    ("steps", "optimizer steps"),
+    ("epochs", "epochs"),
+    ("pairs.train", "pairs trained on"),
+    ("pairs.val", "pairs validated on"),
+    ("truncated_pairs.train", "train pairs truncated"),
+    ("dropped_prompt_too_long.train", "train pairs dropped (prompt too long)"),
+    ("trained", "trained"),
 )
 COUNT_FILES = (("pairs", PAIR_COUNTS), ("train", TRAIN_COUNTS))
 COUNT_FILE = re.compile(r"^metrics/(pairs|train)_it(\d+)\.json$")
@@ -107,12 +115,12 @@ def mark_change(old: Interval | None, new: Interval | None) -> str:
 class RevisionData:
     """One side of the review as stages/review.py read it; None where the revision lacks the file."""
 
-    label: str                   # as the user named it: "origin/main", "HEAD~1", "workspace"
-    sha: str | None = None       # the commit's short hash; None for the workspace
-    eval: dict | None = None     # metrics/eval.json
-    counts: dict | None = None   # {"metrics/pairs_it1.json": {...}, "metrics/train_it1.json": {...}, ...}
-    lock: dict | None = None     # dvc.lock
-    params: dict | None = None   # params.yaml
+    label: str  # as the user named it: "origin/main", "HEAD~1", "workspace"
+    sha: str | None = None  # the commit's short hash; None for the workspace
+    eval: dict | None = None  # metrics/eval.json
+    counts: dict | None = None  # {"metrics/pairs_it1.json": {...}, "metrics/train_it1.json": {...}, ...}
+    lock: dict | None = None  # dvc.lock
+    params: dict | None = None  # params.yaml
 
     @property
     def title(self) -> str:
@@ -123,26 +131,34 @@ class RevisionData:
 class Headline:
     """A number of eval.json `bootstrap` that the review tabulates per method."""
 
-    key: str       # bootstrap.methods.<method>.<key>, bootstrap.vs_deeper.<method>.<key>
-    name: str      # its column name
-    digits: int    # decimals of the estimates and intervals shown
-    intro: str     # what it is, `{rounds}` filled in
+    key: str  # bootstrap.methods.<method>.<key>, bootstrap.vs_deeper.<method>.<key>
+    name: str  # its column name
+    digits: int  # decimals of the estimates and intervals shown
+    intro: str  # what it is, `{rounds}` filled in
 
 
 HEADLINES = (
-    Headline("mean_mae", "mean MAE", 3,
-             "Mean MAE over update {rounds} (lower is better) and DEEPER minus each method on the same users "
-             "(below 0: DEEPER predicts better)"),
-    Headline("reduction_pct", "MAE reduction %", 1,
-             "Reduction of the MAE from round 0 to the last round, in % (higher is better), and DEEPER minus each "
-             "method"),
+    Headline(
+        "mean_mae",
+        "mean MAE",
+        3,
+        "Mean MAE over update {rounds} (lower is better) and DEEPER minus each method on the same users "
+        "(below 0: DEEPER predicts better)",
+    ),
+    Headline(
+        "reduction_pct",
+        "MAE reduction %",
+        1,
+        "Reduction of the MAE from round 0 to the last round, in % (higher is better), and DEEPER minus each "
+        "method",
+    ),
 )
 
 
 @dataclass(frozen=True)
 class HeadlineRow:
     method: str
-    value: tuple[Interval | None, Interval | None]      # (base, head): the method's own estimate
+    value: tuple[Interval | None, Interval | None]  # (base, head): the method's own estimate
     vs_deeper: tuple[Interval | None, Interval | None]  # (base, head): DEEPER minus this method
 
     def marks(self) -> tuple[str, str]:
@@ -161,9 +177,14 @@ def headline_rows(base_eval: dict | None, head_eval: dict | None, key: str = "me
     for ev in (head_eval, base_eval):
         names += list(((ev or {}).get("bootstrap") or {}).get("methods", {}))
     names = sorted(dict.fromkeys(names), key=lambda m: m != REFERENCE)
-    return [HeadlineRow(m, (_bootstrap(base_eval, "methods", m, key), _bootstrap(head_eval, "methods", m, key)),
-                        (_bootstrap(base_eval, "vs_deeper", m, key), _bootstrap(head_eval, "vs_deeper", m, key)))
-            for m in names]
+    return [
+        HeadlineRow(
+            m,
+            (_bootstrap(base_eval, "methods", m, key), _bootstrap(head_eval, "methods", m, key)),
+            (_bootstrap(base_eval, "vs_deeper", m, key), _bootstrap(head_eval, "vs_deeper", m, key)),
+        )
+        for m in names
+    ]
 
 
 def format_interval(value: Interval | None, digits: int) -> str:
@@ -183,7 +204,11 @@ def format_change(old: Interval | None, new: Interval | None) -> str:
 
 
 def _rounds(base_eval: dict | None, head_eval: dict | None) -> str:
-    rounds = [ev.get("rounds") for ev in (head_eval, base_eval) if isinstance(ev, dict) and _number(ev.get("rounds"))]
+    rounds = [
+        ev.get("rounds")
+        for ev in (head_eval, base_eval)
+        if isinstance(ev, dict) and _number(ev.get("rounds"))
+    ]
     return f"rounds 1-{int(rounds[0])}" if rounds else "rounds 1-R"
 
 
@@ -196,21 +221,37 @@ def headline_table(base: RevisionData, head: RevisionData, headline: Headline = 
     level_text = f"{level:.0%} " if _number(level) else ""
     name = headline.name
     lines = [
-        (f"{headline.intro.format(rounds=_rounds(base.eval, head.eval))}, with {level_text}paired bootstrap "
-        f"intervals over the evaluation users (metrics/eval.json `bootstrap`)."),
+        (
+            f"{headline.intro.format(rounds=_rounds(base.eval, head.eval))}, with {level_text}paired bootstrap "
+            f"intervals over the evaluation users (metrics/eval.json `bootstrap`)."
+        ),
         "",
-        (f"| method | {name}, {base.label} | {name}, {head.label} | change | DEEPER − method, {base.label} | "
-        f"DEEPER − method, {head.label} | change |"),
+        (
+            f"| method | {name}, {base.label} | {name}, {head.label} | change | DEEPER − method, {base.label} | "
+            f"DEEPER − method, {head.label} | change |"
+        ),
         "|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         if row.method == REFERENCE:
             diff = ["—", "—", ""]
         else:
-            diff = [format_interval(row.vs_deeper[0], headline.digits),
-                    format_interval(row.vs_deeper[1], headline.digits), format_change(*row.vs_deeper)]
-        lines.append(_row([f"`{row.method}`", format_interval(row.value[0], headline.digits),
-                           format_interval(row.value[1], headline.digits), format_change(*row.value), *diff]))
+            diff = [
+                format_interval(row.vs_deeper[0], headline.digits),
+                format_interval(row.vs_deeper[1], headline.digits),
+                format_change(*row.vs_deeper),
+            ]
+        lines.append(
+            _row(
+                [
+                    f"`{row.method}`",
+                    format_interval(row.value[0], headline.digits),
+                    format_interval(row.value[1], headline.digits),
+                    format_change(*row.value),
+                    *diff,
+                ]
+            )
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -220,12 +261,16 @@ def headline_notes(base: RevisionData, head: RevisionData) -> str:
         if rev.eval is None:
             notes.append(f"{rev.title} has no metrics/eval.json.")
         elif not isinstance(rev.eval.get("bootstrap"), dict):
-            notes.append(f"{rev.title}'s metrics/eval.json has no `bootstrap` section (older than the paired "
-                         f"bootstrap): no intervals.")
+            notes.append(
+                f"{rev.title}'s metrics/eval.json has no `bootstrap` section (older than the paired "
+                f"bootstrap): no intervals."
+            )
     old_rounds, new_rounds = ((ev or {}).get("rounds") for ev in (base.eval, head.eval))
     if _number(old_rounds) and _number(new_rounds) and old_rounds != new_rounds:
-        notes.append(f"The means average different rounds: 1-{old_rounds} in {base.title}, 1-{new_rounds} in "
-                     f"{head.title}.")
+        notes.append(
+            f"The means average different rounds: 1-{old_rounds} in {base.title}, 1-{new_rounds} in "
+            f"{head.title}."
+        )
     return "".join(f"{note}\n\n" for note in notes)
 
 
@@ -243,6 +288,7 @@ def moved(base_eval: dict | None, head_eval: dict | None) -> tuple[list[str], in
 
 
 # --- params and dvc.lock ---
+
 
 def _flat(value, prefix: str) -> dict[str, Any]:
     """A params value as dotted keys (`pair: {seed: 0}` -> `pair.seed`), so a change names its leaf."""
@@ -271,8 +317,11 @@ def _lock_params(entry: dict) -> dict[str, Any]:
 
 def _by_path(entries) -> dict[str, dict]:
     """dvc.lock deps or outs as {path: the rest of the entry (hash, size, nfiles)}."""
-    return {str(e.get("path")): {k: v for k, v in e.items() if k != "path"}
-            for e in (entries or []) if isinstance(e, dict)}
+    return {
+        str(e.get("path")): {k: v for k, v in e.items() if k != "path"}
+        for e in (entries or [])
+        if isinstance(e, dict)
+    }
 
 
 def _changed_keys(old: dict, new: dict) -> list[str]:
@@ -284,11 +333,11 @@ class StageChange:
     """A dvc.lock stage entry that differs between the revisions."""
 
     stage: str
-    status: str                 # "new", "removed", "re-ran" (inputs changed) or "outputs only"
+    status: str  # "new", "removed", "re-ran" (inputs changed) or "outputs only"
     command: bool = False
-    deps: tuple = ()            # dependency paths whose hash changed (or that came or went)
-    params: tuple = ()          # dotted params keys whose value changed
-    outs: tuple = ()            # output paths whose hash changed
+    deps: tuple = ()  # dependency paths whose hash changed (or that came or went)
+    params: tuple = ()  # dotted params keys whose value changed
+    outs: tuple = ()  # output paths whose hash changed
     outs_total: int = 0
 
     def why(self) -> str:
@@ -309,8 +358,11 @@ class StageChange:
         if self.status == "new":
             return f"{self.outs_total} output{'s' * (self.outs_total != 1)}"
         if not self.outs:
-            return f"same bytes ({self.outs_total} output{'s' * (self.outs_total != 1)})" if self.outs_total \
+            return (
+                f"same bytes ({self.outs_total} output{'s' * (self.outs_total != 1)})"
+                if self.outs_total
                 else "no outputs"
+            )
         return f"changed: {_some(self.outs)} (of {self.outs_total})"
 
 
@@ -354,14 +406,21 @@ STAGES_SHOWN = 8
 def stages_table(changes: list[StageChange], total: int) -> str:
     if not changes:
         return f"_No stage's dvc.lock entry changed ({total} stages): nothing re-ran._\n"
-    intro = (f"{len(changes)} of {total} stages changed in dvc.lock: their inputs changed, so `dvc repro` ran them "
-             f"(or restored their outputs from DVC's run cache).")
+    intro = (
+        f"{len(changes)} of {total} stages changed in dvc.lock: their inputs changed, so `dvc repro` ran them "
+        f"(or restored their outputs from DVC's run cache)."
+    )
     table = ["| stage | inputs that changed | outputs |", "|---|---|---|"]
     table += [_row([f"`{c.stage}`", c.why(), c.outputs()]) for c in changes]
     if len(changes) > STAGES_SHOWN:
         # a blank line after <summary>: GitHub renders Markdown inside the fold only then
-        table = [f"<details><summary>The {len(changes)} stages: what changed, what they wrote</summary>", "",
-                 *table, "", "</details>"]
+        table = [
+            f"<details><summary>The {len(changes)} stages: what changed, what they wrote</summary>",
+            "",
+            *table,
+            "",
+            "</details>",
+        ]
     return "\n".join([intro, "", *table]) + "\n"
 
 
@@ -387,10 +446,12 @@ def stale_warning(rev: RevisionData) -> str:
     stages = list(dict.fromkeys(s for s, *_ in stale))
     _, key, recorded, current = stale[0]
     shown = ["absent" if v is MISSING else format_value(v) for v in (recorded, current)]
-    return (f"> **Warning:** {rev.title}: dvc.lock does not match params.yaml for {len(stages)} stage"
-            f"{'s' * (len(stages) != 1)} ({_some(stages, 4)}; e.g. `{key}` is {shown[0]} in dvc.lock, {shown[1]} "
-            f"in params.yaml): its metrics are not those of its params. Run `dvc repro` (and commit dvc.lock) "
-            f"before reviewing.\n")
+    return (
+        f"> **Warning:** {rev.title}: dvc.lock does not match params.yaml for {len(stages)} stage"
+        f"{'s' * (len(stages) != 1)} ({_some(stages, 4)}; e.g. `{key}` is {shown[0]} in dvc.lock, {shown[1]} "
+        f"in params.yaml): its metrics are not those of its params. Run `dvc repro` (and commit dvc.lock) "
+        f"before reviewing.\n"
+    )
 
 
 def format_value(value) -> str:
@@ -406,9 +467,12 @@ def format_value(value) -> str:
 
 def params_table(diff: dict | None, base: RevisionData, head: RevisionData) -> str:
     """`dvc params diff --json` ({file: {key: {old, new}}}) as a table."""
-    rows = [(file, key, change.get("old"), change.get("new"))
-            for file, keys in (diff or {}).items() for key, change in (keys or {}).items()
-            if isinstance(change, dict)]
+    rows = [
+        (file, key, change.get("old"), change.get("new"))
+        for file, keys in (diff or {}).items()
+        for key, change in (keys or {}).items()
+        if isinstance(change, dict)
+    ]
     if not rows:
         return "_No params changed (`dvc params diff`)._\n"
     show_file = any(file != "params.yaml" for file, *_ in rows)
@@ -416,14 +480,21 @@ def params_table(diff: dict | None, base: RevisionData, head: RevisionData) -> s
     lines = [_row(head_cells), "|" + "---|" * len(head_cells)]
     for file, key, old, new in rows:
         # DVC's null: the key is absent on that side
-        lines.append(_row([file] * show_file + [f"`{key}`", *(format_value(MISSING if v is None else v)
-                                                                for v in (old, new))]))
+        lines.append(
+            _row(
+                [file] * show_file
+                + [f"`{key}`", *(format_value(MISSING if v is None else v) for v in (old, new))]
+            )
+        )
     return "\n".join(lines) + "\n"
 
 
 # --- pair and training counts ---
 
-def count_rows(base_counts: dict | None, head_counts: dict | None) -> tuple[list[int], list[tuple[str, dict]]]:
+
+def count_rows(
+    base_counts: dict | None, head_counts: dict | None
+) -> tuple[list[int], list[tuple[str, dict]]]:
     """(iterations, rows): one row per count of PAIR_COUNTS and TRAIN_COUNTS that either revision has, as
     (label, {iteration: (base value, head value)}), MISSING where a revision lacks the file or key."""
     base_counts, head_counts = base_counts or {}, head_counts or {}
@@ -431,8 +502,13 @@ def count_rows(base_counts: dict | None, head_counts: dict | None) -> tuple[list
     rows = []
     for kind, keys in COUNT_FILES:
         for key, label in keys:
-            cells = {k: (_lookup(base_counts.get(f"metrics/{kind}_it{k}.json"), key),
-                         _lookup(head_counts.get(f"metrics/{kind}_it{k}.json"), key)) for k in iterations}
+            cells = {
+                k: (
+                    _lookup(base_counts.get(f"metrics/{kind}_it{k}.json"), key),
+                    _lookup(head_counts.get(f"metrics/{kind}_it{k}.json"), key),
+                )
+                for k in iterations
+            }
             if any(v is not MISSING for pair in cells.values() for v in pair):
                 rows.append((label, cells))
     return iterations, rows
@@ -455,33 +531,54 @@ def counts_table(base: RevisionData, head: RevisionData) -> str:
     if not rows:
         return "_No metrics/pairs_it*.json or metrics/train_it*.json in either revision._\n"
     changed = sum(old != new for _, cells in rows for old, new in cells.values())
-    lines = [(f"Each iteration's pair selection and DPO training; a changed count reads {base.label} → "
-              f"**{head.label}** (change): {changed} changed."), "",
-             _row(["count", *(f"iteration {k}" for k in iterations)]), "|---" * (len(iterations) + 1) + "|"]
+    lines = [
+        (
+            f"Each iteration's pair selection and DPO training; a changed count reads {base.label} → "
+            f"**{head.label}** (change): {changed} changed."
+        ),
+        "",
+        _row(["count", *(f"iteration {k}" for k in iterations)]),
+        "|---" * (len(iterations) + 1) + "|",
+    ]
     lines += [_row([label, *(format_count(*cells[k]) for k in iterations)]) for label, cells in rows]
     return "\n".join(lines) + "\n"
 
 
 # --- plots and the metrics diff ---
 
+
 @dataclass(frozen=True)
 class PlotImage:
     name: str
     title: str
-    image: str         # path relative to review.md
-    note: str = ""     # "only in <rev>" where one revision lacks the data
+    image: str  # path relative to review.md
+    note: str = ""  # "only in <rev>" where one revision lacks the data
 
 
-def plots_section(images: list[PlotImage], unchanged: list[str], missing: list[tuple[str, str]],
-                  base: RevisionData, head: RevisionData) -> str:
+def plots_section(
+    images: list[PlotImage],
+    unchanged: list[str],
+    missing: list[tuple[str, str]],
+    base: RevisionData,
+    head: RevisionData,
+) -> str:
     """The images, then the plots left out: unchanged ones by name, undrawable ones as (name, why)."""
     lines = []
     if images:
-        lines += [(f"The plots of dvc.yaml whose data changed, {base.label} and {head.label} on one chart (as "
-                  f"`dvc plots diff` draws them: one line style or colour per revision)."), ""]
+        lines += [
+            (
+                f"The plots of dvc.yaml whose data changed, {base.label} and {head.label} on one chart (as "
+                f"`dvc plots diff` draws them: one line style or colour per revision)."
+            ),
+            "",
+        ]
         for image in images:
-            lines += [f"**{image.name}**{f' ({image.note})' if image.note else ''}", "",
-                      f"![{image.title}]({image.image})", ""]
+            lines += [
+                f"**{image.name}**{f' ({image.note})' if image.note else ''}",
+                "",
+                f"![{image.title}]({image.image})",
+                "",
+            ]
     else:
         lines += ["_No plot's data changed._", ""]
     if unchanged:
@@ -505,10 +602,33 @@ def metrics_fold(metrics_md: str, budget: int, base: RevisionData, full_name: st
         kept.append(line)
         size += len(line) + 1
     cut = len(table) - len(kept)
-    tail = ["", (f"_{cut} more rows cut to fit a comment: {full_name} beside this page has all of them "
-                 f"(or run `dvc metrics diff {base.label} --md`)._")] if cut else []
-    return "\n".join([(f"<details><summary>Full <code>dvc metrics diff --md</code>: {rows} changed "
-                      f"value{'s' * (rows != 1)}</summary>"), "", *kept, *tail, "", "</details>"]) + "\n"
+    tail = (
+        [
+            "",
+            (
+                f"_{cut} more rows cut to fit a comment: {full_name} beside this page has all of them "
+                f"(or run `dvc metrics diff {base.label} --md`)._"
+            ),
+        ]
+        if cut
+        else []
+    )
+    return (
+        "\n".join(
+            [
+                (
+                    f"<details><summary>Full <code>dvc metrics diff --md</code>: {rows} changed "
+                    f"value{'s' * (rows != 1)}</summary>"
+                ),
+                "",
+                *kept,
+                *tail,
+                "",
+                "</details>",
+            ]
+        )
+        + "\n"
+    )
 
 
 def _cell(text: str) -> str:
@@ -519,24 +639,42 @@ def _row(cells) -> str:
     return "| " + " | ".join(_cell(c) for c in cells) + " |"
 
 
-def summary_line(base: RevisionData, head: RevisionData, params_diff: dict | None,
-                 changes: list[StageChange], images: list[PlotImage]) -> str:
+def summary_line(
+    base: RevisionData,
+    head: RevisionData,
+    params_diff: dict | None,
+    changes: list[StageChange],
+    images: list[PlotImage],
+) -> str:
     n_params = sum(len(keys or {}) for keys in (params_diff or {}).values())
     ran = [c.stage for c in changes if c.status != "removed"]
     outside, inside = moved(base.eval, head.eval)
-    parts = [f"{n_params} param{'s' * (n_params != 1)} changed",
-             f"{len(ran)} stage{'s' * (len(ran) != 1)} re-ran" + (f" ({_some(ran, 5)})" if ran else ""),
-             (f"**{len(outside)} estimate{'s' * (len(outside) != 1)} moved outside the old interval** "
-              f"({', '.join(outside)})" if outside else
-              f"{inside} estimate{'s' * (inside != 1)} moved, all inside the old interval (noise)" if inside else
-              "no estimate of the MAE tables moved"),
-             f"{len(images)} plot{'s' * (len(images) != 1)} changed"]
+    parts = [
+        f"{n_params} param{'s' * (n_params != 1)} changed",
+        f"{len(ran)} stage{'s' * (len(ran) != 1)} re-ran" + (f" ({_some(ran, 5)})" if ran else ""),
+        (
+            f"**{len(outside)} estimate{'s' * (len(outside) != 1)} moved outside the old interval** "
+            f"({', '.join(outside)})"
+            if outside
+            else f"{inside} estimate{'s' * (inside != 1)} moved, all inside the old interval (noise)"
+            if inside
+            else "no estimate of the MAE tables moved"
+        ),
+        f"{len(images)} plot{'s' * (len(images) != 1)} changed",
+    ]
     return "; ".join(parts) + "."
 
 
-def build_review(base: RevisionData, head: RevisionData, params_diff: dict | None, metrics_md: str,
-                 images: list[PlotImage], unchanged_plots: list[str] = (), missing_plots: list[tuple[str, str]] = (),
-                 limit: int = COMMENT_LIMIT) -> str:
+def build_review(
+    base: RevisionData,
+    head: RevisionData,
+    params_diff: dict | None,
+    metrics_md: str,
+    images: list[PlotImage],
+    unchanged_plots: list[str] = (),
+    missing_plots: list[tuple[str, str]] = (),
+    limit: int = COMMENT_LIMIT,
+) -> str:
     """The whole page; its length stays under `limit` by cutting the folded metrics diff."""
     changes = stage_changes(base.lock, head.lock)
     total = len(((head.lock or {}).get("stages") or {}) | ((base.lock or {}).get("stages") or {}))
@@ -550,8 +688,10 @@ def build_review(base: RevisionData, head: RevisionData, params_diff: dict | Non
         "### Stages re-run (dvc.lock)\n",
         stages_table(changes, total),
         "### Mean MAE and DEEPER − each method, with intervals\n",
-        ("A change whose new estimate lies inside the old interval is marked noise: float noise or the spread of a "
-        "few evaluation users, not a result; one outside it is worth a look.\n"),
+        (
+            "A change whose new estimate lies inside the old interval is marked noise: float noise or the spread of a "
+            "few evaluation users, not a result; one outside it is worth a look.\n"
+        ),
         headline_notes(base, head),
         headline_table(base, head, HEADLINES[0]),
         headline_table(base, head, HEADLINES[1]),

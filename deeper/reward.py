@@ -56,7 +56,9 @@ class RewardWeights:
         return cls(**values)
 
 
-def compute_rewards(errors: pd.DataFrame, weights: RewardWeights = RewardWeights(), source: str = "rewards") -> pd.DataFrame:
+def compute_rewards(
+    errors: pd.DataFrame, weights: RewardWeights = RewardWeights(), source: str = "rewards"
+) -> pd.DataFrame:
     """Return a copy of `errors` with the columns r_prev, r_curr, r_fut and r added (vectorised).
 
     `source` names the input in error messages (a file path, usually); rows there are 1-based data rows.
@@ -68,7 +70,10 @@ def compute_rewards(errors: pd.DataFrame, weights: RewardWeights = RewardWeights
     values = {}
     for col in OLD_COLUMNS + NEW_COLUMNS:
         values[col] = pd.to_numeric(out[col], errors="coerce")
-        for bad, what in ((values[col].isna() & out[col].notna(), "is not a number"), (values[col] < 0, "is negative")):
+        for bad, what in (
+            (values[col].isna() & out[col].notna(), "is not a number"),
+            (values[col] < 0, "is negative"),
+        ):
             if bad.any():
                 row = int(np.flatnonzero(bad.to_numpy())[0])
                 value = out[col].iloc[row]

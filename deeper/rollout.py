@@ -67,17 +67,40 @@ class EvaluateSettings:
         sampling = sampling_block(get(params, "evaluate.sampling"), "evaluate.sampling", defaults=Sampling())
         users = mapping(get(params, "evaluate.users", {}), "evaluate.users", known=USER_KEYS, nullable=True)
         domains = users.get("domains")
-        if domains is not None and (not isinstance(domains, list) or not all(isinstance(d, str) for d in domains)):
-            raise ConfigError("evaluate.users.domains", f"must be null (all) or a list of domain names, got {domains!r}")
-        per_domain = number(users.get("per_domain"), "evaluate.users.per_domain", integer=True, low=1, nullable=True)
+        if domains is not None and (
+            not isinstance(domains, list) or not all(isinstance(d, str) for d in domains)
+        ):
+            raise ConfigError(
+                "evaluate.users.domains", f"must be null (all) or a list of domain names, got {domains!r}"
+            )
+        per_domain = number(
+            users.get("per_domain"), "evaluate.users.per_domain", integer=True, low=1, nullable=True
+        )
         return cls(rounds, methods, sampling, None if domains is None else tuple(domains), per_domain)
+
 
 # Windows the first update is measured on (Table 1): previous, current, future.
 FIRST_UPDATE_WINDOWS = (0, 1, 2)
 COLUMNS = (
-    "domain", "user_id", "seen", "round", "persona", "persona_tokens", "persona_words", "update_failure",
-    "update_flag", "answers", "mae", "items", "predict_failed_items", "mae_w0", "mae_w1", "mae_w2",
-    "predicted", "actual", "update_stopped_at_limit",
+    "domain",
+    "user_id",
+    "seen",
+    "round",
+    "persona",
+    "persona_tokens",
+    "persona_words",
+    "update_failure",
+    "update_flag",
+    "answers",
+    "mae",
+    "items",
+    "predict_failed_items",
+    "mae_w0",
+    "mae_w1",
+    "mae_w2",
+    "predicted",
+    "actual",
+    "update_stopped_at_limit",
 )
 
 
@@ -104,15 +127,18 @@ def windows_needed(rounds: int) -> int:
     return rounds + 2
 
 
-def load_eval_users(windows: Path, personas: Path, rounds: int, domains: list[str] | None,
-                    per_domain: int | None) -> tuple[list[EvalUser], dict]:
+def load_eval_users(
+    windows: Path, personas: Path, rounds: int, domains: list[str] | None, per_domain: int | None
+) -> tuple[list[EvalUser], dict]:
     """The evaluation users with S_0 and enough windows; skips counted by reason."""
     table = read_windows(windows)
     seen = domain_seen(table)
     if domains is not None:
         unknown = sorted(set(domains) - set(seen))
         if unknown:
-            raise ConfigError("evaluate.users.domains", f"no domain {unknown[0]!r} in {windows}; have {sorted(seen)}")
+            raise ConfigError(
+                "evaluate.users.domains", f"no domain {unknown[0]!r} in {windows}; have {sorted(seen)}"
+            )
     initial = read_personas(personas, split="eval")
     skipped = {"too_few_windows": 0, "no_persona": 0}
     users, taken = [], {}
@@ -129,10 +155,15 @@ def load_eval_users(windows: Path, personas: Path, rounds: int, domains: list[st
             skipped["too_few_windows"] += 1
             continue
         taken[user.domain] = taken.get(user.domain, 0) + 1
-        users.append(EvalUser(user.domain, user.user_id, user.item_type, seen[user.domain], user.windows, persona))
+        users.append(
+            EvalUser(user.domain, user.user_id, user.item_type, seen[user.domain], user.windows, persona)
+        )
     if not users:
-        raise InputError(windows, f"no evaluation user with an initial persona and {windows_needed(rounds)} windows "
-                                  f"(skipped: {skipped})")
+        raise InputError(
+            windows,
+            f"no evaluation user with an initial persona and {windows_needed(rounds)} windows "
+            f"(skipped: {skipped})",
+        )
     return users, skipped
 
 
@@ -153,8 +184,10 @@ def rollout(
         raise ValueError(f"rounds must be >= 1, got {rounds}")
     for u in users:
         if len(u.windows) < windows_needed(rounds):
-            raise ValueError(f"user {u.domain}/{u.user_id} has {len(u.windows)} windows; "
-                             f"{rounds} rounds need {windows_needed(rounds)}")
+            raise ValueError(
+                f"user {u.domain}/{u.user_id} has {len(u.windows)} windows; "
+                f"{rounds} rounds need {windows_needed(rounds)}"
+            )
     label = label or method.name
     predict_settings = predict_settings or PredictSettings()
     count_tokens = count_tokens or (lambda text: math.nan)
@@ -172,14 +205,17 @@ def rollout(
         keys = [k for k in dict.fromkeys(keys) if k not in results]
         requests = [
             WindowRequest(
-                persona=personas[i][s], item_type=users[i].item_type,
-                titles=users[i].windows[w].titles, actual=users[i].windows[w].ratings,
+                persona=personas[i][s],
+                item_type=users[i].item_type,
+                titles=users[i].windows[w].titles,
+                actual=users[i].windows[w].ratings,
             )
             for i, s, w in keys
         ]
         start = time.perf_counter()
-        preds, step_stats = predict_windows(frozen, requests, predict_settings, prompts,
-                                            progress=desc if progress else None)
+        preds, step_stats = predict_windows(
+            frozen, requests, predict_settings, prompts, progress=desc if progress else None
+        )
         seconds["predict"] += time.perf_counter() - start
         stats.add(step_stats)
         for key, pred in zip(keys, preds):
@@ -196,8 +232,10 @@ def rollout(
             predict(keys + extra, f"{label} round {t}: predict")
             inputs = [
                 UpdateInput(
-                    item_type=users[i].item_type, persona=personas[i][t - 1],
-                    history=tuple(users[i].windows[: t + 1]), predictions=tuple(results[(i, t - 1, t)][0]),
+                    item_type=users[i].item_type,
+                    persona=personas[i][t - 1],
+                    history=tuple(users[i].windows[: t + 1]),
+                    predictions=tuple(results[(i, t - 1, t)][0]),
                 )
                 for i in range(n)
             ]
@@ -221,11 +259,21 @@ def rollout(
             predicted, err, failed = results[(i, s, s + 1)]
             persona = personas[i][s]
             row = {
-                "domain": u.domain, "user_id": u.user_id, "seen": bool(u.seen), "round": s,
-                "persona": persona, "persona_tokens": count_tokens(persona), "persona_words": count_words(persona),
-                "update_failure": failures[i][s], "update_flag": flags[i][s], "answers": list(answers[i][s]),
-                "mae": err, "items": len(u.windows[s + 1].titles), "predict_failed_items": failed,
-                "predicted": [float(p) for p in predicted], "actual": [float(a) for a in u.windows[s + 1].ratings],
+                "domain": u.domain,
+                "user_id": u.user_id,
+                "seen": bool(u.seen),
+                "round": s,
+                "persona": persona,
+                "persona_tokens": count_tokens(persona),
+                "persona_words": count_words(persona),
+                "update_failure": failures[i][s],
+                "update_flag": flags[i][s],
+                "answers": list(answers[i][s]),
+                "mae": err,
+                "items": len(u.windows[s + 1].titles),
+                "predict_failed_items": failed,
+                "predicted": [float(p) for p in predicted],
+                "actual": [float(a) for a in u.windows[s + 1].ratings],
                 "update_stopped_at_limit": sum(stopped_at_limit(a) for a in answers[i][s]),
             }
             for w in FIRST_UPDATE_WINDOWS:
@@ -246,8 +294,11 @@ def read_eval_table(path: str | Path, method: str, rounds: int) -> pd.DataFrame:
     table = read_parquet_checked(path, COLUMNS, f"run `dvc repro evaluate@{method}`")
     have = sorted(table["round"].unique().tolist())
     if have != list(range(rounds + 1)):
-        raise InputError(path, f"has rounds {have}, params evaluate.rounds={rounds} needs 0..{rounds}; "
-                               f"re-run `dvc repro evaluate@{method}`")
+        raise InputError(
+            path,
+            f"has rounds {have}, params evaluate.rounds={rounds} needs 0..{rounds}; "
+            f"re-run `dvc repro evaluate@{method}`",
+        )
     return table
 
 
@@ -290,12 +341,18 @@ def summarize_domain(table: pd.DataFrame, rounds: int) -> dict:
         out[f"mae_r{s}_parse_failed_share"] = float(failed.get(s, math.nan))
     out["reduction_pct"] = reduction_pct(out["mae_r0"], out[f"mae_r{rounds}"])
     # the pairwise choice task per round: pairs of every user of the domain pooled
-    pairs = table.apply(lambda row: pairwise_accuracy(row["predicted"], row["actual"]), axis=1, result_type="expand")
+    pairs = table.apply(
+        lambda row: pairwise_accuracy(row["predicted"], row["actual"]), axis=1, result_type="expand"
+    )
     pairs.columns = ["accuracy", "pairs"]
     pairs["round"], pairs["correct"] = table["round"].to_numpy(), pairs["accuracy"].fillna(0) * pairs["pairs"]
     by = pairs.groupby("round")[["correct", "pairs"]].sum()
-    out["pairwise_accuracy"] = {f"r{s}": float(by.loc[s, "correct"] / by.loc[s, "pairs"])
-                                if s in by.index and by.loc[s, "pairs"] else math.nan for s in range(rounds + 1)}
+    out["pairwise_accuracy"] = {
+        f"r{s}": float(by.loc[s, "correct"] / by.loc[s, "pairs"])
+        if s in by.index and by.loc[s, "pairs"]
+        else math.nan
+        for s in range(rounds + 1)
+    }
     out["persona_tokens"] = {f"r{s}": float(tokens.get(s, math.nan)) for s in range(rounds + 1)}
     first = {}
     for part, column in FIRST_UPDATE_PARTS.items():
@@ -308,7 +365,9 @@ def summarize_domain(table: pd.DataFrame, rounds: int) -> dict:
     out["update_flags"] = int(table["update_flag"].notna().sum())
     # update answers that reached evaluate.sampling.max_new_tokens (cut short) among all update answers
     answers = int(table["answers"].map(len).sum())
-    out["update_stopped_at_limit_share"] = float(table["update_stopped_at_limit"].sum() / answers) if answers else math.nan
+    out["update_stopped_at_limit_share"] = (
+        float(table["update_stopped_at_limit"].sum() / answers) if answers else math.nan
+    )
     return out
 
 
@@ -325,8 +384,11 @@ def average_domains(domains: dict[str, dict]) -> dict:
             return {k: merge([it[k] for it in items]) for k in first}
         return _mean(items)
 
-    out = {k: merge([v[k] for v in values]) for k in values[0] if k not in ("users", "predict_failed_items",
-                                                                            "update_failures", "update_flags")}
+    out = {
+        k: merge([v[k] for v in values])
+        for k in values[0]
+        if k not in ("users", "predict_failed_items", "update_failures", "update_flags")
+    }
     for k in ("users", "predict_failed_items", "update_failures", "update_flags"):
         out[k] = int(sum(v[k] for v in values))
     out["domains"] = len(values)

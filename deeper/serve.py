@@ -49,15 +49,22 @@ MAX_PLANS = 5  # plans per run: another run writing the same users in between ma
 SHOWN_WAITING = 10  # users listed by name in the "waiting for a full window" line
 
 
-def input_source(fmt: str, path: str | Path, meta: str | Path | None = None, domain: str | None = None,
-                 item_type: str | None = None) -> Source:
+def input_source(
+    fmt: str,
+    path: str | Path,
+    meta: str | Path | None = None,
+    domain: str | None = None,
+    item_type: str | None = None,
+) -> Source:
     """A file (or folder) of new ratings as an ingest source; the options a format needs are checked here."""
     if fmt not in READERS:
         raise DeeperError(f"--format: {fmt!r} is not one of {', '.join(READERS)}")
     if fmt not in SELF_NAMING:
         for option, value in (("--domain", domain), ("--item-type", item_type)):
             if not value or not str(value).strip():
-                raise DeeperError(f"{option} is needed for format {fmt} (e.g. --domain movielens --item-type movie)")
+                raise DeeperError(
+                    f"{option} is needed for format {fmt} (e.g. --domain movielens --item-type movie)"
+                )
     if meta is not None and fmt not in WITH_META:
         raise DeeperError(f"--meta: format {fmt} has no titles file")
     return Source(fmt, Path(path), Path(meta) if meta is not None else None, domain, item_type)
@@ -78,7 +85,9 @@ def read_new_ratings(source: Source, unknown_items: str = "keep") -> tuple[dict,
                 ORDER BY r.domain, r.user_id, r.window_hint NULLS FIRST, r.ts, r.seq""").fetchall()
     users: dict[tuple[str, str], tuple[str, list[Rating]]] = {}
     for domain, item_type, user_id, item_id, title, rating, ts in rows:
-        users.setdefault((domain, user_id), (item_type, []))[1].append(Rating(item_id, title, float(rating), int(ts)))
+        users.setdefault((domain, user_id), (item_type, []))[1].append(
+            Rating(item_id, title, float(rating), int(ts))
+        )
     return users, summary
 
 
@@ -108,8 +117,14 @@ def plan_user(state: UserState, item_type: str, new: list[Rating], size: int) ->
             fresh.append(rating)
     stream = state.pending + fresh
     full = len(stream) // size
-    return UserPlan(state, item_type, [stream[i * size:(i + 1) * size] for i in range(full)], stream[full * size:],
-                    len(fresh), len(new) - len(fresh))
+    return UserPlan(
+        state,
+        item_type,
+        [stream[i * size : (i + 1) * size] for i in range(full)],
+        stream[full * size :],
+        len(fresh),
+        len(new) - len(fresh),
+    )
 
 
 @dataclass
@@ -129,8 +144,9 @@ def default_adapter(params: dict) -> str | None:
 
     specs = methods_from_params(get(params, "evaluate.methods"))
     if DEEPER_METHOD not in specs:
-        raise ConfigError(f"evaluate.methods.{DEEPER_METHOD}", "missing: it names the default adapter "
-                                                               "(or pass --adapter)")
+        raise ConfigError(
+            f"evaluate.methods.{DEEPER_METHOD}", "missing: it names the default adapter (or pass --adapter)"
+        )
     return specs[DEEPER_METHOD].adapter
 
 
@@ -144,8 +160,11 @@ def adapter_identity(policy_spec: dict, adapter: str | None) -> str | None:
     if policy_spec.get("backend") == "openai" and not (Path(adapter) / "adapter_config.json").is_file():
         return f"served:{adapter}"
     if not (Path(adapter) / "adapter_config.json").is_file():
-        raise InputError(adapter, "no peft adapter here (adapter_config.json missing); train one with "
-                                  "`dvc repro train@2` or name another with --adapter")
+        raise InputError(
+            adapter,
+            "no peft adapter here (adapter_config.json missing); train one with "
+            "`dvc repro train@2` or name another with --adapter",
+        )
     return resolve_adapter(adapter, "--adapter")
 
 
@@ -163,17 +182,35 @@ def load_models(params: dict, adapter: str | None, adapter_fingerprint: str | No
     return Models(frozen, policy, adapter, adapter_fingerprint, counter)
 
 
-def _round_row(plan: UserPlan, rnd: int, window: list[Rating], persona: str, models: Models, writer: str,
-               **extra) -> dict:
+def _round_row(
+    plan: UserPlan, rnd: int, window: list[Rating], persona: str, models: Models, writer: str, **extra
+) -> dict:
     now = datetime.now(timezone.utc).replace(tzinfo=None)
     return {
-        "domain": plan.state.domain, "user_id": plan.state.user_id, "round": rnd, "item_type": plan.item_type,
-        "persona": persona, "persona_words": count_words(persona), "persona_tokens": models.count_tokens(persona),
-        "writer": writer, "window_key": window_key(window), "item_ids": [r.item_id for r in window],
-        "titles": [r.title for r in window], "ts": [r.ts for r in window], "actual": [r.rating for r in window],
-        "predicted": None, "mae_before": None, "predict_failed_items": None, "update_failure": None,
-        "update_flag": None, "frozen_fingerprint": models.frozen.fingerprint,
-        "policy_fingerprint": None, "adapter": None, "adapter_fingerprint": None, "created_at": now, **extra,
+        "domain": plan.state.domain,
+        "user_id": plan.state.user_id,
+        "round": rnd,
+        "item_type": plan.item_type,
+        "persona": persona,
+        "persona_words": count_words(persona),
+        "persona_tokens": models.count_tokens(persona),
+        "writer": writer,
+        "window_key": window_key(window),
+        "item_ids": [r.item_id for r in window],
+        "titles": [r.title for r in window],
+        "ts": [r.ts for r in window],
+        "actual": [r.rating for r in window],
+        "predicted": None,
+        "mae_before": None,
+        "predict_failed_items": None,
+        "update_failure": None,
+        "update_flag": None,
+        "frozen_fingerprint": models.frozen.fingerprint,
+        "policy_fingerprint": None,
+        "adapter": None,
+        "adapter_fingerprint": None,
+        "created_at": now,
+        **extra,
     }
 
 
@@ -191,15 +228,30 @@ def compute_rounds(plans: list[UserPlan], models: Models, params: dict, log: Cal
     at_limit = {"s0": 0, "refinements": 0}
     new = [i for i, p in enumerate(plans) if p.windows and p.state.last_round is None]
     if new:
-        chats = [prompts.render("init", item_type=plans[i].item_type,
-                                ratings=[(r.title, r.rating) for r in plans[i].windows[0]]) for i in new]
+        chats = [
+            prompts.render(
+                "init",
+                item_type=plans[i].item_type,
+                ratings=[(r.title, r.rating) for r in plans[i].windows[0]],
+            )
+            for i in new
+        ]
         log(f"S_0 for {len(new)} users new to the store (frozen model, init prompt)")
         personas, _, s0_at_limit = generate_personas(models.frozen, chats, persona_settings, log=log)
         at_limit["s0"] += sum(s0_at_limit)
         for i, persona in zip(new, personas):
             # a degenerate S_0 (every attempt failed: the longest is kept, as init_personas does) is flagged
-            plans[i].rounds.append(_round_row(plans[i], 0, plans[i].windows[0], persona, models, "init",
-                                              update_flag=degenerate_reason(persona, persona_settings.min_words)))
+            plans[i].rounds.append(
+                _round_row(
+                    plans[i],
+                    0,
+                    plans[i].windows[0],
+                    persona,
+                    models,
+                    "init",
+                    update_flag=degenerate_reason(persona, persona_settings.min_words),
+                )
+            )
             current[i] = (1, 0, persona)
     for i, p in enumerate(plans):
         if p.windows and p.state.last_round is not None:
@@ -208,30 +260,64 @@ def compute_rounds(plans: list[UserPlan], models: Models, params: dict, log: Cal
     for step in tqdm(range(steps), desc="refine", unit="round", disable=steps == 0):
         todo = [i for i in sorted(current) if current[i][0] < len(plans[i].windows)]
         windows = [plans[i].windows[current[i][0]] for i in todo]
-        requests = [WindowRequest(persona=current[i][2], item_type=plans[i].item_type, titles=[r.title for r in w],
-                                  actual=[r.rating for r in w]) for i, w in zip(todo, windows)]
-        preds, _ = predict_windows(models.frozen, requests, predict_settings, prompts,
-                                   progress=f"round {step + 1}/{steps}: predict")
-        inputs = [UpdateInput(item_type=plans[i].item_type, persona=current[i][2],
-                              history=(Window(tuple(r.title for r in w), tuple(r.rating for r in w)),),
-                              predictions=tuple(float(x) for x in pred.ratings))
-                  for i, w, pred in zip(todo, windows, preds)]
+        requests = [
+            WindowRequest(
+                persona=current[i][2],
+                item_type=plans[i].item_type,
+                titles=[r.title for r in w],
+                actual=[r.rating for r in w],
+            )
+            for i, w in zip(todo, windows)
+        ]
+        preds, _ = predict_windows(
+            models.frozen, requests, predict_settings, prompts, progress=f"round {step + 1}/{steps}: predict"
+        )
+        inputs = [
+            UpdateInput(
+                item_type=plans[i].item_type,
+                persona=current[i][2],
+                history=(Window(tuple(r.title for r in w), tuple(r.rating for r in w)),),
+                predictions=tuple(float(x) for x in pred.ratings),
+            )
+            for i, w, pred in zip(todo, windows, preds)
+        ]
         results = refine.update(inputs)
-        at_limit["refinements"] += sum(stopped_at_limit(answer) for res in results for answer in res.generated)
+        at_limit["refinements"] += sum(
+            stopped_at_limit(answer) for res in results for answer in res.generated
+        )
         for i, w, pred, res in zip(todo, windows, preds, results):
             index, rnd, _ = current[i]
             failed = 0 if pred.failed is None else int(pred.failed.sum())
-            plans[i].rounds.append(_round_row(
-                plans[i], rnd + 1, w, res.persona, models, "refine", predicted=[float(x) for x in pred.ratings],
-                mae_before=float(pred.mae), predict_failed_items=failed, update_failure=res.failure,
-                update_flag=res.flag, policy_fingerprint=models.policy.fingerprint, adapter=models.adapter,
-                adapter_fingerprint=models.adapter_fingerprint))
+            plans[i].rounds.append(
+                _round_row(
+                    plans[i],
+                    rnd + 1,
+                    w,
+                    res.persona,
+                    models,
+                    "refine",
+                    predicted=[float(x) for x in pred.ratings],
+                    mae_before=float(pred.mae),
+                    predict_failed_items=failed,
+                    update_failure=res.failure,
+                    update_flag=res.flag,
+                    policy_fingerprint=models.policy.fingerprint,
+                    adapter=models.adapter,
+                    adapter_fingerprint=models.adapter_fingerprint,
+                )
+            )
             current[i] = (index + 1, rnd + 1, res.persona)
     return at_limit
 
 
-def refine_users(params: dict, source: Source, store: str | Path = DEFAULT_STORE, adapter: str | None = None,
-                 use_adapter: bool = True, log: Callable[[str], None] = print) -> dict:
+def refine_users(
+    params: dict,
+    source: Source,
+    store: str | Path = DEFAULT_STORE,
+    adapter: str | None = None,
+    use_adapter: bool = True,
+    log: Callable[[str], None] = print,
+) -> dict:
     """Record new rounds for the users of a file of new ratings; returns what was done (counts, model calls).
 
     `params`: a params.yaml mapping, already checked (deeper.validate.check_params); read: window.size,
@@ -249,33 +335,51 @@ def refine_users(params: dict, source: Source, store: str | Path = DEFAULT_STORE
     person_store = PersonaStore(store)
     person_store.states([])  # a file that is not a persona store fails here, before any model loads
     new, ingest_summary = read_new_ratings(source, unknown_items)
-    summary = {"users_in_file": len(new), "ratings_in_file": sum(len(r) for _, r in new.values()),
-               "ingest": ingest_summary["total"], "window_size": size, "store": str(store), "plans": 0}
+    summary = {
+        "users_in_file": len(new),
+        "ratings_in_file": sum(len(r) for _, r in new.values()),
+        "ingest": ingest_summary["total"],
+        "window_size": size,
+        "store": str(store),
+        "plans": 0,
+    }
     models = None
     for _ in range(MAX_PLANS):
         summary["plans"] += 1
         states = person_store.states(sorted(new))
-        plans = [plan_user(states[u], item_type, ratings, size) for u, (item_type, ratings) in sorted(new.items())]
+        plans = [
+            plan_user(states[u], item_type, ratings, size) for u, (item_type, ratings) in sorted(new.items())
+        ]
         changed = [p for p in plans if p.changed]
         if changed and models is None and any(p.windows for p in changed):
             models = load_models(params, adapter, adapter_fp)
         if models is not None:
-            summary["stopped_at_limit"] = compute_rounds([p for p in changed if p.windows], models, params, log)
+            summary["stopped_at_limit"] = compute_rounds(
+                [p for p in changed if p.windows], models, params, log
+            )
         try:
             if changed:
                 person_store.write(
                     {(p.state.domain, p.state.user_id): p.state for p in changed},
                     [row for p in changed for row in p.rounds],
-                    {(p.state.domain, p.state.user_id): [(p.item_type, r) for r in p.waiting] for p in changed})
+                    {
+                        (p.state.domain, p.state.user_id): [(p.item_type, r) for r in p.waiting]
+                        for p in changed
+                    },
+                )
             break
         except StaleState as e:
             log(f"{e}; planning again (the response cache answers the calls already made)")
     else:
-        raise DeeperError(f"{store}: other runs kept changing these users; {MAX_PLANS} plans given up, nothing written")
+        raise DeeperError(
+            f"{store}: other runs kept changing these users; {MAX_PLANS} plans given up, nothing written"
+        )
     summary.update(_summarise(plans))
     if models is not None:
-        summary["calls"] = {"frozen": models.frozen.stats(),
-                            **({} if models.policy is models.frozen else {"policy": models.policy.stats()})}
+        summary["calls"] = {
+            "frozen": models.frozen.stats(),
+            **({} if models.policy is models.frozen else {"policy": models.policy.stats()}),
+        }
     return summary
 
 

@@ -36,17 +36,22 @@ class PersonaEmbedder:
 
         folder = Path(folder)
         if not (folder / "config.json").is_file():
-            raise InputError(folder, "no embedding model here (config.json missing); run `dvc repro fetch` with "
-                                     "minilm-l6-v2 in fetch.models")
+            raise InputError(
+                folder,
+                "no embedding model here (config.json missing); run `dvc repro fetch` with "
+                "minilm-l6-v2 in fetch.models",
+            )
         self.tokenizer = AutoTokenizer.from_pretrained(str(folder))
         self.model = AutoModel.from_pretrained(str(folder), dtype=torch.float32).eval()
         self.batch_size = batch_size
 
     def _pieces(self, text: str) -> list[list[int]]:
-        ids = self.tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"] or [self.tokenizer.unk_token_id]
+        ids = self.tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"] or [
+            self.tokenizer.unk_token_id
+        ]
         body = MAX_TOKENS - 2
         cls, sep = self.tokenizer.cls_token_id, self.tokenizer.sep_token_id
-        return [[cls, *ids[i:i + body], sep] for i in range(0, len(ids), body)]
+        return [[cls, *ids[i : i + body], sep] for i in range(0, len(ids), body)]
 
     def embed(self, texts: list[str]) -> np.ndarray:
         """(len(texts), 384) unit vectors."""
@@ -57,14 +62,16 @@ class PersonaEmbedder:
         weights = np.array([len(p) - 2 for _, p in pieces], dtype=float)
         pad = self.tokenizer.pad_token_id
         for start in range(0, len(pieces), self.batch_size):
-            batch = [p for _, p in pieces[start:start + self.batch_size]]
+            batch = [p for _, p in pieces[start : start + self.batch_size]]
             width = max(map(len, batch))
             ids = torch.tensor([p + [pad] * (width - len(p)) for p in batch])
             mask = torch.tensor([[1] * len(p) + [0] * (width - len(p)) for p in batch])
             with torch.no_grad():
                 hidden = self.model(input_ids=ids, attention_mask=mask).last_hidden_state
             pooled = (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
-            vectors[start:start + len(batch)] = torch.nn.functional.normalize(pooled, dim=-1).double().numpy()
+            vectors[start : start + len(batch)] = (
+                torch.nn.functional.normalize(pooled, dim=-1).double().numpy()
+            )
         out = np.zeros((len(texts), vectors.shape[1]))
         np.add.at(out, [t for t, _ in pieces], vectors * weights[:, None])
         return out / np.linalg.norm(out, axis=1, keepdims=True)
@@ -81,12 +88,21 @@ def consecutive_similarity(table: pd.DataFrame, rounds: int, embedder: PersonaEm
         index = dict(zip(user["round"], user["_i"]))
         for s in range(1, rounds + 1):
             if s in index and s - 1 in index:
-                out.append({"domain": domain, "user_id": user_id, "round": s,
-                            "similarity": float(vectors[index[s - 1]] @ vectors[index[s]])})
+                out.append(
+                    {
+                        "domain": domain,
+                        "user_id": user_id,
+                        "round": s,
+                        "similarity": float(vectors[index[s - 1]] @ vectors[index[s]]),
+                    }
+                )
     return pd.DataFrame(out, columns=["domain", "user_id", "round", "similarity"])
 
 
 def similarity_by_round(similarity: pd.DataFrame, rounds: int) -> dict[str, float]:
     """{"r1": .., "r<rounds>": ..}: per round, the mean over domains of the domain's mean (as the MAE averages)."""
     per_domain = similarity.groupby(["domain", "round"])["similarity"].mean().unstack("round")
-    return {f"r{s}": float(per_domain[s].mean()) if s in per_domain else float("nan") for s in range(1, rounds + 1)}
+    return {
+        f"r{s}": float(per_domain[s].mean()) if s in per_domain else float("nan")
+        for s in range(1, rounds + 1)
+    }

@@ -47,19 +47,39 @@ from deeper.outputs import DiskFull, is_disk_full
 LOCK_TIMEOUT_S = 600.0  # a write transaction takes well under a second; ten minutes means a stuck process
 
 PERSONA_FIELDS = (
-    ("domain", "VARCHAR NOT NULL"), ("user_id", "VARCHAR NOT NULL"), ("round", "INTEGER NOT NULL"),
-    ("item_type", "VARCHAR NOT NULL"), ("persona", "VARCHAR NOT NULL"), ("persona_words", "INTEGER NOT NULL"),
-    ("persona_tokens", "INTEGER NOT NULL"), ("writer", "VARCHAR NOT NULL"), ("window_key", "VARCHAR NOT NULL"),
-    ("item_ids", "VARCHAR[] NOT NULL"), ("titles", "VARCHAR[] NOT NULL"), ("ts", "BIGINT[] NOT NULL"),
-    ("actual", "DOUBLE[] NOT NULL"), ("predicted", "DOUBLE[]"), ("mae_before", "DOUBLE"),
-    ("predict_failed_items", "INTEGER"), ("update_failure", "VARCHAR"), ("update_flag", "VARCHAR"),
-    ("frozen_fingerprint", "VARCHAR NOT NULL"), ("policy_fingerprint", "VARCHAR"), ("adapter", "VARCHAR"),
-    ("adapter_fingerprint", "VARCHAR"), ("created_at", "TIMESTAMP NOT NULL"),
+    ("domain", "VARCHAR NOT NULL"),
+    ("user_id", "VARCHAR NOT NULL"),
+    ("round", "INTEGER NOT NULL"),
+    ("item_type", "VARCHAR NOT NULL"),
+    ("persona", "VARCHAR NOT NULL"),
+    ("persona_words", "INTEGER NOT NULL"),
+    ("persona_tokens", "INTEGER NOT NULL"),
+    ("writer", "VARCHAR NOT NULL"),
+    ("window_key", "VARCHAR NOT NULL"),
+    ("item_ids", "VARCHAR[] NOT NULL"),
+    ("titles", "VARCHAR[] NOT NULL"),
+    ("ts", "BIGINT[] NOT NULL"),
+    ("actual", "DOUBLE[] NOT NULL"),
+    ("predicted", "DOUBLE[]"),
+    ("mae_before", "DOUBLE"),
+    ("predict_failed_items", "INTEGER"),
+    ("update_failure", "VARCHAR"),
+    ("update_flag", "VARCHAR"),
+    ("frozen_fingerprint", "VARCHAR NOT NULL"),
+    ("policy_fingerprint", "VARCHAR"),
+    ("adapter", "VARCHAR"),
+    ("adapter_fingerprint", "VARCHAR"),
+    ("created_at", "TIMESTAMP NOT NULL"),
 )
 PENDING_FIELDS = (
-    ("domain", "VARCHAR NOT NULL"), ("user_id", "VARCHAR NOT NULL"), ("item_type", "VARCHAR NOT NULL"),
-    ("pos", "INTEGER NOT NULL"), ("item_id", "VARCHAR NOT NULL"), ("title", "VARCHAR NOT NULL"),
-    ("rating", "DOUBLE NOT NULL"), ("ts", "BIGINT NOT NULL"),
+    ("domain", "VARCHAR NOT NULL"),
+    ("user_id", "VARCHAR NOT NULL"),
+    ("item_type", "VARCHAR NOT NULL"),
+    ("pos", "INTEGER NOT NULL"),
+    ("item_id", "VARCHAR NOT NULL"),
+    ("title", "VARCHAR NOT NULL"),
+    ("rating", "DOUBLE NOT NULL"),
+    ("ts", "BIGINT NOT NULL"),
 )
 # The version of the two tables' columns (PERSONA_FIELDS, PENDING_FIELDS): an export records it and an import
 # refuses another, so a backup is never read into columns it was not written from. Bump it with any change.
@@ -67,13 +87,20 @@ SCHEMA_VERSION = 1
 PERSONA_COLUMNS = tuple(name for name, _ in PERSONA_FIELDS)
 PENDING_COLUMNS = tuple(name for name, _ in PENDING_FIELDS)
 SCHEMA = (
-    (f"CREATE TABLE IF NOT EXISTS personas ({', '.join(f'{n} {t}' for n, t in PERSONA_FIELDS)}, "
-     "PRIMARY KEY (domain, user_id, round), UNIQUE (domain, user_id, window_key))"),
-    (f"CREATE TABLE IF NOT EXISTS pending ({', '.join(f'{n} {t}' for n, t in PENDING_FIELDS)}, "
-     "PRIMARY KEY (domain, user_id, item_id, rating, ts))"),
+    (
+        f"CREATE TABLE IF NOT EXISTS personas ({', '.join(f'{n} {t}' for n, t in PERSONA_FIELDS)}, "
+        "PRIMARY KEY (domain, user_id, round), UNIQUE (domain, user_id, window_key))"
+    ),
+    (
+        f"CREATE TABLE IF NOT EXISTS pending ({', '.join(f'{n} {t}' for n, t in PENDING_FIELDS)}, "
+        "PRIMARY KEY (domain, user_id, item_id, rating, ts))"
+    ),
 )
 TABLES = {"personas": PERSONA_FIELDS, "pending": PENDING_FIELDS}
-KEYS = {"personas": ("domain", "user_id", "round"), "pending": ("domain", "user_id", "pos")}  # one row each, in order
+KEYS = {
+    "personas": ("domain", "user_id", "round"),
+    "pending": ("domain", "user_id", "pos"),
+}  # one row each, in order
 
 # DuckDB's words for a file it cannot read back (measured with DuckDB 2.0 on stores with bytes overwritten or cut
 # off, tests/test_store_tools.py): a block whose checksum fails ("Corrupt database file: computed checksum ...
@@ -85,11 +112,13 @@ KEYS = {"personas": ("domain", "user_id", "round"), "pending": ("domain", "user_
 def ways_back(store: str | Path) -> str:
     """The two ways to a sound store, named in every damage message (docs/refiner.md, "Damage, backups and
     replay"). Ratings already in a store are skipped, so replaying a file the restored export holds adds nothing."""
-    return (f"ways back: (1) `deeper store import BACKUP_DIR {store} --force` restores the last export (the damaged "
-            f"file is kept, renamed), then replay the rating files refined since; or (2) move the file aside and "
-            f"replay every rating file in its original order: `deeper refine FILE --store {store} ...` on each "
-            f"(ratings already in the store are skipped; the response cache answers the calls already made: no "
-            f"model call again)")
+    return (
+        f"ways back: (1) `deeper store import BACKUP_DIR {store} --force` restores the last export (the damaged "
+        f"file is kept, renamed), then replay the rating files refined since; or (2) move the file aside and "
+        f"replay every rating file in its original order: `deeper refine FILE --store {store} ...` on each "
+        f"(ratings already in the store are skipped; the response cache answers the calls already made: no "
+        f"model call again)"
+    )
 
 
 class StoreDamaged(InputError):
@@ -98,10 +127,16 @@ class StoreDamaged(InputError):
 
     def __init__(self, path, detail: str, index: bool = False):
         self.detail, self.index = detail, index
-        rescue = (f"every row still reads back, so `deeper store export {path} DIR` then (1) with DIR loses "
-                  f"nothing; " if index else "")
-        super().__init__(path, f"damaged{' index' if index else ''} ({detail}); nothing was written; {rescue}"
-                               f"{ways_back(path)}")
+        rescue = (
+            f"every row still reads back, so `deeper store export {path} DIR` then (1) with DIR loses "
+            f"nothing; "
+            if index
+            else ""
+        )
+        super().__init__(
+            path,
+            f"damaged{' index' if index else ''} ({detail}); nothing was written; {rescue}{ways_back(path)}",
+        )
 
 
 @dataclass(frozen=True)
@@ -132,7 +167,9 @@ class UserState:
     last_round: int | None = None  # None: the user is new to the store
     persona: str | None = None
     pending: list[Rating] = field(default_factory=list)
-    known: set[tuple] = field(default_factory=set)  # Rating.key of every rating in a round's window or pending
+    known: set[tuple] = field(
+        default_factory=set
+    )  # Rating.key of every rating in a round's window or pending
 
     def token(self) -> tuple:
         """Changes whenever a write changed this user: compared before writing."""
@@ -183,8 +220,9 @@ class PersonaStore:
                     except duckdb.Error:  # a database a fatal error invalidated may refuse even this
                         pass
         except Timeout:
-            raise DeeperError(f"{self.path}: locked by another run for {self.lock.timeout:g} s "
-                              f"({self.lock.lock_file})") from None
+            raise DeeperError(
+                f"{self.path}: locked by another run for {self.lock.timeout:g} s ({self.lock.lock_file})"
+            ) from None
 
     def open_error(self, e: duckdb.Error) -> DeeperError:
         """The one line for a file DuckDB would not open."""
@@ -195,8 +233,11 @@ class PersonaStore:
             return StoreDamaged(self.path, first)
         if is_not_duckdb(e):
             # DuckDB cannot tell a damaged header from another kind of file; say both
-            return InputError(self.path, f"not a DuckDB persona store ({first}); if it was one, its header is "
-                                         f"damaged: {ways_back(self.path)}")
+            return InputError(
+                self.path,
+                f"not a DuckDB persona store ({first}); if it was one, its header is "
+                f"damaged: {ways_back(self.path)}",
+            )
         if "lock" in first.lower():  # a process outside this lock (e.g. a duckdb shell) has it open
             return DeeperError(f"{self.path}: open in another process; close it and re-run ({first})")
         return InputError(self.path, f"not a DuckDB persona store: {first}")
@@ -204,18 +245,27 @@ class PersonaStore:
     def _check_schema(self, con) -> set[str]:
         """The store's tables; InputError unless they are this version's personas and pending (an empty file is
         a new store)."""
-        tables = {t for (t,) in con.execute(
-            "SELECT table_name FROM information_schema.tables WHERE table_schema = 'main'").fetchall()}
+        tables = {
+            t
+            for (t,) in con.execute(
+                "SELECT table_name FROM information_schema.tables WHERE table_schema = 'main'"
+            ).fetchall()
+        }
         if tables and not set(TABLES) <= tables:
             raise InputError(self.path, f"not a persona store (tables: {', '.join(sorted(tables))})")
         if tables:
             for table, fields in TABLES.items():
-                have = con.execute("SELECT column_name, data_type FROM information_schema.columns WHERE "
-                                   "table_schema = 'main' AND table_name = ? ORDER BY ordinal_position",
-                                   [table]).fetchall()
+                have = con.execute(
+                    "SELECT column_name, data_type FROM information_schema.columns WHERE "
+                    "table_schema = 'main' AND table_name = ? ORDER BY ordinal_position",
+                    [table],
+                ).fetchall()
                 if have != column_types(fields):
-                    raise InputError(self.path, f"table {table} has other columns than this version of deeper "
-                                                f"writes ({schema_difference(have, column_types(fields))})")
+                    raise InputError(
+                        self.path,
+                        f"table {table} has other columns than this version of deeper "
+                        f"writes ({schema_difference(have, column_types(fields))})",
+                    )
         return tables
 
     # ------------------------------------------------------------------ reading
@@ -232,19 +282,31 @@ class PersonaStore:
         with self.connect(write=False) as con:
             if con is None:
                 raise InputError(self.path, "no persona store here yet; run `deeper refine` first")
-            domains = [d for (d,) in con.execute(
-                "SELECT DISTINCT domain FROM personas WHERE user_id = ? ORDER BY 1", [user_id]).fetchall()]
+            domains = [
+                d
+                for (d,) in con.execute(
+                    "SELECT DISTINCT domain FROM personas WHERE user_id = ? ORDER BY 1", [user_id]
+                ).fetchall()
+            ]
             if domain is not None:
                 domains = [d for d in domains if d == domain]
             if not domains:
-                raise InputError(self.path, f"no user {user_id!r}" + (f" in domain {domain!r}" if domain else ""))
+                raise InputError(
+                    self.path, f"no user {user_id!r}" + (f" in domain {domain!r}" if domain else "")
+                )
             if len(domains) > 1:
-                raise InputError(self.path, f"user {user_id!r} is in domains {', '.join(domains)}; pick one with --domain")
-            cur = con.execute(f"SELECT {', '.join(PERSONA_COLUMNS)} FROM personas WHERE domain = ? AND user_id = ? "
-                              "ORDER BY round", [domains[0], user_id])
+                raise InputError(
+                    self.path, f"user {user_id!r} is in domains {', '.join(domains)}; pick one with --domain"
+                )
+            cur = con.execute(
+                f"SELECT {', '.join(PERSONA_COLUMNS)} FROM personas WHERE domain = ? AND user_id = ? "
+                "ORDER BY round",
+                [domains[0], user_id],
+            )
             rows = [dict(zip(PERSONA_COLUMNS, row)) for row in cur.fetchall()]
-            pending = con.execute("SELECT count(*) FROM pending WHERE domain = ? AND user_id = ?",
-                                  [domains[0], user_id]).fetchone()[0]
+            pending = con.execute(
+                "SELECT count(*) FROM pending WHERE domain = ? AND user_id = ?", [domains[0], user_id]
+            ).fetchone()[0]
         for row in rows:
             row["pending_after"] = None
         if rows:
@@ -253,8 +315,12 @@ class PersonaStore:
 
     # ------------------------------------------------------------------ writing
 
-    def write(self, expected: dict[tuple[str, str], UserState], rounds: list[dict],
-              pending: dict[tuple[str, str], list[tuple[str, Rating]]]) -> None:
+    def write(
+        self,
+        expected: dict[tuple[str, str], UserState],
+        rounds: list[dict],
+        pending: dict[tuple[str, str], list[tuple[str, Rating]]],
+    ) -> None:
         """In one transaction: add `rounds` (dicts of PERSONA_COLUMNS) and replace the pending ratings of the
         users in `pending` ((item_type, rating) in arrival order). Raises StaleState, writing nothing, when a
         user of `expected` changed since it was read."""
@@ -269,16 +335,24 @@ class PersonaStore:
                 if changed:
                     raise StaleState(f"{self.path}: {len(changed)} users changed by another run")
                 if pending:
-                    con.executemany("DELETE FROM pending WHERE domain = ? AND user_id = ?", [list(u) for u in pending])
-                    rows = [(d, u, item_type, pos, r.item_id, r.title, r.rating, r.ts)
-                            for (d, u), items in pending.items() for pos, (item_type, r) in enumerate(items)]
+                    con.executemany(
+                        "DELETE FROM pending WHERE domain = ? AND user_id = ?", [list(u) for u in pending]
+                    )
+                    rows = [
+                        (d, u, item_type, pos, r.item_id, r.title, r.rating, r.ts)
+                        for (d, u), items in pending.items()
+                        for pos, (item_type, r) in enumerate(items)
+                    ]
                     if rows:
-                        con.executemany(f"INSERT INTO pending VALUES ({', '.join('?' * len(PENDING_COLUMNS))})", rows)
+                        con.executemany(
+                            f"INSERT INTO pending VALUES ({', '.join('?' * len(PENDING_COLUMNS))})", rows
+                        )
                 if rounds:
                     con.executemany(
                         f"INSERT INTO personas ({', '.join(PERSONA_COLUMNS)}) "
                         f"VALUES ({', '.join('?' * len(PERSONA_COLUMNS))})",
-                        [[row[c] for c in PERSONA_COLUMNS] for row in rounds])
+                        [[row[c] for c in PERSONA_COLUMNS] for row in rounds],
+                    )
                 con.execute("COMMIT")
             except BaseException:
                 try:
@@ -298,8 +372,9 @@ def column_types(fields) -> list[tuple[str, str]]:
 def schema_difference(have: list[tuple[str, str]], want: list[tuple[str, str]]) -> str:
     missing = [f"{n} {t}" for n, t in want if (n, t) not in have]
     extra = [f"{n} {t}" for n, t in have if (n, t) not in want]
-    parts = (([f"missing {', '.join(missing)}"] if missing else [])
-             + ([f"unexpected {', '.join(extra)}"] if extra else []))
+    parts = ([f"missing {', '.join(missing)}"] if missing else []) + (
+        [f"unexpected {', '.join(extra)}"] if extra else []
+    )
     return "; ".join(parts) or "same columns in another order"
 
 
@@ -308,8 +383,15 @@ def _read_states(con, users: Sequence[tuple[str, str]], known: bool) -> dict[tup
     out = {u: UserState(*u) for u in users}
     if not users:
         return out
-    con.register("wanted", pa.table({"domain": pa.array([u[0] for u in users], pa.string()),
-                                     "user_id": pa.array([u[1] for u in users], pa.string())}))
+    con.register(
+        "wanted",
+        pa.table(
+            {
+                "domain": pa.array([u[0] for u in users], pa.string()),
+                "user_id": pa.array([u[1] for u in users], pa.string()),
+            }
+        ),
+    )
     try:
         for domain, user_id, rnd, persona in con.execute("""
                 SELECT domain, user_id, round, persona FROM personas SEMI JOIN wanted USING (domain, user_id)

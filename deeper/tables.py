@@ -34,7 +34,9 @@ def read_parquet_checked(path: str | Path, columns: Sequence[str], hint: str) ->
         raise InputError(path, f"not a readable Parquet file: {lines[0]}") from None
     missing = [c for c in columns if c not in table.column_names]
     if missing:
-        raise InputError(path, f"missing column(s) {', '.join(missing)}; have {', '.join(table.column_names)}; {hint}")
+        raise InputError(
+            path, f"missing column(s) {', '.join(missing)}; have {', '.join(table.column_names)}; {hint}"
+        )
     return table.to_pandas()
 
 
@@ -59,21 +61,31 @@ def read_windows(path: str | Path) -> pd.DataFrame:
             raise InputError(path, f"{column} is missing or empty", first_bad_row(bad))
     bad = ~df["split"].isin(SPLITS)
     if bad.any():
-        raise InputError(path, f"split must be one of {list(SPLITS)}, got {_shown(df['split'][bad].iloc[0])}",
-                         first_bad_row(bad))
+        raise InputError(
+            path,
+            f"split must be one of {list(SPLITS)}, got {_shown(df['split'][bad].iloc[0])}",
+            first_bad_row(bad),
+        )
     for column in ("window", "pos", "rating"):
         values = pd.to_numeric(df[column], errors="coerce")
         bad = values.isna() | ~np.isfinite(values.astype(float))
         if bad.any():
-            raise InputError(path, f"{column} is not a finite number: {_shown(df[column][bad].iloc[0])}",
-                             first_bad_row(bad))
+            raise InputError(
+                path,
+                f"{column} is not a finite number: {_shown(df[column][bad].iloc[0])}",
+                first_bad_row(bad),
+            )
         df[column] = values
     bad = ~df["seen"].map(lambda v: isinstance(v, (bool, np.bool_)))
     if bad.any():
-        raise InputError(path, f"seen must be true or false, got {_shown(df['seen'][bad].iloc[0])}", first_bad_row(bad))
+        raise InputError(
+            path, f"seen must be true or false, got {_shown(df['seen'][bad].iloc[0])}", first_bad_row(bad)
+        )
     mixed = df["seen"] != df.groupby("domain")["seen"].transform("first")
     if mixed.any():
-        raise InputError(path, f"domain {df['domain'][mixed].iloc[0]!r} is both seen and unseen", first_bad_row(mixed))
+        raise InputError(
+            path, f"domain {df['domain'][mixed].iloc[0]!r} is both seen and unseen", first_bad_row(mixed)
+        )
     dup = df.duplicated(["domain", "user_id", "window", "pos"])
     if dup.any():
         raise InputError(path, "duplicate (domain, user_id, window, pos)", first_bad_row(dup))
@@ -82,8 +94,11 @@ def read_windows(path: str | Path) -> pd.DataFrame:
         mixed = df[column] != users[column].transform("first")
         if mixed.any():
             first = df[mixed].iloc[0]
-            raise InputError(path, f"user {first['user_id']} of {first['domain']} has more than one {column}",
-                             first_bad_row(mixed))
+            raise InputError(
+                path,
+                f"user {first['user_id']} of {first['domain']} has more than one {column}",
+                first_bad_row(mixed),
+            )
     # a user's windows must be 0..k-1: each window number equals its dense rank among the user's windows
     gap = df["window"] != users["window"].rank(method="dense") - 1
     if gap.any():
@@ -93,7 +108,9 @@ def read_windows(path: str | Path) -> pd.DataFrame:
         who = f"user {first['user_id']} of {first['domain']}"
         if numbers[0] != 0:
             raise InputError(path, f"{who} has no window 0", first_bad_row(df.index.isin(mine.index)))
-        raise InputError(path, f"{who} has windows {[_number(w) for w in numbers]}, not 0..k-1", first_bad_row(gap))
+        raise InputError(
+            path, f"{who} has windows {[_number(w) for w in numbers]}, not 0..k-1", first_bad_row(gap)
+        )
     return df.sort_values(["domain", "user_id", "window", "pos"], kind="stable").reset_index(drop=True)
 
 

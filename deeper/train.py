@@ -76,31 +76,37 @@ def is_main_process() -> bool:
 @dataclass(frozen=True)
 class TrainConfig:
     # Paper values (Table 12, LLaMA-Factory) in the comments; defaults here fit a 2-core CPU in minutes.
-    lora_r: int = 16                    # paper 16
-    lora_alpha: int = 32                # paper 32
-    lora_dropout: float = 0.2           # paper 0.2
+    lora_r: int = 16  # paper 16
+    lora_alpha: int = 32  # paper 32
+    lora_dropout: float = 0.2  # paper 0.2
     target_modules: str | list = "all-linear"  # paper: all linear layers
-    beta: float = 0.2                   # paper 0.2 (sigmoid loss)
-    sft_weight: float = 0.1             # alpha, top-level param; paper 0.1
-    max_length: int = 768               # prompt + completion tokens; paper 2048
+    beta: float = 0.2  # paper 0.2 (sigmoid loss)
+    sft_weight: float = 0.1  # alpha, top-level param; paper 0.1
+    max_length: int = 768  # prompt + completion tokens; paper 2048
     truncation_mode: str = "keep_start"  # the only mode TRL 1.16 supports without deprecation
-    per_device_batch: int = 1           # paper 4
-    grad_accum: int = 2                 # paper 8
-    lr: float = 1e-4                    # paper 5e-6
-    scheduler: str = "cosine"           # paper cosine
-    warmup_steps: int = 0               # paper 250
-    epochs: float = 1.0                 # paper 4
-    max_steps: int = 6                  # > 0 overrides epochs; paper: -1 (epochs)
-    eval_steps: int | None = None       # paper 100; null: evaluate once at the end
-    checkpoint_steps: int | None = None  # save a resumable checkpoint every N steps (null: none; see train_dpo)
-    max_grad_norm: float = 1.0          # paper 1.0
-    bf16: bool = False                  # paper true (GPU); CPU autocast to bf16 is slow
-    dtype: str = "float32"              # weights as loaded; bfloat16 halves memory on a GPU
+    per_device_batch: int = 1  # paper 4
+    grad_accum: int = 2  # paper 8
+    lr: float = 1e-4  # paper 5e-6
+    scheduler: str = "cosine"  # paper cosine
+    warmup_steps: int = 0  # paper 250
+    epochs: float = 1.0  # paper 4
+    max_steps: int = 6  # > 0 overrides epochs; paper: -1 (epochs)
+    eval_steps: int | None = None  # paper 100; null: evaluate once at the end
+    checkpoint_steps: int | None = (
+        None  # save a resumable checkpoint every N steps (null: none; see train_dpo)
+    )
+    max_grad_norm: float = 1.0  # paper 1.0
+    bf16: bool = False  # paper true (GPU); CPU autocast to bf16 is slow
+    dtype: str = "float32"  # weights as loaded; bfloat16 halves memory on a GPU
     gradient_checkpointing: bool = True
-    precompute_ref_log_probs: bool = False  # TRL: the reference forward once per pair before training, not per step
-    disable_dropout: bool = False       # TRL's default (true) would also zero the LoRA dropout above; the paper
-                                        # profile sets true: LLaMA-Factory's DPO trainer did, so 0.2 never ran
-    sft_normalization: str = "per_token"  # per_pair: LLaMA-Factory's (the paper profile); see the module docstring
+    precompute_ref_log_probs: bool = (
+        False  # TRL: the reference forward once per pair before training, not per step
+    )
+    disable_dropout: bool = False  # TRL's default (true) would also zero the LoRA dropout above; the paper
+    # profile sets true: LLaMA-Factory's DPO trainer did, so 0.2 never ran
+    sft_normalization: str = (
+        "per_token"  # per_pair: LLaMA-Factory's (the paper profile); see the module docstring
+    )
     seed: int = 0
 
     @classmethod
@@ -113,11 +119,16 @@ class TrainConfig:
             if not isinstance(value, dict):
                 raise ConfigError(key, f"must be a mapping, got {value!r}")
         if "launcher" in overrides:
-            raise ConfigError("iter2.train.launcher", "both iterations start with train.launcher; set it there")
+            raise ConfigError(
+                "iter2.train.launcher", "both iterations start with train.launcher; set it there"
+            )
         for key in CONTINUED_KEYS:
             if key in overrides:
-                raise ConfigError(f"iter2.train.{key}", "cannot take effect: iteration 2 continues Model 1's adapter, "
-                                                       "whose LoRA shape and dropout are set by train.lora")
+                raise ConfigError(
+                    f"iter2.train.{key}",
+                    "cannot take effect: iteration 2 continues Model 1's adapter, "
+                    "whose LoRA shape and dropout are set by train.lora",
+                )
         raw = {k: v for k, v in {**raw, **overrides}.items() if k not in NOT_TRAINER_KEYS}
         lora = raw.pop("lora", None) or {}
         if not isinstance(lora, dict):
@@ -129,8 +140,12 @@ class TrainConfig:
         if unknown:
             raise ConfigError("train", f"unknown keys {unknown}")
         values["sft_weight"] = get(params, "alpha")
-        config = cls(**{name: number(value, _param_key(name), **NUMBER_RULES[name]) if name in NUMBER_RULES
-                        else value for name, value in values.items()})
+        config = cls(
+            **{
+                name: number(value, _param_key(name), **NUMBER_RULES[name]) if name in NUMBER_RULES else value
+                for name, value in values.items()
+            }
+        )
         config.validate()
         return config
 
@@ -138,19 +153,28 @@ class TrainConfig:
         for name, rule in NUMBER_RULES.items():
             number(getattr(self, name), _param_key(name), **rule)
         if self.truncation_mode != "keep_start":
-            raise ConfigError("train.truncation_mode", "TRL 1.16 supports only keep_start (keep_end is deprecated)")
+            raise ConfigError(
+                "train.truncation_mode", "TRL 1.16 supports only keep_start (keep_end is deprecated)"
+            )
         if self.scheduler not in SCHEDULERS:
-            raise ConfigError("train.scheduler", f"must be one of {', '.join(SCHEDULERS)}, got {self.scheduler!r}")
+            raise ConfigError(
+                "train.scheduler", f"must be one of {', '.join(SCHEDULERS)}, got {self.scheduler!r}"
+            )
         modules = self.target_modules
         if not (isinstance(modules, str) and modules) and not (
-                isinstance(modules, list) and modules and all(isinstance(m, str) and m for m in modules)):
-            raise ConfigError("train.lora.target_modules", f"must be all-linear or a list of module names, got {modules!r}")
+            isinstance(modules, list) and modules and all(isinstance(m, str) and m for m in modules)
+        ):
+            raise ConfigError(
+                "train.lora.target_modules", f"must be all-linear or a list of module names, got {modules!r}"
+            )
         for name in ("bf16", "gradient_checkpointing", "precompute_ref_log_probs", "disable_dropout"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"train.{name}", f"must be true or false, got {getattr(self, name)!r}")
         if self.sft_normalization not in SFT_NORMALIZATIONS:
-            raise ConfigError("train.sft_normalization", f"must be one of {', '.join(SFT_NORMALIZATIONS)}, "
-                                                         f"got {self.sft_normalization!r}")
+            raise ConfigError(
+                "train.sft_normalization",
+                f"must be one of {', '.join(SFT_NORMALIZATIONS)}, got {self.sft_normalization!r}",
+            )
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ConfigError("train.dtype", f"must be float32, bfloat16 or float16, got {self.dtype!r}")
         if not (self.max_steps and self.max_steps > 0) and not self.epochs > 0:
@@ -170,21 +194,37 @@ NUMBER_RULES = {
     "lr": {"low": 0.0, "low_open": True},
     "warmup_steps": {"integer": True, "low": 0},
     "epochs": {"low": 0.0},
-    "max_steps": {"integer": True, "low": -1},      # -1 (or 0): train `epochs` epochs
+    "max_steps": {"integer": True, "low": -1},  # -1 (or 0): train `epochs` epochs
     "eval_steps": {"integer": True, "low": 1, "nullable": True},
     "checkpoint_steps": {"integer": True, "low": 1, "nullable": True},
     "max_grad_norm": {"low": 0.0, "low_open": True},
     "seed": {"integer": True, "low": 0},
 }
 # transformers' SchedulerType values (checked here so a typo fails before a model is loaded)
-SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
-              "inverse_sqrt", "reduce_lr_on_plateau", "cosine_with_min_lr", "warmup_stable_decay")
+SCHEDULERS = (
+    "linear",
+    "cosine",
+    "cosine_with_restarts",
+    "polynomial",
+    "constant",
+    "constant_with_warmup",
+    "inverse_sqrt",
+    "reduce_lr_on_plateau",
+    "cosine_with_min_lr",
+    "warmup_stable_decay",
+)
 # iteration 2 continues adapter 1: its LoRA shape (and dropout, stored in its config) is adapter 1's
 CONTINUED_KEYS = ("lora",)
 
 
 def _param_key(name: str) -> str:
-    return "alpha" if name == "sft_weight" else f"train.lora.{name[5:]}" if name.startswith("lora_") else f"train.{name}"
+    return (
+        "alpha"
+        if name == "sft_weight"
+        else f"train.lora.{name[5:]}"
+        if name.startswith("lora_")
+        else f"train.{name}"
+    )
 
 
 def read_pairs(path: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -193,10 +233,14 @@ def read_pairs(path: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     pairs = read_parquet_checked(path, PAIR_COLUMNS, "run the pair stage first (`dvc repro`)")
     bad = ~pairs["split"].isin(["train", "val"])
     if bad.any():
-        raise InputError(path, f"split must be train or val, got {pairs['split'][bad].iloc[0]!r}", first_bad_row(bad))
+        raise InputError(
+            path, f"split must be train or val, got {pairs['split'][bad].iloc[0]!r}", first_bad_row(bad)
+        )
     straddling = pairs.groupby("context_id")["split"].nunique()
     if (straddling > 1).any():
-        raise InputError(path, f"context {straddling[straddling > 1].index[0]!r} has pairs in both train and val")
+        raise InputError(
+            path, f"context {straddling[straddling > 1].index[0]!r} has pairs in both train and val"
+        )
     return pairs[pairs["split"] == "train"], pairs[pairs["split"] == "val"]
 
 
@@ -206,25 +250,36 @@ def pairs_to_examples(pairs: pd.DataFrame, source: str) -> list[dict]:
     if missing:
         raise InputError(source, f"missing columns {missing}; have {list(pairs.columns)}")
     examples = []
-    for i, (prompt, chosen, rejected) in enumerate(zip(pairs["prompt"], pairs["chosen"], pairs["rejected"]), 1):
+    for i, (prompt, chosen, rejected) in enumerate(
+        zip(pairs["prompt"], pairs["chosen"], pairs["rejected"]), 1
+    ):
         try:
             messages = json.loads(prompt)
         except (TypeError, json.JSONDecodeError):
             raise InputError(source, "prompt is not chat-messages JSON", i) from None
-        if not (isinstance(messages, list) and messages and all(
+        if not (
+            isinstance(messages, list)
+            and messages
+            and all(
                 isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-                for m in messages)):
+                for m in messages
+            )
+        ):
             raise InputError(source, "prompt must be a non-empty JSON list of {role, content} messages", i)
         if messages[-1]["role"] != "user":
-            raise InputError(source, f"prompt must end with a user message, ends with {messages[-1]['role']!r}", i)
+            raise InputError(
+                source, f"prompt must end with a user message, ends with {messages[-1]['role']!r}", i
+            )
         for name, text in (("chosen", chosen), ("rejected", rejected)):
             if not isinstance(text, str) or not text.strip():
                 raise InputError(source, f"{name} is empty", i)
-        examples.append({
-            "prompt": [{"role": m["role"], "content": m["content"]} for m in messages],
-            "chosen": [{"role": "assistant", "content": chosen}],
-            "rejected": [{"role": "assistant", "content": rejected}],
-        })
+        examples.append(
+            {
+                "prompt": [{"role": m["role"], "content": m["content"]} for m in messages],
+                "chosen": [{"role": "assistant", "content": chosen}],
+                "rejected": [{"role": "assistant", "content": rejected}],
+            }
+        )
     return examples
 
 
@@ -239,8 +294,15 @@ def length_counts(dataset, max_length: int) -> dict:
     return {"truncated": int(truncated), "longest_tokens": int(longest)}
 
 
-def build_trainer(base_model: str | Path, train_examples: list[dict], val_examples: list[dict], config: TrainConfig,
-                  work_dir: str | Path, init_adapter: str | Path | None = None, reference: str = "base"):
+def build_trainer(
+    base_model: str | Path,
+    train_examples: list[dict],
+    val_examples: list[dict],
+    config: TrainConfig,
+    work_dir: str | Path,
+    init_adapter: str | Path | None = None,
+    reference: str = "base",
+):
     """A ready DPOTrainer (see the module docstring for the reference model)."""
     import torch
     from datasets import Dataset
@@ -262,10 +324,16 @@ def build_trainer(base_model: str | Path, train_examples: list[dict], val_exampl
         tokenizer = AutoTokenizer.from_pretrained(base_model)
         model = AutoModelForCausalLM.from_pretrained(base_model, dtype=getattr(torch, config.dtype))
     except OSError as e:
-        raise ConfigError("models.policy.name", f"cannot load {base_model}: {str(e).splitlines()[0]}") from None
+        raise ConfigError(
+            "models.policy.name", f"cannot load {base_model}: {str(e).splitlines()[0]}"
+        ) from None
     lora = LoraConfig(
-        r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-        target_modules=config.target_modules, task_type="CAUSAL_LM", bias="none",
+        r=config.lora_r,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=config.lora_dropout,
+        target_modules=config.target_modules,
+        task_type="CAUSAL_LM",
+        bias="none",
     )
     load_after = None
     if init_adapter is not None:
@@ -283,8 +351,14 @@ def build_trainer(base_model: str | Path, train_examples: list[dict], val_exampl
             load_after = init_adapter
     train_ds = Dataset.from_list(train_examples)
     val_ds = Dataset.from_list(val_examples) if val_examples else None
-    trainer = _trainer_class(config)(model=model, args=args, train_dataset=train_ds, eval_dataset=val_ds,
-                         processing_class=tokenizer, peft_config=lora)
+    trainer = _trainer_class(config)(
+        model=model,
+        args=args,
+        train_dataset=train_ds,
+        eval_dataset=val_ds,
+        processing_class=tokenizer,
+        peft_config=lora,
+    )
     if load_after is not None:
         _load_adapter_weights(trainer.model, load_after)
     if init_adapter is not None and reference == "previous":
@@ -299,18 +373,31 @@ def _dpo_config(config: TrainConfig, work_dir, DPOConfig, with_eval: bool):
         loss_type=["sigmoid", "sft"] if config.sft_normalization == "per_token" else ["sigmoid"],
         loss_weights=[1.0, config.sft_weight] if config.sft_normalization == "per_token" else [1.0],
         beta=config.beta,
-        max_length=config.max_length, truncation_mode=config.truncation_mode,
-        per_device_train_batch_size=config.per_device_batch, per_device_eval_batch_size=config.per_device_batch,
-        gradient_accumulation_steps=config.grad_accum, gradient_checkpointing=config.gradient_checkpointing,
+        max_length=config.max_length,
+        truncation_mode=config.truncation_mode,
+        per_device_train_batch_size=config.per_device_batch,
+        per_device_eval_batch_size=config.per_device_batch,
+        gradient_accumulation_steps=config.grad_accum,
+        gradient_checkpointing=config.gradient_checkpointing,
         precompute_ref_log_probs=config.precompute_ref_log_probs,
-        learning_rate=config.lr, lr_scheduler_type=config.scheduler, warmup_steps=config.warmup_steps,
-        num_train_epochs=config.epochs, max_steps=config.max_steps if config.max_steps and config.max_steps > 0 else -1,
-        max_grad_norm=config.max_grad_norm, bf16=config.bf16, seed=config.seed, data_seed=config.seed,
+        learning_rate=config.lr,
+        lr_scheduler_type=config.scheduler,
+        warmup_steps=config.warmup_steps,
+        num_train_epochs=config.epochs,
+        max_steps=config.max_steps if config.max_steps and config.max_steps > 0 else -1,
+        max_grad_norm=config.max_grad_norm,
+        bf16=config.bf16,
+        seed=config.seed,
+        data_seed=config.seed,
         disable_dropout=config.disable_dropout,
-        eval_strategy="steps" if (config.eval_steps and with_eval) else "no", eval_steps=config.eval_steps or None,
-        logging_steps=1, report_to="none", dataloader_pin_memory=False,
+        eval_strategy="steps" if (config.eval_steps and with_eval) else "no",
+        eval_steps=config.eval_steps or None,
+        logging_steps=1,
+        report_to="none",
+        dataloader_pin_memory=False,
         # checkpoints (train_dpo's checkpoint_dir): the latest one only, everything the Trainer needs to resume
-        save_strategy="steps" if config.checkpoint_steps else "no", save_steps=config.checkpoint_steps or 500,
+        save_strategy="steps" if config.checkpoint_steps else "no",
+        save_steps=config.checkpoint_steps or 500,
         save_total_limit=1,
         # DDP (several processes): every LoRA weight gets a gradient, so no search for unused ones per step.
         ddp_find_unused_parameters=False,
@@ -322,7 +409,7 @@ def per_pair_sft_loss(log_probs, completion_mask):
     (its token count). `log_probs`: the policy's per-token log-probs of the batch [chosen..., rejected...] as
     TRL's forward returns them (aligned with completion_mask[:, 1:]); `completion_mask`: TRL's batch key."""
     shifted = completion_mask[..., 1:]
-    per_token = log_probs[:, -shifted.size(1):] * shifted
+    per_token = log_probs[:, -shifted.size(1) :] * shifted
     chosen_logps, _ = per_token.sum(dim=1).chunk(2, dim=0)
     chosen_length, _ = shifted.sum(dim=1).chunk(2, dim=0)
     return (-chosen_logps / chosen_length.clamp(min=1)).mean()
@@ -358,7 +445,9 @@ def _trainer_class(config: TrainConfig):
             loss = result[0] if return_outputs else result
             sft = per_pair_sft_loss(policy.outputs.log_probs, inputs["completion_mask"])
             mode = "train" if self.model.training else "eval"
-            self._metrics[mode]["sft_per_pair"].append(self.accelerator.gather_for_metrics(sft.detach()).mean().item())
+            self._metrics[mode]["sft_per_pair"].append(
+                self.accelerator.gather_for_metrics(sft.detach()).mean().item()
+            )
             loss = loss + config.sft_weight * sft
             return (loss, result[1]) if return_outputs else loss
 
@@ -375,15 +464,20 @@ def _load_adapter_weights(model, adapter_dir: Path) -> None:
     result = set_peft_model_state_dict(model, load_file(str(weights)), adapter_name="default")
     missing_lora = [k for k in result.missing_keys if "lora_" in k]
     if result.unexpected_keys or missing_lora:
-        raise InputError(weights, f"adapter does not fit the model: unexpected {result.unexpected_keys[:3]}, "
-                                  f"missing {missing_lora[:3]}")
+        raise InputError(
+            weights,
+            f"adapter does not fit the model: unexpected {result.unexpected_keys[:3]}, "
+            f"missing {missing_lora[:3]}",
+        )
 
 
 def _freeze_reference_dropout(model) -> None:
     import torch
 
     if "ref" not in model.peft_config:
-        raise DeeperError("TRL did not create the 'ref' adapter for reference=previous (TRL version changed?)")
+        raise DeeperError(
+            "TRL did not create the 'ref' adapter for reference=previous (TRL version changed?)"
+        )
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.Dropout) and name.endswith(".ref"):
             module.p = 0.0
@@ -391,12 +485,19 @@ def _freeze_reference_dropout(model) -> None:
 
 # What the training curves hold (TRL's logged names, train and eval_): the run's inputs decide every value, so the
 # curves are the same bytes on a re-run; wall-clock keys (train_runtime, *_per_second) are left out.
-CURVE_KEYS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "sft_per_pair")
+CURVE_KEYS = (
+    "loss",
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/margins",
+    "rewards/accuracies",
+    "sft_per_pair",
+)
 
 
 def curve_name(key: str) -> str | None:
     """TRL's logged key -> the DVCLive metric name (`train/...` or `eval/...`), None for keys the curves leave out."""
-    split, name = ("eval", key[len("eval_"):]) if key.startswith("eval_") else ("train", key)
+    split, name = ("eval", key[len("eval_") :]) if key.startswith("eval_") else ("train", key)
     return f"{split}/{name}" if name in CURVE_KEYS else None
 
 
@@ -472,11 +573,16 @@ def _write_train_log(folder: Path, started: float, out_dir: Path) -> dict:
     """Wall-clock seconds and peak memory: printed on one line and written to train_log.json in the adapter
     `folder` being built for `out_dir`, not into the metrics (they differ on every run and would make
     `dvc metrics diff` noisy)."""
-    log = {"seconds": time.monotonic() - started,
-           "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    log = {
+        "seconds": time.monotonic() - started,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
     write_json(Path(folder) / TRAIN_LOG, log)
-    print(f"train: {log['seconds']:.1f} s, peak RSS {log['peak_rss_mb']:.0f} MB "
-          f"(in {Path(out_dir) / TRAIN_LOG})", flush=True)
+    print(
+        f"train: {log['seconds']:.1f} s, peak RSS {log['peak_rss_mb']:.0f} MB "
+        f"(in {Path(out_dir) / TRAIN_LOG})",
+        flush=True,
+    )
     return log
 
 
@@ -507,8 +613,14 @@ def _write_carried_over(base_model, out_dir: Path, config: TrainConfig, init_ada
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(str(base_model), dtype=getattr(torch, config.dtype))
-    lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-                      target_modules=config.target_modules, task_type="CAUSAL_LM", bias="none")
+    lora = LoraConfig(
+        r=config.lora_r,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=config.lora_dropout,
+        target_modules=config.target_modules,
+        task_type="CAUSAL_LM",
+        bias="none",
+    )
     # LoRA A starts random (B is zero, so the model is unchanged): seeded, the carried-over adapter has the same
     # bytes on every run and machine, so its DVC hash and the response-cache keys that hold it stay put
     with torch.random.fork_rng(devices=[]):
@@ -517,14 +629,23 @@ def _write_carried_over(base_model, out_dir: Path, config: TrainConfig, init_ada
     save_adapter(peft_model, out_dir, base_name)
 
 
-def run_key(base_model, train_examples: list[dict], val_examples: list[dict], config: TrainConfig,
-            init_adapter, reference: str) -> str:
+def run_key(
+    base_model,
+    train_examples: list[dict],
+    val_examples: list[dict],
+    config: TrainConfig,
+    init_adapter,
+    reference: str,
+) -> str:
     """A checkpoint folder's name: the hash of everything that decides the run (a checkpoint of other inputs is
     never resumed). The adapter to continue counts by its bytes, the base model by its location."""
     digest = hashlib.sha256()
     settings = {f.name: getattr(config, f.name) for f in fields(config) if f.name != "checkpoint_steps"}
-    digest.update(json.dumps([str(base_model), train_examples, val_examples, settings, reference],
-                             sort_keys=True, default=str).encode())
+    digest.update(
+        json.dumps(
+            [str(base_model), train_examples, val_examples, settings, reference], sort_keys=True, default=str
+        ).encode()
+    )
     if init_adapter is not None:
         for item in sorted(Path(init_adapter).iterdir()):
             if item.is_file() and item.name != TRAIN_LOG:
@@ -535,8 +656,11 @@ def run_key(base_model, train_examples: list[dict], val_examples: list[dict], co
 def latest_checkpoint(work_dir) -> Path | None:
     """The Trainer's latest complete checkpoint in work_dir (`checkpoint-<step>` holding its trainer_state.json,
     which the Trainer writes last), or None."""
-    done = [p for p in Path(work_dir).glob("checkpoint-*")
-            if p.name.split("-")[-1].isdigit() and (p / "trainer_state.json").is_file()]
+    done = [
+        p
+        for p in Path(work_dir).glob("checkpoint-*")
+        if p.name.split("-")[-1].isdigit() and (p / "trainer_state.json").is_file()
+    ]
     return max(done, key=lambda p: int(p.name.split("-")[-1]), default=None)
 
 
@@ -556,7 +680,9 @@ def usable_checkpoint(work_dir) -> Path | None:
         torch.load(checkpoint / "optimizer.pt", map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any reason it cannot be read is the same: it cannot be resumed
         reason = " ".join(str(e).split())[:160] or type(e).__name__
-        print(f"warning: {checkpoint}: damaged checkpoint ({reason}); removed, training from step 0", flush=True)
+        print(
+            f"warning: {checkpoint}: damaged checkpoint ({reason}); removed, training from step 0", flush=True
+        )
         shutil.rmtree(checkpoint, ignore_errors=True)
         return None
     return checkpoint
@@ -565,20 +691,34 @@ def usable_checkpoint(work_dir) -> Path | None:
 def _no_curves(directory: Path) -> None:
     """The curves folder of a run without training pairs: one note instead of curves (the folder is a DVC output)."""
     with replacing(directory, folder=True) as building:
-        (building / "untrained.txt").write_text("no training pairs: the model was carried over untrained, no "
-                                                "curves\n", encoding="utf-8")
+        (building / "untrained.txt").write_text(
+            "no training pairs: the model was carried over untrained, no curves\n", encoding="utf-8"
+        )
 
 
-def _carry_over(base_model, out_dir, config: TrainConfig, init_adapter, reference: str, val_pairs: int,
-                started: float, base_name: str | None = None) -> dict:
+def _carry_over(
+    base_model,
+    out_dir,
+    config: TrainConfig,
+    init_adapter,
+    reference: str,
+    val_pairs: int,
+    started: float,
+    base_name: str | None = None,
+) -> dict:
     """No training pairs: the output adapter is the input model (adapter 1, or a fresh LoRA whose B is zero).
     Written by the main process only."""
     if is_main_process():  # the whole folder or none: a kill or a full disk leaves no half adapter
         with replacing(out_dir, folder=True) as building:
             _write_carried_over(base_model, building, config, init_adapter, base_name)
             _write_train_log(building, started, out_dir)
-    none = {"loss": None, "reward_accuracy": None, "reward_margin": None, "reward_chosen": None,
-            "reward_rejected": None}
+    none = {
+        "loss": None,
+        "reward_accuracy": None,
+        "reward_margin": None,
+        "reward_chosen": None,
+        "reward_rejected": None,
+    }
     return {
         "trained": False,
         "pairs": {"train": 0, "val": val_pairs},
@@ -589,18 +729,34 @@ def _carry_over(base_model, out_dir, config: TrainConfig, init_adapter, referenc
         "steps": 0,
         "epochs": 0.0,
         "processes": _world_size(),
-        "train": {"loss_mean": None, "loss_last": None, "reward_accuracy_last": None, "reward_margin_last": None,
-                  "reward_chosen_last": None, "reward_rejected_last": None},
+        "train": {
+            "loss_mean": None,
+            "loss_last": None,
+            "reward_accuracy_last": None,
+            "reward_margin_last": None,
+            "reward_chosen_last": None,
+            "reward_rejected_last": None,
+        },
         "eval": none,
         "init_adapter": init_adapter is not None,
         "reference": reference if init_adapter is not None else "base",
     }
 
 
-def train_dpo(base_model: str | Path, train_pairs: pd.DataFrame, val_pairs: pd.DataFrame, out_dir: str | Path,
-              config: TrainConfig, init_adapter: str | Path | None = None, reference: str = "base",
-              source: str = "pairs", base_name: str | None = None, curves_dir: str | Path | None = None,
-              checkpoint_dir: str | Path | None = None, callbacks: tuple = ()) -> dict:
+def train_dpo(
+    base_model: str | Path,
+    train_pairs: pd.DataFrame,
+    val_pairs: pd.DataFrame,
+    out_dir: str | Path,
+    config: TrainConfig,
+    init_adapter: str | Path | None = None,
+    reference: str = "base",
+    source: str = "pairs",
+    base_name: str | None = None,
+    curves_dir: str | Path | None = None,
+    checkpoint_dir: str | Path | None = None,
+    callbacks: tuple = (),
+) -> dict:
     """Train, save the adapter (safetensors) to out_dir and return the summary for metrics. `base_model` is
     where the weights load from; `base_name`, if given, is the name written in adapter_config.json; `curves_dir`,
     if given, gets the training curves (`training_curves`).
@@ -617,26 +773,35 @@ def train_dpo(base_model: str | Path, train_pairs: pd.DataFrame, val_pairs: pd.D
         # model is carried over untrained (reported as steps 0, trained false) instead of failing the stage.
         if curves_dir is not None and is_main_process():
             _no_curves(Path(curves_dir))
-        return _carry_over(base_model, out_dir, config, init_adapter, reference, len(val_examples), started,
-                           base_name)
+        return _carry_over(
+            base_model, out_dir, config, init_adapter, reference, len(val_examples), started, base_name
+        )
     resumable = config.checkpoint_steps is not None and checkpoint_dir is not None
     if resumable:
-        work = Path(checkpoint_dir) / run_key(base_model, train_examples, val_examples, config, init_adapter, reference)
+        work = Path(checkpoint_dir) / run_key(
+            base_model, train_examples, val_examples, config, init_adapter, reference
+        )
         work.mkdir(parents=True, exist_ok=True)
         work_context = contextlib.nullcontext(str(work))
     else:
         work_context = tempfile.TemporaryDirectory(prefix="deeper-train-")
     with work_context as work_dir, warnings.catch_warnings():
         # transformers 5 renamed gradient_checkpointing; TRL 1.16 still uses the old name on every step.
-        warnings.filterwarnings("ignore", message=".*gradient_checkpointing.* is deprecated", category=FutureWarning)
-        trainer = build_trainer(base_model, train_examples, val_examples, config, work_dir, init_adapter, reference)
+        warnings.filterwarnings(
+            "ignore", message=".*gradient_checkpointing.* is deprecated", category=FutureWarning
+        )
+        trainer = build_trainer(
+            base_model, train_examples, val_examples, config, work_dir, init_adapter, reference
+        )
         for callback in callbacks:
             trainer.add_callback(callback)
         if curves_dir is not None and trainer.is_world_process_zero():
             trainer.add_callback(training_curves(curves_dir))
         train_ds, val_ds = trainer.train_dataset, trainer.eval_dataset
-        dropped = {"train": len(train_examples) - len(train_ds),
-                   "val": len(val_examples) - (len(val_ds) if val_ds is not None else 0)}
+        dropped = {
+            "train": len(train_examples) - len(train_ds),
+            "val": len(val_examples) - (len(val_ds) if val_ds is not None else 0),
+        }
         if len(train_ds) == 0:
             raise ConfigError("train.max_length", f"every training prompt is >= {config.max_length} tokens")
         lengths = {"train": length_counts(train_ds, config.max_length)}

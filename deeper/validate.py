@@ -41,7 +41,9 @@ def _check_iter2(params: dict, strict: bool) -> str:
     from deeper.pairs import replay_max_from_params, replay_order_from_params
     from deeper.train import REFERENCES, TrainConfig
 
-    iter2 = mapping(get(params, "iter2"), "iter2", known=("delta", "replay_max", "replay_order", "reference", "train"))
+    iter2 = mapping(
+        get(params, "iter2"), "iter2", known=("delta", "replay_max", "replay_order", "reference", "train")
+    )
     if strict or "delta" in iter2:
         param(params, "iter2.delta", low=0.0)
     if strict or "replay_max" in iter2:
@@ -78,8 +80,11 @@ def _check_evaluate(params: dict, strict: bool) -> str:
         embedder_from_params(params)
     count = get(params, "window.count", None)
     if isinstance(count, int) and count < settings.rounds + 2:
-        raise ConfigError("window.count", f"{count} windows cannot hold evaluate.rounds={settings.rounds} "
-                                          f"(a user needs rounds + 2 = {settings.rounds + 2})")
+        raise ConfigError(
+            "window.count",
+            f"{count} windows cannot hold evaluate.rounds={settings.rounds} "
+            f"(a user needs rounds + 2 = {settings.rounds + 2})",
+        )
     return "evaluate"
 
 
@@ -134,8 +139,10 @@ def _check_train(params: dict, strict: bool) -> str:
     if isinstance(policy, dict) and policy.get("backend") == "vllm":
         rank = policy.get("max_lora_rank", 16)
         if config.lora_r > rank:
-            raise ConfigError("models.policy.max_lora_rank", f"{rank} < train.lora.r ({config.lora_r}): "
-                                                             "vLLM could not serve the trained adapters")
+            raise ConfigError(
+                "models.policy.max_lora_rank",
+                f"{rank} < train.lora.r ({config.lora_r}): vLLM could not serve the trained adapters",
+            )
     return "train"
 
 
@@ -155,8 +162,11 @@ def _check_models(params: dict, strict: bool) -> str:
         if role == "frozen" and "predict" in params and PredictSettings.from_params(params).mode == "logprob":
             problem = getattr(cls, "prefill_problem", lambda settings: None)(settings)
             if problem:
-                raise ConfigError("models.frozen.prefill", f"{problem}; predict.mode logprob needs the answer to "
-                                  "continue the prefill (or set predict.mode: json)")
+                raise ConfigError(
+                    "models.frozen.prefill",
+                    f"{problem}; predict.mode logprob needs the answer to "
+                    "continue the prefill (or set predict.mode: json)",
+                )
     return ", ".join(lines)
 
 
@@ -177,7 +187,9 @@ def _check_window(params: dict, strict: bool) -> str:
 def _check_ingest(params: dict, strict: bool) -> str:
     from deeper.data.ingest import options_from_params, sources_from_params
 
-    sources_from_params(str(get(params, "ingest.root")), get(params, "ingest.preset"), get(params, "ingest.presets"))
+    sources_from_params(
+        str(get(params, "ingest.root")), get(params, "ingest.preset"), get(params, "ingest.presets")
+    )
     options_from_params(params)
     return "ingest"
 
@@ -227,5 +239,8 @@ def check_params(params: dict, every_block: bool = True) -> list[str]:
     block none of whose keys the file has."""
     if not isinstance(params, dict):
         raise ConfigError("(file)", "top level must be a mapping")
-    return [check(params, every_block) for keys, check in BLOCKS.values()
-            if every_block or any(k in params for k in keys)]
+    return [
+        check(params, every_block)
+        for keys, check in BLOCKS.values()
+        if every_block or any(k in params for k in keys)
+    ]

@@ -27,9 +27,15 @@ ROUNDS = {"round1": (0, 2), "round2": (2, 1), "round3": (3, 1)}
 
 
 @click.command(help=__doc__.split("\n\n")[0])
-@click.option("--ratings-db", default="data/ingest/ratings.duckdb", show_default=True, type=click.Path(dir_okay=False))
-@click.option("--windows", default="data/window/windows.parquet", show_default=True, type=click.Path(dir_okay=False))
-@click.option("--params", "params_path", default="params.yaml", show_default=True, type=click.Path(dir_okay=False))
+@click.option(
+    "--ratings-db", default="data/ingest/ratings.duckdb", show_default=True, type=click.Path(dir_okay=False)
+)
+@click.option(
+    "--windows", default="data/window/windows.parquet", show_default=True, type=click.Path(dir_okay=False)
+)
+@click.option(
+    "--params", "params_path", default="params.yaml", show_default=True, type=click.Path(dir_okay=False)
+)
 @click.option("--domain", default="movielens", show_default=True)
 @click.option("--out", default="data/refiner_example", show_default=True, type=click.Path(file_okay=False))
 def main(ratings_db, windows, params_path, domain, out):
@@ -37,12 +43,15 @@ def main(ratings_db, windows, params_path, domain, out):
     table = read_windows(windows)
     users = sorted(table.loc[(table["split"] == "eval") & (table["domain"] == domain), "user_id"].unique())
     with duckdb.connect(ratings_db, read_only=True) as con:
-        rows = con.execute("""
+        rows = con.execute(
+            """
             SELECT r.user_id, r.item_id, i.title, r.rating, r.ts,
                    row_number() OVER (PARTITION BY r.user_id ORDER BY r.ts, r.seq) - 1 AS idx
             FROM ratings r JOIN items i USING (domain, item_id)
             WHERE r.domain = ? AND r.user_id IN (SELECT unnest(?))
-            ORDER BY r.user_id, idx""", [domain, list(users)]).fetchall()
+            ORDER BY r.user_id, idx""",
+            [domain, list(users)],
+        ).fetchall()
     for name, (first, count) in ROUNDS.items():
         start, stop = first * size, (first + count) * size + (size // 2 if name == "round3" else 0)
         picked = [r for r in rows if start <= r[5] < stop]

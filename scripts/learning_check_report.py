@@ -51,8 +51,13 @@ def preference(run: Path, pairs, beta: float, policy_name: str) -> dict:
     from deeper.learning import completion_logps, preference_report
     from deeper.llm import load_llm
 
-    spec = {"backend": "transformers", "name": str(run / policy_name), "batch_size": 1, "device": "cpu",
-            "dtype": "float32"}
+    spec = {
+        "backend": "transformers",
+        "name": str(run / policy_name),
+        "batch_size": 1,
+        "device": "cpu",
+        "dtype": "float32",
+    }
     base = completion_logps(load_llm(spec), pairs)
     out = {}
     for label, folder in (("model_1", "models/adapters/it1"), ("model_2", "models/adapters/it2")):
@@ -69,10 +74,19 @@ def percentile_row(interval: dict) -> str:
 
 
 @click.command(help=__doc__.split("\n\n")[0])
-@click.option("--run-dir", required=True, type=click.Path(file_okay=False, exists=True),
-              help="The repository folder the learning_check profile ran in.")
-@click.option("--out", default="results/learning_check", show_default=True, type=click.Path(file_okay=False),
-              help="Where the report and the copied run files go.")
+@click.option(
+    "--run-dir",
+    required=True,
+    type=click.Path(file_okay=False, exists=True),
+    help="The repository folder the learning_check profile ran in.",
+)
+@click.option(
+    "--out",
+    default="results/learning_check",
+    show_default=True,
+    type=click.Path(file_okay=False),
+    help="Where the report and the copied run files go.",
+)
 @click.option("--skip-preference", is_flag=True, help="Leave out the held-out pair scoring (minutes of CPU).")
 @user_errors
 def main(run_dir, out, skip_preference):
@@ -88,7 +102,9 @@ def main(run_dir, out, skip_preference):
     out.mkdir(parents=True, exist_ok=True)
     params = yaml.safe_load((run / "params.yaml").read_text(encoding="utf-8"))
     shutil.copy2(run / "params.yaml", out / "params.yaml")
-    report: dict = {"world": "diagnostic (profiles/learning_check.yaml): a test of the trainer, not of the paper"}
+    report: dict = {
+        "world": "diagnostic (profiles/learning_check.yaml): a test of the trainer, not of the paper"
+    }
 
     counts = {}
     for k in (1, 2):
@@ -101,8 +117,11 @@ def main(run_dir, out, skip_preference):
         if samples.is_file():
             table = pd.read_parquet(samples)
             no_taste = sum(not (t.loved or t.disliked) for t in map(stated_tastes, table["text"]))
-            report[f"candidates_it{k}"] = {"candidates": len(table), "stating_no_taste": no_taste,
-                                           "flagged": int((table["flag"].fillna("") != "").sum())}
+            report[f"candidates_it{k}"] = {
+                "candidates": len(table),
+                "stating_no_taste": no_taste,
+                "flagged": int((table["flag"].fillna("") != "").sum()),
+            }
         log = run / f"models/adapters/it{k}/train_log.json"
         if log.is_file():
             report[f"train_log_it{k}"] = json.loads(log.read_text(encoding="utf-8"))
@@ -113,7 +132,9 @@ def main(run_dir, out, skip_preference):
         train = counts.get(f"train_it{k}")
         if train:
             report[f"train_vs_held_out_it{k}"] = {
-                "pairs": train["pairs"], "steps": train["steps"], "epochs": train["epochs"],
+                "pairs": train["pairs"],
+                "steps": train["steps"],
+                "epochs": train["epochs"],
                 "train_reward_margin_last": train["train"]["reward_margin_last"],
                 "train_reward_accuracy_last": train["train"]["reward_accuracy_last"],
                 "held_out_reward_margin": train["eval"]["reward_margin"],
@@ -128,8 +149,9 @@ def main(run_dir, out, skip_preference):
         pairs = held_out_pairs(run)
         report["held_out_pairs"] = {"pairs": len(pairs), "contexts": int(pairs["context_id"].nunique())}
         if len(pairs):
-            report["preference"] = preference(run, pairs, float(params["train"]["beta"]),
-                                              params["models"]["policy"]["name"])
+            report["preference"] = preference(
+                run, pairs, float(params["train"]["beta"]), params["models"]["policy"]["name"]
+            )
 
     first = run / "plots/first_update_reward.csv"
     settings = BootstrapSettings.from_params(params)
@@ -151,25 +173,42 @@ def render(report: dict) -> str:
     pref = report.get("preference")
     if pref:
         held = report["held_out_pairs"]
-        lines += [f"Held-out pairs: {held['pairs']} of {held['contexts']} contexts never trained on.", "",
-                  ("| model | DPO implicit reward margin vs base | reward accuracy | preference accuracy (policy) | "
-                   "preference accuracy (base) |"), "|---|---|---|---|---|"]
+        lines += [
+            f"Held-out pairs: {held['pairs']} of {held['contexts']} contexts never trained on.",
+            "",
+            (
+                "| model | DPO implicit reward margin vs base | reward accuracy | preference accuracy (policy) | "
+                "preference accuracy (base) |"
+            ),
+            "|---|---|---|---|---|",
+        ]
         for label, r in pref.items():
             if isinstance(r, str):
                 lines.append(f"| {label} | {r} | | | |")
             else:
-                lines.append(f"| {label} | {percentile_row(r['implicit_margin'])} | {percentile_row(r['reward_accuracy'])}"
-                             f" | {percentile_row(r['policy_accuracy'])} | {percentile_row(r['base_accuracy'])} |")
+                lines.append(
+                    f"| {label} | {percentile_row(r['implicit_margin'])} | {percentile_row(r['reward_accuracy'])}"
+                    f" | {percentile_row(r['policy_accuracy'])} | {percentile_row(r['base_accuracy'])} |"
+                )
         lines.append("")
     first = report.get("first_update_reward")
     if first:
-        lines += ["Held-out first-update reward (evaluation users, paired intervals over users):", "",
-                  "| refiner | mean r |", "|---|---|"]
+        lines += [
+            "Held-out first-update reward (evaluation users, paired intervals over users):",
+            "",
+            "| refiner | mean r |",
+            "|---|---|",
+        ]
         lines += [f"| {name} | {percentile_row(v)} |" for name, v in first["means"].items()]
         lines += [f"| {name} | {percentile_row(v)} |" for name, v in first["contrasts"].items()]
         lines.append("")
     if "mean_mae_rounds_1_4" in report:
-        lines += ["Future-window MAE, mean of rounds 1-4:", "", "| method | MAE | DEEPER minus it |", "|---|---|---|"]
+        lines += [
+            "Future-window MAE, mean of rounds 1-4:",
+            "",
+            "| method | MAE | DEEPER minus it |",
+            "|---|---|---|",
+        ]
         for method, v in report["mean_mae_rounds_1_4"].items():
             minus = report.get("deeper_minus", {}).get(method)
             lines.append(f"| {method} | {percentile_row(v)} | {percentile_row(minus) if minus else ''} |")
@@ -177,12 +216,16 @@ def render(report: dict) -> str:
     for k in (1, 2):
         t = report.get(f"train_vs_held_out_it{k}")
         if t:
-            lines.append(f"Iteration {k}: {t['pairs']} pairs, {t['steps']} steps ({t['epochs']:.1f} epochs); reward "
-                         f"margin train {t['train_reward_margin_last']} / held-out {t['held_out_reward_margin']}, "
-                         f"accuracy train {t['train_reward_accuracy_last']} / held-out {t['held_out_reward_accuracy']}.")
+            lines.append(
+                f"Iteration {k}: {t['pairs']} pairs, {t['steps']} steps ({t['epochs']:.1f} epochs); reward "
+                f"margin train {t['train_reward_margin_last']} / held-out {t['held_out_reward_margin']}, "
+                f"accuracy train {t['train_reward_accuracy_last']} / held-out {t['held_out_reward_accuracy']}."
+            )
         c = report.get(f"candidates_it{k}")
         if c:
-            lines.append(f"Iteration {k} candidates stating no taste at all: {c['stating_no_taste']} of {c['candidates']}.")
+            lines.append(
+                f"Iteration {k} candidates stating no taste at all: {c['stating_no_taste']} of {c['candidates']}."
+            )
     return "\n".join(lines) + "\n"
 
 

@@ -49,7 +49,11 @@ _WRAPPER_TAIL = (
     "{% endset %}"
     "{%- if _prefilled -%}"
     "{%- set _at = _rendered.rfind('" + CONTINUE_TAG.strip() + "') -%}"
-    "{%- if _rendered[_at:_at + " + str(len(CONTINUE_TAG)) + "] == '" + CONTINUE_TAG + "' -%}{{ _rendered[:_at] }}"
+    "{%- if _rendered[_at:_at + "
+    + str(len(CONTINUE_TAG))
+    + "] == '"
+    + CONTINUE_TAG
+    + "' -%}{{ _rendered[:_at] }}"
     "{%- else -%}{{ _rendered[:_at].rstrip() }}{%- endif -%}"
     "{%- else -%}{{ _rendered }}{%- endif -%}"
 )
@@ -67,7 +71,9 @@ def gguf_chat_config(gguf: str | Path) -> dict:
     try:
         reader = GGUFReader(str(gguf))
     except (OSError, ValueError) as e:
-        raise SystemExit(f"error: {gguf}: not a readable GGUF file ({str(e).splitlines()[0] if str(e) else type(e).__name__})")
+        raise SystemExit(
+            f"error: {gguf}: not a readable GGUF file ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
+        )
 
     def field(name):
         f = reader.fields.get(name)
@@ -86,14 +92,36 @@ def gguf_chat_config(gguf: str | Path) -> dict:
 
 
 def server_command(
-    python: str, gguf: str | Path, port: int, config_path: str | Path, n_ctx: int = 2048, n_threads: int | None = None,
+    python: str,
+    gguf: str | Path,
+    port: int,
+    config_path: str | Path,
+    n_ctx: int = 2048,
+    n_threads: int | None = None,
     extra: list[str] | tuple[str, ...] = (),
 ) -> list[str]:
     threads = n_threads or os.cpu_count() or 1
     return [
-        python, "-m", "llama_cpp.server", "--model", str(gguf), "--host", "127.0.0.1", "--port", str(port),
-        "--n_ctx", str(n_ctx), "--n_threads", str(threads), "--n_threads_batch", str(threads),
-        "--chat_format", "hf-tokenizer-config", "--hf_tokenizer_config_path", str(config_path), *extra,
+        python,
+        "-m",
+        "llama_cpp.server",
+        "--model",
+        str(gguf),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--n_ctx",
+        str(n_ctx),
+        "--n_threads",
+        str(threads),
+        "--n_threads_batch",
+        str(threads),
+        "--chat_format",
+        "hf-tokenizer-config",
+        "--hf_tokenizer_config_path",
+        str(config_path),
+        *extra,
     ]
 
 
@@ -107,8 +135,14 @@ class LlamaCppServer(LocalServer):
     name = "llama.cpp server"
 
     def __init__(
-        self, gguf: str | Path, python: str | None = None, port: int | None = None, n_ctx: int = 2048,
-        n_threads: int | None = None, log_path: str | Path | None = None, startup_timeout: float = 120,
+        self,
+        gguf: str | Path,
+        python: str | None = None,
+        port: int | None = None,
+        n_ctx: int = 2048,
+        n_threads: int | None = None,
+        log_path: str | Path | None = None,
+        startup_timeout: float = 120,
         extra: list[str] | tuple[str, ...] = (),
     ):
         super().__init__(port=port, log_path=log_path, startup_timeout=startup_timeout)
@@ -118,16 +152,28 @@ class LlamaCppServer(LocalServer):
 
     def command(self) -> list[str]:
         self.config_path.write_text(json.dumps(gguf_chat_config(self.gguf)), encoding="utf-8")
-        return server_command(self.python, self.gguf, self.port, self.config_path, self.n_ctx, self.n_threads, self.extra)
+        return server_command(
+            self.python, self.gguf, self.port, self.config_path, self.n_ctx, self.n_threads, self.extra
+        )
 
 
 @click.command(context_settings={"ignore_unknown_options": True})
-@click.option("--model", "gguf", required=True, type=click.Path(exists=True, dir_okay=False), help="The GGUF file to serve.")
+@click.option(
+    "--model",
+    "gguf",
+    required=True,
+    type=click.Path(exists=True, dir_okay=False),
+    help="The GGUF file to serve.",
+)
 @click.option("--port", default=8000, show_default=True, help="Port on 127.0.0.1.")
 @click.option("--n-ctx", default=2048, show_default=True, help="Context length in tokens.")
 @click.option("--n-threads", type=int, default=None, help="CPU threads [default: all cores].")
-@click.option("--config-out", type=click.Path(dir_okay=False), default=None,
-              help="Where to write the tokenizer config with the wrapped chat template [default: a temp file].")
+@click.option(
+    "--config-out",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Where to write the tokenizer config with the wrapped chat template [default: a temp file].",
+)
 @click.argument("server_args", nargs=-1, type=click.UNPROCESSED)
 def main(gguf, port, n_ctx, n_threads, config_out, server_args):
     """Run llama-cpp-python's OpenAI-compatible server on 127.0.0.1 for a GGUF.

@@ -46,22 +46,78 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 COMPARE_SWAPS = {
-    ast.Lt: (ast.LtE, ast.Gt), ast.LtE: (ast.Lt, ast.GtE), ast.Gt: (ast.GtE, ast.Lt), ast.GtE: (ast.Gt, ast.LtE),
-    ast.Eq: (ast.NotEq,), ast.NotEq: (ast.Eq,), ast.In: (ast.NotIn,), ast.NotIn: (ast.In,),
-    ast.Is: (ast.IsNot,), ast.IsNot: (ast.Is,),
+    ast.Lt: (ast.LtE, ast.Gt),
+    ast.LtE: (ast.Lt, ast.GtE),
+    ast.Gt: (ast.GtE, ast.Lt),
+    ast.GtE: (ast.Gt, ast.LtE),
+    ast.Eq: (ast.NotEq,),
+    ast.NotEq: (ast.Eq,),
+    ast.In: (ast.NotIn,),
+    ast.NotIn: (ast.In,),
+    ast.Is: (ast.IsNot,),
+    ast.IsNot: (ast.Is,),
 }
 BINOP_SWAPS = {
-    ast.Add: (ast.Sub,), ast.Sub: (ast.Add,), ast.Mult: (ast.Div,), ast.Div: (ast.Mult,), ast.FloorDiv: (ast.Div,),
-    ast.Pow: (ast.Mult,), ast.BitAnd: (ast.BitOr,), ast.BitOr: (ast.BitAnd,), ast.Mod: (ast.Mult,),
+    ast.Add: (ast.Sub,),
+    ast.Sub: (ast.Add,),
+    ast.Mult: (ast.Div,),
+    ast.Div: (ast.Mult,),
+    ast.FloorDiv: (ast.Div,),
+    ast.Pow: (ast.Mult,),
+    ast.BitAnd: (ast.BitOr,),
+    ast.BitOr: (ast.BitAnd,),
+    ast.Mod: (ast.Mult,),
 }
-NAME_SWAPS = {"min": "max", "max": "min", "idxmin": "idxmax", "idxmax": "idxmin", "head": "tail", "tail": "head",
-              "any": "all", "all": "any", "isna": "notna", "notna": "isna", "nsmallest": "nlargest",
-              "nlargest": "nsmallest"}
-STRING_SWAPS = {"first": "last", "last": "first", "left": "inner", "both": "left_only", "big": "little",
-                "little": "big", "mergesort": "quicksort", "train": "val", "val": "train", "coerce": "raise"}
-SKIPPABLE_METHODS = {"drop_duplicates", "sort_values", "reset_index", "round", "astype", "copy", "unique", "drop",
-                     "head", "tail", "merge"}  # `x.method(...)` -> `x`
-DROPPABLE = (ast.Assign, ast.AugAssign, ast.Expr, ast.Raise, ast.If, ast.For, ast.Continue, ast.Break, ast.Return)
+NAME_SWAPS = {
+    "min": "max",
+    "max": "min",
+    "idxmin": "idxmax",
+    "idxmax": "idxmin",
+    "head": "tail",
+    "tail": "head",
+    "any": "all",
+    "all": "any",
+    "isna": "notna",
+    "notna": "isna",
+    "nsmallest": "nlargest",
+    "nlargest": "nsmallest",
+}
+STRING_SWAPS = {
+    "first": "last",
+    "last": "first",
+    "left": "inner",
+    "both": "left_only",
+    "big": "little",
+    "little": "big",
+    "mergesort": "quicksort",
+    "train": "val",
+    "val": "train",
+    "coerce": "raise",
+}
+SKIPPABLE_METHODS = {
+    "drop_duplicates",
+    "sort_values",
+    "reset_index",
+    "round",
+    "astype",
+    "copy",
+    "unique",
+    "drop",
+    "head",
+    "tail",
+    "merge",
+}  # `x.method(...)` -> `x`
+DROPPABLE = (
+    ast.Assign,
+    ast.AugAssign,
+    ast.Expr,
+    ast.Raise,
+    ast.If,
+    ast.For,
+    ast.Continue,
+    ast.Break,
+    ast.Return,
+)
 
 
 @dataclass
@@ -75,7 +131,9 @@ class Mutant:
     start: int  # byte offsets of the replaced span in the file
     end: int
     end_line: int
-    import_time: bool  # runs when the module is imported (module level, class body, defaults): every test sees it
+    import_time: (
+        bool  # runs when the module is imported (module level, class body, defaults): every test sees it
+    )
     key: str = ""
     status: str = ""  # killed / survived / equivalent / timeout / invalid
     killed_by: str = ""
@@ -97,8 +155,10 @@ class Collector(ast.NodeVisitor):
         self.mutants: list[Mutant] = []
 
     def span(self, node) -> tuple[int, int]:
-        return (self.line_starts[node.lineno - 1] + node.col_offset,
-                self.line_starts[node.end_lineno - 1] + node.end_col_offset)
+        return (
+            self.line_starts[node.lineno - 1] + node.col_offset,
+            self.line_starts[node.end_lineno - 1] + node.end_col_offset,
+        )
 
     def text(self, node) -> str:
         start, end = self.span(node)
@@ -106,9 +166,20 @@ class Collector(ast.NodeVisitor):
 
     def add(self, node, kind: str, replacement: str, wrap: bool = True):
         start, end = self.span(node)
-        self.mutants.append(Mutant(self.path, node.lineno, self.function, kind, self.text(node),
-                                   f"({replacement})" if wrap else replacement, start, end, node.end_lineno,
-                                   self.import_time))
+        self.mutants.append(
+            Mutant(
+                self.path,
+                node.lineno,
+                self.function,
+                kind,
+                self.text(node),
+                f"({replacement})" if wrap else replacement,
+                start,
+                end,
+                node.end_lineno,
+                self.import_time,
+            )
+        )
 
     def with_field(self, node, **changes) -> str:
         new = copy.deepcopy(node)
@@ -121,7 +192,10 @@ class Collector(ast.NodeVisitor):
         self.body(node.body)
 
     def visit_FunctionDef(self, node):
-        outer, self.function = self.function, (node.name if self.function == "<module>" else f"{self.function}.{node.name}")
+        outer, self.function = (
+            self.function,
+            (node.name if self.function == "<module>" else f"{self.function}.{node.name}"),
+        )
         for default in node.args.defaults + [d for d in node.args.kw_defaults if d is not None]:
             self.visit(default)
         outer_time, self.import_time = self.import_time, False
@@ -135,8 +209,12 @@ class Collector(ast.NodeVisitor):
 
     def body(self, statements):
         for i, stmt in enumerate(statements):
-            if i == 0 and isinstance(stmt, ast.Expr) and isinstance(stmt.value, ast.Constant) \
-                    and isinstance(stmt.value.value, str):
+            if (
+                i == 0
+                and isinstance(stmt, ast.Expr)
+                and isinstance(stmt.value, ast.Constant)
+                and isinstance(stmt.value.value, str)
+            ):
                 continue  # docstring
             if isinstance(stmt, (ast.Import, ast.ImportFrom)):
                 continue
@@ -237,8 +315,11 @@ class Collector(ast.NodeVisitor):
             self.add(node, f"skip .{node.func.attr}()", self.text(node.func.value))
         for i in range(len(node.keywords)):
             if node.keywords[i].arg is not None:
-                self.add(node, f"drop {node.keywords[i].arg}=",
-                         self.with_field(node, keywords=node.keywords[:i] + node.keywords[i + 1:]))
+                self.add(
+                    node,
+                    f"drop {node.keywords[i].arg}=",
+                    self.with_field(node, keywords=node.keywords[:i] + node.keywords[i + 1 :]),
+                )
         self.generic_visit(node)
 
 
@@ -262,11 +343,13 @@ def module_sha256(path: str) -> str:
 
 def mutated_source(m: Mutant) -> bytes:
     source = (REPO / m.path).read_bytes()
-    return source[:m.start] + m.mutated.encode() + source[m.end:]
+    return source[: m.start] + m.mutated.encode() + source[m.end :]
 
 
 def copy_repo(dest: Path):
-    files = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True, check=True).stdout.split(b"\0")
+    files = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True, check=True).stdout.split(
+        b"\0"
+    )
     for name in filter(None, files):
         src = REPO / name.decode()
         if src.is_file():
@@ -335,8 +418,11 @@ class Tracer:
         lines: dict[str, list[int]] = {}
         for path, line in sorted(self.hits):
             lines.setdefault(path, []).append(line)
-        self.tests[item.nodeid] = {"lines": lines, "subprocess": self.spawned,
-                                   "duration": round(time.monotonic() - began, 3)}
+        self.tests[item.nodeid] = {
+            "lines": lines,
+            "subprocess": self.spawned,
+            "duration": round(time.monotonic() - began, 3),
+        }
 
 
 def coverage_map(copy_root: Path, tests: list[str], modules: list[str], log: Path) -> dict[str, dict]:
@@ -345,7 +431,9 @@ def coverage_map(copy_root: Path, tests: list[str], modules: list[str], log: Pat
 
     def work():
         tracer = Tracer({str(copy_root / m): m for m in modules})
-        return int(pytest.main([*tests, "-q", "-p", "no:cacheprovider"], plugins=[tracer])), {"tests": tracer.tests}
+        return int(pytest.main([*tests, "-q", "-p", "no:cacheprovider"], plugins=[tracer])), {
+            "tests": tracer.tests
+        }
 
     outcome = forked(copy_root, log, work)
     if outcome.get("code") != 0:
@@ -360,8 +448,13 @@ def warm_imports(copy_root: Path, tests: list[str], log: Path) -> int:
     def work():
         code = int(pytest.main([*tests, "--collect-only", "-q", "-p", "no:cacheprovider"]))
         files = {name: getattr(module, "__file__", None) or "" for name, module in list(sys.modules.items())}
-        return code, {"modules": [name for name, file in files.items()
-                                  if file.startswith((sys.prefix, sys.base_prefix)) and not file.startswith(str(copy_root))]}
+        return code, {
+            "modules": [
+                name
+                for name, file in files.items()
+                if file.startswith((sys.prefix, sys.base_prefix)) and not file.startswith(str(copy_root))
+            ]
+        }
 
     import importlib
 
@@ -382,7 +475,9 @@ def select_tests(m: Mutant, tests_map: dict[str, dict]) -> list[str]:
         return sorted(tests_map, key=lambda t: (tests_map[t]["subprocess"], tests_map[t]["duration"]))
     lines = set(range(m.line, m.end_line + 1))
     covering = [t for t, info in tests_map.items() if lines & set(info["lines"].get(m.path, ()))]
-    in_process = sorted((t for t in covering if not tests_map[t]["subprocess"]), key=lambda t: tests_map[t]["duration"])
+    in_process = sorted(
+        (t for t in covering if not tests_map[t]["subprocess"]), key=lambda t: tests_map[t]["duration"]
+    )
     spawning = [t for t, info in tests_map.items() if info["subprocess"] and t not in in_process]
     return in_process + spawning if covering else []
 
@@ -441,7 +536,10 @@ def run_tests(copy_root: Path, tests: list[str], timeout: float, log: Path) -> t
     if outcome.get("code") == 0:
         return "passed", ""
     if not outcome.get("failed") and outcome.get("code") != 1:
-        return "error", f"pytest exit {outcome.get('code')}: {log.read_text()[-500:]}"  # usage / internal error
+        return (
+            "error",
+            f"pytest exit {outcome.get('code')}: {log.read_text()[-500:]}",
+        )  # usage / internal error
     return "failed", outcome.get("failed") or f"pytest exit {outcome.get('code')}"
 
 
@@ -461,8 +559,9 @@ def load_equivalent(path: Path | None) -> dict[str, str]:
     return yaml.safe_load(path.read_text()) or {}
 
 
-def run_mutants(args, mutants: list[Mutant], tests: list[str], equivalent: dict[str, str], shard: int,
-                shards: int) -> bool:
+def run_mutants(
+    args, mutants: list[Mutant], tests: list[str], equivalent: dict[str, str], shard: int, shards: int
+) -> bool:
     """Run each mutant of this shard that has no status yet; False when the unmutated code fails."""
     with tempfile.TemporaryDirectory(prefix="mutate-") as tmp:
         root, log = Path(tmp) / "repo", Path(tmp) / "pytest.log"
@@ -473,9 +572,14 @@ def run_mutants(args, mutants: list[Mutant], tests: list[str], equivalent: dict[
             install(root, path, source, stamp)
         print(f"{warm_imports(root, tests, log)} modules imported before forking", flush=True)
         tests_map = coverage_map(root, tests, args.modules, log)
-        status, failed = run_tests(root, list(tests_map), 3600, log)  # node ids as selected: they must run and pass
+        status, failed = run_tests(
+            root, list(tests_map), 3600, log
+        )  # node ids as selected: they must run and pass
         if status != "passed":
-            print(f"the unmutated code fails the mapped tests: {failed}\n{log.read_text()[-3000:]}", file=sys.stderr)
+            print(
+                f"the unmutated code fails the mapped tests: {failed}\n{log.read_text()[-3000:]}",
+                file=sys.stderr,
+            )
             return False
         print(f"coverage of {len(tests_map)} tests mapped", flush=True)
         timeout = max(60.0, 5 * sum(info["duration"] for info in tests_map.values()))
@@ -502,8 +606,11 @@ def run_mutants(args, mutants: list[Mutant], tests: list[str], equivalent: dict[
             install(root, m.path, originals[m.path], stamp + 1)
             if json_path:
                 write_json(json_path, mutants)
-            print(f"[{i + 1}/{len(mutants)}] {m.status:10s} {m.path}:{m.line} {m.original!r} -> {m.mutated!r}"
-                  f"{'  (' + m.killed_by + ')' if m.killed_by else ''}", flush=True)
+            print(
+                f"[{i + 1}/{len(mutants)}] {m.status:10s} {m.path}:{m.line} {m.original!r} -> {m.mutated!r}"
+                f"{'  (' + m.killed_by + ')' if m.killed_by else ''}",
+                flush=True,
+            )
 
     return True
 
@@ -511,20 +618,41 @@ def run_mutants(args, mutants: list[Mutant], tests: list[str], equivalent: dict[
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("modules", nargs="+", help="module files, relative to the repo root")
-    ap.add_argument("--tests", required=True, help="test files (space separated); each mutant runs those of their tests "
-                                                  "that can see it")
+    ap.add_argument(
+        "--tests",
+        required=True,
+        help="test files (space separated); each mutant runs those of their tests that can see it",
+    )
     ap.add_argument("--equivalent", type=Path, help="YAML: mutant key -> why it is equivalent")
     ap.add_argument("--lines", default="", help="only mutants on these lines, e.g. 200-215,250")
     ap.add_argument("--report", type=Path, help="write a Markdown report here (and the JSON beside it)")
-    ap.add_argument("--shard", default="0/1", help="K/N: run only mutants whose index is K modulo N (run N at once)")
-    ap.add_argument("--reverse", action="store_true", help="run the mutants last to first (a second worker on a shard)")
-    ap.add_argument("--json", type=Path, help="write every mutant's state here after each run (default: beside --report)")
-    ap.add_argument("--resume", type=Path, action="append", default=[], help="a previous run's JSON: its killed mutants stay killed (adding tests "
-                                                "cannot revive one; valid only while the modules are unchanged, "
-                                                "checked), the others run again")
-    ap.add_argument("--notes", type=Path, help="Markdown appended to the report (findings, checks of single tests)")
-    ap.add_argument("--report-only", action="store_true", help="run nothing: report the --resume runs' results, "
-                                                                 "with the --equivalent file applied to survivors")
+    ap.add_argument(
+        "--shard", default="0/1", help="K/N: run only mutants whose index is K modulo N (run N at once)"
+    )
+    ap.add_argument(
+        "--reverse", action="store_true", help="run the mutants last to first (a second worker on a shard)"
+    )
+    ap.add_argument(
+        "--json", type=Path, help="write every mutant's state here after each run (default: beside --report)"
+    )
+    ap.add_argument(
+        "--resume",
+        type=Path,
+        action="append",
+        default=[],
+        help="a previous run's JSON: its killed mutants stay killed (adding tests "
+        "cannot revive one; valid only while the modules are unchanged, "
+        "checked), the others run again",
+    )
+    ap.add_argument(
+        "--notes", type=Path, help="Markdown appended to the report (findings, checks of single tests)"
+    )
+    ap.add_argument(
+        "--report-only",
+        action="store_true",
+        help="run nothing: report the --resume runs' results, "
+        "with the --equivalent file applied to survivors",
+    )
     ap.add_argument("--list", action="store_true", help="only list the mutants")
     args = ap.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -546,8 +674,12 @@ def main(argv=None) -> int:
         previous.update({m["key"]: m for m in json.loads(resume.read_text()) if m["status"]})
     for m in mutants:
         old = previous.get(m.key)
-        if not old or old["original"] != m.original or old["mutated"] != m.mutated \
-                or old.get("source_sha256") != module_sha256(m.path):
+        if (
+            not old
+            or old["original"] != m.original
+            or old["mutated"] != m.mutated
+            or old.get("source_sha256") != module_sha256(m.path)
+        ):
             continue
         if old["status"] in ("killed", "timeout"):
             m.status, m.killed_by = old["status"], old["killed_by"]
@@ -564,13 +696,18 @@ def main(argv=None) -> int:
         return 2
 
     mutants = [m for i, m in enumerate(mutants) if m.status or i % shards == shard]
-    counts = {s: sum(m.status == s for m in mutants)
-              for s in ("killed", "timeout", "equivalent", "survived", "invalid", "error")}
+    counts = {
+        s: sum(m.status == s for m in mutants)
+        for s in ("killed", "timeout", "equivalent", "survived", "invalid", "error")
+    }
     print(json.dumps({"mutants": len(mutants), **counts}))
     unused = sorted(set(equivalent) - {m.key for m in mutants})
     if unused and not lines:
-        print(f"{len(unused)} key(s) of {args.equivalent} match no mutant (the code changed: review them):", *unused,
-              sep="\n  ")
+        print(
+            f"{len(unused)} key(s) of {args.equivalent} match no mutant (the code changed: review them):",
+            *unused,
+            sep="\n  ",
+        )
     for m in mutants:
         if m.status == "survived":
             print(f"SURVIVED  {m.key}")
@@ -592,41 +729,68 @@ def write_report(args, mutants: list[Mutant], counts: dict):
         command += f" --equivalent {args.equivalent}"
     resumed = ""
     if args.resume:
-        resumed = (f"This report resumed {', '.join(f'`{r}`' for r in args.resume)} (shards of the same command, "
-                   "run at once): their killed mutants and the survivors argued equivalent were not run again (the "
-                   "modules are byte for byte the same, checked; tests were only added since); the other survivors "
-                   "ran again with the final tests. The command above without `--resume` runs every mutant.")
+        resumed = (
+            f"This report resumed {', '.join(f'`{r}`' for r in args.resume)} (shards of the same command, "
+            "run at once): their killed mutants and the survivors argued equivalent were not run again (the "
+            "modules are byte for byte the same, checked; tests were only added since); the other survivors "
+            "ran again with the final tests. The command above without `--resume` runs every mutant."
+        )
         if args.report_only:
-            resumed = (f"This report was written from {', '.join(f'`{r}`' for r in args.resume)} without running "
-                       "anything (`--report-only`): the results of the runs, with the equivalents file applied to "
-                       "the survivors. The command above without `--resume`/`--report-only` runs every mutant.")
+            resumed = (
+                f"This report was written from {', '.join(f'`{r}`' for r in args.resume)} without running "
+                "anything (`--report-only`): the results of the runs, with the equivalents file applied to "
+                "the survivors. The command above without `--resume`/`--report-only` runs every mutant."
+            )
     if args.notes:
         command += f" --notes {args.notes}"
     command += f" --report {args.report}"
     out = [
-        "# Mutation testing of " + ", ".join(args.modules), "",
-        ("Written by `scripts/mutate.py` (this repo's AST mutation runner; Python "
-         f"{sys.version.split()[0]}, pytest {importlib.metadata.version('pytest')}). Reproduce from the repo root:"), "",
-        f"    OMP_NUM_THREADS=1 .venv/bin/{command}", "", *([resumed, ""] if resumed else []),
+        "# Mutation testing of " + ", ".join(args.modules),
+        "",
+        (
+            "Written by `scripts/mutate.py` (this repo's AST mutation runner; Python "
+            f"{sys.version.split()[0]}, pytest {importlib.metadata.version('pytest')}). Reproduce from the repo root:"
+        ),
+        "",
+        f"    OMP_NUM_THREADS=1 .venv/bin/{command}",
+        "",
+        *([resumed, ""] if resumed else []),
         "| mutants | killed | timeout (killed) | equivalent | survived | invalid (not compiled) | error (not run) |",
         "| --- | --- | --- | --- | --- | --- | --- |",
-        (f"| {len(mutants)} | {counts['killed']} | {counts['timeout']} | {counts['equivalent']} | {counts['survived']} "
-         f"| {counts['invalid']} | {counts['error']} |"), "",
-        "Per module:", "",
+        (
+            f"| {len(mutants)} | {counts['killed']} | {counts['timeout']} | {counts['equivalent']} | {counts['survived']} "
+            f"| {counts['invalid']} | {counts['error']} |"
+        ),
+        "",
+        "Per module:",
+        "",
     ]
     for path in args.modules:
         mine = [m for m in mutants if m.path == path]
-        out.append(f"- {path}: {len(mine)} mutants, " + ", ".join(
-            f"{sum(m.status == s for m in mine)} {s}" for s in ("killed", "timeout", "equivalent", "survived")))
-    out += ["", ("An equivalent mutant changes no result beyond a 1e-9 tolerance; each is argued below, from the "
-                 "`--equivalent` file. A survivor is a gap in the suite."), ""]
+        out.append(
+            f"- {path}: {len(mine)} mutants, "
+            + ", ".join(
+                f"{sum(m.status == s for m in mine)} {s}"
+                for s in ("killed", "timeout", "equivalent", "survived")
+            )
+        )
+    out += [
+        "",
+        (
+            "An equivalent mutant changes no result beyond a 1e-9 tolerance; each is argued below, from the "
+            "`--equivalent` file. A survivor is a gap in the suite."
+        ),
+        "",
+    ]
     for title, status in (("Survivors (gaps)", "survived"), ("Equivalent mutants", "equivalent")):
         rows = [m for m in mutants if m.status == status]
         out += [f"## {title}: {len(rows)}", ""]
         if rows:
             out += ["| where | mutant | why |", "| --- | --- | --- |"]
-            out += [f"| {m.path}:{m.line} `{m.function}` | `{cell(m.original)}` -> `{cell(m.mutated)}` | {m.reason} |"
-                    for m in rows]
+            out += [
+                f"| {m.path}:{m.line} `{m.function}` | `{cell(m.original)}` -> `{cell(m.mutated)}` | {m.reason} |"
+                for m in rows
+            ]
             out.append("")
     if args.notes:
         out += [args.notes.read_text().rstrip(), ""]
@@ -637,8 +801,9 @@ def write_report(args, mutants: list[Mutant], counts: dict):
 def write_json(path: Path, mutants: list[Mutant]):
     """Every mutant's state; written whole and renamed, so a reader never sees half a file."""
     part = path.with_name(path.name + ".part")
-    part.write_text(json.dumps([{**asdict(m), "source_sha256": module_sha256(m.path)} for m in mutants], indent=1)
-                    + "\n")
+    part.write_text(
+        json.dumps([{**asdict(m), "source_sha256": module_sha256(m.path)} for m in mutants], indent=1) + "\n"
+    )
     part.replace(path)
 
 

@@ -11,8 +11,12 @@ from deeper.errors import DeeperError, first_line
 from deeper.outputs import DiskFull, is_disk_full
 
 PARAMS_OPTION = click.option(
-    "--params", "params_path", default="params.yaml", show_default=True,
-    type=click.Path(dir_okay=False), help="The params file (DVC's `-S` edits params.yaml).",
+    "--params",
+    "params_path",
+    default="params.yaml",
+    show_default=True,
+    type=click.Path(dir_okay=False),
+    help="The params file (DVC's `-S` edits params.yaml).",
 )
 
 
@@ -35,7 +39,9 @@ def user_errors(fn):
         except OSError as e:  # a full disk met outside deeper.outputs (a log, a checkpoint): one line too
             if not is_disk_full(e):
                 raise
-            click.echo(f"error: {DiskFull(e.filename or 'a file the stage was writing', first_line(e))}", err=True)
+            click.echo(
+                f"error: {DiskFull(e.filename or 'a file the stage was writing', first_line(e))}", err=True
+            )
             sys.exit(1)
         except KeyboardInterrupt:
             click.echo("interrupted; re-run to resume", err=True)

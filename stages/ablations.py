@@ -36,8 +36,9 @@ UNFINISHED = ("Queued", "Running")
 
 
 def _dvc(*args: str, capture: bool = False, env: dict | None = None) -> str:
-    done = subprocess.run(["dvc", *args], env=env, text=True, check=False,
-                          stdout=subprocess.PIPE if capture else None)
+    done = subprocess.run(
+        ["dvc", *args], env=env, text=True, check=False, stdout=subprocess.PIPE if capture else None
+    )
     if done.returncode != 0:
         raise DeeperError(f"`dvc {shlex.join(args)}` exited with {done.returncode}")
     return done.stdout or ""
@@ -78,8 +79,12 @@ def _start(names: list[str], poll_seconds: float) -> None:
         time.sleep(poll_seconds)
     failed = [n for n in names if statuses.get(n) != "Success"]
     if failed:
-        raise DeeperError(f"experiments not successful: {', '.join(failed)}; `dvc queue logs <name>` shows why")
-    click.echo(f"all {len(names)} experiments finished in {(time.monotonic() - started) / 60:.1f} min", err=True)
+        raise DeeperError(
+            f"experiments not successful: {', '.join(failed)}; `dvc queue logs <name>` shows why"
+        )
+    click.echo(
+        f"all {len(names)} experiments finished in {(time.monotonic() - started) / 60:.1f} min", err=True
+    )
 
 
 def _table(out: str, commits: int = 1) -> None:
@@ -92,8 +97,12 @@ def _table(out: str, commits: int = 1) -> None:
 
 
 NAMES = click.argument("names", nargs=-1, type=click.Choice(available()))
-OUT = click.option("--out", default="results/ablations", show_default=True, help="Folder of the comparison table.")
-POLL = click.option("--poll-seconds", default=30.0, show_default=True, help="How often the queue's status is read.")
+OUT = click.option(
+    "--out", default="results/ablations", show_default=True, help="Folder of the comparison table."
+)
+POLL = click.option(
+    "--poll-seconds", default=30.0, show_default=True, help="How often the queue's status is read."
+)
 
 
 @click.group(help=__doc__)
@@ -117,11 +126,18 @@ def start(names, poll_seconds):
     _start([experiment_name(n) for n in (names or available())], poll_seconds)
 
 
-@main.command(help="Write the comparison table of HEAD and its ablation experiments from `dvc exp show --json`.")
+@main.command(
+    help="Write the comparison table of HEAD and its ablation experiments from `dvc exp show --json`."
+)
 @OUT
-@click.option("--commits", default=1, show_default=True, type=click.IntRange(1),
-              help="Also take ablations run from the COMMITS-1 commits before HEAD (the newest run of each name; "
-                   "the table's `baseline` column says which commit each ran from).")
+@click.option(
+    "--commits",
+    default=1,
+    show_default=True,
+    type=click.IntRange(1),
+    help="Also take ablations run from the COMMITS-1 commits before HEAD (the newest run of each name; "
+    "the table's `baseline` column says which commit each ran from).",
+)
 @user_errors
 def table(out, commits):
     _table(out, commits)

@@ -39,15 +39,30 @@ from stages._cli import PARAMS_OPTION, echo_calls, load_checked_params, user_err
 
 def summarize(contexts: pd.DataFrame, new: int, skipped: dict, predict: dict) -> dict:
     by_step = {
-        f"t{t}": {"contexts": len(rows), "old_eps": {p: float(rows[c].mean()) for p, c in zip(PARTS, OLD_COLUMNS)}}
+        f"t{t}": {
+            "contexts": len(rows),
+            "old_eps": {p: float(rows[c].mean()) for p, c in zip(PARTS, OLD_COLUMNS)},
+        }
         for t, rows in contexts.groupby("t", sort=True)
     }
-    return {"contexts": len(contexts), "new_contexts": new, "by_step": by_step, "skipped_users": skipped,
-            "predict": predict}
+    return {
+        "contexts": len(contexts),
+        "new_contexts": new,
+        "by_step": by_step,
+        "skipped_users": skipped,
+        "predict": predict,
+    }
 
 
-def run(params: dict, iteration: int, windows: Path, personas: Path, previous: Path | None, out: Path,
-        metrics: Path) -> dict:
+def run(
+    params: dict,
+    iteration: int,
+    windows: Path,
+    personas: Path,
+    previous: Path | None,
+    out: Path,
+    metrics: Path,
+) -> dict:
     start = time.perf_counter()
     settings = PredictSettings.from_params(params)
     update = trained_update_from_params(params)
@@ -60,38 +75,75 @@ def run(params: dict, iteration: int, windows: Path, personas: Path, previous: P
     contexts = pd.concat([old, new], ignore_index=True) if old is not None else new
     twice = contexts["context_id"].duplicated()
     if twice.any():
-        raise InputError(previous, f"context {contexts['context_id'][twice].iloc[0]!r} is built again at t={iteration}")
+        raise InputError(
+            previous, f"context {contexts['context_id'][twice].iloc[0]!r} is built again at t={iteration}"
+        )
     write_parquet(contexts, out)
     summary = summarize(contexts, len(new), skipped, stats.to_metrics())
     write_json(metrics, summary)
     echo_calls("frozen", frozen)
-    click.echo(f"wrote {out}: {len(contexts)} contexts ({len(new)} new) in {time.perf_counter() - start:.1f} s", err=True)
+    click.echo(
+        f"wrote {out}: {len(contexts)} contexts ({len(new)} new) in {time.perf_counter() - start:.1f} s",
+        err=True,
+    )
     return summary
 
 
 @click.command(help=__doc__)
 @PARAMS_OPTION
-@click.option("--iteration", type=click.IntRange(1, 2), required=True,
-              help="Training iteration k (1 or 2); its new contexts are at step t = k.")
-@click.option("--windows", default="data/window/windows.parquet", show_default=True, type=click.Path(dir_okay=False),
-              help="The window stage's output (training users).")
-@click.option("--personas", default=None, type=click.Path(dir_okay=False),
-              help="The old personas S_{k-1}: columns domain, user_id, split, persona [default: k=1 "
-                   "data/personas/init.parquet, else data/personas/refined_it{k-1}.parquet].")
-@click.option("--previous", default=None, type=click.Path(dir_okay=False),
-              help="Contexts kept from the previous iteration [default: none for k=1, data/contexts/it{k-1}.parquet].")
-@click.option("--out", default=None, type=click.Path(dir_okay=False),
-              help="Contexts, one row each [default: data/contexts/it{k}.parquet].")
-@click.option("--metrics", "metrics_path", default=None, type=click.Path(dir_okay=False),
-              help="Counts and the old personas' mean errors per step [default: metrics/contexts_it{k}.json].")
+@click.option(
+    "--iteration",
+    type=click.IntRange(1, 2),
+    required=True,
+    help="Training iteration k (1 or 2); its new contexts are at step t = k.",
+)
+@click.option(
+    "--windows",
+    default="data/window/windows.parquet",
+    show_default=True,
+    type=click.Path(dir_okay=False),
+    help="The window stage's output (training users).",
+)
+@click.option(
+    "--personas",
+    default=None,
+    type=click.Path(dir_okay=False),
+    help="The old personas S_{k-1}: columns domain, user_id, split, persona [default: k=1 "
+    "data/personas/init.parquet, else data/personas/refined_it{k-1}.parquet].",
+)
+@click.option(
+    "--previous",
+    default=None,
+    type=click.Path(dir_okay=False),
+    help="Contexts kept from the previous iteration [default: none for k=1, data/contexts/it{k-1}.parquet].",
+)
+@click.option(
+    "--out",
+    default=None,
+    type=click.Path(dir_okay=False),
+    help="Contexts, one row each [default: data/contexts/it{k}.parquet].",
+)
+@click.option(
+    "--metrics",
+    "metrics_path",
+    default=None,
+    type=click.Path(dir_okay=False),
+    help="Counts and the old personas' mean errors per step [default: metrics/contexts_it{k}.json].",
+)
 @user_errors
 def main(params_path, iteration, windows, personas, previous, out, metrics_path):
     k = iteration
     run(
-        load_checked_params(params_path), k, Path(windows),
-        Path(personas or ("data/personas/init.parquet" if k == 1 else f"data/personas/refined_it{k - 1}.parquet")),
+        load_checked_params(params_path),
+        k,
+        Path(windows),
+        Path(
+            personas
+            or ("data/personas/init.parquet" if k == 1 else f"data/personas/refined_it{k - 1}.parquet")
+        ),
         Path(previous) if previous else (Path(f"data/contexts/it{k - 1}.parquet") if k > 1 else None),
-        Path(out or f"data/contexts/it{k}.parquet"), Path(metrics_path or f"metrics/contexts_it{k}.json"),
+        Path(out or f"data/contexts/it{k}.parquet"),
+        Path(metrics_path or f"metrics/contexts_it{k}.json"),
     )
 
 

@@ -36,18 +36,41 @@ from deeper.prompts import prompts_from_params
 from deeper.rollout import EvaluateSettings, load_eval_users, rollout
 from stages._cli import PARAMS_OPTION, echo_calls, load_checked_params, user_errors
 
-OUT_SCHEMA = pa.schema([
-    ("domain", pa.string()), ("user_id", pa.string()), ("seen", pa.bool_()), ("round", pa.int64()),
-    ("persona", pa.string()), ("persona_tokens", pa.int64()), ("persona_words", pa.int64()),
-    ("update_failure", pa.string()), ("update_flag", pa.string()), ("answers", pa.list_(pa.string())),
-    ("mae", pa.float64()), ("items", pa.int64()), ("predict_failed_items", pa.int64()),
-    ("mae_w0", pa.float64()), ("mae_w1", pa.float64()), ("mae_w2", pa.float64()),
-    ("predicted", pa.list_(pa.float64())), ("actual", pa.list_(pa.float64())), ("update_stopped_at_limit", pa.int64()),
-])
+OUT_SCHEMA = pa.schema(
+    [
+        ("domain", pa.string()),
+        ("user_id", pa.string()),
+        ("seen", pa.bool_()),
+        ("round", pa.int64()),
+        ("persona", pa.string()),
+        ("persona_tokens", pa.int64()),
+        ("persona_words", pa.int64()),
+        ("update_failure", pa.string()),
+        ("update_flag", pa.string()),
+        ("answers", pa.list_(pa.string())),
+        ("mae", pa.float64()),
+        ("items", pa.int64()),
+        ("predict_failed_items", pa.int64()),
+        ("mae_w0", pa.float64()),
+        ("mae_w1", pa.float64()),
+        ("mae_w2", pa.float64()),
+        ("predicted", pa.list_(pa.float64())),
+        ("actual", pa.list_(pa.float64())),
+        ("update_stopped_at_limit", pa.int64()),
+    ]
+)
 
 
-def run(params: dict, method: str, windows: Path, personas: Path, out_dir: Path, adapter: str | None = None,
-        progress: bool = True, runs_dir: Path | None = None) -> dict:
+def run(
+    params: dict,
+    method: str,
+    windows: Path,
+    personas: Path,
+    out_dir: Path,
+    adapter: str | None = None,
+    progress: bool = True,
+    runs_dir: Path | None = None,
+) -> dict:
     """Evaluate one method; returns the small summary written next to the table."""
     from deeper.llm import load_llm
     from deeper.llm.cache import CachedLLM
@@ -55,13 +78,17 @@ def run(params: dict, method: str, windows: Path, personas: Path, out_dir: Path,
 
     settings = EvaluateSettings.from_params(params)
     if method not in settings.methods:
-        raise ConfigError("--method", f"{method!r} is not one of evaluate.methods: {', '.join(settings.methods)}")
+        raise ConfigError(
+            "--method", f"{method!r} is not one of evaluate.methods: {', '.join(settings.methods)}"
+        )
     spec = settings.methods[method]
     if adapter is not None and spec.adapter is None:
         raise ConfigError("--adapter", f"method {method} runs without an adapter")
     adapter = adapter if adapter is not None else spec.adapter
     if adapter is not None and not Path(adapter).is_dir():
-        raise InputError(adapter, f"adapter folder of method {method} not found; run the training stage first")
+        raise InputError(
+            adapter, f"adapter folder of method {method} not found; run the training stage first"
+        )
     rounds, sampling = settings.rounds, settings.sampling
     domains, per_domain = settings.domains, settings.per_domain
     predict_settings = PredictSettings.from_params(params)
@@ -78,11 +105,23 @@ def run(params: dict, method: str, windows: Path, personas: Path, out_dir: Path,
     else:
         updater = CachedLLM(load_llm(update_spec, adapter=adapter, where=f"models.{spec.role}"))
     load_seconds = time.perf_counter() - started
-    click.echo(f"evaluate {method}: {len(users)} users, {rounds} rounds, updates by models.{spec.role}"
-               f"{' + ' + adapter if adapter else ''}", err=True)
+    click.echo(
+        f"evaluate {method}: {len(users)} users, {rounds} rounds, updates by models.{spec.role}"
+        f"{' + ' + adapter if adapter else ''}",
+        err=True,
+    )
     prompts = prompts_from_params(params)
-    result = rollout(users, spec.build(updater, sampling, prompts), frozen, rounds, predict_settings, count_tokens,
-                     progress=progress, label=method, prompts=prompts)
+    result = rollout(
+        users,
+        spec.build(updater, sampling, prompts),
+        frozen,
+        rounds,
+        predict_settings,
+        count_tokens,
+        progress=progress,
+        label=method,
+        prompts=prompts,
+    )
 
     table_path = out_dir / f"{method}.parquet"
     write_parquet(result.table, table_path, OUT_SCHEMA)
@@ -109,30 +148,64 @@ def run(params: dict, method: str, windows: Path, personas: Path, out_dir: Path,
     echo_calls("frozen", frozen)
     if updater is not frozen:
         echo_calls(spec.role, updater)  # the "updater" of the summary's calls
-    click.echo(f"wrote {table_path}: mean error by round "
-               f"{[round(v, 3) for v in table.groupby('round')['mae'].mean().tolist()]}", err=True)
+    click.echo(
+        f"wrote {table_path}: mean error by round "
+        f"{[round(v, 3) for v in table.groupby('round')['mae'].mean().tolist()]}",
+        err=True,
+    )
     return summary
 
 
 @click.command(help="\n\n".join(__doc__.split("\n\n")[i] for i in (0, 2, 3, 4)))
 @click.option("--method", required=True, help="The persona update method: a name of params evaluate.methods.")
 @PARAMS_OPTION
-@click.option("--windows", default="data/window/windows.parquet", show_default=True, type=click.Path(dir_okay=False),
-              help="The window stage's output (evaluation users and their windows).")
-@click.option("--personas", default="data/personas/init.parquet", show_default=True, type=click.Path(dir_okay=False),
-              help="The init_personas stage's output (S_0).")
-@click.option("--runs-dir", default="data/eval_runs", show_default=True, type=click.Path(file_okay=False),
-              help="Where <method>.json goes: the run's counts and timings (apart from the tables, so that the "
-                   "report, which reads the tables' folder, does not re-run for new timings).")
-@click.option("--out-dir", default="data/eval", show_default=True, type=click.Path(file_okay=False),
-              help="Where <method>.parquet goes.")
-@click.option("--adapter", default=None, type=click.Path(file_okay=False),
-              help="LoRA adapter folder for the update model instead of the method's own "
-                   "(deeper: models/adapters/it2).")
+@click.option(
+    "--windows",
+    default="data/window/windows.parquet",
+    show_default=True,
+    type=click.Path(dir_okay=False),
+    help="The window stage's output (evaluation users and their windows).",
+)
+@click.option(
+    "--personas",
+    default="data/personas/init.parquet",
+    show_default=True,
+    type=click.Path(dir_okay=False),
+    help="The init_personas stage's output (S_0).",
+)
+@click.option(
+    "--runs-dir",
+    default="data/eval_runs",
+    show_default=True,
+    type=click.Path(file_okay=False),
+    help="Where <method>.json goes: the run's counts and timings (apart from the tables, so that the "
+    "report, which reads the tables' folder, does not re-run for new timings).",
+)
+@click.option(
+    "--out-dir",
+    default="data/eval",
+    show_default=True,
+    type=click.Path(file_okay=False),
+    help="Where <method>.parquet goes.",
+)
+@click.option(
+    "--adapter",
+    default=None,
+    type=click.Path(file_okay=False),
+    help="LoRA adapter folder for the update model instead of the method's own "
+    "(deeper: models/adapters/it2).",
+)
 @user_errors
 def main(method, params_path, windows, personas, out_dir, runs_dir, adapter):
-    run(load_checked_params(params_path), method, Path(windows), Path(personas), Path(out_dir), adapter,
-        runs_dir=Path(runs_dir))
+    run(
+        load_checked_params(params_path),
+        method,
+        Path(windows),
+        Path(personas),
+        Path(out_dir),
+        adapter,
+        runs_dir=Path(runs_dir),
+    )
 
 
 if __name__ == "__main__":

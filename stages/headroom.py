@@ -34,11 +34,18 @@ from deeper.prompts import prompts_from_params
 from deeper.rollout import EvaluateSettings, load_eval_users
 from stages._cli import PARAMS_OPTION, echo_calls, load_checked_params, user_errors
 
-OUT_SCHEMA = pa.schema([
-    ("domain", pa.string()), ("user_id", pa.string()), ("condition", pa.string()), ("persona", pa.string()),
-    ("mae", pa.float64()), ("spread", pa.float64()), ("predicted", pa.list_(pa.float64())),
-    ("actual", pa.list_(pa.float64())),
-])
+OUT_SCHEMA = pa.schema(
+    [
+        ("domain", pa.string()),
+        ("user_id", pa.string()),
+        ("condition", pa.string()),
+        ("persona", pa.string()),
+        ("mae", pa.float64()),
+        ("spread", pa.float64()),
+        ("predicted", pa.list_(pa.float64())),
+        ("actual", pa.list_(pa.float64())),
+    ]
+)
 
 
 def run(params: dict, windows: Path, personas: Path, out: Path, metrics: Path, plot: Path) -> dict:
@@ -48,44 +55,100 @@ def run(params: dict, windows: Path, personas: Path, out: Path, metrics: Path, p
     predict = PredictSettings.from_params(params)
     bootstrap = BootstrapSettings.from_params(params)
     prompts = prompts_from_params(params)
-    users, skipped = load_eval_users(windows, personas, evaluate.rounds, evaluate.domains, evaluate.per_domain)
+    users, skipped = load_eval_users(
+        windows, personas, evaluate.rounds, evaluate.domains, evaluate.per_domain
+    )
     check_window(users, settings.window)
     frozen = load_frozen(params)
     name = str(get(params, "models.frozen.name"))
-    click.echo(f"headroom: {len(users)} evaluation users, W_{settings.window}, {len(CONDITIONS)} personas each, "
-               f"frozen model {name}", err=True)
-    result = measure(users, frozen, prompts, persona, predict, settings, bootstrap,
-                     log=lambda line: click.echo(f"oracle personas: {line}", err=True))
+    click.echo(
+        f"headroom: {len(users)} evaluation users, W_{settings.window}, {len(CONDITIONS)} personas each, "
+        f"frozen model {name}",
+        err=True,
+    )
+    result = measure(
+        users,
+        frozen,
+        prompts,
+        persona,
+        predict,
+        settings,
+        bootstrap,
+        log=lambda line: click.echo(f"oracle personas: {line}", err=True),
+    )
     echo_calls("frozen", frozen)
 
     write_parquet(result.table, out, OUT_SCHEMA)
     summary = {**result.summary, "skipped_users": skipped, "frozen": name}
     write_json(metrics, summary)
-    write_csv(plot, ["condition", "mae", "low", "high"],
-              ({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()} for row in plot_rows(summary)))
-    shown = ", ".join(f"{name} {summary[name]['estimate']:+.3f} [{summary[name]['low']:+.3f}, "
-                      f"{summary[name]['high']:+.3f}]" for name in CONTRASTS)
+    write_csv(
+        plot,
+        ["condition", "mae", "low", "high"],
+        (
+            {k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}
+            for row in plot_rows(summary)
+        ),
+    )
+    shown = ", ".join(
+        f"{name} {summary[name]['estimate']:+.3f} [{summary[name]['low']:+.3f}, {summary[name]['high']:+.3f}]"
+        for name in CONTRASTS
+    )
     click.echo(f"wrote {out}, {metrics}, {plot}: {shown}", err=True)
     return summary
 
 
-@click.command(help="\n\n".join(__doc__.split("\n\n")[i] for i in (0, 2, 3))
-               + "\n\nOutputs: --out (one row per user and condition), --metrics, --plot.")
+@click.command(
+    help="\n\n".join(__doc__.split("\n\n")[i] for i in (0, 2, 3))
+    + "\n\nOutputs: --out (one row per user and condition), --metrics, --plot."
+)
 @PARAMS_OPTION
-@click.option("--windows", default="data/window/windows.parquet", show_default=True, type=click.Path(dir_okay=False),
-              help="The window stage's output (evaluation users and their windows).")
-@click.option("--personas", default="data/personas/init.parquet", show_default=True,
-              type=click.Path(dir_okay=False), help="The init_personas stage's output (each user's S_0).")
-@click.option("--out", default="data/headroom/users.parquet", show_default=True, type=click.Path(dir_okay=False),
-              help="Columns domain, user_id, condition, persona, mae, spread, predicted, actual.")
-@click.option("--metrics", "metrics_path", default="metrics/headroom.json", show_default=True,
-              type=click.Path(dir_okay=False), help="Each condition's MAE and interval, sensitivity, headroom.")
-@click.option("--plot", "plot_path", default="plots/headroom.csv", show_default=True,
-              type=click.Path(dir_okay=False), help="One row per condition: mae, low, high (dvc plots).")
+@click.option(
+    "--windows",
+    default="data/window/windows.parquet",
+    show_default=True,
+    type=click.Path(dir_okay=False),
+    help="The window stage's output (evaluation users and their windows).",
+)
+@click.option(
+    "--personas",
+    default="data/personas/init.parquet",
+    show_default=True,
+    type=click.Path(dir_okay=False),
+    help="The init_personas stage's output (each user's S_0).",
+)
+@click.option(
+    "--out",
+    default="data/headroom/users.parquet",
+    show_default=True,
+    type=click.Path(dir_okay=False),
+    help="Columns domain, user_id, condition, persona, mae, spread, predicted, actual.",
+)
+@click.option(
+    "--metrics",
+    "metrics_path",
+    default="metrics/headroom.json",
+    show_default=True,
+    type=click.Path(dir_okay=False),
+    help="Each condition's MAE and interval, sensitivity, headroom.",
+)
+@click.option(
+    "--plot",
+    "plot_path",
+    default="plots/headroom.csv",
+    show_default=True,
+    type=click.Path(dir_okay=False),
+    help="One row per condition: mae, low, high (dvc plots).",
+)
 @user_errors
 def main(params_path, windows, personas, out, metrics_path, plot_path):
-    run(load_checked_params(params_path), Path(windows), Path(personas), Path(out), Path(metrics_path),
-        Path(plot_path))
+    run(
+        load_checked_params(params_path),
+        Path(windows),
+        Path(personas),
+        Path(out),
+        Path(metrics_path),
+        Path(plot_path),
+    )
 
 
 if __name__ == "__main__":

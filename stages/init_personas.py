@@ -43,9 +43,15 @@ from stages._cli import PARAMS_OPTION, echo_calls, load_checked_params, user_err
 
 OUT_SCHEMA = pa.schema(
     [
-        ("domain", pa.string()), ("user_id", pa.string()), ("split", pa.string()), ("persona", pa.string()),
-        ("persona_tokens", pa.int64()), ("persona_words", pa.int64()), ("attempts", pa.int64()),
-        ("degenerate", pa.string()), ("stopped_at_limit", pa.bool_()),
+        ("domain", pa.string()),
+        ("user_id", pa.string()),
+        ("split", pa.string()),
+        ("persona", pa.string()),
+        ("persona_tokens", pa.int64()),
+        ("persona_words", pa.int64()),
+        ("attempts", pa.int64()),
+        ("degenerate", pa.string()),
+        ("stopped_at_limit", pa.bool_()),
     ]
 )
 LONG_PERSONA_WORDS = 200  # the paper asks the initial persona for at least 200 words
@@ -54,7 +60,11 @@ LONG_PERSONA_WORDS = 200  # the paper asks the initial persona for at least 200 
 def summarise(df: pd.DataFrame, retried: int, tokenizer: str) -> dict:
     def spread(column):
         values = df[column]
-        return {"mean": float(values.mean()), "min": int(values.min()), "max": int(values.max())} if len(df) else {}
+        return (
+            {"mean": float(values.mean()), "min": int(values.min()), "max": int(values.max())}
+            if len(df)
+            else {}
+        )
 
     reasons = df["degenerate"].dropna().value_counts()
     return {
@@ -94,7 +104,9 @@ def run(params: dict, windows: Path, out: Path, metrics: Path) -> dict:
     click.echo(f"{len(users)} users: writing S0 with {spec.get('name')} ({spec.get('backend')})", err=True)
 
     llm = CachedLLM(load_llm(spec, where="models.frozen"))
-    personas, tries, at_limit = generate_personas(llm, chats, settings, log=lambda line: click.echo(line, err=True))
+    personas, tries, at_limit = generate_personas(
+        llm, chats, settings, log=lambda line: click.echo(line, err=True)
+    )
     echo_calls("frozen", llm)
 
     df = pd.DataFrame(users, columns=["domain", "user_id", "split"])
@@ -108,19 +120,40 @@ def run(params: dict, windows: Path, out: Path, metrics: Path) -> dict:
     summary = summarise(df, retried=int((df["attempts"] > 1).sum()), tokenizer=settings.tokenizer)
     write_json(metrics, summary)
     flagged = sum(summary["degenerate"].values())
-    click.echo(f"wrote {out}: {len(df)} personas, {flagged} flagged degenerate, {summary['stopped_at_limit']} "
-               f"stopped at max_new_tokens={settings.sampling.max_new_tokens}; metrics in {metrics}", err=True)
+    click.echo(
+        f"wrote {out}: {len(df)} personas, {flagged} flagged degenerate, {summary['stopped_at_limit']} "
+        f"stopped at max_new_tokens={settings.sampling.max_new_tokens}; metrics in {metrics}",
+        err=True,
+    )
     return summary
 
 
-@click.command(help=__doc__.split("\n\n")[0] + "\n\nOutputs: --out (one row per user) and --metrics (lengths, failures).")
+@click.command(
+    help=__doc__.split("\n\n")[0] + "\n\nOutputs: --out (one row per user) and --metrics (lengths, failures)."
+)
 @PARAMS_OPTION
-@click.option("--windows", default="data/window/windows.parquet", show_default=True, type=click.Path(dir_okay=False),
-              help="The window stage's output; the W_0 rows are used.")
-@click.option("--out", default="data/personas/init.parquet", show_default=True, type=click.Path(dir_okay=False),
-              help="Columns domain, user_id, split, persona, persona_tokens, persona_words, attempts, degenerate.")
-@click.option("--metrics", "metrics_path", default="metrics/personas.json", show_default=True,
-              type=click.Path(dir_okay=False), help="Persona count, lengths, degenerate generations.")
+@click.option(
+    "--windows",
+    default="data/window/windows.parquet",
+    show_default=True,
+    type=click.Path(dir_okay=False),
+    help="The window stage's output; the W_0 rows are used.",
+)
+@click.option(
+    "--out",
+    default="data/personas/init.parquet",
+    show_default=True,
+    type=click.Path(dir_okay=False),
+    help="Columns domain, user_id, split, persona, persona_tokens, persona_words, attempts, degenerate.",
+)
+@click.option(
+    "--metrics",
+    "metrics_path",
+    default="metrics/personas.json",
+    show_default=True,
+    type=click.Path(dir_okay=False),
+    help="Persona count, lengths, degenerate generations.",
+)
 @user_errors
 def main(params_path, windows, out, metrics_path):
     run(load_checked_params(params_path), Path(windows), Path(out), Path(metrics_path))

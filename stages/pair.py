@@ -30,8 +30,15 @@ from deeper.pairs import (
 from stages._cli import PARAMS_OPTION, load_checked_params, user_errors
 
 
-def run(params: dict, iteration: int, contexts_path: Path, rewards_path: Path, previous: Path | None,
-        out: Path, metrics: Path) -> dict:
+def run(
+    params: dict,
+    iteration: int,
+    contexts_path: Path,
+    rewards_path: Path,
+    previous: Path | None,
+    out: Path,
+    metrics: Path,
+) -> dict:
     config = PairConfig.from_params(params, iteration)
     contexts = read_contexts(contexts_path)
     candidates = read_candidates(rewards_path, contexts, str(contexts_path))
@@ -40,40 +47,76 @@ def run(params: dict, iteration: int, contexts_path: Path, rewards_path: Path, p
     if iteration > 1:
         replay = read_replay_pairs(previous)
         replay_max, replay_order = replay_max_from_params(params), replay_order_from_params(params)
-    pairs, summary = build_pairs(candidates, config, iteration, source=str(rewards_path),
-                                 replay_from=replay, replay_max=replay_max, replay_source=str(previous),
-                                 replay_order=replay_order)
+    pairs, summary = build_pairs(
+        candidates,
+        config,
+        iteration,
+        source=str(rewards_path),
+        replay_from=replay,
+        replay_max=replay_max,
+        replay_source=str(previous),
+        replay_order=replay_order,
+    )
     write_parquet(pairs, out)
     write_json(metrics, summary)
     replayed = f"{summary['replay_pairs']} replayed"
     if summary["replay_duplicates"]:
         replayed += f", {summary['replay_duplicates']} already chosen again not replayed"
-    click.echo(f"wrote {out}: {summary['pairs']} pairs ({replayed}) from "
-               f"{summary['contexts_with_pair']} of {summary['contexts_total']} contexts", err=True)
+    click.echo(
+        f"wrote {out}: {summary['pairs']} pairs ({replayed}) from "
+        f"{summary['contexts_with_pair']} of {summary['contexts_total']} contexts",
+        err=True,
+    )
     return summary
 
 
 @click.command(help=__doc__)
 @PARAMS_OPTION
 @click.option("--iteration", type=click.IntRange(1, 2), required=True, help="Training iteration k (1 or 2).")
-@click.option("--contexts", "contexts_path", default=None, type=click.Path(dir_okay=False),
-              help="The contexts (for the prompts) [default: data/contexts/it{k}.parquet].")
-@click.option("--rewards", "rewards_path", default=None, type=click.Path(dir_okay=False),
-              help="The rewarded candidates [default: data/rewards/it{k}.parquet].")
-@click.option("--previous", default=None, type=click.Path(dir_okay=False),
-              help="Iteration 2: the previous pairs to replay [default: data/pairs/it{k-1}/pairs.parquet].")
-@click.option("--out", default=None, type=click.Path(dir_okay=False),
-              help="Pairs with their split [default: data/pairs/it{k}/pairs.parquet].")
-@click.option("--metrics", "metrics_path", default=None, type=click.Path(dir_okay=False),
-              help="Pair counts, mean margin, contexts with a pair [default: metrics/pairs_it{k}.json].")
+@click.option(
+    "--contexts",
+    "contexts_path",
+    default=None,
+    type=click.Path(dir_okay=False),
+    help="The contexts (for the prompts) [default: data/contexts/it{k}.parquet].",
+)
+@click.option(
+    "--rewards",
+    "rewards_path",
+    default=None,
+    type=click.Path(dir_okay=False),
+    help="The rewarded candidates [default: data/rewards/it{k}.parquet].",
+)
+@click.option(
+    "--previous",
+    default=None,
+    type=click.Path(dir_okay=False),
+    help="Iteration 2: the previous pairs to replay [default: data/pairs/it{k-1}/pairs.parquet].",
+)
+@click.option(
+    "--out",
+    default=None,
+    type=click.Path(dir_okay=False),
+    help="Pairs with their split [default: data/pairs/it{k}/pairs.parquet].",
+)
+@click.option(
+    "--metrics",
+    "metrics_path",
+    default=None,
+    type=click.Path(dir_okay=False),
+    help="Pair counts, mean margin, contexts with a pair [default: metrics/pairs_it{k}.json].",
+)
 @user_errors
 def main(params_path, iteration, contexts_path, rewards_path, previous, out, metrics_path):
     k = iteration
     run(
-        load_checked_params(params_path), k, Path(contexts_path or f"data/contexts/it{k}.parquet"),
+        load_checked_params(params_path),
+        k,
+        Path(contexts_path or f"data/contexts/it{k}.parquet"),
         Path(rewards_path or f"data/rewards/it{k}.parquet"),
         Path(previous or f"data/pairs/it{k - 1}/pairs.parquet") if k > 1 else None,
-        Path(out or f"data/pairs/it{k}/pairs.parquet"), Path(metrics_path or f"metrics/pairs_it{k}.json"),
+        Path(out or f"data/pairs/it{k}/pairs.parquet"),
+        Path(metrics_path or f"metrics/pairs_it{k}.json"),
     )
 
 

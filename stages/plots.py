@@ -25,8 +25,9 @@ def run(dvc_yaml_path: Path, out_dir: Path) -> list[Path]:
     if not dvc_yaml_path.is_file():
         raise InputError(dvc_yaml_path, "missing: the plot definitions")
     root = dvc_yaml_path.parent
-    definitions = plot_definitions(yaml.safe_load(dvc_yaml_path.read_text(encoding="utf-8")) or {},
-                                   source=str(dvc_yaml_path))
+    definitions = plot_definitions(
+        yaml.safe_load(dvc_yaml_path.read_text(encoding="utf-8")) or {}, source=str(dvc_yaml_path)
+    )
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     for definition in definitions:
@@ -39,10 +40,22 @@ def run(dvc_yaml_path: Path, out_dir: Path) -> list[Path]:
 
 
 @click.command(help=__doc__.split("\n\n")[0])
-@click.option("--dvc-yaml", "dvc_yaml_path", default="dvc.yaml", show_default=True,
-              type=click.Path(dir_okay=False), help="The plot definitions; data paths are relative to its folder.")
-@click.option("--out", "out_dir", default="plots/images", show_default=True, type=click.Path(file_okay=False),
-              help="Where the SVG images go.")
+@click.option(
+    "--dvc-yaml",
+    "dvc_yaml_path",
+    default="dvc.yaml",
+    show_default=True,
+    type=click.Path(dir_okay=False),
+    help="The plot definitions; data paths are relative to its folder.",
+)
+@click.option(
+    "--out",
+    "out_dir",
+    default="plots/images",
+    show_default=True,
+    type=click.Path(file_okay=False),
+    help="Where the SVG images go.",
+)
 @user_errors
 def main(dvc_yaml_path, out_dir):
     run(Path(dvc_yaml_path), Path(out_dir))

@@ -30,7 +30,9 @@ from deeper.validate import check_params
 from stages._cli import PARAMS_OPTION, user_errors
 
 
-def checked(name: str, params_path: str = "params.yaml", extra: tuple[str, ...] = ()) -> tuple[list[str], dict]:
+def checked(
+    name: str, params_path: str = "params.yaml", extra: tuple[str, ...] = ()
+) -> tuple[list[str], dict]:
     """The checked `dvc exp run` command of profile `name` (argv, no shell) and the params it gives."""
     params = load_params(params_path)
     entries = load_profile(name, params)
@@ -63,21 +65,42 @@ def print_plan(applied: dict, params_path: str, sample: str, as_json: bool) -> N
     except ConfigError:  # a hub tokenizer not in the local cache: count with the workspace's own
         fallback = str(load_params(params_path)["persona"]["tokenizer"])
         count = token_counter(fallback, local_only=True)
-        notes.append(f"tokens counted with {fallback}: persona.tokenizer {tokenizer} is not on this machine "
-                     f"(counts of other tokenizers differ by some percent)")
-    sizes = PromptSizes(applied, user_windows(windows, "train")[:SAMPLE_USERS],
-                        user_windows(windows, "eval")[:SAMPLE_USERS], count, settings.persona_tokens)
+        notes.append(
+            f"tokens counted with {fallback}: persona.tokenizer {tokenizer} is not on this machine "
+            f"(counts of other tokenizers differ by some percent)"
+        )
+    sizes = PromptSizes(
+        applied,
+        user_windows(windows, "train")[:SAMPLE_USERS],
+        user_windows(windows, "eval")[:SAMPLE_USERS],
+        count,
+        settings.persona_tokens,
+    )
     users, per_domain = planned_users(applied)
     lines = plan_lines(applied, users, sizes, settings)
     notes += price_lines(applied, lines, settings)
-    notes.append("not planned: DPO training (train@1, train@2; its pairs are only known once rewards exist), calls "
-                 "retried after a degenerate persona or an unparsable answer (the stage metrics count them)")
-    notes.append(f"prompts rendered on {len(sizes.train_users)} training and {len(sizes.eval_users)} evaluation users "
-                 f"of {sample}")
+    notes.append(
+        "not planned: DPO training (train@1, train@2; its pairs are only known once rewards exist), calls "
+        "retried after a degenerate persona or an unparsable answer (the stage metrics count them)"
+    )
+    notes.append(
+        f"prompts rendered on {len(sizes.train_users)} training and {len(sizes.eval_users)} evaluation users "
+        f"of {sample}"
+    )
     if as_json:
-        click.echo(json.dumps({"users": {"train": users.train, "eval": users.eval}, "per_domain": per_domain,
-                               "stages": [vars(line) for line in lines], "total": totals(lines), "notes": notes},
-                              indent=1, sort_keys=True))
+        click.echo(
+            json.dumps(
+                {
+                    "users": {"train": users.train, "eval": users.eval},
+                    "per_domain": per_domain,
+                    "stages": [vars(line) for line in lines],
+                    "total": totals(lines),
+                    "notes": notes,
+                },
+                indent=1,
+                sort_keys=True,
+            )
+        )
     else:
         click.echo(render(applied, lines, users, per_domain, notes), nl=False)
 
@@ -88,12 +111,21 @@ SAMPLE_USERS = 20  # users of each split whose prompts are rendered: enough for 
 @click.command(help=__doc__, context_settings={"ignore_unknown_options": True})
 @PARAMS_OPTION
 @click.option("--run", "run_it", is_flag=True, help="Run `dvc exp run` instead of printing the command.")
-@click.option("--plan", "plan_it", is_flag=True,
-              help="Print the cost and time plan instead: per stage that calls a model, the calls, prompt and "
-                   "completion tokens, dollars (live and Batch API) and GPU-hours (deeper/plan.py says how each "
-                   "is counted; prices and GPU speed are params `plan`).")
-@click.option("--sample", default="data/window/windows.parquet", show_default=True, type=click.Path(dir_okay=False),
-              help="With --plan: the windows file whose users the prompts are rendered on.")
+@click.option(
+    "--plan",
+    "plan_it",
+    is_flag=True,
+    help="Print the cost and time plan instead: per stage that calls a model, the calls, prompt and "
+    "completion tokens, dollars (live and Batch API) and GPU-hours (deeper/plan.py says how each "
+    "is counted; prices and GPU speed are params `plan`).",
+)
+@click.option(
+    "--sample",
+    default="data/window/windows.parquet",
+    show_default=True,
+    type=click.Path(dir_okay=False),
+    help="With --plan: the windows file whose users the prompts are rendered on.",
+)
 @click.option("--json", "as_json", is_flag=True, help="With --plan: print the plan as JSON.")
 @click.argument("name")
 @click.argument("dvc_args", nargs=-1, type=click.UNPROCESSED)

@@ -33,38 +33,76 @@ def run(params: dict, contexts_path: Path, windows: Path, adapter: Path, out: Pa
     latest = contexts[contexts["t"] == contexts["t"].max()]
     users = read_user_windows(windows, split="train")
     policy = load_policy(params, adapter)
-    click.echo(f"refining {len(latest)} personas (step t={int(latest['t'].max())}) with the policy + {adapter}", err=True)
-    refined, counts = refine_personas(latest, users, policy, sampling, prompts_from_params(params),
-                                      source=str(contexts_path),
-                                      update=trained_update_from_params(params))
+    click.echo(
+        f"refining {len(latest)} personas (step t={int(latest['t'].max())}) with the policy + {adapter}",
+        err=True,
+    )
+    refined, counts = refine_personas(
+        latest,
+        users,
+        policy,
+        sampling,
+        prompts_from_params(params),
+        source=str(contexts_path),
+        update=trained_update_from_params(params),
+    )
     write_parquet(refined, out)
     write_json(metrics, counts)
     echo_calls("policy", policy)
-    click.echo(f"wrote {out}: {counts['refined']} personas ({counts['empty']} empty answers kept the old one) "
-               f"in {time.perf_counter() - start:.1f} s", err=True)
+    click.echo(
+        f"wrote {out}: {counts['refined']} personas ({counts['empty']} empty answers kept the old one) "
+        f"in {time.perf_counter() - start:.1f} s",
+        err=True,
+    )
     return counts
 
 
 @click.command(help=__doc__)
 @PARAMS_OPTION
 @click.option("--iteration", type=click.IntRange(1, 1), required=True, help="The model's iteration k (1).")
-@click.option("--contexts", "contexts_path", default=None, type=click.Path(dir_okay=False),
-              help="Iteration k's contexts; the newest step's are refined [default: data/contexts/it{k}.parquet].")
-@click.option("--windows", default="data/window/windows.parquet", show_default=True, type=click.Path(dir_okay=False),
-              help="The window stage's output.")
-@click.option("--adapter", default=None, type=click.Path(file_okay=False),
-              help="Model k's LoRA adapter on the policy [default: models/adapters/it{k}].")
-@click.option("--out", default=None, type=click.Path(dir_okay=False),
-              help="One persona per context: domain, user_id, split, persona, t, context_id, failure, flag "
-                   "[default: data/personas/refined_it{k}.parquet].")
-@click.option("--metrics", "metrics_path", default=None, type=click.Path(dir_okay=False),
-              help="Refined, empty and repetitive counts [default: metrics/refine_it{k}.json].")
+@click.option(
+    "--contexts",
+    "contexts_path",
+    default=None,
+    type=click.Path(dir_okay=False),
+    help="Iteration k's contexts; the newest step's are refined [default: data/contexts/it{k}.parquet].",
+)
+@click.option(
+    "--windows",
+    default="data/window/windows.parquet",
+    show_default=True,
+    type=click.Path(dir_okay=False),
+    help="The window stage's output.",
+)
+@click.option(
+    "--adapter",
+    default=None,
+    type=click.Path(file_okay=False),
+    help="Model k's LoRA adapter on the policy [default: models/adapters/it{k}].",
+)
+@click.option(
+    "--out",
+    default=None,
+    type=click.Path(dir_okay=False),
+    help="One persona per context: domain, user_id, split, persona, t, context_id, failure, flag "
+    "[default: data/personas/refined_it{k}.parquet].",
+)
+@click.option(
+    "--metrics",
+    "metrics_path",
+    default=None,
+    type=click.Path(dir_okay=False),
+    help="Refined, empty and repetitive counts [default: metrics/refine_it{k}.json].",
+)
 @user_errors
 def main(params_path, iteration, contexts_path, windows, adapter, out, metrics_path):
     k = iteration
     run(
-        load_checked_params(params_path), Path(contexts_path or f"data/contexts/it{k}.parquet"), Path(windows),
-        Path(adapter or f"models/adapters/it{k}"), Path(out or f"data/personas/refined_it{k}.parquet"),
+        load_checked_params(params_path),
+        Path(contexts_path or f"data/contexts/it{k}.parquet"),
+        Path(windows),
+        Path(adapter or f"models/adapters/it{k}"),
+        Path(out or f"data/personas/refined_it{k}.parquet"),
         Path(metrics_path or f"metrics/refine_it{k}.json"),
     )
 

@@ -50,8 +50,14 @@ from deeper.similarity import PersonaEmbedder, embedder_from_params
 from stages._cli import PARAMS_OPTION, load_checked_params, user_errors
 
 
-def run(params: dict, eval_dir: Path, metrics_path: Path, plots_dir: Path, case_path: Path,
-        case_user: str | None = None) -> dict:
+def run(
+    params: dict,
+    eval_dir: Path,
+    metrics_path: Path,
+    plots_dir: Path,
+    case_path: Path,
+    case_user: str | None = None,
+) -> dict:
     settings = EvaluateSettings.from_params(params)
     rounds, methods = settings.rounds, list(settings.methods)
     refiners = {name for name, spec in settings.methods.items() if spec.is_refiner}
@@ -62,7 +68,9 @@ def run(params: dict, eval_dir: Path, metrics_path: Path, plots_dir: Path, case_
     metrics["bootstrap"] = paired_bootstrap(tables, rounds, BootstrapSettings.from_params(params))
     folder = embedder_from_params(params)
     embedder = PersonaEmbedder(folder) if folder is not None else None
-    metrics["persona_similarity"], plots["persona_similarity.csv"] = persona_similarity(tables, rounds, embedder)
+    metrics["persona_similarity"], plots["persona_similarity.csv"] = persona_similarity(
+        tables, rounds, embedder
+    )
     page = case_study(tables, rounds, case_user)
     write_json(metrics_path, metrics)
     for name, rows in plots.items():
@@ -76,35 +84,79 @@ def run(params: dict, eval_dir: Path, metrics_path: Path, plots_dir: Path, case_
         boot = metrics["bootstrap"]
         mean = boot["methods"][method]["mean_mae"]
         versus = boot.get("vs_deeper", {}).get(method, {}).get("mean_mae")
-        versus_shown = (f", deeper minus it {versus['estimate']:+.3f} [{versus['low']:+.3f}, {versus['high']:+.3f}]"
-                        if versus else "")
-        click.echo(f"{method:>11}: mae r0 {shown[0]} -> r{rounds} {shown[1]} (reduction {cut_shown}); mean of rounds "
-                   f"1-{rounds} {mean['estimate']:.3f} [{mean['low']:.3f}, {mean['high']:.3f}]{versus_shown}", err=True)
-    click.echo(f"[low, high]: {boot['level']:.0%} intervals of a paired bootstrap over evaluation users "
-               f"({boot['resamples']} resamples); case study: {case_path}", err=True)
+        versus_shown = (
+            f", deeper minus it {versus['estimate']:+.3f} [{versus['low']:+.3f}, {versus['high']:+.3f}]"
+            if versus
+            else ""
+        )
+        click.echo(
+            f"{method:>11}: mae r0 {shown[0]} -> r{rounds} {shown[1]} (reduction {cut_shown}); mean of rounds "
+            f"1-{rounds} {mean['estimate']:.3f} [{mean['low']:.3f}, {mean['high']:.3f}]{versus_shown}",
+            err=True,
+        )
+    click.echo(
+        f"[low, high]: {boot['level']:.0%} intervals of a paired bootstrap over evaluation users "
+        f"({boot['resamples']} resamples); case study: {case_path}",
+        err=True,
+    )
     return metrics
 
 
-@click.command(help=__doc__.split("\n\n")[0] + "\n\n" + (
-    "Per method and domain: the future-window error after each round (mae_r0 ..), its reduction from round 0 "
-    "to the last (reduction_pct), the first update's errors on the previous, current and future windows, "
-    "persona tokens per round and failures; averages over seen, unseen and all domains; the held-out reward "
-    "of the first update for the refiners. The shape is documented in stages/report.py."))
+@click.command(
+    help=__doc__.split("\n\n")[0]
+    + "\n\n"
+    + (
+        "Per method and domain: the future-window error after each round (mae_r0 ..), its reduction from round 0 "
+        "to the last (reduction_pct), the first update's errors on the previous, current and future windows, "
+        "persona tokens per round and failures; averages over seen, unseen and all domains; the held-out reward "
+        "of the first update for the refiners. The shape is documented in stages/report.py."
+    )
+)
 @PARAMS_OPTION
-@click.option("--eval-dir", default="data/eval", show_default=True, type=click.Path(file_okay=False),
-              help="Where the evaluate stages wrote <method>.parquet.")
-@click.option("--metrics", "metrics_path", default="metrics/eval.json", show_default=True,
-              type=click.Path(dir_okay=False), help="Errors per round, method and domain; first update; rewards.")
-@click.option("--plots-dir", default="plots", show_default=True, type=click.Path(file_okay=False),
-              help="Where the plot data go: " + ", ".join(f"{n} ({', '.join(c)})" for n, c in PLOT_FILES.items()) + ".")
-@click.option("--case-study", "case_path", default="reports/case_study.md", show_default=True,
-              type=click.Path(dir_okay=False), help="One evaluation user's personas, method by method and round by "
-                                                    "round, with each round's error (Markdown).")
-@click.option("--case-user", default=None, help="That user, as domain/user_id [default: the first in sorted order].")
+@click.option(
+    "--eval-dir",
+    default="data/eval",
+    show_default=True,
+    type=click.Path(file_okay=False),
+    help="Where the evaluate stages wrote <method>.parquet.",
+)
+@click.option(
+    "--metrics",
+    "metrics_path",
+    default="metrics/eval.json",
+    show_default=True,
+    type=click.Path(dir_okay=False),
+    help="Errors per round, method and domain; first update; rewards.",
+)
+@click.option(
+    "--plots-dir",
+    default="plots",
+    show_default=True,
+    type=click.Path(file_okay=False),
+    help="Where the plot data go: " + ", ".join(f"{n} ({', '.join(c)})" for n, c in PLOT_FILES.items()) + ".",
+)
+@click.option(
+    "--case-study",
+    "case_path",
+    default="reports/case_study.md",
+    show_default=True,
+    type=click.Path(dir_okay=False),
+    help="One evaluation user's personas, method by method and round by "
+    "round, with each round's error (Markdown).",
+)
+@click.option(
+    "--case-user", default=None, help="That user, as domain/user_id [default: the first in sorted order]."
+)
 @user_errors
 def main(params_path, eval_dir, metrics_path, plots_dir, case_path, case_user):
-    run(load_checked_params(params_path), Path(eval_dir), Path(metrics_path), Path(plots_dir), Path(case_path),
-        case_user)
+    run(
+        load_checked_params(params_path),
+        Path(eval_dir),
+        Path(metrics_path),
+        Path(plots_dir),
+        Path(case_path),
+        case_user,
+    )
 
 
 if __name__ == "__main__":

@@ -49,9 +49,11 @@ class Revision:
         if rev is not None:
             done = _git(repo, "rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}")
             if done.returncode != 0:
-                raise DeeperError(f"{option} {rev}: not a commit of {repo}: name a branch, tag or commit; for a "
-                                  f"remote branch fetch it first (git fetch origin main; CI's checkout needs "
-                                  f"fetch-depth: 0)")
+                raise DeeperError(
+                    f"{option} {rev}: not a commit of {repo}: name a branch, tag or commit; for a "
+                    f"remote branch fetch it first (git fetch origin main; CI's checkout needs "
+                    f"fetch-depth: 0)"
+                )
             self.sha = done.stdout.strip()
             listing = _git(repo, "ls-tree", "-r", "--name-only", "-z", self.sha)
             self.files = set(filter(None, listing.stdout.split("\0")))
@@ -69,14 +71,18 @@ class Revision:
             return None
         done = _git(self.repo, "show", f"{self.sha}:{path}")
         if done.returncode != 0:
-            raise DeeperError(f"{self.label}:{path}: git show failed: {done.stderr.strip().splitlines()[-1:]}")
+            raise DeeperError(
+                f"{self.label}:{path}: git show failed: {done.stderr.strip().splitlines()[-1:]}"
+            )
         return done.stdout
 
     def listdir(self, folder: str) -> list[str]:
         """The files directly in `folder` (repository-relative paths)."""
         if self.sha is None:
             root = self.repo / folder
-            return sorted(f"{folder}/{p.name}" for p in root.iterdir() if p.is_file()) if root.is_dir() else []
+            return (
+                sorted(f"{folder}/{p.name}" for p in root.iterdir() if p.is_file()) if root.is_dir() else []
+            )
         return sorted(p for p in self.files if p.rsplit("/", 1)[0] == folder)
 
     def parsed(self, path: str, loader=yaml.safe_load):
@@ -87,30 +93,52 @@ class Revision:
         try:
             return loader(text)
         except json.JSONDecodeError as e:
-            raise InputError(f"{self.label}:{path}", f"not JSON ({e.msg}): fix the file at that revision or review "
-                                                     f"another one", e.lineno) from None
+            raise InputError(
+                f"{self.label}:{path}",
+                f"not JSON ({e.msg}): fix the file at that revision or review another one",
+                e.lineno,
+            ) from None
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
-            raise InputError(f"{self.label}:{path}", "not YAML: fix the file at that revision or review another one",
-                             mark.line + 1 if mark else None) from None
+            raise InputError(
+                f"{self.label}:{path}",
+                "not YAML: fix the file at that revision or review another one",
+                mark.line + 1 if mark else None,
+            ) from None
 
     def data(self) -> RevisionData:
-        counts = {path: self.parsed(path, json.loads) for path in self.listdir("metrics") if COUNT_FILE.match(path)}
-        return RevisionData(label=self.label, sha=self.short, eval=self.parsed("metrics/eval.json", json.loads),
-                            counts=counts, lock=self.parsed("dvc.lock"), params=self.parsed("params.yaml"))
+        counts = {
+            path: self.parsed(path, json.loads) for path in self.listdir("metrics") if COUNT_FILE.match(path)
+        }
+        return RevisionData(
+            label=self.label,
+            sha=self.short,
+            eval=self.parsed("metrics/eval.json", json.loads),
+            counts=counts,
+            lock=self.parsed("dvc.lock"),
+            params=self.parsed("params.yaml"),
+        )
 
 
 def dvc_command() -> str:
     """This interpreter's dvc (the venv's, as `make` puts it on PATH), else the one on PATH."""
     found = shutil.which("dvc", path=str(Path(sys.executable).parent)) or shutil.which("dvc")
     if found is None:
-        raise DeeperError("dvc is not installed in this environment: run `make setup` (pyproject.toml pins it)")
+        raise DeeperError(
+            "dvc is not installed in this environment: run `make setup` (pyproject.toml pins it)"
+        )
     return found
 
 
 def run_dvc(repo: Path, *args: str) -> str:
-    done = subprocess.run([dvc_command(), *args], cwd=repo, capture_output=True, text=True, check=False,
-                          env={**os.environ, "DVC_NO_ANALYTICS": "1"})
+    done = subprocess.run(
+        [dvc_command(), *args],
+        cwd=repo,
+        capture_output=True,
+        text=True,
+        check=False,
+        env={**os.environ, "DVC_NO_ANALYTICS": "1"},
+    )
     if done.returncode != 0:
         last = (done.stderr.strip() or done.stdout.strip() or "no output").splitlines()[-1]
         raise DeeperError(f"dvc {' '.join(args)} (in {repo}) failed: {last}")
@@ -149,8 +177,11 @@ def draw_plots(base: Revision, head: Revision, out_dir: Path, scratch: Path):
         rows = {}
         try:
             for revision in (base, head):
-                by_file = {p: r for p in definition.paths
-                           if (r := _rows(revision, p, definition, scratch)) is not None}
+                by_file = {
+                    p: r
+                    for p in definition.paths
+                    if (r := _rows(revision, p, definition, scratch)) is not None
+                }
                 if by_file:
                     rows[revision.label] = by_file
             if not rows:
@@ -167,15 +198,23 @@ def draw_plots(base: Revision, head: Revision, out_dir: Path, scratch: Path):
             continue
         write_text(plots_dir / definition.image, svg)
         note = "" if len(rows) == 2 else f"only in {next(iter(rows))}"
-        images.append(PlotImage(definition.name, definition.properties.get("title", definition.name),
-                                f"plots/{definition.image}", note))
+        images.append(
+            PlotImage(
+                definition.name,
+                definition.properties.get("title", definition.name),
+                f"plots/{definition.image}",
+                note,
+            )
+        )
     return images, unchanged, missing
 
 
 def run(repo: Path, base_rev: str, head_rev: str | None, out_dir: Path) -> Path:
     repo = repo.resolve()
     if _git(repo, "rev-parse", "--show-toplevel").returncode != 0:
-        raise DeeperError(f"{repo}: not a git repository: run the review in the project's clone (or pass --repo)")
+        raise DeeperError(
+            f"{repo}: not a git repository: run the review in the project's clone (or pass --repo)"
+        )
     if base_rev == (head_rev or WORKSPACE):
         raise DeeperError(f"--base and --head both name {base_rev}: nothing to compare; name two revisions")
     base, head = Revision(repo, base_rev, "--base"), Revision(repo, head_rev, "--head")
@@ -198,10 +237,21 @@ def run(repo: Path, base_rev: str, head_rev: str | None, out_dir: Path) -> Path:
 @click.command(help=__doc__.split("\n\n")[0])
 @click.option("--base", "base_rev", required=True, help="The revision before the change (e.g. main, HEAD~1).")
 @click.option("--head", "head_rev", default=None, help="The revision after it; default: the workspace.")
-@click.option("--out", "out_dir", default="review", show_default=True, type=click.Path(file_okay=False),
-              help="Where review.md, its plots/ and metrics_diff.md go.")
-@click.option("--repo", default=".", show_default=True, type=click.Path(file_okay=False),
-              help="The git + DVC repository to review.")
+@click.option(
+    "--out",
+    "out_dir",
+    default="review",
+    show_default=True,
+    type=click.Path(file_okay=False),
+    help="Where review.md, its plots/ and metrics_diff.md go.",
+)
+@click.option(
+    "--repo",
+    default=".",
+    show_default=True,
+    type=click.Path(file_okay=False),
+    help="The git + DVC repository to review.",
+)
 @user_errors
 def main(base_rev, head_rev, out_dir, repo):
     run(Path(repo), base_rev, head_rev, Path(out_dir))

@@ -27,7 +27,9 @@ from deeper.reward import RewardWeights, compute_rewards, summarize_rewards
 from stages._cli import PARAMS_OPTION, echo_calls, load_checked_params, user_errors
 
 
-def run(params: dict, contexts_path: Path, samples_path: Path, windows: Path, out: Path, metrics: Path) -> dict:
+def run(
+    params: dict, contexts_path: Path, samples_path: Path, windows: Path, out: Path, metrics: Path
+) -> dict:
     start = time.perf_counter()
     weights = RewardWeights.from_params(params)
     tau_pos, tau_neg = thresholds_from_params(params)
@@ -42,38 +44,70 @@ def run(params: dict, contexts_path: Path, samples_path: Path, windows: Path, ou
     rewards = rewards.merge(contexts[["context_id", "t"]], on="context_id", how="left")
     write_parquet(rewards, out)
     summary = summarize_rewards(rewards, tau_pos, tau_neg)
-    summary["r_mean_by_step"] = {f"t{t}": float(rows["r"].mean()) for t, rows in rewards.groupby("t", sort=True)}
+    summary["r_mean_by_step"] = {
+        f"t{t}": float(rows["r"].mean()) for t, rows in rewards.groupby("t", sort=True)
+    }
     summary["predict"] = stats.to_metrics()
     write_json(metrics, summary)
     echo_calls("frozen", frozen)
     mean_r = summary["r"]["mean"]  # None when no candidate could be scored
     mean_shown = "none scored" if mean_r is None else f"{mean_r:.3f}"
-    click.echo(f"wrote {out}: {len(rewards)} rewarded candidates, mean r {mean_shown}, "
-               f"in {time.perf_counter() - start:.1f} s", err=True)
+    click.echo(
+        f"wrote {out}: {len(rewards)} rewarded candidates, mean r {mean_shown}, "
+        f"in {time.perf_counter() - start:.1f} s",
+        err=True,
+    )
     return summary
 
 
 @click.command(help=__doc__)
 @PARAMS_OPTION
 @click.option("--iteration", type=click.IntRange(1, 2), required=True, help="Training iteration k (1 or 2).")
-@click.option("--contexts", "contexts_path", default=None, type=click.Path(dir_okay=False),
-              help="The contexts [default: data/contexts/it{k}.parquet].")
-@click.option("--samples", "samples_path", default=None, type=click.Path(dir_okay=False),
-              help="The candidates [default: data/samples/it{k}.parquet].")
-@click.option("--windows", default="data/window/windows.parquet", show_default=True, type=click.Path(dir_okay=False),
-              help="The window stage's output.")
-@click.option("--out", default=None, type=click.Path(dir_okay=False),
-              help="One row per candidate: text, old_eps_*, new_eps_*, r_prev, r_curr, r_fut, r, t "
-                   "[default: data/rewards/it{k}.parquet].")
-@click.option("--metrics", "metrics_path", default=None, type=click.Path(dir_okay=False),
-              help="Mean/std of r and its parts, shares positive/negative/better [default: metrics/reward_it{k}.json].")
+@click.option(
+    "--contexts",
+    "contexts_path",
+    default=None,
+    type=click.Path(dir_okay=False),
+    help="The contexts [default: data/contexts/it{k}.parquet].",
+)
+@click.option(
+    "--samples",
+    "samples_path",
+    default=None,
+    type=click.Path(dir_okay=False),
+    help="The candidates [default: data/samples/it{k}.parquet].",
+)
+@click.option(
+    "--windows",
+    default="data/window/windows.parquet",
+    show_default=True,
+    type=click.Path(dir_okay=False),
+    help="The window stage's output.",
+)
+@click.option(
+    "--out",
+    default=None,
+    type=click.Path(dir_okay=False),
+    help="One row per candidate: text, old_eps_*, new_eps_*, r_prev, r_curr, r_fut, r, t "
+    "[default: data/rewards/it{k}.parquet].",
+)
+@click.option(
+    "--metrics",
+    "metrics_path",
+    default=None,
+    type=click.Path(dir_okay=False),
+    help="Mean/std of r and its parts, shares positive/negative/better [default: metrics/reward_it{k}.json].",
+)
 @user_errors
 def main(params_path, iteration, contexts_path, samples_path, windows, out, metrics_path):
     k = iteration
     run(
-        load_checked_params(params_path), Path(contexts_path or f"data/contexts/it{k}.parquet"),
-        Path(samples_path or f"data/samples/it{k}.parquet"), Path(windows),
-        Path(out or f"data/rewards/it{k}.parquet"), Path(metrics_path or f"metrics/reward_it{k}.json"),
+        load_checked_params(params_path),
+        Path(contexts_path or f"data/contexts/it{k}.parquet"),
+        Path(samples_path or f"data/samples/it{k}.parquet"),
+        Path(windows),
+        Path(out or f"data/rewards/it{k}.parquet"),
+        Path(metrics_path or f"metrics/reward_it{k}.json"),
     )
 
 

@@ -24,44 +24,83 @@ from deeper.outputs import write_parquet
 from stages._cli import PARAMS_OPTION, echo_calls, load_checked_params, user_errors
 
 
-def run(params: dict, iteration: int, contexts_path: Path, adapter: Path | None, out: Path, metrics: Path,
-        role: str = "policy") -> dict:
+def run(
+    params: dict,
+    iteration: int,
+    contexts_path: Path,
+    adapter: Path | None,
+    out: Path,
+    metrics: Path,
+    role: str = "policy",
+) -> dict:
     start = time.perf_counter()
     settings = SampleSettings.from_params(params)
     contexts = read_contexts(contexts_path)
     policy = load_policy(params, adapter, role)
-    click.echo(f"{len(contexts)} contexts x {settings.n} candidates from models.{role}"
-               f"{f' + {adapter}' if adapter else ''}", err=True)
+    click.echo(
+        f"{len(contexts)} contexts x {settings.n} candidates from models.{role}"
+        f"{f' + {adapter}' if adapter else ''}",
+        err=True,
+    )
     samples, counts = sample_candidates(contexts, policy, settings.n, settings.sampling)
     write_parquet(samples, out)
     write_json(metrics, counts)
     echo_calls("policy", policy)
-    click.echo(f"wrote {out}: {len(samples)} candidates ({counts['empty']} empty dropped) "
-               f"in {time.perf_counter() - start:.1f} s", err=True)
+    click.echo(
+        f"wrote {out}: {len(samples)} candidates ({counts['empty']} empty dropped) "
+        f"in {time.perf_counter() - start:.1f} s",
+        err=True,
+    )
     return counts
 
 
 @click.command(help=__doc__)
 @PARAMS_OPTION
 @click.option("--iteration", type=click.IntRange(1, 2), required=True, help="Training iteration k (1 or 2).")
-@click.option("--contexts", "contexts_path", default=None, type=click.Path(dir_okay=False),
-              help="The contexts [default: data/contexts/it{k}.parquet].")
-@click.option("--adapter", default=None, type=click.Path(file_okay=False),
-              help="LoRA adapter on the model [default: none for k=1, models/adapters/it{k-1} after].")
-@click.option("--model", "role", default=None, type=click.Choice(POLICY_ROLES),
-              help="The params block models.<model> that samples [default: sampler for k=1 (the base policy whose "
-                   "candidates become the pairs), policy after (Model 1 is an adapter on the model DPO trains)].")
-@click.option("--out", default=None, type=click.Path(dir_okay=False),
-              help="Candidates: context_id, sample, text, words, flag [default: data/samples/it{k}.parquet].")
-@click.option("--metrics", "metrics_path", default=None, type=click.Path(dir_okay=False),
-              help="Candidate counts (kept, empty, repetitive, duplicates) [default: metrics/sample_it{k}.json].")
+@click.option(
+    "--contexts",
+    "contexts_path",
+    default=None,
+    type=click.Path(dir_okay=False),
+    help="The contexts [default: data/contexts/it{k}.parquet].",
+)
+@click.option(
+    "--adapter",
+    default=None,
+    type=click.Path(file_okay=False),
+    help="LoRA adapter on the model [default: none for k=1, models/adapters/it{k-1} after].",
+)
+@click.option(
+    "--model",
+    "role",
+    default=None,
+    type=click.Choice(POLICY_ROLES),
+    help="The params block models.<model> that samples [default: sampler for k=1 (the base policy whose "
+    "candidates become the pairs), policy after (Model 1 is an adapter on the model DPO trains)].",
+)
+@click.option(
+    "--out",
+    default=None,
+    type=click.Path(dir_okay=False),
+    help="Candidates: context_id, sample, text, words, flag [default: data/samples/it{k}.parquet].",
+)
+@click.option(
+    "--metrics",
+    "metrics_path",
+    default=None,
+    type=click.Path(dir_okay=False),
+    help="Candidate counts (kept, empty, repetitive, duplicates) [default: metrics/sample_it{k}.json].",
+)
 @user_errors
 def main(params_path, iteration, contexts_path, adapter, out, metrics_path, role):
     k = iteration
     run(
-        load_checked_params(params_path), k, Path(contexts_path or f"data/contexts/it{k}.parquet"),
+        load_checked_params(params_path),
+        k,
+        Path(contexts_path or f"data/contexts/it{k}.parquet"),
         Path(adapter) if adapter else (Path(f"models/adapters/it{k - 1}") if k > 1 else None),
-        Path(out or f"data/samples/it{k}.parquet"), Path(metrics_path or f"metrics/sample_it{k}.json"),
+        Path(out or f"data/samples/it{k}.parquet"),
+        Path(metrics_path or f"metrics/sample_it{k}.json"),
         role or ("sampler" if k == 1 else "policy"),
     )
 

@@ -41,7 +41,10 @@ def main() -> int:
     import deeper.train
 
     save_pretrained, write_json, build_trainer = (
-        peft.PeftModel.save_pretrained, deeper.metrics.write_json, deeper.train.build_trainer)
+        peft.PeftModel.save_pretrained,
+        deeper.metrics.write_json,
+        deeper.train.build_trainer,
+    )
     trainers = []
 
     def save(self, directory, *a, **k):

@@ -40,9 +40,30 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 RATING_TOKENS = ["1", "2", "3", "4", "5", " 4", "I", "\n", "The"]
 # The request keys of OpenAI's chat completions API (strict mode refuses any other, as OpenAI does).
 OPENAI_KEYS = {
-    "model", "messages", "temperature", "top_p", "max_tokens", "max_completion_tokens", "seed", "logprobs",
-    "top_logprobs", "n", "stop", "stream", "stream_options", "presence_penalty", "frequency_penalty", "logit_bias",
-    "user", "response_format", "tools", "tool_choice", "parallel_tool_calls", "service_tier", "store", "metadata",
+    "model",
+    "messages",
+    "temperature",
+    "top_p",
+    "max_tokens",
+    "max_completion_tokens",
+    "seed",
+    "logprobs",
+    "top_logprobs",
+    "n",
+    "stop",
+    "stream",
+    "stream_options",
+    "presence_penalty",
+    "frequency_penalty",
+    "logit_bias",
+    "user",
+    "response_format",
+    "tools",
+    "tool_choice",
+    "parallel_tool_calls",
+    "service_tier",
+    "store",
+    "metadata",
 }
 
 
@@ -71,8 +92,17 @@ def generated_text(messages: list[dict], seed, temperature) -> str:
 
 
 class FakeOpenAIServer:
-    def __init__(self, faults=(), hold_first: int = 0, delay: float = 0.0, reply=None, strict: bool = False,
-                 reply_sees_seed: bool = False, batch_polls: int = 1, batch_faults=()):
+    def __init__(
+        self,
+        faults=(),
+        hold_first: int = 0,
+        delay: float = 0.0,
+        reply=None,
+        strict: bool = False,
+        reply_sees_seed: bool = False,
+        batch_polls: int = 1,
+        batch_faults=(),
+    ):
         self.faults = deque(faults)
         self.batch_polls, self.batch_faults = batch_polls, deque(batch_faults)
         self.files: dict[str, bytes] = {}
@@ -125,8 +155,16 @@ class FakeOpenAIServer:
         messages = body.get("messages", [])
         unknown = sorted(set(body) - OPENAI_KEYS) if self.strict else []
         if unknown:
-            return 400, json.dumps({"error": {"message": f"Unrecognized request argument supplied: {unknown[0]}",
-                                              "type": "invalid_request_error", "param": None, "code": None}}).encode()
+            return 400, json.dumps(
+                {
+                    "error": {
+                        "message": f"Unrecognized request argument supplied: {unknown[0]}",
+                        "type": "invalid_request_error",
+                        "param": None,
+                        "code": None,
+                    }
+                }
+            ).encode()
         if fault == "429":
             return 429, json.dumps({"error": {"message": "rate limited", "type": "rate_limit"}}).encode()
         if fault == "500":
@@ -137,7 +175,9 @@ class FakeOpenAIServer:
         if fault == "nojson":
             return 200, b"<html>not json"
         if fault == "nochoices":
-            return 200, json.dumps({"id": "x", "object": "chat.completion", "created": 0, "model": "m", "choices": []}).encode()
+            return 200, json.dumps(
+                {"id": "x", "object": "chat.completion", "created": 0, "model": "m", "choices": []}
+            ).encode()
         choice = {"index": 0, "finish_reason": "stop", "logprobs": None}
         if body.get("logprobs") and fault != "nologprobs":
             top = rating_logprobs(messages)[: int(body.get("top_logprobs") or 1)]
@@ -145,53 +185,100 @@ class FakeOpenAIServer:
                 top = [("Rating", math.log(0.9)), (":", math.log(0.06)), ("**", math.log(0.04))]
             token, logprob = top[0]
             choice["message"] = {"role": "assistant", "content": token}
-            choice["logprobs"] = {"content": [{
-                "token": token, "logprob": logprob, "bytes": list(token.encode()),
-                "top_logprobs": [{"token": t, "logprob": lp, "bytes": list(t.encode())} for t, lp in top],
-            }]}
+            choice["logprobs"] = {
+                "content": [
+                    {
+                        "token": token,
+                        "logprob": logprob,
+                        "bytes": list(token.encode()),
+                        "top_logprobs": [
+                            {"token": t, "logprob": lp, "bytes": list(t.encode())} for t, lp in top
+                        ],
+                    }
+                ]
+            }
         else:
             if self.reply and self.reply_sees_seed:
                 text = self.reply(messages, body.get("seed"))
             else:
-                text = self.reply(messages) if self.reply else generated_text(messages, body.get("seed"), body.get("temperature"))
+                text = (
+                    self.reply(messages)
+                    if self.reply
+                    else generated_text(messages, body.get("seed"), body.get("temperature"))
+                )
             # a word is a token here: a reply longer than max_tokens is cut and says so, as a real server does
             limit = body.get("max_tokens")
             if limit is not None and len(text.split(" ")) > int(limit):
                 text, choice["finish_reason"] = " ".join(text.split(" ")[: int(limit)]), "length"
             choice["message"] = {"role": "assistant", "content": text}
         prompt_tokens = sum(len(m.get("content", "").split()) for m in messages)
-        return 200, json.dumps({
-            "id": "chatcmpl-fake", "object": "chat.completion", "created": 0, "model": body.get("model", "m"),
-            "choices": [choice], "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": 1, "total_tokens": prompt_tokens + 1},
-        }).encode()
+        return 200, json.dumps(
+            {
+                "id": "chatcmpl-fake",
+                "object": "chat.completion",
+                "created": 0,
+                "model": body.get("model", "m"),
+                "choices": [choice],
+                "usage": {
+                    "prompt_tokens": prompt_tokens,
+                    "completion_tokens": 1,
+                    "total_tokens": prompt_tokens + 1,
+                },
+            }
+        ).encode()
 
     # --- the Batch API --------------------------------------------------------------------------------
 
     def _upload(self, content_type: str, data: bytes) -> tuple[int, bytes]:
         message = BytesParser(policy=email_policy).parsebytes(
-            f"Content-Type: {content_type}\r\n\r\n".encode() + data)
-        fields = {part.get_param("name", header="content-disposition"): part.get_payload(decode=True)
-                  for part in message.iter_parts()}
+            f"Content-Type: {content_type}\r\n\r\n".encode() + data
+        )
+        fields = {
+            part.get_param("name", header="content-disposition"): part.get_payload(decode=True)
+            for part in message.iter_parts()
+        }
         with self._lock:
             self.uploads += 1
             file_id = f"file-{len(self.files) + 1}"
             self.files[file_id] = fields.get("file") or b""
-        return 200, json.dumps({"id": file_id, "object": "file", "bytes": len(self.files[file_id]), "created_at": 0,
-                                "filename": "requests.jsonl", "purpose": (fields.get("purpose") or b"").decode(),
-                                "status": "processed"}).encode()
+        return 200, json.dumps(
+            {
+                "id": file_id,
+                "object": "file",
+                "bytes": len(self.files[file_id]),
+                "created_at": 0,
+                "filename": "requests.jsonl",
+                "purpose": (fields.get("purpose") or b"").decode(),
+                "status": "processed",
+            }
+        ).encode()
 
     def _create_batch(self, body: dict) -> tuple[int, bytes]:
-        lines = [json.loads(line) for line in self.files[body["input_file_id"]].decode().splitlines() if line.strip()]
+        lines = [
+            json.loads(line)
+            for line in self.files[body["input_file_id"]].decode().splitlines()
+            if line.strip()
+        ]
         with self._lock:
             self.batches_created += 1
             batch_id = f"batch_{len(self.batches) + 1}"
             fault = self.batch_faults.popleft() if self.batch_faults else None
             self.batches[batch_id] = {
-                "id": batch_id, "object": "batch", "endpoint": body["endpoint"], "errors": None,
-                "input_file_id": body["input_file_id"], "completion_window": body["completion_window"],
-                "status": "validating", "output_file_id": None, "error_file_id": None, "created_at": 0,
+                "id": batch_id,
+                "object": "batch",
+                "endpoint": body["endpoint"],
+                "errors": None,
+                "input_file_id": body["input_file_id"],
+                "completion_window": body["completion_window"],
+                "status": "validating",
+                "output_file_id": None,
+                "error_file_id": None,
+                "created_at": 0,
                 "request_counts": {"total": len(lines), "completed": 0, "failed": 0},
-                "_lines": lines, "_fault": fault, "_polls": 0}
+                "_lines": lines,
+                "_fault": fault,
+                "_polls": 0,
+            }
         return 200, self._batch_json(batch_id)
 
     def _batch_json(self, batch_id: str) -> bytes:
@@ -208,11 +295,17 @@ class FakeOpenAIServer:
                 lines, fault = batch["_lines"], batch["_fault"]
                 if batch["_polls"] < self.batch_polls:
                     batch["status"] = "in_progress"
-                    batch["request_counts"]["completed"] = len(lines) * batch["_polls"] // (self.batch_polls + 1)
+                    batch["request_counts"]["completed"] = (
+                        len(lines) * batch["_polls"] // (self.batch_polls + 1)
+                    )
                 elif fault == "refuse":
                     batch["status"] = "failed"
-                    batch["errors"] = {"object": "list", "data": [{"code": "invalid_json_line", "line": 1,
-                                                                   "message": "line 1 is not valid JSON"}]}
+                    batch["errors"] = {
+                        "object": "list",
+                        "data": [
+                            {"code": "invalid_json_line", "line": 1, "message": "line 1 is not valid JSON"}
+                        ],
+                    }
                 else:
                     self._finish(batch, lines, fault)
         return 200, self._batch_json(batch_id)
@@ -222,14 +315,24 @@ class FakeOpenAIServer:
         output, errors = [], []
         for n, line in enumerate(answered):
             if fault == "fail_line" and n == 0:
-                errors.append({"id": f"req_{n}", "custom_id": line["custom_id"],
-                               "response": {"status_code": 500, "request_id": "r", "body": {}},
-                               "error": {"code": "server_error", "message": "internal error"}})
+                errors.append(
+                    {
+                        "id": f"req_{n}",
+                        "custom_id": line["custom_id"],
+                        "response": {"status_code": 500, "request_id": "r", "body": {}},
+                        "error": {"code": "server_error", "message": "internal error"},
+                    }
+                )
                 continue
             status, payload = self._reply(line["body"], None)
-            output.append({"id": f"req_{n}", "custom_id": line["custom_id"],
-                           "response": {"status_code": status, "request_id": "r", "body": json.loads(payload)},
-                           "error": None})
+            output.append(
+                {
+                    "id": f"req_{n}",
+                    "custom_id": line["custom_id"],
+                    "response": {"status_code": status, "request_id": "r", "body": json.loads(payload)},
+                    "error": None,
+                }
+            )
         for rows, key in ((output, "output_file_id"), (errors, "error_file_id")):
             if rows:
                 file_id = f"file-{len(self.files) + 1}"
@@ -258,8 +361,9 @@ class FakeOpenAIServer:
                     self._send(*server._retrieve_batch(path.rsplit("/", 1)[1]))
                 elif path.startswith("/v1/files/") and path.endswith("/content"):
                     data = server.files.get(path.split("/")[3])
-                    self._send(200, data, "application/octet-stream") if data is not None else \
-                        self._send(404, b'{"error": {"message": "no such file"}}')
+                    self._send(200, data, "application/octet-stream") if data is not None else self._send(
+                        404, b'{"error": {"message": "no such file"}}'
+                    )
                 else:
                     self._send(404, b'{"error": {"message": "not found"}}')
 
@@ -277,7 +381,14 @@ class FakeOpenAIServer:
                     length = int(self.headers.get("Content-Length", 0))
                     body = json.loads(self.rfile.read(length) or b"{}")
                     with server._lock:
-                        server.requests.append({"path": self.path, "headers": {k.lower(): v for k, v in self.headers.items()}, "body": body, "fault": fault})
+                        server.requests.append(
+                            {
+                                "path": self.path,
+                                "headers": {k.lower(): v for k, v in self.headers.items()},
+                                "body": body,
+                                "fault": fault,
+                            }
+                        )
                     if held:
                         server._enough.wait(timeout=5)
                     if server.delay:

@@ -23,8 +23,8 @@ def png_colours(path: Path) -> Counter:
     assert data[:8] == b"\x89PNG\r\n\x1a\n", f"{path}: not a PNG"
     pos, idat, header = 8, [], None
     while pos < len(data):
-        (length,), kind = struct.unpack(">I", data[pos:pos + 4]), data[pos + 4:pos + 8]
-        body = data[pos + 8:pos + 8 + length]
+        (length,), kind = struct.unpack(">I", data[pos : pos + 4]), data[pos + 4 : pos + 8]
+        body = data[pos + 8 : pos + 8 + length]
         if kind == b"IHDR":
             header = struct.unpack(">IIBBBBB", body)
         elif kind == b"IDAT":
@@ -37,7 +37,7 @@ def png_colours(path: Path) -> Counter:
     previous, colours = bytearray(stride), Counter()
     for y in range(height):
         start = y * (stride + 1)
-        kind, line = raw[start], bytearray(raw[start + 1:start + 1 + stride])
+        kind, line = raw[start], bytearray(raw[start + 1 : start + 1 + stride])
         for i in range(stride):
             left = line[i - bpp] if i >= bpp else 0
             up_left = previous[i - bpp] if i >= bpp else 0
@@ -49,6 +49,6 @@ def png_colours(path: Path) -> Counter:
                 line[i] = (line[i] + ((left + previous[i]) >> 1)) & 0xFF
             elif kind == 4:
                 line[i] = (line[i] + _paeth(left, previous[i], up_left)) & 0xFF
-        colours.update(bytes(line[i:i + bpp]) for i in range(0, stride, bpp))
+        colours.update(bytes(line[i : i + bpp]) for i in range(0, stride, bpp))
         previous = line
     return Counter({tuple(k): v for k, v in colours.items()})

@@ -31,14 +31,27 @@ CODE_DIRS = ("deeper", "stages")
 def dvc_env(**extra: str) -> dict:
     """The environment `dvc` runs in: no analytics, this venv's python first on PATH (stage commands say
     `python`), plus `extra`."""
-    return {**os.environ, "DVC_NO_ANALYTICS": "1",
-            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", **extra}
+    return {
+        **os.environ,
+        "DVC_NO_ANALYTICS": "1",
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        **extra,
+    }
 
 
-def dvc_run(*args: str, cwd: Path, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+def dvc_run(
+    *args: str, cwd: Path, env: dict | None = None, timeout: float = 300
+) -> subprocess.CompletedProcess:
     """`dvc <args>` with its stdout and stderr (a stage's output goes to dvc's), whatever its exit code."""
-    return subprocess.run([DVC, *args], cwd=cwd, env=env or dvc_env(), capture_output=True, text=True,
-                          timeout=timeout, check=False)
+    return subprocess.run(
+        [DVC, *args],
+        cwd=cwd,
+        env=env or dvc_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
 
 
 def dvc(*args: str, cwd: Path, env: dict | None = None) -> str:
@@ -68,7 +81,9 @@ def pipeline_repo(repo: Path, stages: list[str], overrides: dict, models: dict[s
     for name in CODE_DIRS:
         shutil.copytree(REPO / name, repo / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     defined = yaml.safe_load((REPO / "dvc.yaml").read_text(encoding="utf-8"))["stages"]
-    (repo / "dvc.yaml").write_text(yaml.safe_dump({"stages": {s: defined[s] for s in stages}}, sort_keys=False))
+    (repo / "dvc.yaml").write_text(
+        yaml.safe_dump({"stages": {s: defined[s] for s in stages}}, sort_keys=False)
+    )
     params = yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8"))
     for dotted, value in overrides.items():
         *parents, last = dotted.split(".")
@@ -97,7 +112,9 @@ def cached_rows(cache_dir: Path) -> dict[str, tuple[str, float]]:
         return {}
     try:
         with sqlite3.connect(db, timeout=30) as conn:
-            return {key: (value, created) for key, value, created in conn.execute(
-                "SELECT key, value, created FROM responses")}
+            return {
+                key: (value, created)
+                for key, value, created in conn.execute("SELECT key, value, created FROM responses")
+            }
     except sqlite3.OperationalError:  # the table is not created yet
         return {}

@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 # The stage: metrics that depend on exactly the params each ablation changes, so a row read from the wrong
 # experiment (or the baseline's numbers in an ablation's row) shows.
-STAGE = '''
+STAGE = """
 import json, os, yaml
 p = yaml.safe_load(open("params.yaml"))
 w = p["reward"]["weights"]
@@ -39,7 +39,7 @@ json.dump({"bootstrap": {"methods": {"deeper": {"mean_mae": iv(deeper), "reducti
           open("metrics/eval.json", "w"))
 json.dump({"pairs": int(w["curr"] * 10)}, open("metrics/pairs_it1.json", "w"))
 json.dump({"pairs": 7 if inc else 3}, open("metrics/pairs_it2.json", "w"))
-'''
+"""
 
 DVC_YAML = {
     "stages": {
@@ -47,8 +47,10 @@ DVC_YAML = {
             "cmd": "python stage.py",
             "deps": ["stage.py"],
             "params": ["reward.weights", "refiner.update", "evaluate.methods", "models.policy.name"],
-            "metrics": [{f: {"cache": False}} for f in
-                        ("metrics/eval.json", "metrics/pairs_it1.json", "metrics/pairs_it2.json")],
+            "metrics": [
+                {f: {"cache": False}}
+                for f in ("metrics/eval.json", "metrics/pairs_it1.json", "metrics/pairs_it2.json")
+            ],
         }
     }
 }
@@ -61,17 +63,38 @@ def expected_deeper(prev: float, curr: float, inc: bool, qwen: bool = False) -> 
 def test_every_ablation_is_a_checked_queue_command():
     params = load_params(REPO / "params.yaml")
     commands = {argv[5]: argv for argv in queue_commands(params)}
-    assert sorted(commands) == ["ablation-decayed", "ablation-future-only", "ablation-inc-ft",
-                                "ablation-qwen-backbone"]
+    assert sorted(commands) == [
+        "ablation-decayed",
+        "ablation-future-only",
+        "ablation-inc-ft",
+        "ablation-qwen-backbone",
+    ]
     assert available() == ["decayed", "future_only", "inc_ft", "qwen_backbone"]
     # Table 26: only the model DPO trains changes (models.sampler, which sampled the pairs, stays)
-    assert commands["ablation-qwen-backbone"][6:] == ["-S", 'models.policy.name="embedded:qwen2.5-coder-0.5b"']
+    assert commands["ablation-qwen-backbone"][6:] == [
+        "-S",
+        'models.policy.name="embedded:qwen2.5-coder-0.5b"',
+    ]
     assert commands["ablation-future-only"][:4] == ["dvc", "exp", "run", "--queue"]
-    assert commands["ablation-future-only"][6:] == ["-S", "reward.weights.prev=0.0", "-S", "reward.weights.curr=0.0"]
-    assert commands["ablation-decayed"][6:] == ["-S", "reward.weights.prev=0.25", "-S", "reward.weights.curr=0.5"]
+    assert commands["ablation-future-only"][6:] == [
+        "-S",
+        "reward.weights.prev=0.0",
+        "-S",
+        "reward.weights.curr=0.0",
+    ]
+    assert commands["ablation-decayed"][6:] == [
+        "-S",
+        "reward.weights.prev=0.25",
+        "-S",
+        "reward.weights.curr=0.5",
+    ]
     assert commands["ablation-inc-ft"][6:] == [
-        "-S", "refiner.update=incupdate", "-S", "evaluate.methods.deeper.update=incupdate",
-        "-S", "evaluate.methods.deeper_it1.update=incupdate",
+        "-S",
+        "refiner.update=incupdate",
+        "-S",
+        "evaluate.methods.deeper.update=incupdate",
+        "-S",
+        "evaluate.methods.deeper_it1.update=incupdate",
     ]
     assert [argv[5] for argv in queue_commands(params, ["decayed"])] == ["ablation-decayed"]
     with pytest.raises(DeeperError, match="unknown ablation nope"):
@@ -96,8 +119,12 @@ def test_a_missing_baseline_is_one_line():
 
 @pytest.mark.skipif(shutil.which("git") is None or DVC is None, reason="needs git and dvc")
 def test_queue_run_and_table_for_real(tmp_path):
-    who = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.invalid", "GIT_COMMITTER_NAME": "t",
-           "GIT_COMMITTER_EMAIL": "t@example.invalid"}
+    who = {
+        "GIT_AUTHOR_NAME": "t",
+        "GIT_AUTHOR_EMAIL": "t@example.invalid",
+        "GIT_COMMITTER_NAME": "t",
+        "GIT_COMMITTER_EMAIL": "t@example.invalid",
+    }
     env = dvc_env(PYTHONPATH=str(REPO), **who)
     init_repo(tmp_path)
     shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
@@ -107,24 +134,38 @@ def test_queue_run_and_table_for_real(tmp_path):
     subprocess.run(["git", "add", "-A"], cwd=tmp_path, check=True)
     subprocess.run(["git", "commit", "-q", "-m", "base"], cwd=tmp_path, env=env, check=True)
 
-    done = subprocess.run([sys.executable, "-m", "stages.ablations", "run", "--poll-seconds", "1"], cwd=tmp_path,
-                          env=env, capture_output=True, text=True, timeout=600, check=False)
+    done = subprocess.run(
+        [sys.executable, "-m", "stages.ablations", "run", "--poll-seconds", "1"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     assert "all 4 experiments finished" in done.stderr
     rows = json.loads((tmp_path / "results/ablations/comparison.json").read_text())["rows"]
     assert [r["experiment"] for r in rows] == ["baseline (HEAD)", *(experiment_name(n) for n in available())]
     by_name = {r["experiment"]: r for r in rows}
-    cases = {"baseline (HEAD)": (1.0, 1.0, False, False), "ablation-decayed": (0.25, 0.5, False, False),
-             "ablation-future-only": (0.0, 0.0, False, False), "ablation-inc-ft": (1.0, 1.0, True, False),
-             "ablation-qwen-backbone": (1.0, 1.0, False, True)}
-    base_rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=tmp_path, capture_output=True, text=True,
-                              check=True).stdout.strip()
+    cases = {
+        "baseline (HEAD)": (1.0, 1.0, False, False),
+        "ablation-decayed": (0.25, 0.5, False, False),
+        "ablation-future-only": (0.0, 0.0, False, False),
+        "ablation-inc-ft": (1.0, 1.0, True, False),
+        "ablation-qwen-backbone": (1.0, 1.0, False, True),
+    }
+    base_rev = subprocess.run(
+        ["git", "rev-parse", "HEAD"], cwd=tmp_path, capture_output=True, text=True, check=True
+    ).stdout.strip()
     for name, (prev, curr, inc, qwen) in cases.items():
         deeper = expected_deeper(prev, curr, inc, qwen)
         row = by_name[name]
         assert row["baseline"] == base_rev[:7]
         assert row["untrained: mean MAE r1-4"].startswith(f"{2.4 if qwen else 2.0:.3f} [")
-        assert row["DEEPER (Model 2): mean MAE r1-4"] == f"{deeper:.3f} [{deeper - 0.2:.3f}, {deeper + 0.2:.3f}]"
+        assert (
+            row["DEEPER (Model 2): mean MAE r1-4"] == f"{deeper:.3f} [{deeper - 0.2:.3f}, {deeper + 0.2:.3f}]"
+        )
         assert row["Model 1: mean MAE r1-4"].startswith(f"{deeper + 0.002:.3f} [")
         assert row["DEEPER: r0->r4 reduction %"].startswith(f"{-deeper * 10:.1f} [")
         assert row["DEEPER - untrained: mean MAE"].startswith(f"{deeper - 1.1:.3f} [")
@@ -134,19 +175,28 @@ def test_queue_run_and_table_for_real(tmp_path):
     table = (tmp_path / "results/ablations/comparison.md").read_text()
     assert table == markdown(rows) and table.count("\n") == 2 + len(rows)
     # the workspace was not touched: the experiments ran in DVC's temporary copies
-    assert json.loads((tmp_path / "metrics/eval.json").read_text())["bootstrap"]["methods"]["deeper"]["mean_mae"][
-        "estimate"] == pytest.approx(expected_deeper(1.0, 1.0, False))
+    assert json.loads((tmp_path / "metrics/eval.json").read_text())["bootstrap"]["methods"]["deeper"][
+        "mean_mae"
+    ]["estimate"] == pytest.approx(expected_deeper(1.0, 1.0, False))
 
     # a later commit (say a README edit) keeps the runs: `table --commits 2` finds them under the commit they
     # ran from; with the default (HEAD only) there is no ablation row
     (tmp_path / "NOTE.md").write_text("later\n")
     subprocess.run(["git", "add", "NOTE.md"], cwd=tmp_path, check=True)
     subprocess.run(["git", "commit", "-q", "-m", "later"], cwd=tmp_path, env=env, check=True)
-    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=tmp_path, capture_output=True, text=True,
-                          check=True).stdout.strip()
+    head = subprocess.run(
+        ["git", "rev-parse", "HEAD"], cwd=tmp_path, capture_output=True, text=True, check=True
+    ).stdout.strip()
     for commits, expected in ((1, 1), (2, 1 + len(available()))):
-        done = subprocess.run([sys.executable, "-m", "stages.ablations", "table", "--commits", str(commits)],
-                              cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300, check=False)
+        done = subprocess.run(
+            [sys.executable, "-m", "stages.ablations", "table", "--commits", str(commits)],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+        )
         assert done.returncode == 0, done.stdout + done.stderr
         later = json.loads((tmp_path / "results/ablations/comparison.json").read_text())
         assert later["baseline_rev"] == head and len(later["rows"]) == expected

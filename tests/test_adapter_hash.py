@@ -37,7 +37,11 @@ def test_a_new_train_log_does_not_change_the_adapter_hash(tmp_path):
     repo = init_repo(tmp_path / "repo", dvcignore=True)
     stages = {
         "train": {"cmd": f'{sys.executable} -c "{TRAIN}"', "outs": ["models/adapters/it1"]},
-        "sample": {"cmd": f'{sys.executable} -c "{SAMPLE}"', "deps": ["models/adapters/it1"], "outs": ["samples.txt"]},
+        "sample": {
+            "cmd": f'{sys.executable} -c "{SAMPLE}"',
+            "deps": ["models/adapters/it1"],
+            "outs": ["samples.txt"],
+        },
     }
     (repo / "dvc.yaml").write_text(yaml.safe_dump({"stages": stages}))
     dvc("repro", cwd=repo)
@@ -62,8 +66,13 @@ def test_save_adapter_writes_the_config_in_one_order(tiny_llama, tmp_path, hash_
         "save_adapter(get_peft_model(model, lora), Path(sys.argv[2]))"
     )
     env = {**os.environ, "PYTHONHASHSEED": hash_seed}
-    subprocess.run([sys.executable, "-c", code, str(tiny_llama), str(tmp_path)], cwd=REPO, env=env, check=True,
-                   timeout=300)
+    subprocess.run(
+        [sys.executable, "-c", code, str(tiny_llama), str(tmp_path)],
+        cwd=REPO,
+        env=env,
+        check=True,
+        timeout=300,
+    )
     config = json.loads((tmp_path / "adapter_config.json").read_text())
     modules = config["target_modules"]
     assert len(modules) > 1 and modules == sorted(modules)
@@ -80,8 +89,14 @@ CARRY = (
 
 def _carried_over(model: Path, out: Path, seed: int, hash_seed: str) -> bytes:
     env = {**os.environ, "PYTHONHASHSEED": hash_seed, "OMP_NUM_THREADS": "1"}
-    subprocess.run([sys.executable, "-c", CARRY, str(model), str(out), str(seed)], cwd=REPO, env=env, check=True,
-                   capture_output=True, timeout=300)
+    subprocess.run(
+        [sys.executable, "-c", CARRY, str(model), str(out), str(seed)],
+        cwd=REPO,
+        env=env,
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
     return (out / "adapter_model.safetensors").read_bytes() + (out / "adapter_config.json").read_bytes()
 
 

@@ -48,11 +48,26 @@ def test_switching_the_trained_model_reruns_training_onward_not_the_sampling():
         assert _reads(_stage_params(stages["sample@1"]), "models.sampler")
         assert not _reads(_stage_params(stages["sample@1"]), "models.policy")
         assert _reads(_stage_params(stages["sample@2"]), "models.policy")  # Model 1 samples iteration 2
-        for kept in ("init_personas", "contexts@1", "sample@1", "reward@1", "pair@1", "evaluate@fullregen",
-                     "evaluate@frozen_refiner"):
+        for kept in (
+            "init_personas",
+            "contexts@1",
+            "sample@1",
+            "reward@1",
+            "pair@1",
+            "evaluate@fullregen",
+            "evaluate@frozen_refiner",
+        ):
             assert kept not in rerun, kept
-        for redone in ("train@1", "refine@1", "sample@2", "train@2", "evaluate@deeper", "evaluate@deeper_it1",
-                       "evaluate@untrained", "report"):
+        for redone in (
+            "train@1",
+            "refine@1",
+            "sample@2",
+            "train@2",
+            "evaluate@deeper",
+            "evaluate@deeper_it1",
+            "evaluate@untrained",
+            "report",
+        ):
             assert redone in rerun, redone
         # and the sampler reaches the pairs: changing it re-runs sample@1 and pair@1
         sampler = {name for name, s in stages.items() if _reads(_stage_params(s), "models.sampler")}
@@ -74,11 +89,17 @@ def test_embedded_names_resolve_to_the_embedded_folder(smollm2_path):
 
 
 def test_embedded_names_are_checked_before_anything_is_fetched():
-    assert check_spec({"backend": "transformers", "name": "embedded:qwen2.5-coder-0.5b"})[1]["name"] == \
-        "embedded:qwen2.5-coder-0.5b"
-    for spec in ({"backend": "transformers", "name": "embedded:minilm-l6-v2"},  # an embedder, not an LLM
-                 {"backend": "openai", "name": "embedded:smollm2-135m"}):
-        with pytest.raises(ConfigError, match="models.policy.name: .*embedded:qwen2.5-coder-0.5b, embedded:smollm2"):
+    assert (
+        check_spec({"backend": "transformers", "name": "embedded:qwen2.5-coder-0.5b"})[1]["name"]
+        == "embedded:qwen2.5-coder-0.5b"
+    )
+    for spec in (
+        {"backend": "transformers", "name": "embedded:minilm-l6-v2"},  # an embedder, not an LLM
+        {"backend": "openai", "name": "embedded:smollm2-135m"},
+    ):
+        with pytest.raises(
+            ConfigError, match="models.policy.name: .*embedded:qwen2.5-coder-0.5b, embedded:smollm2"
+        ):
             check_spec(spec, where="models.policy")
 
 
@@ -107,17 +128,40 @@ def test_sample_at_1_loads_the_sampler_and_at_2_the_policy(tiny_llama, tmp_path,
     params["models"]["policy"] = dict(params["models"]["policy"], name=str(tmp_path / "models/absent"))
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     chat = json.dumps([{"role": "user", "content": "Refine: likes films."}])
-    pd.DataFrame([{"context_id": "movielens/u0/t1", "domain": "movielens", "user_id": "u0", "t": 1,
-                   "item_type": "movie", "persona_old": "Likes films.", "predicted": [3.0, 3.0], "prompt": chat,
-                   **{c: 0.5 for c in OLD_COLUMNS}}]).to_parquet(tmp_path / "contexts.parquet", index=False)
-    args = ["--params", str(tmp_path / "params.yaml"), "--iteration", "1", "--contexts",
-            str(tmp_path / "contexts.parquet"), "--out", str(tmp_path / "s.parquet"), "--metrics",
-            str(tmp_path / "s.json")]
+    pd.DataFrame(
+        [
+            {
+                "context_id": "movielens/u0/t1",
+                "domain": "movielens",
+                "user_id": "u0",
+                "t": 1,
+                "item_type": "movie",
+                "persona_old": "Likes films.",
+                "predicted": [3.0, 3.0],
+                "prompt": chat,
+                **{c: 0.5 for c in OLD_COLUMNS},
+            }
+        ]
+    ).to_parquet(tmp_path / "contexts.parquet", index=False)
+    args = [
+        "--params",
+        str(tmp_path / "params.yaml"),
+        "--iteration",
+        "1",
+        "--contexts",
+        str(tmp_path / "contexts.parquet"),
+        "--out",
+        str(tmp_path / "s.parquet"),
+        "--metrics",
+        str(tmp_path / "s.json"),
+    ]
     done = CliRunner().invoke(main, args)
     assert done.exit_code == 0, done.output
     assert "candidates from models.sampler" in done.output
     assert len(pd.read_parquet(tmp_path / "s.parquet")) >= 1
-    one_line_error(CliRunner().invoke(main, [*args, "--model", "policy"]), "models.policy.name", "model not found")
+    one_line_error(
+        CliRunner().invoke(main, [*args, "--model", "policy"]), "models.policy.name", "model not found"
+    )
 
 
 def test_the_adapter_records_the_params_name_of_its_base(tiny_llama, tmp_path):
@@ -126,8 +170,14 @@ def test_the_adapter_records_the_params_name_of_its_base(tiny_llama, tmp_path):
     from deeper.train import TrainConfig, train_dpo
     from tests.test_train import FAST, make_pairs
 
-    train_dpo(tiny_llama, make_pairs(0), make_pairs(0), tmp_path / "a", TrainConfig(**FAST),
-              base_name="embedded:tiny")
+    train_dpo(
+        tiny_llama,
+        make_pairs(0),
+        make_pairs(0),
+        tmp_path / "a",
+        TrainConfig(**FAST),
+        base_name="embedded:tiny",
+    )
     config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == "embedded:tiny"
     train_dpo(tiny_llama, make_pairs(0), make_pairs(0), tmp_path / "b", TrainConfig(**FAST))

@@ -15,11 +15,29 @@ ROUNDS = 2
 
 def table(maes: dict[tuple[str, str], list[float]]) -> pd.DataFrame:
     """{(domain, user): [mae of round 0..ROUNDS]} -> the rows of an evaluation table that the bootstrap reads."""
-    rows = [{"domain": d, "user_id": u, "seen": True, "round": s, "mae": m, "persona_tokens": 10,
-             "mae_w0": 1.0, "mae_w1": 1.0, "mae_w2": 1.0, "items": 10, "predict_failed_items": 0, "update_failure": None,
-             "update_flag": None, "predicted": [1.0, 2.0], "actual": [1.0, 2.0], "answers": [] if s == 0 else ["new"],
-             "update_stopped_at_limit": 0}
-            for (d, u), values in maes.items() for s, m in enumerate(values)]
+    rows = [
+        {
+            "domain": d,
+            "user_id": u,
+            "seen": True,
+            "round": s,
+            "mae": m,
+            "persona_tokens": 10,
+            "mae_w0": 1.0,
+            "mae_w1": 1.0,
+            "mae_w2": 1.0,
+            "items": 10,
+            "predict_failed_items": 0,
+            "update_failure": None,
+            "update_flag": None,
+            "predicted": [1.0, 2.0],
+            "actual": [1.0, 2.0],
+            "answers": [] if s == 0 else ["new"],
+            "update_stopped_at_limit": 0,
+        }
+        for (d, u), values in maes.items()
+        for s, m in enumerate(values)
+    ]
     return pd.DataFrame(rows)
 
 
@@ -33,7 +51,9 @@ def test_estimates_are_the_reports_own_numbers():
     t = table(USERS)
     out = paired_bootstrap({"deeper": t}, ROUNDS, FAST)["methods"]["deeper"]
     summary = summarize_method(t, ROUNDS)["all"]
-    assert out["mean_mae"]["estimate"] == pytest.approx(np.mean([summary[f"mae_r{s}"] for s in range(1, ROUNDS + 1)]))
+    assert out["mean_mae"]["estimate"] == pytest.approx(
+        np.mean([summary[f"mae_r{s}"] for s in range(1, ROUNDS + 1)])
+    )
     assert out["reduction_pct"]["estimate"] == pytest.approx(summary["reduction_pct"])
     for stat in out.values():
         assert stat["low"] < stat["estimate"] < stat["high"]
@@ -61,10 +81,14 @@ def test_users_are_resampled_within_their_domain():
 def test_seeded_and_shaped_for_metrics():
     a = paired_bootstrap({"deeper": table(USERS), "x": table(USERS)}, ROUNDS, FAST)
     assert a == paired_bootstrap({"deeper": table(USERS), "x": table(USERS)}, ROUNDS, FAST)
-    b = paired_bootstrap({"deeper": table(USERS)}, ROUNDS, BootstrapSettings(resamples=500, level=0.9, seed=4))
+    b = paired_bootstrap(
+        {"deeper": table(USERS)}, ROUNDS, BootstrapSettings(resamples=500, level=0.9, seed=4)
+    )
     assert b["methods"]["deeper"]["mean_mae"]["low"] != a["methods"]["deeper"]["mean_mae"]["low"]
     assert (a["resamples"], a["level"], a["seed"]) == (500, 0.9, 3)
-    wider = paired_bootstrap({"deeper": table(USERS)}, ROUNDS, BootstrapSettings(resamples=500, level=0.99, seed=3))
+    wider = paired_bootstrap(
+        {"deeper": table(USERS)}, ROUNDS, BootstrapSettings(resamples=500, level=0.99, seed=3)
+    )
     narrow, wide = a["methods"]["deeper"]["mean_mae"], wider["methods"]["deeper"]["mean_mae"]
     assert wide["low"] <= narrow["low"] and wide["high"] >= narrow["high"]
     assert "vs_deeper" not in paired_bootstrap({"x": table(USERS)}, ROUNDS, FAST)

@@ -45,7 +45,9 @@ def tiny(tiny_llama):
 
 def groups(n: int = N, first: int = 0) -> list[RatingGroup]:
     """n chats from chat(first) on, in groups of 40."""
-    return [RatingGroup([chat(first + i) for i in range(start, min(start + 40, n))]) for start in range(0, n, 40)]
+    return [
+        RatingGroup([chat(first + i) for i in range(start, min(start + 40, n))]) for start in range(0, n, 40)
+    ]
 
 
 def filled(tiny, cache: Path) -> tuple[list, dict]:
@@ -88,7 +90,9 @@ def garble_answer(path: Path, key: str) -> bytes:
     """Two bytes of `key`'s stored answer made invalid UTF-8, inside an intact page: sqlite sees nothing wrong."""
     data = bytearray(path.read_bytes())
     size = page_size(data)
-    (page,) = [p for p in table_leaves(data) if key in keys_on(data, p, [key])]  # its row, not its index entry
+    (page,) = [
+        p for p in table_leaves(data) if key in keys_on(data, p, [key])
+    ]  # its row, not its index entry
     # a cell holds the record's columns in order (key, op, value, created): the next digit_mass is the key's
     at = data.index(b'"digit_mass": ', data.index(key.encode(), page * size)) + len(b'"digit_mass": ')
     assert at < (page + 1) * size
@@ -133,17 +137,25 @@ def test_a_damaged_page_is_found_on_open_moved_aside_and_the_rest_salvaged(tiny,
     (aside,) = asides(cache)
     assert line.startswith(f"warning: response cache {path} is damaged (") and aside.name in line
     assert f"{N - len(lost)} answers salvaged" in line and "made again" in line
-    assert aside.name.startswith(f"{DB_NAME}.damaged-") and aside.read_bytes() == damaged  # kept as it was found
+    assert (
+        aside.name.startswith(f"{DB_NAME}.damaged-") and aside.read_bytes() == damaged
+    )  # kept as it was found
     assert len(again.store) == N - len(lost)
 
     got = again.rating_probs(groups())
     assert (again.hits, again.misses) == (N - len(lost), len(lost))
-    assert sum(sum(sizes) for _, sizes in again.llm.asked) == len(lost)  # only the lost answers were called again
-    assert_same_answers(got, answers, atol=1e-6)  # the called-again ones in other batches: float noise at most
+    assert sum(sum(sizes) for _, sizes in again.llm.asked) == len(
+        lost
+    )  # only the lost answers were called again
+    assert_same_answers(
+        got, answers, atol=1e-6
+    )  # the called-again ones in other batches: float noise at most
     stats = again.stats()
     assert (stats["cache_healed"], stats["cache_salvaged"]) == (1, N - len(lost))
     healed = {key: value for key, (value, _) in cached_rows(cache).items()}
-    assert set(healed) == set(rows) and all(healed[k] == rows[k] for k in set(rows) - lost)  # salvaged verbatim
+    assert set(healed) == set(rows) and all(
+        healed[k] == rows[k] for k in set(rows) - lost
+    )  # salvaged verbatim
     assert heal_lines(capfd.readouterr().err, path) == []  # said once
 
 
@@ -189,7 +201,9 @@ def test_a_garbled_answer_is_found_by_the_read_that_meets_it(tiny, tmp_path, cap
     assert (again.hits, again.misses, again.store.salvaged) == (N - 1, 1, N - 1)
     assert_same_answers(got, answers, atol=1e-6)
     stored = cached_rows(cache)
-    assert len(stored) == N and stored[victim][1] > written  # the garbled one was called again and stored anew
+    assert (
+        len(stored) == N and stored[victim][1] > written
+    )  # the garbled one was called again and stored anew
 
 
 def test_a_write_that_meets_damage_heals_and_is_written(tiny, tmp_path, capfd):
@@ -209,10 +223,17 @@ def test_a_write_that_meets_damage_heals_and_is_written(tiny, tmp_path, capfd):
         other.execute("PRAGMA user_version=1")
     capfd.readouterr()
 
-    new = cached.rating_probs(groups(8, first=N))  # new keys: not in the index, so only the write meets the page
+    new = cached.rating_probs(
+        groups(8, first=N)
+    )  # new keys: not in the index, so only the write meets the page
     (line,) = heal_lines(capfd.readouterr().err, path)
     assert "database disk image is malformed" in line and len(asides(cache)) == 1
-    assert (cached.hits, cached.misses, cached.store.healed, cached.store.salvaged) == (0, 8, 1, N - len(lost))
+    assert (cached.hits, cached.misses, cached.store.healed, cached.store.salvaged) == (
+        0,
+        8,
+        1,
+        N - len(lost),
+    )
     stored = cached_rows(cache)
     assert len(stored) == N - len(lost) + 8
     fresh = CachedLLM(CountingLLM(tiny), cache).rating_probs(groups(8, first=N))
@@ -253,14 +274,20 @@ def test_answers_still_in_the_wal_move_aside_with_the_file_and_are_salvaged(tiny
     data = path.read_bytes()
     victim = table_leaves(data)[len(table_leaves(data)) // 2]
     lost = keys_on(data, victim, rows)
-    subprocess.run([sys.executable, "-c", KILLED_RUN, str(tiny_llama), str(cache), "20", str(N)], cwd=REPO,
-                   check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, "-c", KILLED_RUN, str(tiny_llama), str(cache), "20", str(N)],
+        cwd=REPO,
+        check=True,
+        capture_output=True,
+    )
     assert Path(f"{path}-wal").stat().st_size > 0 and path.read_bytes() == data  # 20 answers in the WAL alone
     overwrite_page(path, victim)
 
     store = ResponseStore(cache)
     (aside,) = asides(cache)
-    assert Path(f"{aside}-wal").exists()  # moved with its file: a fresh file never meets the damaged one's WAL
+    assert Path(
+        f"{aside}-wal"
+    ).exists()  # moved with its file: a fresh file never meets the damaged one's WAL
     assert store.salvaged == N + 20 - len(lost)
     new_keys = set(cached_rows(cache)) - set(rows)
     assert len(new_keys) == 20 and len(cached_rows(cache)) == N + 20 - len(lost)
@@ -271,7 +298,9 @@ def test_an_error_that_is_not_damage_is_one_line_and_moves_nothing(tmp_path):
     (tmp_path / DB_NAME).mkdir()  # sqlite cannot open it: not a damaged file, nothing to move aside
     with pytest.raises(DeeperError) as error:
         ResponseStore(tmp_path)
-    assert str(error.value).startswith(f"response cache {tmp_path / DB_NAME}: ") and "\n" not in str(error.value)
+    assert str(error.value).startswith(f"response cache {tmp_path / DB_NAME}: ") and "\n" not in str(
+        error.value
+    )
     assert (tmp_path / DB_NAME).is_dir() and asides(tmp_path) == []
 
 
@@ -293,14 +322,19 @@ def run_init_personas(tmp_path, params, windows, cache: Path, tag: str, monkeypa
     out, metrics = tmp_path / tag / "init.parquet", tmp_path / tag / "personas.json"
     from stages.init_personas import main
 
-    result = CliRunner().invoke(main, ["--params", params, "--windows", str(windows), "--out", str(out),
-                                       "--metrics", str(metrics)])
+    result = CliRunner().invoke(
+        main, ["--params", params, "--windows", str(windows), "--out", str(out), "--metrics", str(metrics)]
+    )
     assert result.exit_code == 0, result.output
     return result.output, out.read_bytes(), metrics.read_bytes()
 
 
-def test_a_stage_over_a_damaged_cache_writes_what_it_writes_over_an_intact_one(sharp_llama, tmp_path, monkeypatch):
-    params = write_params(tmp_path, sharp_llama, max_new_tokens=64, temperature=1.0, seed=7, retries=0, min_words=0)
+def test_a_stage_over_a_damaged_cache_writes_what_it_writes_over_an_intact_one(
+    sharp_llama, tmp_path, monkeypatch
+):
+    params = write_params(
+        tmp_path, sharp_llama, max_new_tokens=64, temperature=1.0, seed=7, retries=0, min_words=0
+    )
     windows = tmp_path / "windows.parquet"
     windows_frame(USERS).to_parquet(windows, index=False)
     intact, damaged = tmp_path / "intact", tmp_path / "damaged"
@@ -379,13 +413,23 @@ def test_two_processes_meeting_the_damage_at_once_move_it_once(tiny, tmp_path, f
     lock = FileLock(str(path) + ".lock")
     if found_by == "open":
         lock.acquire()  # both processes will open together, when it is released
-    procs = [subprocess.Popen([sys.executable, "-c", WORKER, str(cache), name, str(keys), str(signals)], cwd=REPO,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for name in ("a", "b")]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", WORKER, str(cache), name, str(keys), str(signals)],
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for name in ("a", "b")
+    ]
     try:
         if found_by == "open":
             wait_for(signals / "started-a", signals / "started-b")
             time.sleep(1.5)  # both are now in ResponseStore(), waiting for the lock to open
-            assert asides(cache) == [] and not list(signals.glob("opened-*"))  # none opens while the lock is held
+            assert asides(cache) == [] and not list(
+                signals.glob("opened-*")
+            )  # none opens while the lock is held
             (signals / "go").touch()
             lock.release()
         else:

@@ -31,18 +31,25 @@ def test_three_rounds_of_the_eval_users(tmp_path):
     with (raw / "movies.csv").open("w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["movieId", "title"])
-        w.writerows((i, f"Film {i}, the \"cut\"") for i in range(1, 61))
+        w.writerows((i, f'Film {i}, the "cut"') for i in range(1, 61))
     db = tmp_path / "ratings.duckdb"
     ingest([input_source("movielens_csv", raw, domain="movielens", item_type="movie")], db)
-    window = {"size": 10, "count": 6, "train_count": 4, "seed": 0, "default": {"train_users": 2, "eval_users": 1,
-                                                                                "seen": True}}
+    window = {
+        "size": 10,
+        "count": 6,
+        "train_count": 4,
+        "seed": 0,
+        "default": {"train_users": 2, "eval_users": 1, "seen": True},
+    }
     windows = tmp_path / "windows.parquet"
     make_windows(db, windows, *spec_from_params(window))
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump({"window": window}))
     out = tmp_path / "rounds"
-    result = CliRunner().invoke(cut_rounds.main, ["--ratings-db", str(db), "--windows", str(windows), "--params",
-                                                  str(params), "--out", str(out)])
+    result = CliRunner().invoke(
+        cut_rounds.main,
+        ["--ratings-db", str(db), "--windows", str(windows), "--params", str(params), "--out", str(out)],
+    )
     assert result.exit_code == 0, result.output
     import pandas as pd
 
@@ -50,7 +57,9 @@ def test_three_rounds_of_the_eval_users(tmp_path):
     assert len(eval_user) == 1
     read = {}
     for name in ("round1", "round2", "round3"):
-        users, _ = read_new_ratings(input_source("movielens_csv", out / name, domain="movielens", item_type="movie"))
+        users, _ = read_new_ratings(
+            input_source("movielens_csv", out / name, domain="movielens", item_type="movie")
+        )
         assert list(users) == [("movielens", eval_user[0])]
         read[name] = users[("movielens", eval_user[0])][1]
     # items 60, 59, ... are the oldest first; round 1 = W0 + W1, round 2 = W2, round 3 = W3 + half of W4

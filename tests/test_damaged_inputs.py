@@ -28,7 +28,9 @@ from tests.test_serve import (  # noqa: F401 (tiny_adapter: a fixture)
 )
 
 REBUILD_DB = "rebuild it from the raw files: dvc repro -f --single-item ingest"
-REBUILD_ADAPTER = "restore it (`dvc checkout` from the DVC cache, or `dvc repro` re-runs the train stage that writes it)"
+REBUILD_ADAPTER = (
+    "restore it (`dvc checkout` from the DVC cache, or `dvc repro` re-runs the train stage that writes it)"
+)
 
 
 def one_error(result) -> str:
@@ -42,8 +44,10 @@ def one_error(result) -> str:
 
 def run_window(project, db: Path, tmp_path: Path, monkeypatch):  # noqa: F811
     monkeypatch.chdir(project)
-    return CliRunner().invoke(window_main, ["--db", str(db), "--out", str(tmp_path / "w.parquet"),
-                                            "--metrics", str(tmp_path / "w.json")])
+    return CliRunner().invoke(
+        window_main,
+        ["--db", str(db), "--out", str(tmp_path / "w.parquet"), "--metrics", str(tmp_path / "w.json")],
+    )
 
 
 def test_an_ingest_database_with_a_damaged_header_is_one_line(project, tmp_path, monkeypatch):  # noqa: F811
@@ -59,8 +63,9 @@ def test_an_ingest_database_with_a_damaged_header_is_one_line(project, tmp_path,
 
 
 def test_an_ingest_database_with_a_damaged_block_is_one_line(project, tmp_path, monkeypatch):  # noqa: F811
-    db, offset = damaged_data_copy(project / "data" / "ingest" / "ratings.duckdb", tmp_path,
-                                   "SELECT * FROM ratings")
+    db, offset = damaged_data_copy(
+        project / "data" / "ingest" / "ratings.duckdb", tmp_path, "SELECT * FROM ratings"
+    )
     line = one_error(run_window(project, db, tmp_path, monkeypatch))
     assert line.startswith(f"error: {db}: damaged (Corrupt database file: computed checksum "), (offset, line)
     assert line.endswith(f"); {REBUILD_DB}")
@@ -70,32 +75,84 @@ def test_an_ingest_database_with_a_damaged_block_is_one_line(project, tmp_path, 
 def test_a_damaged_parquet_file_between_stages_is_one_line(project, tmp_path, monkeypatch, damage):  # noqa: F811
     """The window stage's output read by init_personas, and a contexts file read by the pair stage."""
     good = tmp_path / "good.parquet"
-    assert run_window(project, project / "data" / "ingest" / "ratings.duckdb", tmp_path, monkeypatch).exit_code == 0
+    assert (
+        run_window(project, project / "data" / "ingest" / "ratings.duckdb", tmp_path, monkeypatch).exit_code
+        == 0
+    )
     shutil.move(tmp_path / "w.parquet", good)
     bad = tmp_path / "bad.parquet"
     if damage == "cut short":
         bad.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
     else:
         bad.write_text("domain,user_id\nmovielens,1\n")
-    for command, args in ((init_personas_main, ["--windows", str(bad), "--out", str(tmp_path / "p.parquet"),
-                                                "--metrics", str(tmp_path / "p.json")]),
-                          (pair_main, ["--iteration", "1", "--contexts", str(bad), "--rewards", str(bad),
-                                       "--out", str(tmp_path / "pairs.parquet"), "--metrics", str(tmp_path / "q.json")])):
+    for command, args in (
+        (
+            init_personas_main,
+            [
+                "--windows",
+                str(bad),
+                "--out",
+                str(tmp_path / "p.parquet"),
+                "--metrics",
+                str(tmp_path / "p.json"),
+            ],
+        ),
+        (
+            pair_main,
+            [
+                "--iteration",
+                "1",
+                "--contexts",
+                str(bad),
+                "--rewards",
+                str(bad),
+                "--out",
+                str(tmp_path / "pairs.parquet"),
+                "--metrics",
+                str(tmp_path / "q.json"),
+            ],
+        ),
+    ):
         line = one_error(CliRunner().invoke(command, args))
         assert line.startswith(f"error: {bad}: not a readable Parquet file: "), line
         assert not (tmp_path / "p.parquet").exists() and not (tmp_path / "pairs.parquet").exists()
 
 
-@pytest.mark.parametrize("damage, message", [
-    ("weights missing", "{folder}: no adapter weights (adapter_model.safetensors or adapter_model.bin missing); "),
-    ("weights cut short", ("{folder}/adapter_model.safetensors: damaged: cut short: its tensors need {need} bytes "
-                           "of data, the file has {have}; ")),
-    ("header cut", ("{folder}/adapter_model.safetensors: damaged: its header says {length} bytes, the file has 100 "
-                    "after the length; ")),
-    ("config not json", "{folder}/adapter_config.json: not valid JSON (Expecting value: line 1 column 1 (char 0)); "),
-])
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (
+            "weights missing",
+            "{folder}: no adapter weights (adapter_model.safetensors or adapter_model.bin missing); ",
+        ),
+        (
+            "weights cut short",
+            (
+                "{folder}/adapter_model.safetensors: damaged: cut short: its tensors need {need} bytes "
+                "of data, the file has {have}; "
+            ),
+        ),
+        (
+            "header cut",
+            (
+                "{folder}/adapter_model.safetensors: damaged: its header says {length} bytes, the file has 100 "
+                "after the length; "
+            ),
+        ),
+        (
+            "config not json",
+            "{folder}/adapter_config.json: not valid JSON (Expecting value: line 1 column 1 (char 0)); ",
+        ),
+    ],
+)
 def test_a_damaged_adapter_folder_is_one_line_before_a_model_loads(
-        tmp_path, tiny_llama, tiny_adapter, damage, message, monkeypatch):  # noqa: F811 (tiny_adapter: the fixture)
+    tmp_path,
+    tiny_llama,
+    tiny_adapter,  # noqa: F811 (the fixture)
+    damage,
+    message,
+    monkeypatch,
+):
     import json
 
     monkeypatch.setenv("DEEPER_RESPONSE_CACHE", str(tmp_path / "cache"))
@@ -104,7 +161,7 @@ def test_a_damaged_adapter_folder_is_one_line_before_a_model_loads(
     weights = folder / "adapter_model.safetensors"
     data = weights.read_bytes()
     length = int.from_bytes(data[:8], "little")
-    header = json.loads(data[8:8 + length])
+    header = json.loads(data[8 : 8 + length])
     need = max(e["data_offsets"][1] for n, e in header.items() if n != "__metadata__")
     if damage == "weights missing":
         weights.unlink()
@@ -116,8 +173,13 @@ def test_a_damaged_adapter_folder_is_one_line_before_a_model_loads(
         (folder / "adapter_config.json").write_text("")
     ratings = write_ratings(tmp_path / "ratings", user_rows(1, range(1, 8)))
     params = write_params(tmp_path, tiny_params(tiny_llama))
-    result = CliRunner().invoke(deeper_main, ["refine", *cli_args(ratings, tmp_path / "store.duckdb", folder, params)])
+    result = CliRunner().invoke(
+        deeper_main, ["refine", *cli_args(ratings, tmp_path / "store.duckdb", folder, params)]
+    )
     line = one_error(result)
     have = len(data) - 10 - 8 - length
-    assert line == "error: " + message.format(folder=folder, need=need, have=have, length=length) + REBUILD_ADAPTER
+    assert (
+        line
+        == "error: " + message.format(folder=folder, need=need, have=have, length=length) + REBUILD_ADAPTER
+    )
     assert not (tmp_path / "store.duckdb").exists()

@@ -29,16 +29,19 @@ from deeper.prompts import PROMPT_SETS, load_prompts
 T = Tastes
 
 
-@pytest.mark.parametrize("text, loved, disliked", [
-    ("She loves comedies. She dislikes horror.", {"Comedy"}, {"Horror"}),
-    ("A fan of science fiction and noir; not into romantic films.", {"Sci-Fi", "Film-Noir"}, {"Romance"}),
-    ("He doesn't like westerns! Dramas are his favourite.", {"Drama"}, {"Western"}),
-    ("Thrillers bore him\nHe enjoys kids' movies", {"Children's"}, {"Thriller"}),
-    ("Loves war films. Hates war films.", set(), set()),   # both ways: neither
-    ("Comedies and dramas.", set(), set()),                 # no cue: nothing stated
-    ("I'm ready to assist you. Please provide the persona.", set(), set()),
-    ("", set(), set()),
-])
+@pytest.mark.parametrize(
+    "text, loved, disliked",
+    [
+        ("She loves comedies. She dislikes horror.", {"Comedy"}, {"Horror"}),
+        ("A fan of science fiction and noir; not into romantic films.", {"Sci-Fi", "Film-Noir"}, {"Romance"}),
+        ("He doesn't like westerns! Dramas are his favourite.", {"Drama"}, {"Western"}),
+        ("Thrillers bore him\nHe enjoys kids' movies", {"Children's"}, {"Thriller"}),
+        ("Loves war films. Hates war films.", set(), set()),  # both ways: neither
+        ("Comedies and dramas.", set(), set()),  # no cue: nothing stated
+        ("I'm ready to assist you. Please provide the persona.", set(), set()),
+        ("", set(), set()),
+    ],
+)
 def test_stated_tastes_reads_sentences_by_their_cues(text, loved, disliked):
     assert stated_tastes(text) == T(frozenset(loved), frozenset(disliked))
 
@@ -78,8 +81,12 @@ def test_rated_lines_of_the_real_prompts():
     rated = [("Toy [Comedy]", 5.0), ('Say "Hi" [Horror]', 1.0)]
     init = prompts.render("init", item_type="movie", ratings=rated)[-1]["content"]
     assert rated_lines(init) == rated
-    refine = prompts.render("refine", item_type="movie", old_persona="p",
-                            comparisons=[("Toy [Comedy]", 3.2, 5.0), ('Say "Hi" [Horror]', 3.0, 1.0)])[-1]["content"]
+    refine = prompts.render(
+        "refine",
+        item_type="movie",
+        old_persona="p",
+        comparisons=[("Toy [Comedy]", 3.2, 5.0), ('Say "Hi" [Horror]', 3.0, 1.0)],
+    )[-1]["content"]
     assert rated_lines(refine) == rated  # the actual rating, not the predicted one
     assert tastes_from_ratings(rated) == T(frozenset({"Comedy"}), frozenset({"Horror"}))
 
@@ -103,7 +110,9 @@ def test_the_tastes_backend_reads_the_persona_of_each_prompt_set(prompt_set, tmp
     # writing: from the rated lines of an S_0 prompt
     chat = prompts.render("init", item_type="movie", ratings=list(zip(titles, [5, 1, 3])))
     [[first, second]] = llm.generate([chat], 2, Sampling())
-    assert first == second and stated_tastes(first) == T(frozenset({"Animation", "Comedy"}), frozenset({"Horror"}))
+    assert first == second and stated_tastes(first) == T(
+        frozenset({"Animation", "Comedy"}), frozenset({"Horror"})
+    )
 
 
 def test_the_tastes_backend_takes_no_adapter_and_names_its_rules():
@@ -124,11 +133,18 @@ def test_world_users_rate_by_their_tastes():
         assert len(user.windows) == 3 and all(len(w.titles) == 6 for w in user.windows)
         for w in user.windows:
             for title, rating in zip(w.titles, w.ratings):
-                (loved if title_genres(title) & tastes.loved else disliked if title_genres(title) & tastes.disliked
-                 else []).append(rating)
+                (
+                    loved
+                    if title_genres(title) & tastes.loved
+                    else disliked
+                    if title_genres(title) & tastes.disliked
+                    else []
+                ).append(rating)
     assert np.mean(loved) > 4.0 and np.mean(disliked) < 2.0
     fixed = world_users(catalog, GENRES[:4], 10, 2, 4, seed=4, loved="Action")
-    assert all(t.loved == {"Action"} and len(t.disliked) == 1 and "Action" not in t.disliked for _, t in fixed)
+    assert all(
+        t.loved == {"Action"} and len(t.disliked) == 1 and "Action" not in t.disliked for _, t in fixed
+    )
 
 
 def test_preference_report_by_hand():
@@ -160,7 +176,10 @@ def write_items(folder, n=30):
     import pyarrow.parquet as pq
 
     folder.mkdir(parents=True)
-    columns = {"movie_id": list(range(1, n + 1)), "movie_title": [f"Film {i}" for i in range(n - 1)] + ["Film 0"]}
+    columns = {
+        "movie_id": list(range(1, n + 1)),
+        "movie_title": [f"Film {i}" for i in range(n - 1)] + ["Film 0"],
+    }
     for k, genre in enumerate(GENRES):
         columns[genre] = [int(k < 5 and i % 5 == k and i > 0) for i in range(n - 1)] + [int(k == 0)]
     pq.write_table(pa.table(columns), folder / "MovieLens100k_items.parquet.brotli", compression="brotli")
@@ -181,15 +200,18 @@ def test_the_world_ingests_synthetic_users_on_the_items(tmp_path):
         assert "ratings" in tables, (tables, summary)
         users, most, least = con.execute(
             "SELECT count(DISTINCT user_id), max(n), min(n) FROM (SELECT user_id, count(*) n FROM ratings "
-            "GROUP BY user_id)").fetchone()
+            "GROUP BY user_id)"
+        ).fetchone()
         titles = dict(con.execute("SELECT item_id, title FROM items").fetchall())
     assert users == tastes_world.USERS and most == least == tastes_world.RATINGS
     assert titles["2"] == "Film 1 [Adventure]" and titles["30"] == "Film 0 [Action]"
     assert "1" not in titles  # an item without a genre is never rated
     again = tmp_path / "again.duckdb"
     ingest([source], again)
-    with duckdb.connect(str(tmp_path / "ratings.duckdb"), read_only=True) as a, \
-            duckdb.connect(str(again), read_only=True) as b:
+    with (
+        duckdb.connect(str(tmp_path / "ratings.duckdb"), read_only=True) as a,
+        duckdb.connect(str(again), read_only=True) as b,
+    ):
         query = "SELECT * FROM ratings ORDER BY ALL"
         assert a.execute(query).fetchall() == b.execute(query).fetchall()  # seeded
 
@@ -201,6 +223,8 @@ def test_an_items_file_too_small_for_the_world_is_one_line_naming_it(tmp_path):
 
     write_items(tmp_path / "ml", n=6)  # one item per genre: no taste can show in a window
     with pytest.raises(InputError) as err:
-        ingest([readers.Source("tastes_world", tmp_path / "ml", None, "world", "movie")], tmp_path / "r.duckdb")
+        ingest(
+            [readers.Source("tastes_world", tmp_path / "ml", None, "world", "movie")], tmp_path / "r.duckdb"
+        )
     assert str(err.value).startswith(str(tmp_path / "ml" / "MovieLens100k_items.parquet.brotli") + ": ")
     assert "too few items" in str(err.value) and "\n" not in str(err.value)

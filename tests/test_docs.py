@@ -434,7 +434,9 @@ def test_every_readme_section_and_docs_page_that_code_names_exists():
         if not target.is_file():
             missing.append(f"{rel}:{lineno}: no such page {page}")
         elif anchor and anchor not in _anchors(target):
-            missing.append(f"{rel}:{lineno}: {page} has no heading #{anchor}; it has {sorted(_anchors(target))}")
+            missing.append(
+                f"{rel}:{lineno}: {page} has no heading #{anchor}; it has {sorted(_anchors(target))}"
+            )
     assert not missing, "\n".join(missing)
     pending = {(rel, section) for rel, _, section in sections} & _PENDING
     assert pending == _PENDING, f"mended, remove from _PENDING: {sorted(_PENDING - pending)}"
@@ -447,18 +449,30 @@ def test_the_reference_scan_tells_a_section_from_a_plain_mention():
     cases = {
         '(README "vLLM")': "vLLM",
         "(.ci/run, README 'vLLM')": "vLLM",
-        "README: Paper-scale profile, \"Sharing outputs\")": "Paper-scale profile",
+        'README: Paper-scale profile, "Sharing outputs")': "Paper-scale profile",
         'see README, "vLLM").': "vLLM",
         'the README\'s "Paper parity" section': "Paper parity",
-        "README: \"Prompt sets\"": "Prompt sets",
+        'README: "Prompt sets"': "Prompt sets",
     }
     for text, section in cases.items():
         m = _README_SECTION.search(text)
         assert m and (m.group("dq") or m.group("sq") or m.group("bare")).strip() == section, text
-    for plain in ("see the README", "(deeper/serve.py, README)", "(hours: README)", "the README's test command",
-                  'readme = "README.md"', '"README").write_text(', "a README edit",
-                  '(repo / "models" / "embedded" / "README").write_text("x")', "README\n'vLLM'"):
+    for plain in (
+        "see the README",
+        "(deeper/serve.py, README)",
+        "(hours: README)",
+        "the README's test command",
+        'readme = "README.md"',
+        '"README").write_text(',
+        "a README edit",
+        '(repo / "models" / "embedded" / "README").write_text("x")',
+        "README\n'vLLM'",
+    ):
         assert not _README_SECTION.search(plain), plain
     headings = ["Profiles: the embedded default and the paper", "Tests and benchmarks"]
-    assert _names_a_readme_heading("Profiles", headings) and _names_a_readme_heading("tests and benchmarks", headings)
-    assert not _names_a_readme_heading("vLLM", headings) and not _names_a_readme_heading("Paper parity", headings)
+    assert _names_a_readme_heading("Profiles", headings) and _names_a_readme_heading(
+        "tests and benchmarks", headings
+    )
+    assert not _names_a_readme_heading("vLLM", headings) and not _names_a_readme_heading(
+        "Paper parity", headings
+    )

@@ -24,7 +24,10 @@ def remote_objects(remote: Path) -> list[Path]:
 
 def test_push_then_pull_restores_outputs_but_not_the_local_caches(tmp_path):
     repo, remote = init_repo(tmp_path / "repo"), tmp_path / "remote"
-    stage = {"cmd": f"{sys.executable} -c \"open('out.txt', 'w').write('adapter weights\\n')\"", "outs": ["out.txt"]}
+    stage = {
+        "cmd": f"{sys.executable} -c \"open('out.txt', 'w').write('adapter weights\\n')\"",
+        "outs": ["out.txt"],
+    }
     (repo / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"make": stage}}))
     (repo / ".gitignore").write_text("/.cache/\n")
     cache = repo / ".cache" / "deeper" / "responses"
@@ -59,18 +62,25 @@ def test_the_refiners_are_dvc_model_artifacts_that_dvc_artifacts_get_fetches_fro
 
     declared = yaml.safe_load((REPO / "dvc.yaml").read_text(encoding="utf-8"))
     artifacts = declared["artifacts"]
-    train_outs = {o if isinstance(o, str) else next(iter(o)) for o in declared["stages"]["train"]["do"]["outs"]}
-    assert {name: a["path"] for name, a in artifacts.items()} == {"refiner": "models/adapters/it2",
-                                                                  "refiner-it1": "models/adapters/it1"}
+    train_outs = {
+        o if isinstance(o, str) else next(iter(o)) for o in declared["stages"]["train"]["do"]["outs"]
+    }
+    assert {name: a["path"] for name, a in artifacts.items()} == {
+        "refiner": "models/adapters/it2",
+        "refiner-it1": "models/adapters/it1",
+    }
     assert "models/adapters/it${key}" in train_outs  # each artifact is what train@k writes
     assert all(a["type"] == "model" and a["desc"] and "lora" in a["labels"] for a in artifacts.values())
 
     repo, remote = init_repo(tmp_path / "repo"), tmp_path / "remote"
-    write = ("import pathlib; p = pathlib.Path('models/adapters/it2'); p.mkdir(parents=True, exist_ok=True); "
-             "(p / 'adapter_config.json').write_text('{\\\"r\\\": 16}'); (p / 'adapter_model.safetensors').write_bytes(b'w')")
-    stage = {"cmd": f"{sys.executable} -c \"{write}\"", "outs": ["models/adapters/it2"]}
-    (repo / "dvc.yaml").write_text(yaml.safe_dump({"artifacts": {"refiner": artifacts["refiner"]},
-                                                   "stages": {"train": stage}}))
+    write = (
+        "import pathlib; p = pathlib.Path('models/adapters/it2'); p.mkdir(parents=True, exist_ok=True); "
+        "(p / 'adapter_config.json').write_text('{\\\"r\\\": 16}'); (p / 'adapter_model.safetensors').write_bytes(b'w')"
+    )
+    stage = {"cmd": f'{sys.executable} -c "{write}"', "outs": ["models/adapters/it2"]}
+    (repo / "dvc.yaml").write_text(
+        yaml.safe_dump({"artifacts": {"refiner": artifacts["refiner"]}, "stages": {"train": stage}})
+    )
     dvc("repro", cwd=repo)
     dvc("remote", "add", "-d", "storage", str(remote), cwd=repo)
     dvc("push", cwd=repo)
@@ -79,7 +89,9 @@ def test_the_refiners_are_dvc_model_artifacts_that_dvc_artifacts_get_fetches_fro
     git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "trained")
     # a version is a git tag in GTO's form (what `gto register refiner` writes): `dvc artifacts get` takes the
     # latest one
-    git("-c", "user.name=t", "-c", "user.email=t@t", "tag", "-a", "refiner@v1.0.0", "-m", "Model 2, first run")
+    git(
+        "-c", "user.name=t", "-c", "user.email=t@t", "tag", "-a", "refiner@v1.0.0", "-m", "Model 2, first run"
+    )
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     dvc("artifacts", "get", str(repo), "refiner", "-o", "model-2", cwd=elsewhere)

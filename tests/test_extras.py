@@ -45,10 +45,15 @@ def _get(url: str, headers: dict | None = None) -> bytes:
 
 def wheel_url(name: str, version: str) -> str:
     """The URL of the release's manylinux x86_64 wheel, from the simple API (PEP 691)."""
-    files = json.loads(_get(f"https://pypi.org/simple/{canonicalize_name(name)}/", {"Accept": SIMPLE_JSON}))["files"]
+    files = json.loads(_get(f"https://pypi.org/simple/{canonicalize_name(name)}/", {"Accept": SIMPLE_JSON}))[
+        "files"
+    ]
     prefix = f"{name.replace('-', '_')}-{version}-"
-    wheels = [f for f in files if f["filename"].startswith(prefix) and f["filename"].endswith("x86_64.whl")
-              and not f.get("yanked")]
+    wheels = [
+        f
+        for f in files
+        if f["filename"].startswith(prefix) and f["filename"].endswith("x86_64.whl") and not f.get("yanked")
+    ]
     assert wheels, f"PyPI lists no x86_64 wheel of {name}=={version}"
     return wheels[0]["url"]
 
@@ -59,14 +64,15 @@ def wheel_metadata(url: str) -> str:
     tail = _get(url, {"Range": "bytes=-262144"})
     end = tail.rfind(b"PK\x05\x06")
     assert end >= 0, f"{url}: no zip end record in the last 256 KiB"
-    size, offset = struct.unpack("<II", tail[end + 12:end + 20])
+    size, offset = struct.unpack("<II", tail[end + 12 : end + 20])
     directory = _get(url, {"Range": f"bytes={offset}-{offset + size - 1}"})  # may be far larger than the tail
     assert len(directory) == size, f"{url}: asked {size} bytes of the central directory, got {len(directory)}"
     pos = 0
     while pos < len(directory):
         (method, csize, name_len, extra_len, comment_len, local) = struct.unpack(
-            "<10xH8xI4xHHH8xI", directory[pos:pos + 46])
-        name = directory[pos + 46:pos + 46 + name_len].decode()
+            "<10xH8xI4xHHH8xI", directory[pos : pos + 46]
+        )
+        name = directory[pos + 46 : pos + 46 + name_len].decode()
         if name.endswith(".dist-info/METADATA"):
             header = _get(url, {"Range": f"bytes={local}-{local + 30 + 1024 - 1}"})
             n, e = struct.unpack("<HH", header[26:30])
@@ -119,10 +125,15 @@ def test_the_engine_accepts_our_pins(extra, engine):
 
 
 def test_a_pin_outside_the_engines_range_is_found():
-    theirs = [Requirement("transformers>=5.16.1,<5.21"), Requirement("torch==2.14.0"),
-              Requirement('pillow; extra == "video"')]
+    theirs = [
+        Requirement("transformers>=5.16.1,<5.21"),
+        Requirement("torch==2.14.0"),
+        Requirement('pillow; extra == "video"'),
+    ]
     ours = [Requirement("transformers==5.23.0"), Requirement("torch>=2.6,<2.14"), Requirement("pillow==1")]
     problems, checked = conflicts(ours, theirs)
-    assert problems == ["transformers==5.23.0 is outside the engine's transformers<5.21,>=5.16.1",
-                        "the engine's torch==2.14.0 is outside our torch<2.14,>=2.6"]
+    assert problems == [
+        "transformers==5.23.0 is outside the engine's transformers<5.21,>=5.16.1",
+        "the engine's torch==2.14.0 is outside our torch<2.14,>=2.6",
+    ]
     assert checked == {"torch", "transformers"}

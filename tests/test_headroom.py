@@ -29,10 +29,16 @@ def make_users(layout: dict[str, int], n_windows: int = 3) -> list[EvalUser]:
     for domain, count in layout.items():
         for k in range(count):
             u = len(users)
-            windows = tuple(Window(titles=tuple(TITLES[(u + w + p) % 5] for p in range(3)),
-                                   ratings=tuple(float(1 + (u + 2 * w + p) % 5) for p in range(3)))
-                            for w in range(n_windows))
-            users.append(EvalUser(domain, f"{domain}-{k}", "movie", True, windows, f"S0 of user {u}: likes dramas."))
+            windows = tuple(
+                Window(
+                    titles=tuple(TITLES[(u + w + p) % 5] for p in range(3)),
+                    ratings=tuple(float(1 + (u + 2 * w + p) % 5) for p in range(3)),
+                )
+                for w in range(n_windows)
+            )
+            users.append(
+                EvalUser(domain, f"{domain}-{k}", "movie", True, windows, f"S0 of user {u}: likes dramas.")
+            )
     return users
 
 
@@ -71,8 +77,12 @@ def test_paired_contrast_of_a_constant_shift_is_exact_and_means_average_domains(
     own = rng.uniform(0.5, 1.5, size=8)
     domains = ["a"] * 6 + ["b"] * 2
     values = {"own": own, "shifted": own + 0.25, "other": rng.uniform(0.5, 1.5, size=8)}
-    out = paired_means(values, domains, BootstrapSettings(resamples=500, seed=3),
-                       {"shift": ("shifted", "own"), "diff": ("other", "own")})
+    out = paired_means(
+        values,
+        domains,
+        BootstrapSettings(resamples=500, seed=3),
+        {"shift": ("shifted", "own"), "diff": ("other", "own")},
+    )
     # one draw of users serves every condition: a constant shift has no spread at all
     shift = out["contrasts"]["shift"]
     assert shift["estimate"] == pytest.approx(0.25) and shift["low"] == pytest.approx(0.25)
@@ -95,9 +105,20 @@ def test_paired_means_refuses_values_that_are_not_one_per_user():
 
 # ---------------------------------------------------------------- the measurement, with a real model
 
-PERSONA = PersonaSettings.from_params({"persona": {
-    "max_new_tokens": 12, "temperature": 0.7, "top_p": 0.9, "repetition_penalty": 1.1, "seed": 0, "retries": 0,
-    "min_words": 1, "tokenizer": "unused"}})
+PERSONA = PersonaSettings.from_params(
+    {
+        "persona": {
+            "max_new_tokens": 12,
+            "temperature": 0.7,
+            "top_p": 0.9,
+            "repetition_penalty": 1.1,
+            "seed": 0,
+            "retries": 0,
+            "min_words": 1,
+            "tokenizer": "unused",
+        }
+    }
+)
 
 
 @pytest.fixture(scope="module")
@@ -118,21 +139,29 @@ def test_each_condition_predicts_the_window_with_its_own_persona(frozen):
 
     # the personas each condition was given, computed independently
     donors, _ = shuffled_donors(users, 5)
+
     def init_chat(u, windows):
-        return prompts.render("init", item_type="movie", ratings=[(t, r) for w in windows
-                                                                   for t, r in zip(w.titles, w.ratings)])
-    written = generate_personas(frozen, [init_chat(u, [u.windows[2]]) for u in users]
-                                + [init_chat(u, u.windows) for u in users], PERSONA)
+        return prompts.render(
+            "init", item_type="movie", ratings=[(t, r) for w in windows for t, r in zip(w.titles, w.ratings)]
+        )
+
+    written = generate_personas(
+        frozen,
+        [init_chat(u, [u.windows[2]]) for u in users] + [init_chat(u, u.windows) for u in users],
+        PERSONA,
+    )
     assert list(by["none"]["persona"]) == [""] * len(users)
     assert list(by["own"]["persona"]) == [u.persona0 for u in users]
     assert list(by["shuffled"]["persona"]) == [users[d].persona0 for d in donors]
-    assert list(by["oracle"]["persona"]) == written.personas[:len(users)]
-    assert list(by["oracle_all"]["persona"]) == written.personas[len(users):]
+    assert list(by["oracle"]["persona"]) == written.personas[: len(users)]
+    assert list(by["oracle_all"]["persona"]) == written.personas[len(users) :]
 
     # every error is the frozen model's on W_2 (not W_1) with that persona
     for condition, rows in by.items():
-        requests = [WindowRequest(p, "movie", u.windows[2].titles, u.windows[2].ratings)
-                    for p, u in zip(rows["persona"], users)]
+        requests = [
+            WindowRequest(p, "movie", u.windows[2].titles, u.windows[2].ratings)
+            for p, u in zip(rows["persona"], users)
+        ]
         preds, _ = predict_windows(frozen, requests, predict, prompts)
         assert list(rows["mae"]) == pytest.approx([p.mae for p in preds]), condition
         assert list(rows["spread"]) == pytest.approx([float(np.std(p.ratings)) for p in preds])
@@ -149,7 +178,9 @@ def test_each_condition_predicts_the_window_with_its_own_persona(frozen):
         assert summary["conditions"][condition]["mae"]["estimate"] == pytest.approx(domain_mean(condition))
     assert summary["sensitivity"]["estimate"] == pytest.approx(domain_mean("shuffled") - domain_mean("own"))
     assert summary["headroom"]["estimate"] == pytest.approx(domain_mean("own") - domain_mean("oracle"))
-    assert summary["headroom_all"]["estimate"] == pytest.approx(domain_mean("own") - domain_mean("oracle_all"))
+    assert summary["headroom_all"]["estimate"] == pytest.approx(
+        domain_mean("own") - domain_mean("oracle_all")
+    )
     for name in ("sensitivity", "headroom", "headroom_all"):
         assert summary[name]["low"] <= summary[name]["estimate"] <= summary[name]["high"]
 
@@ -172,9 +203,20 @@ def windows_frame(users: list[EvalUser]) -> pd.DataFrame:
     for u in users:
         for w, window in enumerate(u.windows):
             for p, (title, rating) in enumerate(zip(window.titles, window.ratings)):
-                rows.append({"domain": u.domain, "item_type": "movie", "seen": True, "user_id": u.user_id,
-                             "split": "eval", "window": w, "pos": p, "item_id": f"{p}", "title": title,
-                             "rating": rating})
+                rows.append(
+                    {
+                        "domain": u.domain,
+                        "item_type": "movie",
+                        "seen": True,
+                        "user_id": u.user_id,
+                        "split": "eval",
+                        "window": w,
+                        "pos": p,
+                        "item_id": f"{p}",
+                        "title": title,
+                        "rating": rating,
+                    }
+                )
     return pd.DataFrame(rows)
 
 
@@ -185,21 +227,53 @@ def test_the_stage_writes_table_metrics_and_plot(tmp_path, tiny_llama, monkeypat
     users = make_users({"books": 3}, n_windows=3)
     windows, personas = tmp_path / "windows.parquet", tmp_path / "init.parquet"
     windows_frame(users).to_parquet(windows, index=False)
-    pd.DataFrame({"domain": [u.domain for u in users], "user_id": [u.user_id for u in users], "split": "eval",
-                  "persona": [u.persona0 for u in users]}).to_parquet(personas, index=False)
+    pd.DataFrame(
+        {
+            "domain": [u.domain for u in users],
+            "user_id": [u.user_id for u in users],
+            "split": "eval",
+            "persona": [u.persona0 for u in users],
+        }
+    ).to_parquet(personas, index=False)
     spec = {"backend": "transformers", "name": str(tiny_llama), "adapter": None, "batch_size": 8}
-    params = {"models": {"frozen": spec}, "headroom": {"window": 1, "seed": 0},
-              "persona": {"max_new_tokens": 8, "temperature": 0.7, "top_p": 0.9, "repetition_penalty": 1.1,
-                          "seed": 0, "retries": 0, "min_words": 1, "tokenizer": str(tiny_llama)},
-              "predict": {"mode": "logprob"}, "prompts": "tuned",
-              "evaluate": {"rounds": 1, "methods": {"untrained": {"update": "refine", "model": "frozen",
-                                                                  "weights": "models/embedded"}},
-                           "sampling": {"temperature": 0.0, "max_new_tokens": 8},
-                           "bootstrap": {"resamples": 200, "level": 0.9, "seed": 0}}}
+    params = {
+        "models": {"frozen": spec},
+        "headroom": {"window": 1, "seed": 0},
+        "persona": {
+            "max_new_tokens": 8,
+            "temperature": 0.7,
+            "top_p": 0.9,
+            "repetition_penalty": 1.1,
+            "seed": 0,
+            "retries": 0,
+            "min_words": 1,
+            "tokenizer": str(tiny_llama),
+        },
+        "predict": {"mode": "logprob"},
+        "prompts": "tuned",
+        "evaluate": {
+            "rounds": 1,
+            "methods": {"untrained": {"update": "refine", "model": "frozen", "weights": "models/embedded"}},
+            "sampling": {"temperature": 0.0, "max_new_tokens": 8},
+            "bootstrap": {"resamples": 200, "level": 0.9, "seed": 0},
+        },
+    }
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     out, metrics, plot = tmp_path / "h" / "users.parquet", tmp_path / "h.json", tmp_path / "p" / "h.csv"
-    args = ["--params", str(tmp_path / "params.yaml"), "--windows", str(windows), "--personas", str(personas),
-            "--out", str(out), "--metrics", str(metrics), "--plot", str(plot)]
+    args = [
+        "--params",
+        str(tmp_path / "params.yaml"),
+        "--windows",
+        str(windows),
+        "--personas",
+        str(personas),
+        "--out",
+        str(out),
+        "--metrics",
+        str(metrics),
+        "--plot",
+        str(plot),
+    ]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
     assert "sensitivity" in result.output and "frozen: {" in result.output
@@ -210,10 +284,14 @@ def test_the_stage_writes_table_metrics_and_plot(tmp_path, tiny_llama, monkeypat
     assert summary["bootstrap"] == {"level": 0.9, "resamples": 200, "seed": 0}
     assert summary["frozen"] == str(tiny_llama) and summary["users"] == 3
     lines = plot.read_text().splitlines()
-    assert lines[0] == "condition,mae,low,high" and [line.split(",")[0] for line in lines[1:]] == list(CONDITIONS)
+    assert lines[0] == "condition,mae,low,high" and [line.split(",")[0] for line in lines[1:]] == list(
+        CONDITIONS
+    )
     first = metrics.read_bytes(), plot.read_bytes()
     again = CliRunner().invoke(main, args)  # from the response cache: the same metrics and plot bytes (the
-    assert again.exit_code == 0, again.output  # cache keeps rating probabilities to ~1e-8, as for every stage)
+    assert again.exit_code == 0, (
+        again.output
+    )  # cache keeps rating probabilities to ~1e-8, as for every stage)
     assert "cache_misses': 0" in again.output
     assert (metrics.read_bytes(), plot.read_bytes()) == first
     assert list(pd.read_parquet(out)["mae"]) == pytest.approx(list(table["mae"]), abs=1e-6)

@@ -26,17 +26,33 @@ PERSONAS = [
 
 
 def round_row(user: str, rnd: int, persona: str, domain: str = "movielens") -> dict:
-    window = [Rating(f"i{rnd}{k}", f"Title {rnd}{k} <i>|pipe|</i>", float(1 + k), 100 * rnd + k) for k in range(3)]
+    window = [
+        Rating(f"i{rnd}{k}", f"Title {rnd}{k} <i>|pipe|</i>", float(1 + k), 100 * rnd + k) for k in range(3)
+    ]
     refined = rnd > 0
     return {
-        "domain": domain, "user_id": user, "round": rnd, "item_type": "movie", "persona": persona,
-        "persona_words": len(persona.split()), "persona_tokens": 7 + rnd, "writer": "refine" if refined else "init",
-        "window_key": window_key(window), "item_ids": [r.item_id for r in window], "titles": [r.title for r in window],
-        "ts": [r.ts for r in window], "actual": [r.rating for r in window],
-        "predicted": [2.5, 2.0, 3.25] if refined else None, "mae_before": 0.75 if refined else None,
-        "predict_failed_items": 0 if refined else None, "update_failure": None, "update_flag": None,
-        "frozen_fingerprint": "sha256:frozen", "policy_fingerprint": "sha256:policy;adapter=sha256:a" if refined else None,
-        "adapter": "models/adapters/it2" if refined else None, "adapter_fingerprint": "sha256:a" if refined else None,
+        "domain": domain,
+        "user_id": user,
+        "round": rnd,
+        "item_type": "movie",
+        "persona": persona,
+        "persona_words": len(persona.split()),
+        "persona_tokens": 7 + rnd,
+        "writer": "refine" if refined else "init",
+        "window_key": window_key(window),
+        "item_ids": [r.item_id for r in window],
+        "titles": [r.title for r in window],
+        "ts": [r.ts for r in window],
+        "actual": [r.rating for r in window],
+        "predicted": [2.5, 2.0, 3.25] if refined else None,
+        "mae_before": 0.75 if refined else None,
+        "predict_failed_items": 0 if refined else None,
+        "update_failure": None,
+        "update_flag": None,
+        "frozen_fingerprint": "sha256:frozen",
+        "policy_fingerprint": "sha256:policy;adapter=sha256:a" if refined else None,
+        "adapter": "models/adapters/it2" if refined else None,
+        "adapter_fingerprint": "sha256:a" if refined else None,
         "created_at": datetime(2026, 12, 1, 12, rnd),
     }
 
@@ -44,8 +60,10 @@ def round_row(user: str, rnd: int, persona: str, domain: str = "movielens") -> d
 @pytest.fixture
 def store(tmp_path) -> Path:
     path = tmp_path / "store.duckdb"
-    rows = [round_row("7", r, p) for r, p in enumerate(PERSONAS)] + [round_row("8", 0, "x", "books"),
-                                                                     round_row("8", 0, "y", "movielens")]
+    rows = [round_row("7", r, p) for r, p in enumerate(PERSONAS)] + [
+        round_row("8", 0, "x", "books"),
+        round_row("8", 0, "y", "movielens"),
+    ]
     users = {(r["domain"], r["user_id"]): UserState(r["domain"], r["user_id"]) for r in rows}
     waiting = {("movielens", "7"): [("movie", Rating("w1", "Waiting", 4.0, 999))]}
     PersonaStore(path).write(users, rows, waiting)
@@ -53,8 +71,13 @@ def store(tmp_path) -> Path:
 
 
 def test_word_diff_marks_deleted_and_inserted_words():
-    assert word_diff("a b c d", "a x c d e") == [("same", "a"), ("del", "b"), ("ins", "x"), ("same", "c d"),
-                                                 ("ins", "e")]
+    assert word_diff("a b c d", "a x c d e") == [
+        ("same", "a"),
+        ("del", "b"),
+        ("ins", "x"),
+        ("same", "c d"),
+        ("ins", "e"),
+    ]
     assert word_diff("same  text\n", "same text") == [("same", "same text")]
 
 
@@ -77,7 +100,9 @@ def test_show_refuses_an_unknown_or_ambiguous_user(store, tmp_path):
     one_line_error(runner.invoke(main, ["show", "99", "--store", str(store)]), "no user '99'")
     one_line_error(runner.invoke(main, ["show", "8", "--store", str(store)]), "books, movielens", "--domain")
     assert "(books)" in runner.invoke(main, ["show", "8", "--store", str(store), "--domain", "books"]).output
-    one_line_error(runner.invoke(main, ["show", "7", "--store", str(tmp_path / "none.duckdb")]), "deeper refine")
+    one_line_error(
+        runner.invoke(main, ["show", "7", "--store", str(tmp_path / "none.duckdb")]), "deeper refine"
+    )
 
 
 def test_the_html_page_is_self_contained_and_escaped(store, tmp_path):
@@ -89,18 +114,30 @@ def test_the_html_page_is_self_contained_and_escaped(store, tmp_path):
     assert "<script" not in text and "src=" not in text and "href=" not in text and "@import" not in text
     assert "&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt;" in text
     assert "<del>films; dislikes</del> <ins>films and slow westerns; loves</ins>" in text
-    assert ("<summary>the persona as written</summary>Likes &lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt; quiet "
-            "dramas and slow westerns; loves loud action.</details>") in text
+    assert (
+        "<summary>the persona as written</summary>Likes &lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt; quiet "
+        "dramas and slow westerns; loves loud action.</details>"
+    ) in text
 
 
 def chromium(*args: str, profile: Path) -> subprocess.CompletedProcess:
-    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-             "--disable-background-networking", "--disable-component-update", "--disable-sync",
-             f"--user-data-dir={profile}"]
+    flags = [
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={profile}",
+    ]
     return subprocess.run([CHROMIUM, *flags, *args], check=False, capture_output=True, text=True, timeout=180)
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (apt-get install -y chromium)")
+@pytest.mark.skipif(
+    CHROMIUM is None, reason="Debian's chromium is not installed (apt-get install -y chromium)"
+)
 def test_the_html_page_in_headless_chromium(store, tmp_path):
     page = tmp_path / "u7.html"
     assert CliRunner().invoke(main, ["show", "7", "--store", str(store), "--html", str(page)]).exit_code == 0
@@ -115,8 +152,13 @@ def test_the_html_page_in_headless_chromium(store, tmp_path):
     assert "Likes quiet dramas &amp; &lt;b&gt;old&lt;/b&gt; films; dislikes loud action." in html
 
     shot = tmp_path / "shot.png"
-    result = chromium(f"--screenshot={shot}", "--window-size=1000,1400", "--hide-scrollbars", page.as_uri(),
-                      profile=tmp_path / "profile2")
+    result = chromium(
+        f"--screenshot={shot}",
+        "--window-size=1000,1400",
+        "--hide-scrollbars",
+        page.as_uri(),
+        profile=tmp_path / "profile2",
+    )
     assert result.returncode == 0 and shot.is_file(), result.stderr[-2000:]
     counts = png_colours(shot)
     assert sum(counts.values()) == 1000 * 1400

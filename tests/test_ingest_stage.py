@@ -49,8 +49,9 @@ def test_embedded_preset_end_to_end(tmp_path, monkeypatch, embedded_ml100k):
     """The repo's own params (embedded preset) on the wheel's files: the default `dvc repro` path."""
     params = repo_params()
     # The window counts below follow these values, not whatever the repo's defaults are tuned to.
-    params["window"].update(size=10, count=6, train_count=4, seed=0,
-                            default={"train_users": 24, "eval_users": 8, "seen": True})
+    params["window"].update(
+        size=10, count=6, train_count=4, seed=0, default={"train_users": 24, "eval_users": 8, "seen": True}
+    )
     (tmp_path / "data" / "raw" / "embedded").mkdir(parents=True)
     os.symlink(embedded_ml100k, tmp_path / "data" / "raw" / "embedded" / "movielens100k")
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params), encoding="utf-8")
@@ -58,20 +59,28 @@ def test_embedded_preset_end_to_end(tmp_path, monkeypatch, embedded_ml100k):
     result = CliRunner().invoke(ingest_main, [])
     assert result.exit_code == 0, result.output
     # three u.item titles end in a space ("Two Friends (1986) "): cleaned, counted, printed
-    assert result.output.splitlines() == \
-        ["movielens: 943 users, 1682 items, 100000 ratings; dropped: none; kept with a remark: title_cleaned 3"]
+    assert result.output.splitlines() == [
+        "movielens: 943 users, 1682 items, 100000 ratings; dropped: none; kept with a remark: title_cleaned 3"
+    ]
     with duckdb.connect("data/ingest/ratings.duckdb", read_only=True) as con:
         for table, columns in TABLES.items():
             described = [f"{name} {kind}" for name, kind, *_ in con.execute(f"DESCRIBE {table}").fetchall()]
             assert ", ".join(described) == columns
-        assert con.execute("SELECT * FROM domains").fetchall() == \
-            [("movielens", "movie", "movielens100k_parquet", "data/raw/embedded/movielens100k")]
-        assert con.execute("SELECT count(*) FROM ratings WHERE window_hint IS NOT NULL OR split_hint IS NOT NULL"
-                           ).fetchone() == (0,)
+        assert con.execute("SELECT * FROM domains").fetchall() == [
+            ("movielens", "movie", "movielens100k_parquet", "data/raw/embedded/movielens100k")
+        ]
+        assert con.execute(
+            "SELECT count(*) FROM ratings WHERE window_hint IS NOT NULL OR split_hint IS NOT NULL"
+        ).fetchone() == (0,)
     data = json.loads(Path("metrics/data.json").read_text())
-    assert data["domains"]["movielens"] == {"users": 943, "items": 1682, "ratings": 100_000,
-                                            "dropped": dict.fromkeys(DROP_REASONS, 0), **dict.fromkeys(NOTES, 0),
-                                            "title_cleaned": 3}
+    assert data["domains"]["movielens"] == {
+        "users": 943,
+        "items": 1682,
+        "ratings": 100_000,
+        "dropped": dict.fromkeys(DROP_REASONS, 0),
+        **dict.fromkeys(NOTES, 0),
+        "title_cleaned": 3,
+    }
     assert data["total"]["ratings"] == 100_000 and data["total"]["domains"] == 1
 
     result = CliRunner().invoke(window_main, [])
@@ -88,12 +97,25 @@ def test_embedded_preset_end_to_end(tmp_path, monkeypatch, embedded_ml100k):
 def test_a_rerun_replaces_the_database(tmp_path, monkeypatch, shared_data):
     """A second preset leaves nothing of the first behind (the database is rebuilt, then moved in place)."""
     os.symlink(shared_data / "raw", tmp_path / "raw")
-    presets = {"a": [{"format": "movielens_csv", "path": "ml-latest-small", "domain": "small", "item_type": "movie"}],
-               "b": [{"format": "foodcom", "path": "foodcom/RAW_interactions_sample.csv",
-                      "meta": "foodcom/RAW_recipes_sample.csv", "domain": "recipe", "item_type": "recipe"}]}
+    presets = {
+        "a": [
+            {"format": "movielens_csv", "path": "ml-latest-small", "domain": "small", "item_type": "movie"}
+        ],
+        "b": [
+            {
+                "format": "foodcom",
+                "path": "foodcom/RAW_interactions_sample.csv",
+                "meta": "foodcom/RAW_recipes_sample.csv",
+                "domain": "recipe",
+                "item_type": "recipe",
+            }
+        ],
+    }
     monkeypatch.chdir(tmp_path)
     for preset in ("a", "b"):
-        Path("params.yaml").write_text(yaml.safe_dump({"ingest": {"root": "raw", "preset": preset, "presets": presets}}))
+        Path("params.yaml").write_text(
+            yaml.safe_dump({"ingest": {"root": "raw", "preset": preset, "presets": presets}})
+        )
         assert CliRunner().invoke(ingest_main, []).exit_code == 0
     with duckdb.connect("data/ingest/ratings.duckdb", read_only=True) as con:
         assert con.execute("SELECT DISTINCT domain FROM ratings").fetchall() == [("recipe",)]
@@ -119,9 +141,17 @@ def test_dvc_entries_keep_ingest_and_window_apart():
     assert "deeper/data/window.py" not in ingest_deps and "deeper/data" not in ingest_deps
     assert "deeper/data/readers" in ingest_deps and "deeper/data/ingest.py" in ingest_deps
     assert "deeper/data/readers" not in window_deps and "deeper/data/ingest.py" not in window_deps
-    assert "data/ingest/ratings.duckdb" in window_deps and "data/ingest/ratings.duckdb" in stages["ingest"]["outs"]
-    assert stages["ingest"]["params"] == ["ingest.root", "ingest.preset", "ingest.presets", "ingest.unknown_items",
-                                         "ingest.zero_ratings"]
+    assert (
+        "data/ingest/ratings.duckdb" in window_deps
+        and "data/ingest/ratings.duckdb" in stages["ingest"]["outs"]
+    )
+    assert stages["ingest"]["params"] == [
+        "ingest.root",
+        "ingest.preset",
+        "ingest.presets",
+        "ingest.unknown_items",
+        "ingest.zero_ratings",
+    ]
     assert sorted(stages["window"]["params"]) == sorted(f"window.{k}" for k in repo_params()["window"])
     for dep in ingest_deps + window_deps:  # code deps exist (data deps are other stages' outputs)
         assert dep.startswith(("${", "data/")) or (REPO / dep).exists(), dep

@@ -14,34 +14,72 @@ from deeper.personas import count_words, token_counter
 from stages.init_personas import main
 
 MOVIES = [
-    "Toy Story (1995)", "GoldenEye (1995)", 'He said "no" {{persona}}', "Line\nbreak\tand tab",
-    "<|im_start|>system", "Amélie (2001)", "Seven (Se7en) (1995)", "Babe (1995)",
+    "Toy Story (1995)",
+    "GoldenEye (1995)",
+    'He said "no" {{persona}}',
+    "Line\nbreak\tand tab",
+    "<|im_start|>system",
+    "Amélie (2001)",
+    "Seven (Se7en) (1995)",
+    "Babe (1995)",
 ]
-RECIPES = ["Grandma's apple pie", "Spicy {x} chili", "Quick weeknight pasta", "Lemon bars \ufeff", "Miso soup"]
+RECIPES = [
+    "Grandma's apple pie",
+    "Spicy {x} chili",
+    "Quick weeknight pasta",
+    "Lemon bars \ufeff",
+    "Miso soup",
+]
 
 
 def windows_frame() -> pd.DataFrame:
     """Three users in two domains, two windows each, in the window stage's column layout and order."""
     rows = []
-    users = [("movielens", "movie", "u1", "train", MOVIES), ("movielens", "movie", "u2", "eval", MOVIES[::-1]),
-             ("recipes", "recipe", "r9", "train", RECIPES + RECIPES[:3])]
+    users = [
+        ("movielens", "movie", "u1", "train", MOVIES),
+        ("movielens", "movie", "u2", "eval", MOVIES[::-1]),
+        ("recipes", "recipe", "r9", "train", RECIPES + RECIPES[:3]),
+    ]
     rng = np.random.default_rng(0)
     for domain, item_type, user, split, titles in users:
         for window in range(2):
             for pos in range(4):
                 title = titles[window * 4 + pos]
-                rows.append({"domain": domain, "item_type": item_type, "seen": True, "user_id": user, "split": split,
-                             "window": window, "pos": pos, "item_id": f"{user}-{window}-{pos}", "title": title,
-                             "rating": float(rng.integers(1, 6))})
+                rows.append(
+                    {
+                        "domain": domain,
+                        "item_type": item_type,
+                        "seen": True,
+                        "user_id": user,
+                        "split": split,
+                        "window": window,
+                        "pos": pos,
+                        "item_id": f"{user}-{window}-{pos}",
+                        "title": title,
+                        "rating": float(rng.integers(1, 6)),
+                    }
+                )
     return pd.DataFrame(rows)
 
 
 def write_params(tmp_path, model, tokenizer=None, **persona) -> str:
-    settings = {"max_new_tokens": 16, "temperature": 0.7, "top_p": 0.9, "repetition_penalty": 1.1, "seed": 0,
-                "retries": 1, "min_words": 1, "tokenizer": str(tokenizer or model)}
+    settings = {
+        "max_new_tokens": 16,
+        "temperature": 0.7,
+        "top_p": 0.9,
+        "repetition_penalty": 1.1,
+        "seed": 0,
+        "retries": 1,
+        "min_words": 1,
+        "tokenizer": str(tokenizer or model),
+    }
     settings.update(persona)
-    params = {"models": {"frozen": {"backend": "transformers", "name": str(model), "adapter": None, "batch_size": 2}},
-              "persona": settings}
+    params = {
+        "models": {
+            "frozen": {"backend": "transformers", "name": str(model), "adapter": None, "batch_size": 2}
+        },
+        "persona": settings,
+    }
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump(params), encoding="utf-8")
     return str(path)
@@ -69,10 +107,22 @@ def test_writes_one_persona_per_windowed_user(tmp_path, tiny_llama, cache_dir):
     result, out, metrics = run_stage(tmp_path, params)
     assert result.exit_code == 0, result.output
     df = pd.read_parquet(out)
-    assert list(df.columns) == ["domain", "user_id", "split", "persona", "persona_tokens", "persona_words",
-                                "attempts", "degenerate", "stopped_at_limit"]
+    assert list(df.columns) == [
+        "domain",
+        "user_id",
+        "split",
+        "persona",
+        "persona_tokens",
+        "persona_words",
+        "attempts",
+        "degenerate",
+        "stopped_at_limit",
+    ]
     assert list(zip(df.domain, df.user_id, df.split)) == [
-        ("movielens", "u1", "train"), ("movielens", "u2", "eval"), ("recipes", "r9", "train")]
+        ("movielens", "u1", "train"),
+        ("movielens", "u2", "eval"),
+        ("recipes", "r9", "train"),
+    ]
     counter = token_counter(str(tiny_llama))
     assert list(df.persona_words) == [count_words(p) for p in df.persona]
     assert list(df.persona_tokens) == [counter(p) for p in df.persona]
@@ -123,7 +173,10 @@ def test_greedy_decoding_is_not_retried(tmp_path, tiny_llama, cache_dir):
         (lambda df: df.drop(columns=["title"]), "missing column(s) title"),
         (lambda df: df.assign(title=df.title.where(df.index != 5, None)), ":6: title is missing or empty"),
         (lambda df: df.assign(split=df.split.where(df.index != 2, "test")), ":3: split must be one of"),
-        (lambda df: df.assign(rating=df.rating.where(df.index != 7, np.nan)), ":8: rating is not a finite number"),
+        (
+            lambda df: df.assign(rating=df.rating.where(df.index != 7, np.nan)),
+            ":8: rating is not a finite number",
+        ),
         (lambda df: df[df.window == 1], "has no window 0"),
         (lambda df: pd.concat([df, df.iloc[[0]]]), "duplicate (domain, user_id, window, pos)"),
     ],
@@ -147,7 +200,11 @@ def test_missing_windows_and_bad_params_are_one_line_errors(tmp_path, tiny_llama
 def test_help_explains_the_stage():
     result = CliRunner().invoke(main, ["--help"])
     assert result.exit_code == 0
-    assert "initial persona S_0" in result.output and "--windows" in result.output and "--params" in result.output
+    assert (
+        "initial persona S_0" in result.output
+        and "--windows" in result.output
+        and "--params" in result.output
+    )
 
 
 @pytest.mark.slow

@@ -39,22 +39,41 @@ def write_windows(path: Path) -> None:
     for u, (user, count) in enumerate({**USERS, "e0": 4}.items()):
         for w in range(count):
             for p in range(3):
-                rows.append({
-                    "domain": "movielens", "item_type": "movie", "seen": True, "user_id": user,
-                    "split": "eval" if user.startswith("e") else "train", "window": w, "pos": p,
-                    "item_id": str(p), "title": TITLES[(u + w + p) % len(TITLES)], "rating": float(1 + (u + 2 * w + p) % 5),
-                })
+                rows.append(
+                    {
+                        "domain": "movielens",
+                        "item_type": "movie",
+                        "seen": True,
+                        "user_id": user,
+                        "split": "eval" if user.startswith("e") else "train",
+                        "window": w,
+                        "pos": p,
+                        "item_id": str(p),
+                        "title": TITLES[(u + w + p) % len(TITLES)],
+                        "rating": float(1 + (u + 2 * w + p) % 5),
+                    }
+                )
     pd.DataFrame(rows).to_parquet(path, index=False)
 
 
 def make_params(model: Path, **sample) -> dict:
     spec = {"backend": "transformers", "name": str(model), "adapter": None, "batch_size": 4}
     return {
-        "tau_pos": 0.05, "tau_neg": 0.0, "delta": 0.0, "alpha": 0.1,
+        "tau_pos": 0.05,
+        "tau_neg": 0.0,
+        "delta": 0.0,
+        "alpha": 0.1,
         "models": {"frozen": dict(spec), "policy": dict(spec), "sampler": dict(spec)},
         "predict": {"mode": "logprob", "rating": "expected", "windows_per_call": 4},
-        "sample": {"n": 3, "temperature": 1.0, "top_p": 0.9, "repetition_penalty": 1.1, "max_new_tokens": 8,
-                   "seed": 0, **sample},
+        "sample": {
+            "n": 3,
+            "temperature": 1.0,
+            "top_p": 0.9,
+            "repetition_penalty": 1.1,
+            "max_new_tokens": 8,
+            "seed": 0,
+            **sample,
+        },
         "reward": {"weights": {"prev": 1.0, "curr": 1.0, "fut": 1.0}},
         "pair": {"strategy": "largest_margin", "max_per_context": 3, "val_fraction": 0.2, "seed": 0},
         "iter2": {"delta": 0.0, "replay_max": 2, "replay_order": "largest_margin"},
@@ -68,8 +87,16 @@ def world(tmp_path_factory, tiny_llama):
     root = tmp_path_factory.mktemp("iteration")
     write_windows(root / "windows.parquet")
     personas = pd.DataFrame(
-        [{"domain": "movielens", "user_id": u, "split": "train", "persona": f"User {u} loves quiet dramas and hates noise."}
-         for u in USERS if u != "u2"]
+        [
+            {
+                "domain": "movielens",
+                "user_id": u,
+                "split": "train",
+                "persona": f"User {u} loves quiet dramas and hates noise.",
+            }
+            for u in USERS
+            if u != "u2"
+        ]
         + [{"domain": "movielens", "user_id": "e0", "split": "eval", "persona": "An eval user."}]
     )
     personas.to_parquet(root / "init.parquet", index=False)
@@ -87,7 +114,9 @@ def make_adapter(model: Path, out: Path) -> None:
 
     torch.manual_seed(1)
     base = AutoModelForCausalLM.from_pretrained(model)
-    peft = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False))
+    peft = get_peft_model(
+        base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)
+    )
     peft.save_pretrained(out)
 
 
@@ -108,14 +137,41 @@ def iteration1(world, tmp_path_factory):
     os.environ["DEEPER_RESPONSE_CACHE"] = str(out / "responses")
     try:
         metrics = {
-            "contexts": contexts.run(params, 1, root / "windows.parquet", root / "init.parquet", None,
-                                     out / "contexts.parquet", out / "contexts.json"),
-            "sample": sample.run(params, 1, out / "contexts.parquet", None, out / "samples.parquet", out / "sample.json",
-                                 "sampler"),
-            "reward": reward.run(params, out / "contexts.parquet", out / "samples.parquet", root / "windows.parquet",
-                                 out / "rewards.parquet", out / "reward.json"),
-            "pair": pair.run(thresholds_that_pair(params, out / "rewards.parquet"), 1, out / "contexts.parquet",
-                             out / "rewards.parquet", None, out / "pairs.parquet", out / "pairs.json"),
+            "contexts": contexts.run(
+                params,
+                1,
+                root / "windows.parquet",
+                root / "init.parquet",
+                None,
+                out / "contexts.parquet",
+                out / "contexts.json",
+            ),
+            "sample": sample.run(
+                params,
+                1,
+                out / "contexts.parquet",
+                None,
+                out / "samples.parquet",
+                out / "sample.json",
+                "sampler",
+            ),
+            "reward": reward.run(
+                params,
+                out / "contexts.parquet",
+                out / "samples.parquet",
+                root / "windows.parquet",
+                out / "rewards.parquet",
+                out / "reward.json",
+            ),
+            "pair": pair.run(
+                thresholds_that_pair(params, out / "rewards.parquet"),
+                1,
+                out / "contexts.parquet",
+                out / "rewards.parquet",
+                None,
+                out / "pairs.parquet",
+                out / "pairs.json",
+            ),
         }
     finally:
         if old is None:
@@ -175,7 +231,12 @@ def test_contexts_hold_the_old_personas_errors_on_the_right_windows(world, itera
     root, params, _ = world
     out, metrics = iteration1
     contexts = read_contexts(out / "contexts.parquet")
-    assert list(contexts["context_id"]) == ["movielens/u0/t1", "movielens/u1/t1", "movielens/u3/t1", "movielens/u4/t1"]
+    assert list(contexts["context_id"]) == [
+        "movielens/u0/t1",
+        "movielens/u1/t1",
+        "movielens/u3/t1",
+        "movielens/u4/t1",
+    ]
     assert (contexts["t"] == 1).all()
     assert metrics["contexts"]["skipped_users"] == {"no_persona": 1, "too_few_windows": 0}
 
@@ -183,7 +244,10 @@ def test_contexts_hold_the_old_personas_errors_on_the_right_windows(world, itera
     row = contexts.iloc[1]
     user = users["u1"]
     # The old persona's errors, recomputed without the cache on W0, W1, W2.
-    requests = [WindowRequest(row["persona_old"], "movie", user.windows[w].titles, user.windows[w].ratings) for w in (0, 1, 2)]
+    requests = [
+        WindowRequest(row["persona_old"], "movie", user.windows[w].titles, user.windows[w].ratings)
+        for w in (0, 1, 2)
+    ]
     preds, _ = predict_windows(frozen_llm(params), requests, PredictSettings(windows_per_call=4))
     assert [row[c] for c in OLD_COLUMNS] == pytest.approx([p.mae for p in preds], abs=1e-6)
     assert list(row["predicted"]) == pytest.approx(list(preds[1].ratings), abs=1e-6)
@@ -204,15 +268,28 @@ def test_contexts_train_the_update_params_name(world, iteration1, tmp_path):
     root, params, _ = world
     out, _ = iteration1
     inc = {**params, "refiner": {"update": "incupdate"}}
-    contexts_stage.run(inc, 1, root / "windows.parquet", root / "init.parquet", None, tmp_path / "c.parquet",
-                       tmp_path / "c.json")
+    contexts_stage.run(
+        inc,
+        1,
+        root / "windows.parquet",
+        root / "init.parquet",
+        None,
+        tmp_path / "c.parquet",
+        tmp_path / "c.json",
+    )
     deeper, incft = read_contexts(out / "contexts.parquet"), read_contexts(tmp_path / "c.parquet")
     assert list(incft["context_id"]) == list(deeper["context_id"])
-    assert list(incft[list(OLD_COLUMNS)].to_numpy().ravel()) == pytest.approx(list(deeper[list(OLD_COLUMNS)].to_numpy().ravel()))
+    assert list(incft[list(OLD_COLUMNS)].to_numpy().ravel()) == pytest.approx(
+        list(deeper[list(OLD_COLUMNS)].to_numpy().ravel())
+    )
     users = {u.user_id: u for u in read_user_windows(root / "windows.parquet")}
     for row in incft.itertuples():
         item = update_input(State(users[row.user_id], 1, row.persona_old), row.predicted)
-        assert json.loads(row.prompt) == IncUpdate(None, Sampling()).chat(item) != Refine(None, Sampling()).chat(item)
+        assert (
+            json.loads(row.prompt)
+            == IncUpdate(None, Sampling()).chat(item)
+            != Refine(None, Sampling()).chat(item)
+        )
 
 
 def test_sampling_gives_n_candidates_per_context_reproducibly(world, iteration1):
@@ -256,8 +333,13 @@ def test_rewards_are_old_minus_new_errors(world, iteration1):
     assert np.allclose(rewards["r"], rewards["r_prev"] + rewards["r_curr"] + rewards["r_fut"])
     # A candidate's errors, recomputed on its context's W_{t-1}, W_t, W_{t+1}.
     one = rewards.iloc[-1]
-    user = {u.user_id: u for u in read_user_windows(root / "windows.parquet")}[contexts.loc[one["context_id"], "user_id"]]
-    requests = [WindowRequest(one["text"], "movie", user.windows[w].titles, user.windows[w].ratings) for w in (0, 1, 2)]
+    user = {u.user_id: u for u in read_user_windows(root / "windows.parquet")}[
+        contexts.loc[one["context_id"], "user_id"]
+    ]
+    requests = [
+        WindowRequest(one["text"], "movie", user.windows[w].titles, user.windows[w].ratings)
+        for w in (0, 1, 2)
+    ]
     preds, _ = predict_windows(frozen_llm(params), requests, PredictSettings())
     assert [one[c] for c in NEW_COLUMNS] == pytest.approx([p.mae for p in preds], abs=1e-6)
     assert metrics["reward"]["r"]["mean"] == pytest.approx(rewards["r"].mean())
@@ -273,7 +355,8 @@ def test_pairs_follow_thresholds_and_carry_the_context_prompt(world, iteration1)
     used = thresholds_that_pair(params, out / "rewards.parquet")  # what pair@1 ran with
     tau_pos, tau_neg = used["tau_pos"], used["tau_neg"]
     r = rewards.drop_duplicates(["context_id", "text"]).assign(
-        pos=lambda d: is_positive(d["r"], tau_pos), neg=lambda d: is_negative(d["r"], tau_neg))
+        pos=lambda d: is_positive(d["r"], tau_pos), neg=lambda d: is_negative(d["r"], tau_neg)
+    )
     sides = r.groupby("context_id")[["pos", "neg"]].sum()
     has_both = set(sides.index[(sides["pos"] > 0) & (sides["neg"] > 0)])
     # Pairing made something: a pair@1 that silently pairs nothing fails here (the sets below would agree).
@@ -287,7 +370,10 @@ def test_pairs_follow_thresholds_and_carry_the_context_prompt(world, iteration1)
     for cid in has_both:
         allowed = min(params["pair"]["max_per_context"], sides.loc[cid, "pos"], sides.loc[cid, "neg"])
         assert per_context[cid] == allowed, (cid, sides.loc[cid].to_dict())
-    assert is_positive(pairs["chosen_reward"], tau_pos).all() and is_negative(pairs["rejected_reward"], tau_neg).all()
+    assert (
+        is_positive(pairs["chosen_reward"], tau_pos).all()
+        and is_negative(pairs["rejected_reward"], tau_neg).all()
+    )
     assert (pairs["prompt"] == contexts.loc[pairs["context_id"], "prompt"].to_numpy()).all()
     assert set(pairs["split"]) <= {"train", "val"}
 
@@ -301,7 +387,14 @@ def test_iteration_2_adds_contexts_from_model_1s_refinements(world, iteration1, 
     root, params, _ = world
     it1, _ = iteration1
     adapter = root / "adapter_it1"
-    refine.run(params, it1 / "contexts.parquet", root / "windows.parquet", adapter, tmp_path / "s1.parquet", tmp_path / "r.json")
+    refine.run(
+        params,
+        it1 / "contexts.parquet",
+        root / "windows.parquet",
+        adapter,
+        tmp_path / "s1.parquet",
+        tmp_path / "r.json",
+    )
     s1 = pd.read_parquet(tmp_path / "s1.parquet")
     assert list(s1["context_id"]) == list(read_contexts(it1 / "contexts.parquet")["context_id"])
     assert (s1["t"] == 2).all() and (s1["split"] == "train").all()
@@ -309,36 +402,60 @@ def test_iteration_2_adds_contexts_from_model_1s_refinements(world, iteration1, 
     refined = json.loads((tmp_path / "r.json").read_text())
     assert (refined["stopped_at_limit"], refined["stopped_at_limit_share"]) == (len(s1), 1.0)
 
-    summary = contexts.run(params, 2, root / "windows.parquet", tmp_path / "s1.parquet", it1 / "contexts.parquet",
-                           tmp_path / "contexts.parquet", tmp_path / "contexts.json")
+    summary = contexts.run(
+        params,
+        2,
+        root / "windows.parquet",
+        tmp_path / "s1.parquet",
+        it1 / "contexts.parquet",
+        tmp_path / "contexts.parquet",
+        tmp_path / "contexts.json",
+    )
     both = read_contexts(tmp_path / "contexts.parquet")
     old = read_contexts(it1 / "contexts.parquet")
     assert summary["skipped_users"] == {"no_persona": 1, "too_few_windows": 1}  # u2 has no S_1, u3 no W3
     kept = ["context_id", "t", "persona_old", "prompt", *OLD_COLUMNS]
     pd.testing.assert_frame_equal(both.iloc[: len(old)][kept].reset_index(drop=True), old[kept])
-    new = both.iloc[len(old):]
+    new = both.iloc[len(old) :]
     assert list(new["context_id"]) == ["movielens/u0/t2", "movielens/u1/t2", "movielens/u4/t2"]
     assert list(new["persona_old"]) == list(s1.set_index("user_id").loc[["u0", "u1", "u4"], "persona"])
     # New contexts at t=2 measure S_1 on W1, W2, W3.
     user = {u.user_id: u for u in read_user_windows(root / "windows.parquet")}["u4"]
     row = new.iloc[-1]
-    requests = [WindowRequest(row["persona_old"], "movie", user.windows[w].titles, user.windows[w].ratings) for w in (1, 2, 3)]
+    requests = [
+        WindowRequest(row["persona_old"], "movie", user.windows[w].titles, user.windows[w].ratings)
+        for w in (1, 2, 3)
+    ]
     preds, _ = predict_windows(frozen_llm(params), requests, PredictSettings())
     assert [row[c] for c in OLD_COLUMNS] == pytest.approx([p.mae for p in preds], abs=1e-6)
 
     # sample@2 uses Model 1: different candidates than the base policy for the same iteration-1 context.
-    sample.run(params, 2, tmp_path / "contexts.parquet", adapter, tmp_path / "samples.parquet", tmp_path / "s.json")
+    sample.run(
+        params, 2, tmp_path / "contexts.parquet", adapter, tmp_path / "samples.parquet", tmp_path / "s.json"
+    )
     samples2 = pd.read_parquet(tmp_path / "samples.parquet")
     samples1 = pd.read_parquet(it1 / "samples.parquet")
-    assert set(samples2["context_id"]) <= set(both["context_id"]) and (samples2["context_id"].str.endswith("/t2")).any()
+    assert (
+        set(samples2["context_id"]) <= set(both["context_id"])
+        and (samples2["context_id"].str.endswith("/t2")).any()
+    )
     cid = old["context_id"].iloc[0]
-    assert list(samples2.loc[samples2["context_id"] == cid, "text"]) != list(samples1.loc[samples1["context_id"] == cid, "text"])
+    assert list(samples2.loc[samples2["context_id"] == cid, "text"]) != list(
+        samples1.loc[samples1["context_id"] == cid, "text"]
+    )
 
     # pair@2 replays iteration-1 pairs with margin > iter2.delta, at most iter2.replay_max.
     rewards2 = pd.read_parquet(it1 / "rewards.parquet").iloc[:0]  # no new candidates: only replay
     rewards2.to_parquet(tmp_path / "rewards.parquet", index=False)
-    m = pair.run(params, 2, tmp_path / "contexts.parquet", tmp_path / "rewards.parquet", it1 / "pairs.parquet",
-                 tmp_path / "pairs.parquet", tmp_path / "pairs.json")
+    m = pair.run(
+        params,
+        2,
+        tmp_path / "contexts.parquet",
+        tmp_path / "rewards.parquet",
+        it1 / "pairs.parquet",
+        tmp_path / "pairs.parquet",
+        tmp_path / "pairs.json",
+    )
     pairs1 = pd.read_parquet(it1 / "pairs.parquet")
     assert m["replay_pairs"] == min(params["iter2"]["replay_max"], int((pairs1["margin"] > 1e-9).sum())) >= 1
 
@@ -347,8 +464,14 @@ def test_iteration_2_adds_contexts_from_model_1s_refinements(world, iteration1, 
 
 
 def _stage(args, env):
-    return subprocess.Popen([sys.executable, "-m", *args], cwd=REPO, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", *args],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def test_sample_stage_killed_midway_resumes_with_only_the_missing_calls(world, iteration1, tmp_path):
@@ -365,19 +488,34 @@ def test_sample_stage_killed_midway_resumes_with_only_the_missing_calls(world, i
         chats = [json.loads(p) for p in contexts["prompt"]]
         for chat in chats:
             chat[0]["content"] += f" (copy {i})"
-        copies.append(contexts.assign(context_id=contexts["context_id"] + f"/copy{i}",
-                                      prompt=[json.dumps(c) for c in chats]))
+        copies.append(
+            contexts.assign(
+                context_id=contexts["context_id"] + f"/copy{i}", prompt=[json.dumps(c) for c in chats]
+            )
+        )
     many = pd.concat(copies, ignore_index=True)
     many.to_parquet(tmp_path / "contexts.parquet", index=False)
     total = len(many) * n
     env = {**os.environ, "DEEPER_RESPONSE_CACHE": str(tmp_path / "responses")}
-    args = ["stages.sample", "--params", str(tmp_path / "params.yaml"), "--iteration", "1",
-            "--contexts", str(tmp_path / "contexts.parquet"), "--out", str(tmp_path / "samples.parquet"),
-            "--metrics", str(tmp_path / "sample.json")]
+    args = [
+        "stages.sample",
+        "--params",
+        str(tmp_path / "params.yaml"),
+        "--iteration",
+        "1",
+        "--contexts",
+        str(tmp_path / "contexts.parquet"),
+        "--out",
+        str(tmp_path / "samples.parquet"),
+        "--metrics",
+        str(tmp_path / "sample.json"),
+    ]
 
     proc = _stage(args, env)
     deadline = time.monotonic() + 300
-    while len(cached_rows(tmp_path / "responses")) == 0 and proc.poll() is None and time.monotonic() < deadline:
+    while (
+        len(cached_rows(tmp_path / "responses")) == 0 and proc.poll() is None and time.monotonic() < deadline
+    ):
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.communicate()
@@ -416,8 +554,15 @@ def test_the_training_stages_render_the_prompt_set_params_name(world, iteration1
     it1, _ = iteration1
     monkeypatch.setenv("DEEPER_RESPONSE_CACHE", str(tmp_path / "responses"))
     published = {**params, "prompts": "published"}
-    contexts_stage.run(published, 1, root / "windows.parquet", root / "init.parquet", None, tmp_path / "c.parquet",
-                       tmp_path / "c.json")
+    contexts_stage.run(
+        published,
+        1,
+        root / "windows.parquet",
+        root / "init.parquet",
+        None,
+        tmp_path / "c.parquet",
+        tmp_path / "c.json",
+    )
     chat = json.loads(read_contexts(tmp_path / "c.parquet")["prompt"].iloc[0])
     assert [m["role"] for m in chat] == ["user"]
     assert chat[0]["content"].startswith("TASK:\nRefine the old user persona based on differences")
@@ -425,16 +570,34 @@ def test_the_training_stages_render_the_prompt_set_params_name(world, iteration1
     assert [m["role"] for m in tuned_chat] == ["system", "user"]
 
     adapter = root / "adapter_it1"
-    refine.run(published, tmp_path / "c.parquet", root / "windows.parquet", adapter, tmp_path / "s1.parquet",
-               tmp_path / "r.json")
+    refine.run(
+        published,
+        tmp_path / "c.parquet",
+        root / "windows.parquet",
+        adapter,
+        tmp_path / "s1.parquet",
+        tmp_path / "r.json",
+    )
     with pytest.raises(InputError, match="prompt differs from its persona and windows"):
-        refine.run(params, tmp_path / "c.parquet", root / "windows.parquet", adapter, tmp_path / "s1b.parquet",
-                   tmp_path / "r.json")
+        refine.run(
+            params,
+            tmp_path / "c.parquet",
+            root / "windows.parquet",
+            adapter,
+            tmp_path / "s1b.parquet",
+            tmp_path / "r.json",
+        )
 
     scored = {}
     for name, p in (("tuned", params), ("published", published)):
-        reward.run(p, it1 / "contexts.parquet", it1 / "samples.parquet", root / "windows.parquet",
-                   tmp_path / f"rw_{name}.parquet", tmp_path / f"rw_{name}.json")
+        reward.run(
+            p,
+            it1 / "contexts.parquet",
+            it1 / "samples.parquet",
+            root / "windows.parquet",
+            tmp_path / f"rw_{name}.parquet",
+            tmp_path / f"rw_{name}.json",
+        )
         scored[name] = pd.read_parquet(tmp_path / f"rw_{name}.parquet")
     assert list(scored["tuned"]["context_id"]) == list(scored["published"]["context_id"])
     new = list(NEW_COLUMNS)  # the candidates' own errors: predicted with the set's prompt

@@ -60,8 +60,10 @@ def imports(root: Path) -> dict[str, list[tuple[str, int]]]:
                     parts = package.split(".")[: len(package.split(".")) - node.level + 1]
                     base = ".".join(parts + ([node.module] if node.module else []))
                 # `from deeper.llm import cache` imports the module deeper.llm.cache, not a name of deeper.llm
-                targets = [f"{base}.{alias.name}" if f"{base}.{alias.name}" in known else base
-                           for alias in node.names]
+                targets = [
+                    f"{base}.{alias.name}" if f"{base}.{alias.name}" in known else base
+                    for alias in node.names
+                ]
             elif isinstance(node, ast.Constant) and isinstance(node.value, str) and "." in node.value:
                 targets = [node.value] if node.value in known else []
             for target in targets:
@@ -102,8 +104,9 @@ def upward(graph, table) -> list[str]:
         for target, line in targets:
             theirs = layer_of(target, table)
             if own is not None and theirs is not None and theirs < own:
-                found.append(f"{module}:{line} ({table[own][0]}) imports {target} "
-                             f"({table[theirs][0]}, above)")
+                found.append(
+                    f"{module}:{line} ({table[own][0]}) imports {target} ({table[theirs][0]}, above)"
+                )
     return sorted(found)
 
 
@@ -117,7 +120,7 @@ def circle(graph) -> list[str]:
         path.append(module)
         for target in edges.get(module, ()):
             if state.get(target) == 1:
-                return path[path.index(target):] + [target]
+                return path[path.index(target) :] + [target]
             if target not in state and (found := visit(target)):
                 return found
         path.pop()
@@ -162,12 +165,16 @@ def test_the_checks_see_a_function_level_upward_import_and_its_circle(tmp_path):
     (tmp_path / "deeper" / "rollout.py").write_text("from deeper.params import number\n")
     (tmp_path / "deeper" / "params.py").write_text("def check():\n    from deeper import rollout\n")
     (tmp_path / "stages" / "evaluate.py").write_text("from deeper.rollout import run\n")
-    table = [("commands", ["stages"]), ("orchestration", ["deeper.rollout"]),
-             ("foundations", ["deeper.params"])]
+    table = [
+        ("commands", ["stages"]),
+        ("orchestration", ["deeper.rollout"]),
+        ("foundations", ["deeper.params"]),
+    ]
     graph = imports(tmp_path)
     assert graph["deeper.params"] == [("deeper.rollout", 2)]
     assert upward(graph, table) == [
-        "deeper.params:2 (foundations) imports deeper.rollout (orchestration, above)"]
+        "deeper.params:2 (foundations) imports deeper.rollout (orchestration, above)"
+    ]
     assert circle(graph) == ["deeper.params", "deeper.rollout", "deeper.params"]
     (tmp_path / "deeper" / "params.py").write_text("def check():\n    pass\n")
     assert upward(imports(tmp_path), table) == [] and circle(imports(tmp_path)) == []

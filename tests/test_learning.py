@@ -37,14 +37,24 @@ GENRES = ("Comedy", "Horror", "Drama", "Action")
 # in common (measured: it does not learn to read each user's disliked genre from the prompt), so the shared
 # taste is what makes the direction of the reward visible on held-out users.
 LOVED = "Comedy"
-CATALOG = [(f"Film {i}", frozenset({GENRES[i % 4]} | ({GENRES[(i // 4) % 4]} if i % 3 == 0 else set())))
-           for i in range(40)]
+CATALOG = [
+    (f"Film {i}", frozenset({GENRES[i % 4]} | ({GENRES[(i // 4) % 4]} if i % 3 == 0 else set())))
+    for i in range(40)
+]
 CHATTER = "I'm ready to assist you. Please go ahead and provide the user's persona."
 PAIRS = PairConfig(tau_pos=0.1, tau_neg=0.0, delta=0.2, strategy="all", max_per_context=3, val_fraction=0.0)
 BETA = 0.2
 # One epoch over 144 pairs, 18 steps of 8: ~25 s on one core. A high learning rate for a tiny model.
-TRAIN = {"max_steps": -1, "epochs": 1, "per_device_batch": 8, "grad_accum": 1, "lr": 1e-2, "warmup_steps": 0,
-         "max_length": 512, "beta": BETA}
+TRAIN = {
+    "max_steps": -1,
+    "epochs": 1,
+    "per_device_batch": 8,
+    "grad_accum": 1,
+    "lr": 1e-2,
+    "warmup_steps": 0,
+    "max_length": 512,
+    "beta": BETA,
+}
 
 
 def learned(report: dict) -> bool:
@@ -61,16 +71,23 @@ def world_pairs(users, flip_reward: bool = False) -> tuple[pd.DataFrame, pd.Data
 
     frozen = load_llm({"backend": "tastes", "name": "transparent"})
     neutral = Tastes(frozenset(), frozenset()).describe()
-    contexts, _ = build_contexts([State(u, 1, neutral) for u, _ in users], frozen, PredictSettings(),
-                                 load_prompts(), progress=None)
+    contexts, _ = build_contexts(
+        [State(u, 1, neutral) for u, _ in users], frozen, PredictSettings(), load_prompts(), progress=None
+    )
     rng = np.random.default_rng(0)
     rows = []
     for (user, tastes), cid in zip(users, contexts["context_id"]):
         other = Tastes(frozenset({GENRES[int(rng.integers(len(GENRES)))]}), frozenset())
-        texts = [tastes.describe(), Tastes(tastes.disliked, tastes.loved).describe(), CHATTER, other.describe()]
+        texts = [
+            tastes.describe(),
+            Tastes(tastes.disliked, tastes.loved).describe(),
+            CHATTER,
+            other.describe(),
+        ]
         rows += [{"context_id": cid, "sample": k, "text": t} for k, t in enumerate(texts)]
-    errors, _ = candidate_errors(contexts, pd.DataFrame(rows), [u for u, _ in users], frozen, PredictSettings(),
-                                 progress=None)
+    errors, _ = candidate_errors(
+        contexts, pd.DataFrame(rows), [u for u, _ in users], frozen, PredictSettings(), progress=None
+    )
     rewards = compute_rewards(errors)
     if flip_reward:  # breakage: the reward's sign flipped before pairing
         rewards["r"] = -rewards["r"]
@@ -109,8 +126,9 @@ def train_and_score(policy_model, pairs: pd.DataFrame, held: pd.DataFrame, out) 
 
 
 def test_the_world_pairs_encode_the_users_tastes(world):
-    rewards = world.rewards.assign(kind=world.rewards["sample"].map({0: "true", 1: "reverse", 2: "chatter",
-                                                                     3: "other"}))
+    rewards = world.rewards.assign(
+        kind=world.rewards["sample"].map({0: "true", 1: "reverse", 2: "chatter", 3: "other"})
+    )
     mean = rewards.groupby("kind")["r"].mean()
     assert mean["true"] > 0.5 and mean["reverse"] < 0
     assert (rewards.loc[rewards["kind"] == "chatter", "r"] == 0).all()  # predicts 3 for all, as S_0 does
@@ -121,7 +139,9 @@ def test_the_world_pairs_encode_the_users_tastes(world):
         stated = stated_tastes(chosen)
         assert not (stated.loved & truth[cid].disliked or stated.disliked & truth[cid].loved), chosen
     assert CHATTER not in set(world.train["chosen"])
-    assert (world.train["chosen"] == world.train["context_id"].map(lambda c: truth[c].describe())).mean() > 0.8
+    assert (
+        world.train["chosen"] == world.train["context_id"].map(lambda c: truth[c].describe())
+    ).mean() > 0.8
     assert set(world.held["context_id"]).isdisjoint(world.train["context_id"])
 
 
@@ -144,15 +164,22 @@ def test_an_adapter_dropped_at_load_is_caught(world, policy_model, trained, monk
 
     adapter, _ = trained
     # breakage: the backend loads the adapter but gives back the base model
-    monkeypatch.setattr(peft.PeftModel, "from_pretrained",
-                        classmethod(lambda cls, model, *a, **k: SimpleNamespace(merge_and_unload=lambda: model)))
+    monkeypatch.setattr(
+        peft.PeftModel,
+        "from_pretrained",
+        classmethod(lambda cls, model, *a, **k: SimpleNamespace(merge_and_unload=lambda: model)),
+    )
     spec = {"backend": "transformers", "name": str(policy_model)}
     dropped = completion_logps(load_llm(spec, adapter=str(adapter)), world.held)
-    report = preference_report(dropped, completion_logps(load_llm(spec), world.held), world.held["context_id"], BETA)
+    report = preference_report(
+        dropped, completion_logps(load_llm(spec), world.held), world.held["context_id"], BETA
+    )
     assert report["implicit_margin"]["estimate"] == 0 and not learned(report)
 
 
-def test_swapped_chosen_and_rejected_in_the_trainer_input_are_caught(world, policy_model, tmp_path, monkeypatch):
+def test_swapped_chosen_and_rejected_in_the_trainer_input_are_caught(
+    world, policy_model, tmp_path, monkeypatch
+):
     import deeper.train
 
     original = deeper.train.pairs_to_examples
@@ -194,16 +221,29 @@ def test_first_update_contrasts_pair_the_same_users():
 
     rng = np.random.default_rng(0)
     base = rng.normal(0, 1, 30)
-    rows = [("untrained", u, b) for u, b in enumerate(base)] + [("deeper", u, b + 0.1) for u, b in enumerate(base)]
+    rows = [("untrained", u, b) for u, b in enumerate(base)] + [
+        ("deeper", u, b + 0.1) for u, b in enumerate(base)
+    ]
     rows += [("deeper_it1", u, b - 0.2) for u, b in enumerate(base[:-1])]  # user 29 unscored for Model 1
-    table = pd.DataFrame([{"method": m, "part": part, "domain": "d", "user_id": u, "reward": v if part == "r" else 9.0}
-                          for m, u, v in rows for part in ("r", "r_fut")])
-    out = first_update_contrasts(table, {"base": "untrained", "model_1": "deeper_it1", "model_2": "deeper"},
-                                 BootstrapSettings(resamples=500))
+    table = pd.DataFrame(
+        [
+            {"method": m, "part": part, "domain": "d", "user_id": u, "reward": v if part == "r" else 9.0}
+            for m, u, v in rows
+            for part in ("r", "r_fut")
+        ]
+    )
+    out = first_update_contrasts(
+        table,
+        {"base": "untrained", "model_1": "deeper_it1", "model_2": "deeper"},
+        BootstrapSettings(resamples=500),
+    )
     assert out["users"] == 29
     gain = out["contrasts"]["model_2 - base"]
-    assert gain["estimate"] == pytest.approx(0.1) and gain["low"] == pytest.approx(0.1) and \
-        gain["high"] == pytest.approx(0.1)
+    assert (
+        gain["estimate"] == pytest.approx(0.1)
+        and gain["low"] == pytest.approx(0.1)
+        and gain["high"] == pytest.approx(0.1)
+    )
     assert out["contrasts"]["model_1 - base"]["estimate"] == pytest.approx(-0.2)
     assert out["means"]["base"]["estimate"] == pytest.approx(base[:-1].mean())
     assert out["means"]["base"]["low"] < out["means"]["base"]["estimate"] < out["means"]["base"]["high"]

@@ -35,7 +35,13 @@ PERSONAS = [
         "is bored by slow romances and period dramas."
     ),
 ]
-TITLES = ["Toy Story (1995)", "GoldenEye (1995)", "Sense and Sensibility (1995)", "Alien (1979)", "Scream (1996)"]
+TITLES = [
+    "Toy Story (1995)",
+    "GoldenEye (1995)",
+    "Sense and Sensibility (1995)",
+    "Alien (1979)",
+    "Scream (1996)",
+]
 
 
 def load_launcher():
@@ -49,7 +55,9 @@ def load_launcher():
 def server_python() -> str:
     """The interpreter that runs the server; skips the module when it has no llama-cpp-python."""
     python = os.environ.get("LLAMACPP_PYTHON") or sys.executable
-    check = subprocess.run([python, "-c", "import llama_cpp.server"], check=False, capture_output=True, text=True)
+    check = subprocess.run(
+        [python, "-c", "import llama_cpp.server"], check=False, capture_output=True, text=True
+    )
     if check.returncode != 0:
         pytest.skip(
             f"llama-cpp-python not installed for {python}: run scripts/install_llamacpp.sh "
@@ -63,7 +71,9 @@ def rating_groups() -> list[RatingGroup]:
     prompts = load_prompts()
     prefill = prompts.prefill("predict_item")
     return [
-        RatingGroup([prompts.render("predict_item", persona=p, item_type="movie", item=t) for t in TITLES], prefill)
+        RatingGroup(
+            [prompts.render("predict_item", persona=p, item_type="movie", item=t) for t in TITLES], prefill
+        )
         for p in PERSONAS
     ]
 
@@ -88,8 +98,16 @@ def server(embedded, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def llm(server):
-    backend = load_llm({"backend": "openai", "name": MODEL, "base_url": server.base_url, "prefill": "assistant",
-                        "concurrency": 2, "timeout": 120})
+    backend = load_llm(
+        {
+            "backend": "openai",
+            "name": MODEL,
+            "base_url": server.base_url,
+            "prefill": "assistant",
+            "concurrency": 2,
+            "timeout": 120,
+        }
+    )
     backend.show_progress = False
     return backend
 
@@ -113,8 +131,12 @@ def test_server_continues_the_prefilled_assistant_turn(server, transformers_llm)
     group = rating_groups()[0]
     client = openai.OpenAI(base_url=server.base_url, api_key="EMPTY")
     reply = client.chat.completions.create(
-        model=MODEL, messages=[*group.chats[0], {"role": "assistant", "content": group.prefill}],
-        max_tokens=1, temperature=0, logprobs=True, top_logprobs=20,
+        model=MODEL,
+        messages=[*group.chats[0], {"role": "assistant", "content": group.prefill}],
+        max_tokens=1,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=20,
     )
     # llama-cpp-python's own template handling would close the prefill and open a new turn: 6 tokens more.
     assert reply.usage.prompt_tokens == len(transformers_llm.rating_prompt_ids(group)[0])
@@ -146,7 +168,10 @@ def test_rating_probs_agree_with_the_transformers_backend(served_ratings, transf
     local = np.vstack([r.probs for r in reference])
     diff = np.abs(served - local)
     assert diff.max() < 0.07 and diff.mean() < 0.015
-    mass_diff = np.abs(np.concatenate([r.digit_mass for r in served_ratings]) - np.concatenate([r.digit_mass for r in reference]))
+    mass_diff = np.abs(
+        np.concatenate([r.digit_mass for r in served_ratings])
+        - np.concatenate([r.digit_mass for r in reference])
+    )
     assert mass_diff.max() < 0.03
     scale = np.arange(1, 6)
     assert np.abs(served @ scale - local @ scale).max() < 0.2
@@ -166,11 +191,16 @@ def test_generate_returns_n_texts_and_a_seed_repeats_its_samples(server):
     histories). With concurrency 1 the backend sends its requests in a fixed order, so a repeated call repeats
     its samples; across runs the response cache (CachedLLM) is what keeps samples fixed.
     """
-    llm = load_llm({"backend": "openai", "name": MODEL, "base_url": server.base_url, "concurrency": 1, "timeout": 120})
+    llm = load_llm(
+        {"backend": "openai", "name": MODEL, "base_url": server.base_url, "concurrency": 1, "timeout": 120}
+    )
     llm.show_progress = False
     chats = [
         [{"role": "user", "content": "Describe your favourite film in one sentence."}],
-        [{"role": "system", "content": PERSONAS[0]}, {"role": "user", "content": "Which film would you recommend?"}],
+        [
+            {"role": "system", "content": PERSONAS[0]},
+            {"role": "user", "content": "Which film would you recommend?"},
+        ],
     ]
     sampling = Sampling(temperature=1.0, top_p=0.95, max_new_tokens=12, seed=11)
     first = llm.generate(chats, 2, sampling)

@@ -25,7 +25,10 @@ SAMPLING = Sampling(temperature=1.0, top_p=0.9, max_new_tokens=6, seed=0)
 
 
 def chat(i: int) -> list[dict]:
-    return [{"role": "system", "content": "Persona: a curious reader."}, {"role": "user", "content": f"Rate item {i}"}]
+    return [
+        {"role": "system", "content": "Persona: a curious reader."},
+        {"role": "user", "content": f"Rate item {i}"},
+    ]
 
 
 class CountingLLM:
@@ -90,20 +93,24 @@ def test_only_missing_samples_and_items_reach_the_backend(tiny, tmp_path):
 def test_the_stopped_at_limit_flag_is_stored_with_the_text(tiny, tmp_path):
     """Each answer comes back from the cache with the flag the backend gave it; an entry stored before the flag
     existed is a miss (generated again and replaced), never an answer without its flag."""
+
     class OddSeedsUnfinished(CountingLLM):
         """The real texts; the flag set from the sample's seed, so both values go through the store."""
 
         def generate(self, chats, n, sampling):
-            return [[Generation(t, stopped_at_limit=(sampling.seed + k) % 2 == 1) for k, t in enumerate(row)]
-                    for row in super().generate(chats, n, sampling)]
+            return [
+                [Generation(t, stopped_at_limit=(sampling.seed + k) % 2 == 1) for k, t in enumerate(row)]
+                for row in super().generate(chats, n, sampling)
+            ]
 
     chats = [chat(i) for i in range(3)]
     first = CachedLLM(OddSeedsUnfinished(tiny), tmp_path)
     cut = first.generate(chats, 2, SAMPLING)
     assert [[t.stopped_at_limit for t in row] for row in cut] == [[False, True]] * 3
     again = CachedLLM(CountingLLM(tiny), tmp_path)
-    assert [[(t, t.stopped_at_limit) for t in row] for row in again.generate(chats, 2, SAMPLING)] == \
-        [[(t, t.stopped_at_limit) for t in row] for row in cut] and again.llm.asked == []
+    assert [[(t, t.stopped_at_limit) for t in row] for row in again.generate(chats, 2, SAMPLING)] == [
+        [(t, t.stopped_at_limit) for t in row] for row in cut
+    ] and again.llm.asked == []
 
     store = ResponseStore(tmp_path)
     old_key = generate_key(again, chats[0], SAMPLING, 1)
@@ -125,8 +132,11 @@ def test_a_backend_answer_without_the_flag_is_refused(tiny, tmp_path):
 
 
 def test_limit_counts_are_the_two_metric_keys():
-    answers = [Generation("a", stopped_at_limit=True), Generation("b", stopped_at_limit=False),
-               Generation("c", stopped_at_limit=False)]
+    answers = [
+        Generation("a", stopped_at_limit=True),
+        Generation("b", stopped_at_limit=False),
+        Generation("c", stopped_at_limit=False),
+    ]
     assert limit_counts(iter(answers)) == {"stopped_at_limit": 1, "stopped_at_limit_share": 1 / 3}
     assert limit_counts([]) == {"stopped_at_limit": 0, "stopped_at_limit_share": None}
     with pytest.raises(TypeError, match="Generation"):
@@ -141,17 +151,26 @@ def test_keys_separate_everything_that_changes_outputs():
         generate_key(base, chat(1), SAMPLING, 0),
         generate_key(base, chat(0), Sampling(temperature=0.5, top_p=0.9, max_new_tokens=6), 0),
         generate_key(base, chat(0), Sampling(temperature=1.0, top_p=0.9, max_new_tokens=7), 0),
-        generate_key(base, chat(0), Sampling(temperature=1.0, top_p=0.9, max_new_tokens=6, repetition_penalty=1.1), 0),
+        generate_key(
+            base, chat(0), Sampling(temperature=1.0, top_p=0.9, max_new_tokens=6, repetition_penalty=1.1), 0
+        ),
         generate_key(base, chat(0), Sampling(temperature=1.0, top_p=0.9, max_new_tokens=6, seed=5), 0),
         generate_key(base, chat(0), SAMPLING, 1),
-        generate_key(SimpleNamespace(backend="transformers", fingerprint="sha256:w;adapter=sha256:a"), chat(0), SAMPLING, 0),
+        generate_key(
+            SimpleNamespace(backend="transformers", fingerprint="sha256:w;adapter=sha256:a"),
+            chat(0),
+            SAMPLING,
+            0,
+        ),
         generate_key(SimpleNamespace(backend="vllm", fingerprint="sha256:w"), chat(0), SAMPLING, 0),
         rating_key(base, chat(0), "Rating: "),
     ]
     assert len({key, *others}) == len(others) + 1
     assert rating_key(base, chat(0), "Rating: ") != rating_key(base, chat(0), "Score: ")
     # sample k of seed s is the sample of seed s + k: the same call, the same key
-    assert generate_key(base, chat(0), SAMPLING, 2) == generate_key(base, chat(0), Sampling(1.0, 0.9, 1.0, 6, 2), 0)
+    assert generate_key(base, chat(0), SAMPLING, 2) == generate_key(
+        base, chat(0), Sampling(1.0, 0.9, 1.0, 6, 2), 0
+    )
 
 
 def test_cache_location_from_the_environment(monkeypatch, tmp_path):
@@ -184,7 +203,10 @@ def test_two_processes_write_at_once(tmp_path):
     start = time.time() + 3  # after both have imported deeper
     procs = [
         subprocess.Popen(
-            [sys.executable, "-c", WRITER, str(tmp_path), name, str(start)], cwd=REPO, stdout=subprocess.PIPE, text=True
+            [sys.executable, "-c", WRITER, str(tmp_path), name, str(start)],
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            text=True,
         )
         for name in ("a", "b")
     ]
@@ -235,7 +257,9 @@ def test_killed_run_resumes_with_only_the_missing_calls(tiny, tiny_llama, tmp_pa
     code = "import sys; from tests.test_llm_cache import run_worker; run_worker(*sys.argv[1:])"
     proc = subprocess.Popen(
         [sys.executable, "-c", code, str(tiny_llama), str(tmp_path), str(n_chats), "0.15"],
-        cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     deadline = time.monotonic() + 240
     while len(store) < 8:

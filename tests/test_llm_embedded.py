@@ -18,14 +18,18 @@ TITLES = ["Toy Story (1995)", "GoldenEye (1995)", "Fargo (1996)", "Star Wars (19
 
 
 def item_chat(title: str) -> list[dict]:
-    system = f"You predict how a user rates movies from 1 (hated it) to 5 (loved it).\n\nUser persona:\n{PERSONA}"
+    system = (
+        f"You predict how a user rates movies from 1 (hated it) to 5 (loved it).\n\nUser persona:\n{PERSONA}"
+    )
     question = f'Movie: "{title}"\nHow would this user rate it? Answer with one digit from 1 to 5.'
     return [{"role": "system", "content": system}, {"role": "user", "content": question}]
 
 
 @pytest.fixture(scope="module")
 def smollm2():
-    assets = pytest.importorskip("deeper.assets", reason="deeper.assets (the embedded models) is not there yet")
+    assets = pytest.importorskip(
+        "deeper.assets", reason="deeper.assets (the embedded models) is not there yet"
+    )
     if not hasattr(assets, "ensure_embedded_model"):
         pytest.skip("deeper.assets.ensure_embedded_model is not there yet")
     path = assets.ensure_embedded_model("smollm2-135m")

@@ -12,7 +12,10 @@ from deeper.llm.cache import CachedLLM
 from tests.openai_fake_server import FakeOpenAIServer, expected_probs, generated_text
 
 KEY = "sk-test-4f2c9e-DO-NOT-STORE"
-CHATS = [[{"role": "system", "content": "persona text"}, {"role": "user", "content": f"Rate item {i}"}] for i in range(4)]
+CHATS = [
+    [{"role": "system", "content": "persona text"}, {"role": "user", "content": f"Rate item {i}"}]
+    for i in range(4)
+]
 
 
 @pytest.fixture
@@ -23,8 +26,15 @@ def key_env(monkeypatch):
 
 def make_llm(server, key_env, **overrides):
     spec = {
-        "backend": "openai", "name": "fake-model", "base_url": server.base_url, "api_key_env": key_env,
-        "concurrency": 2, "timeout": 5, "max_retries": 3, "retry_base_delay": 0.01, "retry_max_delay": 0.05,
+        "backend": "openai",
+        "name": "fake-model",
+        "base_url": server.base_url,
+        "api_key_env": key_env,
+        "concurrency": 2,
+        "timeout": 5,
+        "max_retries": 3,
+        "retry_base_delay": 0.01,
+        "retry_max_delay": 0.05,
     }
     return load_llm({**spec, **overrides})
 
@@ -49,8 +59,8 @@ def test_generate_sends_one_request_per_sample_with_its_seed(key_env):
 def test_finish_reason_length_marks_a_generation_stopped_at_the_limit(key_env):
     with FakeOpenAIServer() as server:
         llm = make_llm(server, key_env)
-        (whole,), = llm.generate(CHATS[:1], 1, Sampling(max_new_tokens=12, seed=0))
-        (cut,), = llm.generate(CHATS[:1], 1, Sampling(max_new_tokens=3, seed=0))
+        ((whole,),) = llm.generate(CHATS[:1], 1, Sampling(max_new_tokens=12, seed=0))
+        ((cut,),) = llm.generate(CHATS[:1], 1, Sampling(max_new_tokens=3, seed=0))
     assert whole == generated_text(CHATS[0], 0, 1.0) and not whole.stopped_at_limit
     assert cut == " ".join(whole.split(" ")[:3]) and cut.stopped_at_limit
 
@@ -171,7 +181,14 @@ def test_missing_key_is_a_config_error_except_on_loopback(monkeypatch):
 
 
 def test_base_url_credentials_stay_out_of_the_fingerprint(key_env):
-    llm = load_llm({"backend": "openai", "name": "m", "base_url": "http://user:pw@127.0.0.1:9/v1", "api_key_env": key_env})
+    llm = load_llm(
+        {
+            "backend": "openai",
+            "name": "m",
+            "base_url": "http://user:pw@127.0.0.1:9/v1",
+            "api_key_env": key_env,
+        }
+    )
     assert "pw" not in llm.fingerprint and "127.0.0.1:9/v1" in llm.fingerprint
 
 

@@ -21,8 +21,15 @@ PERSONA = (
     "Persona: a curious reader who rates mysteries highly and romance poorly. "
     "The user enjoys thoughtful dramas and dislikes loud action films. " * 3
 )
-TITLES = ["Fargo (1996)", "Toy Story (1995)", "Star Wars (1977), GoldenEye (1995) and Four Rooms (1995)", "X",
-          "GoldenEye (1995)", "Four Rooms (1995) Four Rooms (1995)", "Fargo (1996)"]
+TITLES = [
+    "Fargo (1996)",
+    "Toy Story (1995)",
+    "Star Wars (1977), GoldenEye (1995) and Four Rooms (1995)",
+    "X",
+    "GoldenEye (1995)",
+    "Four Rooms (1995) Four Rooms (1995)",
+    "Fargo (1996)",
+]
 
 
 def item_chat(title: str, persona: str = PERSONA) -> list[dict]:
@@ -71,9 +78,14 @@ def test_each_generation_says_whether_it_stopped_at_the_limit(smollm2_path):
     from deeper.llm.base import Generation
 
     real = load_llm({"backend": "transformers", "name": smollm2_path, "batch_size": 4})
-    chats = [[{"role": "user", "content": "What colour is a clear daytime sky? Answer with one word."}],
-             [{"role": "user", "content": "Write a long story about a dragon who learns to cook."}]]
-    for sampling in (Sampling(temperature=0.0, max_new_tokens=24), Sampling(temperature=0.7, max_new_tokens=24)):
+    chats = [
+        [{"role": "user", "content": "What colour is a clear daytime sky? Answer with one word."}],
+        [{"role": "user", "content": "Write a long story about a dragon who learns to cook."}],
+    ]
+    for sampling in (
+        Sampling(temperature=0.0, max_new_tokens=24),
+        Sampling(temperature=0.7, max_new_tokens=24),
+    ):
         short, story = (row[0] for row in real.generate(chats, 1, sampling))
         assert isinstance(short, Generation) and isinstance(story, Generation)
         assert len(real.encode([short])[0]) < 24 and not short.stopped_at_limit
@@ -83,7 +95,11 @@ def test_each_generation_says_whether_it_stopped_at_the_limit(smollm2_path):
 
 
 def test_rating_probs_are_distributions(llm):
-    groups = [RatingGroup([item_chat(t) for t in TITLES[:4]]), RatingGroup([item_chat("Fargo")]), RatingGroup([])]
+    groups = [
+        RatingGroup([item_chat(t) for t in TITLES[:4]]),
+        RatingGroup([item_chat("Fargo")]),
+        RatingGroup([]),
+    ]
     results = llm.rating_probs(groups)
     assert [r.probs.shape for r in results] == [(4, 5), (1, 5), (0, 5)]
     for r in results[:2]:
@@ -124,14 +140,18 @@ def test_prefix_reuse_equals_naive(llm, size, method):
 def test_prefix_reuse_with_identical_and_unrelated_prompts(llm, method):
     # Two identical prompts (the whole prompt is the common prefix) and one with a different persona.
     with torch.inference_mode():
-        same = llm.rating_prompt_ids(RatingGroup([item_chat("Fargo"), item_chat("Fargo"), item_chat("Fargo (1996)")]))
+        same = llm.rating_prompt_ids(
+            RatingGroup([item_chat("Fargo"), item_chat("Fargo"), item_chat("Fargo (1996)")])
+        )
         a = score_prefix_reuse(llm.model, same, llm.pad_id, 2, method)
         b = score_naive(llm.model, same, llm.pad_id, 2)
         torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
         other = llm.rating_prompt_ids(RatingGroup([item_chat("X", "Someone else."), item_chat("X")]))
         torch.testing.assert_close(
-            score_prefix_reuse(llm.model, other, llm.pad_id, 4, method), score_naive(llm.model, other, llm.pad_id, 4),
-            atol=1e-4, rtol=0,
+            score_prefix_reuse(llm.model, other, llm.pad_id, 4, method),
+            score_naive(llm.model, other, llm.pad_id, 4),
+            atol=1e-4,
+            rtol=0,
         )
 
 
@@ -147,7 +167,9 @@ def test_prefix_memo_reuses_a_repeated_persona_only(llm, method):
             prompts = llm.rating_prompt_ids(RatingGroup([item_chat(t, persona) for t in titles]))
             torch.testing.assert_close(
                 score_prefix_reuse(llm.model, prompts, llm.pad_id, 2, method, memo=memo),
-                score_naive(llm.model, prompts, llm.pad_id, 2), atol=1e-4, rtol=0,
+                score_naive(llm.model, prompts, llm.pad_id, 2),
+                atol=1e-4,
+                rtol=0,
             )
     assert memo.hits == 1  # only the second window; the last one follows another persona
 
@@ -161,8 +183,10 @@ def test_packed_prefix_reuse_with_eager_attention(llm, tiny_llama):
     prompts = llm.rating_prompt_ids(RatingGroup([item_chat(t) for t in TITLES[:5]]))
     with torch.inference_mode():
         torch.testing.assert_close(
-            score_prefix_reuse(eager, prompts, llm.pad_id, 3, "packed"), score_naive(eager, prompts, llm.pad_id, 3),
-            atol=1e-4, rtol=0,
+            score_prefix_reuse(eager, prompts, llm.pad_id, 3, "packed"),
+            score_naive(eager, prompts, llm.pad_id, 3),
+            atol=1e-4,
+            rtol=0,
         )
 
 
@@ -185,10 +209,14 @@ def test_greedy_is_deterministic(llm):
     assert all(row[0] == row[1] for row in out)
     assert llm.generate(chats, 2, Sampling(temperature=0.0, max_new_tokens=6, seed=99)) == out
     # the same as the model's own greedy decoding of the first chat
-    prompt = llm.encode([llm.tokenizer.apply_chat_template(chats[0], tokenize=False, add_generation_prompt=True)])[0]
+    prompt = llm.encode(
+        [llm.tokenizer.apply_chat_template(chats[0], tokenize=False, add_generation_prompt=True)]
+    )[0]
     with torch.inference_mode():
-        ref = llm.model.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=6, pad_token_id=llm.pad_id)
-    assert out[0][0] == llm.tokenizer.decode(ref[0, len(prompt):], skip_special_tokens=True)
+        ref = llm.model.generate(
+            torch.tensor([prompt]), do_sample=False, max_new_tokens=6, pad_token_id=llm.pad_id
+        )
+    assert out[0][0] == llm.tokenizer.decode(ref[0, len(prompt) :], skip_special_tokens=True)
 
 
 def test_adapter_changes_fingerprint_and_outputs(llm, tiny_llama, adapter_dirs):
@@ -196,23 +224,33 @@ def test_adapter_changes_fingerprint_and_outputs(llm, tiny_llama, adapter_dirs):
     tuned = load_llm(spec, adapter=str(adapter_dirs[0]))
     other = load_llm(spec, adapter=str(adapter_dirs[1]))
     assert len({llm.fingerprint, tuned.fingerprint, other.fingerprint}) == 3
-    assert tuned.fingerprint.startswith(llm.fingerprint.split(";")[0]) and "adapter=sha256:" in tuned.fingerprint
+    assert (
+        tuned.fingerprint.startswith(llm.fingerprint.split(";")[0]) and "adapter=sha256:" in tuned.fingerprint
+    )
     group = RatingGroup([item_chat(t) for t in TITLES[:3]])
     base_probs = llm.rating_probs([group])[0].probs
     tuned_probs = tuned.rating_probs([group])[0].probs
     assert np.abs(base_probs - tuned_probs).max() > 1e-3
     # prefix reuse on the merged adapter matches the naive path too
-    np.testing.assert_allclose(tuned_probs, tuned.rating_probs([group], prefix_reuse=False)[0].probs, atol=1e-4)
+    np.testing.assert_allclose(
+        tuned_probs, tuned.rating_probs([group], prefix_reuse=False)[0].probs, atol=1e-4
+    )
     # the backend merges the LoRA weights for speed: same logits as the unmerged peft model
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    unmerged = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama), str(adapter_dirs[0])).eval()
+    unmerged = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(tiny_llama), str(adapter_dirs[0])
+    ).eval()
     assert not isinstance(tuned.model, PeftModel)
     with torch.inference_mode():
         prompts = tuned.rating_prompt_ids(group)
-        torch.testing.assert_close(score_naive(tuned.model, prompts, tuned.pad_id, 3),
-                                   score_naive(unmerged, prompts, tuned.pad_id, 3), atol=1e-4, rtol=0)
+        torch.testing.assert_close(
+            score_naive(tuned.model, prompts, tuned.pad_id, 3),
+            score_naive(unmerged, prompts, tuned.pad_id, 3),
+            atol=1e-4,
+            rtol=0,
+        )
 
 
 def test_fingerprint_sources(tiny_llama, tmp_path):
@@ -227,7 +265,10 @@ def test_fingerprint_sources(tiny_llama, tmp_path):
     (marked / "config.json").write_text("{}")
     (marked / "fingerprint.txt").write_text("sha256:abc\n")
     assert folder_fingerprint(marked) == "sha256:abc"
-    assert resolve_model("HuggingFaceTB/SmolLM2-135M-Instruct", "v1").fingerprint == "hf:HuggingFaceTB/SmolLM2-135M-Instruct@v1"
+    assert (
+        resolve_model("HuggingFaceTB/SmolLM2-135M-Instruct", "v1").fingerprint
+        == "hf:HuggingFaceTB/SmolLM2-135M-Instruct@v1"
+    )
     gguf = tmp_path / "m.Q4_1.gguf"
     gguf.write_bytes(b"GGUF fake weights")
     source = resolve_model(str(gguf))
@@ -241,13 +282,33 @@ def test_fingerprint_sources(tiny_llama, tmp_path):
 @pytest.mark.parametrize(
     ("spec", "adapter", "message"),
     [
-        ({"backend": "nope", "name": "x"}, None, "models.frozen.backend: 'nope' is not one of transformers, openai, vllm"),
+        (
+            {"backend": "nope", "name": "x"},
+            None,
+            "models.frozen.backend: 'nope' is not one of transformers, openai, vllm",
+        ),
         ({"name": "x"}, None, "models.frozen.backend: missing"),
         ({"backend": "transformers"}, None, "models.frozen.name: missing"),
-        ({"backend": "transformers", "name": "models/embedded/absent"}, None, "model not found: models/embedded/absent"),
-        ({"backend": "transformers", "name": "TINY", "batchsize": 3}, None, "models.frozen.batchsize: unknown key"),
-        ({"backend": "transformers", "name": "TINY", "dtype": "float8"}, None, "models.frozen.dtype: 'float8'"),
-        ({"backend": "transformers", "name": "TINY"}, "/nonexistent/adapter", "no peft adapter at /nonexistent/adapter"),
+        (
+            {"backend": "transformers", "name": "models/embedded/absent"},
+            None,
+            "model not found: models/embedded/absent",
+        ),
+        (
+            {"backend": "transformers", "name": "TINY", "batchsize": 3},
+            None,
+            "models.frozen.batchsize: unknown key",
+        ),
+        (
+            {"backend": "transformers", "name": "TINY", "dtype": "float8"},
+            None,
+            "models.frozen.dtype: 'float8'",
+        ),
+        (
+            {"backend": "transformers", "name": "TINY"},
+            "/nonexistent/adapter",
+            "no peft adapter at /nonexistent/adapter",
+        ),
     ],
 )
 def test_load_llm_config_errors_are_one_line(tiny_llama, spec, adapter, message):

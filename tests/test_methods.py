@@ -62,8 +62,12 @@ def _user(tag: str) -> UpdateInput:
         )
         for w in range(3)
     )
-    return UpdateInput(item_type="movie", persona=f"Old persona of {tag}: likes quiet films.", history=windows,
-                       predictions=(2.25, 3.75))
+    return UpdateInput(
+        item_type="movie",
+        persona=f"Old persona of {tag}: likes quiet films.",
+        history=windows,
+        predictions=(2.25, 3.75),
+    )
 
 
 def _user_text(chat) -> str:
@@ -83,8 +87,10 @@ def test_refine_shows_old_persona_and_predicted_vs_actual_of_current_window(tiny
     assert len(calls) == 1 and len(calls[0]) == 2  # all users in one call
     text = _user_text(calls[0][0])
     assert inputs[0].persona in text
-    assert f'{quote_title(inputs[0].current.titles[0])}: predicted 2.2, actual 3' in text  # 2.25 -> "2.2" (one decimal)
-    assert f'{quote_title(inputs[0].current.titles[1])}: predicted 3.8, actual 4.5' in text
+    assert (
+        f"{quote_title(inputs[0].current.titles[0])}: predicted 2.2, actual 3" in text
+    )  # 2.25 -> "2.2" (one decimal)
+    assert f"{quote_title(inputs[0].current.titles[1])}: predicted 3.8, actual 4.5" in text
     assert "W0" not in text and "W1" not in text and "bob" not in text
     for result, item, (answer,) in zip(results, inputs, llm.answers[0]):
         assert result.generated == (answer,)
@@ -134,7 +140,9 @@ def test_hiermerge_makes_a_short_term_persona_then_merges_it(tiny_llm):
     assert len(calls[1]) == sum(1 for a in short_answers if clean_persona(a))
     merge_text = _user_text(calls[1][0])
     assert inputs[0].persona in merge_text
-    assert free_text(clean_persona(short_answers[0])) in merge_text  # as rendered: control characters -> spaces
+    assert (
+        free_text(clean_persona(short_answers[0])) in merge_text
+    )  # as rendered: control characters -> spaces
     assert "W2" not in merge_text  # the merge sees personas only
     assert results[0].generated[0] == short_answers[0]
 
@@ -152,18 +160,31 @@ def test_params_hold_the_one_list_of_methods():
     methods = methods_from_params(yaml.safe_load((REPO / "params.yaml").read_text())["evaluate"]["methods"])
     assert dvc["stages"]["evaluate"]["foreach"] == "${evaluate.methods}"
     assert "data/eval" in dvc["stages"]["report"]["deps"]
-    assert list(methods) == ["deeper", "deeper_it1", "untrained", "frozen_refiner", "incupdate", "hiermerge",
-                             "fullregen", "slideregen"]
-    assert {n for n, m in methods.items() if m.is_refiner} == {"deeper", "deeper_it1", "untrained", "frozen_refiner"}
+    assert list(methods) == [
+        "deeper",
+        "deeper_it1",
+        "untrained",
+        "frozen_refiner",
+        "incupdate",
+        "hiermerge",
+        "fullregen",
+        "slideregen",
+    ]
+    assert {n for n, m in methods.items() if m.is_refiner} == {
+        "deeper",
+        "deeper_it1",
+        "untrained",
+        "frozen_refiner",
+    }
     assert (methods["deeper"].role, methods["deeper"].adapter) == ("policy", "models/adapters/it2")
     assert (methods["frozen_refiner"].role, methods["frozen_refiner"].adapter) == ("frozen", None)
     for name in ("incupdate", "hiermerge", "fullregen", "slideregen"):
         assert methods[name].role == "frozen" and methods[name].adapter is None
-    with (pytest.raises(ConfigError, match=r"evaluate.methods.x.update: 'refiner' is not one of")):
+    with pytest.raises(ConfigError, match=r"evaluate.methods.x.update: 'refiner' is not one of"):
         methods_from_params({"x": {"update": "refiner", "model": "policy", "weights": "models/embedded"}})
-    with (pytest.raises(ConfigError, match=r"evaluate.methods.x.model: 'gpt' is not one of policy, frozen")):
+    with pytest.raises(ConfigError, match=r"evaluate.methods.x.model: 'gpt' is not one of policy, frozen"):
         methods_from_params({"x": {"update": "refine", "model": "gpt", "weights": "models/embedded"}})
-    with (pytest.raises(ConfigError, match=r"evaluate.methods.x.adapter: unknown key")):
+    with pytest.raises(ConfigError, match=r"evaluate.methods.x.adapter: unknown key"):
         methods_from_params({"x": {"update": "refine", "model": "policy", "weights": "w", "adapter": "w"}})
 
 
@@ -177,14 +198,20 @@ def test_a_new_method_is_one_params_entry(tmp_path):
     (tmp_path / ".dvc").mkdir()
     (tmp_path / ".dvc" / "config").write_text("[core]\n    no_scm = true\n")
     params = yaml.safe_load((tmp_path / "params.yaml").read_text())
-    params["evaluate"]["methods"]["frozen_refiner_2"] = {"update": "refine", "model": "frozen",
-                                                         "weights": "models/embedded"}
+    params["evaluate"]["methods"]["frozen_refiner_2"] = {
+        "update": "refine",
+        "model": "frozen",
+        "weights": "models/embedded",
+    }
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     with Repo(str(tmp_path)) as repo:
         stages = {s.addressing.rsplit(":", 1)[-1]: s for s in repo.index.stages}
         assert "evaluate@frozen_refiner_2" in stages
         import networkx as nx
-        upstream = {s.addressing.rsplit(":", 1)[-1] for s in nx.descendants(repo.index.graph, stages["report"])}
+
+        upstream = {
+            s.addressing.rsplit(":", 1)[-1] for s in nx.descendants(repo.index.graph, stages["report"])
+        }
         assert "evaluate@frozen_refiner_2" in upstream
 
 
@@ -197,13 +224,22 @@ def test_only_the_trained_refiners_depend_on_training():
     training_params = ("delta", "alpha", "tau_pos", "tau_neg", "iter2", "train", "pair", "sample", "reward")
     with Repo(str(REPO)) as repo:
         stages = {s.addressing: s for s in repo.index.stages}
-        methods = methods_from_params(yaml.safe_load((REPO / "params.yaml").read_text())["evaluate"]["methods"])
+        methods = methods_from_params(
+            yaml.safe_load((REPO / "params.yaml").read_text())["evaluate"]["methods"]
+        )
         for name, spec in methods.items():
             stage = stages[f"evaluate@{name}"]
             upstream = {s.addressing for s in nx.descendants(repo.index.graph, stage)}
-            params = {p for s in [stage, *nx.descendants(repo.index.graph, stage)]
-                      for d in s.deps if hasattr(d, "params") for p in d.params}
-            trained = {s for s in upstream if s.startswith(("train@", "pair@", "sample@", "reward@", "contexts@"))}
+            params = {
+                p
+                for s in [stage, *nx.descendants(repo.index.graph, stage)]
+                for d in s.deps
+                if hasattr(d, "params")
+                for p in d.params
+            }
+            trained = {
+                s for s in upstream if s.startswith(("train@", "pair@", "sample@", "reward@", "contexts@"))
+            }
             if spec.adapter is None:
                 assert not trained, name
                 assert not [p for p in params if p.split(".")[0] in training_params], name

@@ -32,8 +32,12 @@ def key_forms(key: str) -> dict[str, bytes]:
     """The byte strings a written copy of `key` would show. Base64 of any text holding the key holds one of
     three runs (the key's offset mod 3), each without the characters it shares with its neighbours."""
     raw = key.encode()
-    forms = {"raw": raw, "hex": raw.hex().encode(), "HEX": raw.hex().upper().encode(),
-             "utf-16": key.encode("utf-16-le")}
+    forms = {
+        "raw": raw,
+        "hex": raw.hex().encode(),
+        "HEX": raw.hex().upper().encode(),
+        "utf-16": key.encode("utf-16-le"),
+    }
     for shift in range(3):
         for name, encode in (("base64", base64.b64encode), ("base64url", base64.urlsafe_b64encode)):
             encoded = encode(b"\0" * shift + raw)
@@ -74,7 +78,13 @@ def test_the_search_finds_the_key_in_every_written_form(tmp_path):
     frame.to_parquet(tmp_path / "rows.parquet", index=False)
     (tmp_path / "hex.txt").write_text(key.encode().hex())
     assert [f.split(" ")[0] for f in files_holding(tmp_path, key)] == [
-        "b64-0.txt", "b64-1.txt", "b64-2.txt", "hex.txt", "log.gz", "rows.parquet"]
+        "b64-0.txt",
+        "b64-1.txt",
+        "b64-2.txt",
+        "hex.txt",
+        "log.gz",
+        "rows.parquet",
+    ]
     assert files_holding(tmp_path, f"sk-sentinel-{secrets.token_hex(16)}") == []
 
 
@@ -82,23 +92,55 @@ def test_an_openai_stage_writes_the_key_nowhere(tmp_path, tiny_llama):
     key, new_key = f"sk-sentinel-{secrets.token_hex(16)}", f"sk-sentinel-{secrets.token_hex(16)}"
     logs = tmp_path / "logs"
     logs.mkdir()
-    env = dvc_env(**{KEY_ENV: key, "DEEPER_CACHE_DIR": str(tmp_path / "deeper-cache"),
-                     "DVC_SITE_CACHE_DIR": str(tmp_path / "dvc-site-cache"), "HOME": str(tmp_path / "home"),
-                     "TMPDIR": str(tmp_path / "tmp")})
-    for name in ("DEEPER_RESPONSE_CACHE", "HF_HOME", "XDG_CACHE_HOME", "XDG_CONFIG_HOME", "XDG_DATA_HOME",
-                 "XDG_STATE_HOME"):
+    env = dvc_env(
+        **{
+            KEY_ENV: key,
+            "DEEPER_CACHE_DIR": str(tmp_path / "deeper-cache"),
+            "DVC_SITE_CACHE_DIR": str(tmp_path / "dvc-site-cache"),
+            "HOME": str(tmp_path / "home"),
+            "TMPDIR": str(tmp_path / "tmp"),
+        }
+    )
+    for name in (
+        "DEEPER_RESPONSE_CACHE",
+        "HF_HOME",
+        "XDG_CACHE_HOME",
+        "XDG_CONFIG_HOME",
+        "XDG_DATA_HOME",
+        "XDG_STATE_HOME",
+    ):
         env.pop(name, None)  # everything the runs write stays below tmp_path
     for folder in ("home", "tmp"):
         (tmp_path / folder).mkdir()
 
     with FakeOpenAIServer(faults=["quote_key"]) as server:
-        frozen = {"backend": "openai", "name": "fake-model", "base_url": server.base_url, "api_key_env": KEY_ENV,
-                  "concurrency": 2, "timeout": 5, "max_retries": 3, "retry_base_delay": 0.01,
-                  "retry_max_delay": 0.05}
-        persona = {"temperature": 1.0, "top_p": 0.9, "repetition_penalty": 1.1, "max_new_tokens": 16, "seed": 0,
-                   "retries": 0, "min_words": 0, "tokenizer": "models/embedded/tiny-llama"}
-        repo = pipeline_repo(tmp_path / "repo", ["init_personas"], {"models.frozen": frozen, "persona": persona},
-                             {"tiny-llama": tiny_llama})
+        frozen = {
+            "backend": "openai",
+            "name": "fake-model",
+            "base_url": server.base_url,
+            "api_key_env": KEY_ENV,
+            "concurrency": 2,
+            "timeout": 5,
+            "max_retries": 3,
+            "retry_base_delay": 0.01,
+            "retry_max_delay": 0.05,
+        }
+        persona = {
+            "temperature": 1.0,
+            "top_p": 0.9,
+            "repetition_penalty": 1.1,
+            "max_new_tokens": 16,
+            "seed": 0,
+            "retries": 0,
+            "min_words": 0,
+            "tokenizer": "models/embedded/tiny-llama",
+        }
+        repo = pipeline_repo(
+            tmp_path / "repo",
+            ["init_personas"],
+            {"models.frozen": frozen, "persona": persona},
+            {"tiny-llama": tiny_llama},
+        )
         (repo / "data" / "window").mkdir(parents=True)
         windows_frame().to_parquet(repo / "data" / "window" / "windows.parquet", index=False)
 
@@ -125,9 +167,15 @@ def test_an_openai_stage_writes_the_key_nowhere(tmp_path, tiny_llama):
     assert calls["retries"] == 3 and calls["calls"] == calls["cache_misses"] == 3
     assert len(cached_rows(tmp_path / "deeper-cache" / "responses")) == 3
     written = {str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file()}
-    assert {"repo/dvc.lock", "repo/data/personas/init.parquet", "repo/metrics/personas.json",
-            "deeper-cache/responses/responses.sqlite3"} <= written
-    assert any(p.startswith("repo/.dvc/tmp/") for p in written) and any(p.startswith("repo/.dvc/cache/") for p in written)
+    assert {
+        "repo/dvc.lock",
+        "repo/data/personas/init.parquet",
+        "repo/metrics/personas.json",
+        "deeper-cache/responses/responses.sqlite3",
+    } <= written
+    assert any(p.startswith("repo/.dvc/tmp/") for p in written) and any(
+        p.startswith("repo/.dvc/cache/") for p in written
+    )
 
     assert files_holding(tmp_path, key) == [] and files_holding(tmp_path, new_key) == []
     assert "Forbidden: key *** has no access" in refused.stderr  # the server's message, the key redacted

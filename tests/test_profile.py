@@ -33,8 +33,18 @@ from tests.conftest import REPO
 from tests.openai_fake_server import FakeOpenAIServer
 
 HAS_VLLM = importlib.util.find_spec("vllm") is not None
-PAPER_DOMAINS = {"movielens", "amazon_books", "amazon_clothing", "amazon_movies_tv", "recipe", "local_business",
-                 "amazon_arts", "amazon_automotive", "amazon_sports", "amazon_grocery"}
+PAPER_DOMAINS = {
+    "movielens",
+    "amazon_books",
+    "amazon_clothing",
+    "amazon_movies_tv",
+    "recipe",
+    "local_business",
+    "amazon_arts",
+    "amazon_automotive",
+    "amazon_sports",
+    "amazon_grocery",
+}
 
 
 @pytest.fixture(scope="module")
@@ -76,10 +86,21 @@ def test_every_profile_key_is_a_params_key_and_a_typo_is_refused(params, entries
 
 def test_the_profile_holds_the_papers_settings(paper):
     assert (paper["tau_pos"], paper["tau_neg"], paper["delta"], paper["alpha"]) == (0.5, 0.0, 0.5, 0.1)
-    assert (paper["iter2"]["delta"], paper["iter2"]["replay_max"], paper["iter2"]["replay_order"]) == (0.8, 5000, "random")
+    assert (paper["iter2"]["delta"], paper["iter2"]["replay_max"], paper["iter2"]["replay_order"]) == (
+        0.8,
+        5000,
+        "random",
+    )
     assert paper["pair"]["max_per_context"] is None  # ~3.2 pairs per context cannot come from a cap of 3
-    assert paper["sample"]["n"] == 15 and (paper["sample"]["temperature"], paper["sample"]["top_p"]) == (1.0, 0.4)
-    assert paper["sample"]["repetition_penalty"] == 1.1 and paper["reward"]["weights"] == {"prev": 1.0, "curr": 1.0, "fut": 1.0}
+    assert paper["sample"]["n"] == 15 and (paper["sample"]["temperature"], paper["sample"]["top_p"]) == (
+        1.0,
+        0.4,
+    )
+    assert paper["sample"]["repetition_penalty"] == 1.1 and paper["reward"]["weights"] == {
+        "prev": 1.0,
+        "curr": 1.0,
+        "fut": 1.0,
+    }
     assert (paper["pair"]["val_fraction"], paper["iter2"]["reference"]) == (0.1, "base")
     assert (paper["window"]["size"], paper["window"]["count"], paper["evaluate"]["rounds"]) == (10, 6, 4)
     assert paper["evaluate"]["sampling"]["temperature"] == 0.0
@@ -89,28 +110,55 @@ def test_the_profile_holds_the_papers_settings(paper):
     assert paper["models"]["frozen"]["name"] == "gpt-4o-mini-2024-07-18"
     assert paper["persona"]["temperature"] == 0.0
     # no limit that cuts the paper's ~430-530-token personas (Table 2): >= 1,024 new tokens everywhere
-    assert min(paper["sample"]["max_new_tokens"], paper["persona"]["max_new_tokens"],
-               paper["predict"]["json"]["max_new_tokens"], paper["evaluate"]["sampling"]["max_new_tokens"]) >= 1024
+    assert (
+        min(
+            paper["sample"]["max_new_tokens"],
+            paper["persona"]["max_new_tokens"],
+            paper["predict"]["json"]["max_new_tokens"],
+            paper["evaluate"]["sampling"]["max_new_tokens"],
+        )
+        >= 1024
+    )
     # training users need >= 50 ratings (Sec. 4.1): five windows of ten
-    assert paper["window"]["train_count"] == 5 and paper["window"]["size"] * paper["window"]["train_count"] == 50
-    assert paper["models"]["frozen"]["prefill"] == "none" and paper["models"]["frozen"]["api_key_env"] == "OPENAI_API_KEY"
+    assert (
+        paper["window"]["train_count"] == 5 and paper["window"]["size"] * paper["window"]["train_count"] == 50
+    )
+    assert (
+        paper["models"]["frozen"]["prefill"] == "none"
+        and paper["models"]["frozen"]["api_key_env"] == "OPENAI_API_KEY"
+    )
     policy = paper["models"]["policy"]
     assert (policy["backend"], policy["name"]) == ("vllm", "meta-llama/Llama-3.1-8B-Instruct")
     assert paper["models"]["sampler"] == policy  # iteration 1's candidates come from the base policy
     assert paper["persona"]["tokenizer"] == policy["name"]  # Table 2's lengths in the refiner's tokens
     train = paper["train"]
-    assert (train["per_device_batch"], train["grad_accum"], train["lr"], train["warmup_steps"]) == (4, 8, 5e-6, 250)
+    assert (train["per_device_batch"], train["grad_accum"], train["lr"], train["warmup_steps"]) == (
+        4,
+        8,
+        5e-6,
+        250,
+    )
     assert (train["epochs"], train["max_steps"], train["eval_steps"], train["bf16"]) == (4, -1, 100, True)
     processes = int(re.search(r"--num_processes (\d+)", train["launcher"]).group(1))
     assert train["launcher"].startswith("accelerate launch --multi_gpu")
     assert train["per_device_batch"] * train["grad_accum"] * processes == 128  # the paper's batch (Sec. 4.1)
     # the ten domains: the ones the paper_raw preset reads, with Table 11's users
     assert paper["ingest"]["preset"] == "paper_raw"
-    assert paper["ingest"]["zero_ratings"] == "keep"  # Food.com's 0: as the authors' windows (and MAE) have it
-    assert {s["domain"] for s in paper["ingest"]["presets"]["paper_raw"]} == PAPER_DOMAINS == set(paper["window"]["domains"])
+    assert (
+        paper["ingest"]["zero_ratings"] == "keep"
+    )  # Food.com's 0: as the authors' windows (and MAE) have it
+    assert (
+        {s["domain"] for s in paper["ingest"]["presets"]["paper_raw"]}
+        == PAPER_DOMAINS
+        == set(paper["window"]["domains"])
+    )
     assert paper["window"]["domains"]["movielens"] == {"train_users": 3000, "eval_users": 1000, "seen": True}
-    assert [d for d, s in paper["window"]["domains"].items() if not s["seen"]] == \
-        ["amazon_arts", "amazon_automotive", "amazon_sports", "amazon_grocery"]
+    assert [d for d, s in paper["window"]["domains"].items() if not s["seen"]] == [
+        "amazon_arts",
+        "amazon_automotive",
+        "amazon_sports",
+        "amazon_grocery",
+    ]
 
 
 def test_dvc_set_param_writes_exactly_the_profile(params, entries, paper, tmp_path):
@@ -132,8 +180,28 @@ def test_dvc_set_param_writes_exactly_the_profile(params, entries, paper, tmp_pa
     assert check_params(yaml.safe_load(target.read_text()))
 
 
-@pytest.mark.parametrize("value", ["plain", "meta-llama/Llama-3.1-8B-Instruct", "with space", "null", "True", "1e5",
-                                   "a'b\"c\\d", "x:y", "", None, True, 0, -1, 5e-6, 1.0, [1, "a b"], {"k": {"j": None}}])
+@pytest.mark.parametrize(
+    "value",
+    [
+        "plain",
+        "meta-llama/Llama-3.1-8B-Instruct",
+        "with space",
+        "null",
+        "True",
+        "1e5",
+        "a'b\"c\\d",
+        "x:y",
+        "",
+        None,
+        True,
+        0,
+        -1,
+        5e-6,
+        1.0,
+        [1, "a b"],
+        {"k": {"j": None}},
+    ],
+)
 def test_hydra_values_round_trip_through_dvc(value, tmp_path):
     from dvc.utils.hydra import apply_overrides
     from dvc.utils.serialize import load_yaml
@@ -153,8 +221,12 @@ def test_cli_prints_the_command_and_runs_it(monkeypatch, entries):
     assert argv == ["dvc", "exp", "run", *dvc_flags(entries)]
     calls = []
     monkeypatch.setattr(profile.subprocess, "call", lambda cmd, env: calls.append((cmd, env)) or 0)
-    monkeypatch.setenv("PATH", "/usr/bin")  # the venv not activated: its dvc and python must still be the ones run
-    result = CliRunner().invoke(profile.main, ["paper", "--run", "-S", "ingest.root=/data/raw", "--name", "paper"])
+    monkeypatch.setenv(
+        "PATH", "/usr/bin"
+    )  # the venv not activated: its dvc and python must still be the ones run
+    result = CliRunner().invoke(
+        profile.main, ["paper", "--run", "-S", "ingest.root=/data/raw", "--name", "paper"]
+    )
     assert result.exit_code == 0, result.output
     assert [cmd for cmd, _ in calls] == [[*argv, "-S", "ingest.root=/data/raw", "--name", "paper"]]
     assert calls[0][1]["PATH"] == os.pathsep.join([os.path.dirname(sys.executable), "/usr/bin"])
@@ -167,23 +239,58 @@ def test_cli_prints_the_command_and_runs_it(monkeypatch, entries):
 
 def test_every_block_passes_its_stages_checks(paper):
     assert check_params(paper) == [
-        "fetch", "ingest", "window", "models.frozen (openai), models.policy (vllm), models.sampler (vllm)",
-        "prompts (published)", "persona", "predict", "refiner",
+        "fetch",
+        "ingest",
+        "window",
+        "models.frozen (openai), models.policy (vllm), models.sampler (vllm)",
+        "prompts (published)",
+        "persona",
+        "predict",
+        "refiner",
         "sample",
-        "reward", "tau_pos, tau_neg", "delta", "pair", "alpha", "train", "iter2", "evaluate", "headroom", "plan"]
+        "reward",
+        "tau_pos, tau_neg",
+        "delta",
+        "pair",
+        "alpha",
+        "train",
+        "iter2",
+        "evaluate",
+        "headroom",
+        "plan",
+    ]
 
 
-@pytest.mark.parametrize("key, value, message", [
-    ("models.policy", {"backend": "vllm", "name": "m", "devices": 2}, "models.policy.devices: unknown key for backend vllm"),
-    ("models.frozen", {"backend": "openai", "name": "m", "prefil": "none"}, "models.frozen.prefil: unknown key"),
-    ("models.policy", {"backend": "vllm", "name": "m", "max_lora_rank": 8}, "max_lora_rank: 8 < train.lora.r"),
-    ("train.lr", "fast", "train.lr: must be a number"),
-    ("predict.mode", "jsn", "predict.mode: must be one of"),
-    ("ingest.preset", "paper", "ingest.preset: 'paper' is not under ingest.presets"),
-    ("train.launcher", "", "train.launcher: must be a command"),
-    ("plan.batch_discount", 1.5, "plan.batch_discount: must be <= 1"),
-    ("plan.gpu_tokens_per_s", {"prompt": 0, "completion": 10}, "plan.gpu_tokens_per_s.prompt: must be > 0"),
-])
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        (
+            "models.policy",
+            {"backend": "vllm", "name": "m", "devices": 2},
+            "models.policy.devices: unknown key for backend vllm",
+        ),
+        (
+            "models.frozen",
+            {"backend": "openai", "name": "m", "prefil": "none"},
+            "models.frozen.prefil: unknown key",
+        ),
+        (
+            "models.policy",
+            {"backend": "vllm", "name": "m", "max_lora_rank": 8},
+            "max_lora_rank: 8 < train.lora.r",
+        ),
+        ("train.lr", "fast", "train.lr: must be a number"),
+        ("predict.mode", "jsn", "predict.mode: must be one of"),
+        ("ingest.preset", "paper", "ingest.preset: 'paper' is not under ingest.presets"),
+        ("train.launcher", "", "train.launcher: must be a command"),
+        ("plan.batch_discount", 1.5, "plan.batch_discount: must be <= 1"),
+        (
+            "plan.gpu_tokens_per_s",
+            {"prompt": 0, "completion": 10},
+            "plan.gpu_tokens_per_s.prompt: must be > 0",
+        ),
+    ],
+)
 def test_a_bad_block_is_a_one_line_config_error(paper, key, value, message):
     with pytest.raises(ConfigError, match=re.escape(message)) as err:
         check_params(apply_profile(paper, {key: value}))
@@ -199,7 +306,13 @@ def test_paper_training_reaches_trl_and_stops_at_bf16_without_a_gpu(paper, tiny_
     config = TrainConfig.from_params(paper, 2)
     assert (config.per_device_batch, config.grad_accum, config.lr, config.warmup_steps) == (4, 8, 5e-6, 250)
     assert (config.epochs, config.max_steps, config.eval_steps, config.max_length) == (4.0, -1, 100, 2048)
-    assert (config.lora_r, config.lora_alpha, config.lora_dropout, config.beta, config.sft_weight) == (16, 32, 0.2, 0.2, 0.1)
+    assert (config.lora_r, config.lora_alpha, config.lora_dropout, config.beta, config.sft_weight) == (
+        16,
+        32,
+        0.2,
+        0.2,
+        0.1,
+    )
     examples = pairs_to_examples(make_pairs(4), "p")
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match=r"^params\.yaml: train\.bf16: .*bf16") as err:
@@ -208,24 +321,43 @@ def test_paper_training_reaches_trl_and_stops_at_bf16_without_a_gpu(paper, tiny_
     # Everything else reaches TRL as the paper has it (bf16 and the bfloat16 weights are the GPU's part).
     cpu = TrainConfig(**{**config.__dict__, "bf16": False, "dtype": "float32"})
     args = build_trainer(tiny_llama, examples, examples, cpu, tmp_path).args
-    assert (args.per_device_train_batch_size, args.gradient_accumulation_steps, args.learning_rate) == (4, 8, 5e-6)
+    assert (args.per_device_train_batch_size, args.gradient_accumulation_steps, args.learning_rate) == (
+        4,
+        8,
+        5e-6,
+    )
     assert (args.warmup_steps, args.num_train_epochs, args.max_steps, args.eval_steps) == (250, 4.0, -1, 100)
-    assert (args.eval_strategy, args.lr_scheduler_type, args.max_length, args.beta) == ("steps", "cosine", 2048, 0.2)
-    assert args.loss_weights == [1.0] and args.ddp_find_unused_parameters is False  # SFT: PerPairSFTDPOTrainer
+    assert (args.eval_strategy, args.lr_scheduler_type, args.max_length, args.beta) == (
+        "steps",
+        "cosine",
+        2048,
+        0.2,
+    )
+    assert (
+        args.loss_weights == [1.0] and args.ddp_find_unused_parameters is False
+    )  # SFT: PerPairSFTDPOTrainer
     # What the authors' LLaMA-Factory run did: dropout off after LoRA is made (so 0.2 never ran), per-pair SFT
-    assert (config.disable_dropout, config.sft_normalization, args.disable_dropout) == (True, "per_pair", True)
+    assert (config.disable_dropout, config.sft_normalization, args.disable_dropout) == (
+        True,
+        "per_pair",
+        True,
+    )
 
 
 # ---------------------------------------------------------------- the frozen model: OpenAI's API
 
 
 def with_server(paper: dict, server: FakeOpenAIServer, **changes) -> dict:
-    return apply_profile(paper, {"models.frozen": {**paper["models"]["frozen"], "base_url": server.base_url, **changes}})
+    return apply_profile(
+        paper, {"models.frozen": {**paper["models"]["frozen"], "base_url": server.base_url, **changes}}
+    )
 
 
 def test_frozen_block_needs_its_key_from_the_environment(paper, monkeypatch):
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
-    with pytest.raises(ConfigError, match=r"models\.frozen\.api_key_env: environment variable OPENAI_API_KEY is not set"):
+    with pytest.raises(
+        ConfigError, match=r"models\.frozen\.api_key_env: environment variable OPENAI_API_KEY is not set"
+    ):
         load_llm(paper["models"]["frozen"], where="models.frozen")
     monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
     llm = load_llm(paper["models"]["frozen"], where="models.frozen")  # no request is made when building
@@ -251,7 +383,9 @@ def test_frozen_block_predicts_json_windows_through_a_local_server(paper, monkey
         params = with_server(paper, server)
         llm = load_frozen(params)
         settings = PredictSettings.from_params(params)
-        preds, stats = predict_windows(llm, [WindowRequest("Loves crime films.", "movie", titles, actual)], settings)
+        preds, stats = predict_windows(
+            llm, [WindowRequest("Loves crime films.", "movie", titles, actual)], settings
+        )
     want = [len(t) % 5 + 1 for t in titles]
     np.testing.assert_array_equal(preds[0].ratings, want)
     assert preds[0].mae == pytest.approx(np.abs(np.array(want) - actual).mean())
@@ -259,7 +393,9 @@ def test_frozen_block_predicts_json_windows_through_a_local_server(paper, monkey
     (request,) = server.requests
     body = request["body"]
     assert request["headers"]["authorization"] == "Bearer sk-paper-test"
-    assert body["model"] == "gpt-4o-mini-2024-07-18" and body["messages"][-1]["role"] == "user"  # no prefill turn
+    assert (
+        body["model"] == "gpt-4o-mini-2024-07-18" and body["messages"][-1]["role"] == "user"
+    )  # no prefill turn
     assert "Loves crime films." in body["messages"][0]["content"]
     assert (body["temperature"], body["max_tokens"], body["seed"]) == (0.0, 1024, 0)
 
@@ -272,14 +408,23 @@ def test_frozen_block_generates_personas_with_openai_arguments_only(paper, monke
     monkeypatch.setenv("OPENAI_API_KEY", "sk-paper-test")
     chat = [{"role": "user", "content": "Describe this user."}]
     persona = paper["persona"]
-    sampling = Sampling(temperature=persona["temperature"], top_p=persona["top_p"],
-                        repetition_penalty=persona["repetition_penalty"], max_new_tokens=persona["max_new_tokens"], seed=0)
+    sampling = Sampling(
+        temperature=persona["temperature"],
+        top_p=persona["top_p"],
+        repetition_penalty=persona["repetition_penalty"],
+        max_new_tokens=persona["max_new_tokens"],
+        seed=0,
+    )
     assert sampling.repetition_penalty != 1.0
     with FakeOpenAIServer(strict=True, reply=lambda m: "A persona.") as server:
-        assert load_frozen(with_server(paper, server)).generate([chat], 2, sampling) == [["A persona.", "A persona."]]
+        assert load_frozen(with_server(paper, server)).generate([chat], 2, sampling) == [
+            ["A persona.", "A persona."]
+        ]
         assert all("repetition_penalty" not in r["body"] for r in server.requests)
         sending = load_llm(with_server(paper, server, send_repetition_penalty=True)["models"]["frozen"])
-        with pytest.raises(DeeperError, match="400: .*Unrecognized request argument supplied: repetition_penalty"):
+        with pytest.raises(
+            DeeperError, match="400: .*Unrecognized request argument supplied: repetition_penalty"
+        ):
             sending.generate([chat], 1, sampling)
 
 
@@ -304,9 +449,12 @@ class FakeEngine:
 
     def generate(self, prompts, params, lora_request=None, use_tqdm=True):
         self.calls.append({"prompts": prompts, "params": params, "lora_request": lora_request})
-        return [types.SimpleNamespace(outputs=[types.SimpleNamespace(text=f"refined {i}", token_ids=[1, 2],
-                                                                     finish_reason="stop")])
-                for i in range(len(prompts))]
+        return [
+            types.SimpleNamespace(
+                outputs=[types.SimpleNamespace(text=f"refined {i}", token_ids=[1, 2], finish_reason="stop")]
+            )
+            for i in range(len(prompts))
+        ]
 
 
 @pytest.fixture
@@ -343,16 +491,27 @@ def test_policy_block_drives_vllm_with_the_profiles_arguments(paper, fake_vllm, 
     from deeper.llm.vllm_backend import engine_kwargs, lora_id, sampling_params_kwargs
 
     adapter = tmp_path / "it1"
-    lora = LoraConfig(r=paper["train"]["lora"]["r"], lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM")
+    lora = LoraConfig(
+        r=paper["train"]["lora"]["r"], lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM"
+    )
     get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_llama), lora).save_pretrained(str(adapter))
     block = paper["models"]["policy"]
     # The hub id would be downloaded (gated: an HF token) and served on a GPU; the tiny folder stands in.
     params = apply_profile(paper, {"models.policy": {**block, "name": str(tiny_llama)}})
     llm = load_policy(params, adapter=adapter)
     (engine,) = fake_vllm.instances
-    assert engine.kwargs == engine_kwargs(str(tiny_llama), str(adapter), block["max_lora_rank"],
-                                          block["gpu_memory_utilization"], block["dtype"], block["max_model_len"], None)
-    assert engine.kwargs["enable_lora"] is True and engine.kwargs["max_lora_rank"] >= paper["train"]["lora"]["r"]
+    assert engine.kwargs == engine_kwargs(
+        str(tiny_llama),
+        str(adapter),
+        block["max_lora_rank"],
+        block["gpu_memory_utilization"],
+        block["dtype"],
+        block["max_model_len"],
+        None,
+    )
+    assert (
+        engine.kwargs["enable_lora"] is True and engine.kwargs["max_lora_rank"] >= paper["train"]["lora"]["r"]
+    )
     assert (engine.kwargs["dtype"], engine.kwargs["max_model_len"]) == ("bfloat16", 4096)
 
     settings = SampleSettings.from_params(params)
@@ -360,10 +519,16 @@ def test_policy_block_drives_vllm_with_the_profiles_arguments(paper, fake_vllm, 
     out = llm.generate(chats, settings.n, settings.sampling)
     assert [len(row) for row in out] == [15, 15]
     sent = [p for call in engine.calls for p in call["params"]]
-    assert sent == [("SamplingParams", sampling_params_kwargs(settings.sampling, k)) for _ in chats for k in range(15)]
-    assert {p[1]["max_tokens"] for p in sent} == {1024} and [p[1]["seed"] for p in sent[:15]] == list(range(15))
-    assert all(call["lora_request"] == ("LoRARequest", ("it1", lora_id(str(adapter)), str(adapter)))
-               for call in engine.calls)
+    assert sent == [
+        ("SamplingParams", sampling_params_kwargs(settings.sampling, k)) for _ in chats for k in range(15)
+    ]
+    assert {p[1]["max_tokens"] for p in sent} == {1024} and [p[1]["seed"] for p in sent[:15]] == list(
+        range(15)
+    )
+    assert all(
+        call["lora_request"] == ("LoRARequest", ("it1", lora_id(str(adapter)), str(adapter)))
+        for call in engine.calls
+    )
     assert all("prompt_token_ids" in p for call in engine.calls for p in call["prompts"])
 
 
@@ -407,7 +572,9 @@ def test_train_launcher_changes_the_train_stages_only(tmp_path):
     assert all(before[name][1] != after[name][1] for name in changed)
 
 
-@pytest.mark.skipif(shutil.which("git") is None or importlib.util.find_spec("dvc") is None, reason="needs git and dvc")
+@pytest.mark.skipif(
+    shutil.which("git") is None or importlib.util.find_spec("dvc") is None, reason="needs git and dvc"
+)
 def test_dvc_exp_run_queues_the_profiles_params(params, entries, tmp_path):
     """The documented command for real, queued instead of run (`--queue`: nothing is computed)."""
     import os
@@ -415,13 +582,24 @@ def test_dvc_exp_run_queues_the_profiles_params(params, entries, tmp_path):
 
     for name in ("dvc.yaml", "params.yaml"):
         shutil.copy(REPO / name, tmp_path / name)
-    who = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.invalid", "GIT_COMMITTER_NAME": "t",
-           "GIT_COMMITTER_EMAIL": "t@example.invalid"}
-    env = {**os.environ, **who, "PYTHONPATH": str(REPO), "DVC_NO_ANALYTICS": "1",
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    who = {
+        "GIT_AUTHOR_NAME": "t",
+        "GIT_AUTHOR_EMAIL": "t@example.invalid",
+        "GIT_COMMITTER_NAME": "t",
+        "GIT_COMMITTER_EMAIL": "t@example.invalid",
+    }
+    env = {
+        **os.environ,
+        **who,
+        "PYTHONPATH": str(REPO),
+        "DVC_NO_ANALYTICS": "1",
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+    }
 
     def sh(*cmd):
-        done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300, check=False)
+        done = subprocess.run(
+            cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300, check=False
+        )
         assert done.returncode == 0, done.stdout + done.stderr
         return done.stdout
 
@@ -430,7 +608,11 @@ def test_dvc_exp_run_queues_the_profiles_params(params, entries, tmp_path):
     sh("git", "add", "-A")
     sh("git", "commit", "-q", "-m", "base")
     sh(sys.executable, "-m", "stages.profile", "paper", "--run", "--queue", "--name", "paper")
-    (ref,) = [r for r in sh("git", "for-each-ref", "--format=%(refname)", "refs/exps").split() if r.endswith("stash")]
+    (ref,) = [
+        r
+        for r in sh("git", "for-each-ref", "--format=%(refname)", "refs/exps").split()
+        if r.endswith("stash")
+    ]
     queued = yaml.safe_load(sh("git", "show", f"{ref}:params.yaml"))
     assert check_params(queued)  # what the stages will read passes every block's checks
     queued["train"]["lr"] = float(queued["train"]["lr"])  # PyYAML (YAML 1.1) reads DVC's 5e-06 as a string

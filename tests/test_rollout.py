@@ -39,7 +39,9 @@ class Tagging(UpdateMethod):
     def update(self, inputs):
         self.seen_inputs.append(list(inputs))
         return [
-            UpdateResult(persona=f"{item.persona} | saw W{len(item.history) - 1}, predicted {list(item.predictions)}")
+            UpdateResult(
+                persona=f"{item.persona} | saw W{len(item.history) - 1}, predicted {list(item.predictions)}"
+            )
             for item in inputs
         ]
 
@@ -48,8 +50,10 @@ def _users(n_windows: int = 4, n_users: int = 2) -> list[EvalUser]:
     users = []
     for u, (domain, seen) in enumerate([("books", True), ("garden", False), ("books", True)][:n_users]):
         windows = tuple(
-            Window(titles=(f"Item {u}-{w}-a", f"Item {u}-{w}-b", f'"Odd" {{title}} {u}-{w}'),
-                   ratings=(float(1 + (u + w) % 5), float(1 + (u + 2 * w) % 5), 3.5))
+            Window(
+                titles=(f"Item {u}-{w}-a", f"Item {u}-{w}-b", f'"Odd" {{title}} {u}-{w}'),
+                ratings=(float(1 + (u + w) % 5), float(1 + (u + 2 * w) % 5), 3.5),
+            )
             for w in range(n_windows)
         )
         users.append(EvalUser(domain, f"user{u}", "book", seen, windows, f"Persona zero of user {u}."))
@@ -66,9 +70,12 @@ def tiny_llm(tiny_llama):
 def test_json_mode_failed_answers_give_the_midpoint_and_hand_computed_errors(tiny_llm):
     """The random model writes no JSON: every item falls back to rating 3, so every error is known."""
     users = _users()
-    settings = PredictSettings(mode="json", json_sampling=Sampling(temperature=0.0, max_new_tokens=8),
-                               max_parse_failed_share=1.0)  # every answer fails: counted, not stopped here
-    result = rollout(users, Tagging(), tiny_llm, rounds=2, predict_settings=settings, count_tokens=len, progress=False)
+    settings = PredictSettings(
+        mode="json", json_sampling=Sampling(temperature=0.0, max_new_tokens=8), max_parse_failed_share=1.0
+    )  # every answer fails: counted, not stopped here
+    result = rollout(
+        users, Tagging(), tiny_llm, rounds=2, predict_settings=settings, count_tokens=len, progress=False
+    )
     table = result.table.set_index(["user_id", "round"])
     for u, user in enumerate(users):
         for s in range(3):
@@ -89,7 +96,9 @@ def test_each_round_predicts_the_next_window_with_the_latest_persona(tiny_llm):
     users = _users()
     method = Tagging()
     settings = PredictSettings(mode="logprob")
-    result = rollout(users, method, tiny_llm, rounds=2, predict_settings=settings, count_tokens=len, progress=False)
+    result = rollout(
+        users, method, tiny_llm, rounds=2, predict_settings=settings, count_tokens=len, progress=False
+    )
     table = result.table
     assert list(table.columns[:4]) == ["domain", "user_id", "seen", "round"]
     assert len(table) == len(users) * 3 and result.updates == len(users) * 2
@@ -98,13 +107,17 @@ def test_each_round_predicts_the_next_window_with_the_latest_persona(tiny_llm):
     rows = {user.user_id: table[table.user_id == user.user_id].set_index("round") for user in users}
     # independent predictions of S_s on W_{s+1}, s = 0..2 (the first two are also what update t = s + 1 saw)
     keys = [(user, s) for user in users for s in range(3)]
-    requests = [WindowRequest(rows[u.user_id].loc[s, "persona"], "book", u.windows[s + 1].titles) for u, s in keys]
+    requests = [
+        WindowRequest(rows[u.user_id].loc[s, "persona"], "book", u.windows[s + 1].titles) for u, s in keys
+    ]
     independent = dict(zip([(u.user_id, s) for u, s in keys], predict_windows(tiny_llm, requests)[0]))
     for t, batch in enumerate(method.seen_inputs, start=1):
         for user, item in zip(users, batch):
             assert item.history == user.windows[: t + 1]
             assert item.persona == rows[user.user_id].loc[t - 1, "persona"]
-            np.testing.assert_allclose(item.predictions, independent[(user.user_id, t - 1)].ratings, atol=1e-6)
+            np.testing.assert_allclose(
+                item.predictions, independent[(user.user_id, t - 1)].ratings, atol=1e-6
+            )
     # errors: hand-computed from the independent predictions
     for user in users:
         mine = rows[user.user_id]
@@ -139,22 +152,30 @@ def _hand_table() -> pd.DataFrame:
         ("c", "garden", False, [0.5, 0.5, 0.25], [50, 60, 70]),
     ]:
         for s in range(3):
-            rows.append({
-                "domain": domain, "user_id": user, "seen": seen, "round": s, "persona_tokens": tokens[s],
-                "mae": maes[s], "items": 10 if user != "c" else 5,
-                "predict_failed_items": 1 if user == "c" else 2 if (user, s) == ("b", 1) else 0,
-                "update_failure": "empty" if (user, s) == ("a", 2) else None, "update_flag": None,
-                # on W0, W1, W2: S0 errors, S1 errors (mae_w1 of S0 and mae_w2 of S1 are the rollout's)
-                "mae_w0": {0: 0.4, 1: 0.6}.get(s, math.nan),
-                "mae_w1": {0: maes[0], 1: 0.2}.get(s, math.nan),
-                "mae_w2": {0: 1.5, 1: maes[1]}.get(s, math.nan),
-                # a ranks the next window right, b wrong; c's user rated everything the same (no pair)
-                "predicted": {"a": [1.0, 2.0, 3.0], "b": [3.0, 2.0, 1.0 + s], "c": [1.0, 2.0, 3.0]}[user],
-                "actual": {"a": [1.0, 2.0, 3.0], "b": [1.0, 2.0, 3.0], "c": [4.0, 4.0, 4.0]}[user],
-                # b's method makes two calls per update; b's first update and c's second ran into the limit
-                "answers": [] if s == 0 else ["short", "merged"] if user == "b" else ["refined"],
-                "update_stopped_at_limit": int((user, s) in {("b", 1), ("c", 2)}),
-            })
+            rows.append(
+                {
+                    "domain": domain,
+                    "user_id": user,
+                    "seen": seen,
+                    "round": s,
+                    "persona_tokens": tokens[s],
+                    "mae": maes[s],
+                    "items": 10 if user != "c" else 5,
+                    "predict_failed_items": 1 if user == "c" else 2 if (user, s) == ("b", 1) else 0,
+                    "update_failure": "empty" if (user, s) == ("a", 2) else None,
+                    "update_flag": None,
+                    # on W0, W1, W2: S0 errors, S1 errors (mae_w1 of S0 and mae_w2 of S1 are the rollout's)
+                    "mae_w0": {0: 0.4, 1: 0.6}.get(s, math.nan),
+                    "mae_w1": {0: maes[0], 1: 0.2}.get(s, math.nan),
+                    "mae_w2": {0: 1.5, 1: maes[1]}.get(s, math.nan),
+                    # a ranks the next window right, b wrong; c's user rated everything the same (no pair)
+                    "predicted": {"a": [1.0, 2.0, 3.0], "b": [3.0, 2.0, 1.0 + s], "c": [1.0, 2.0, 3.0]}[user],
+                    "actual": {"a": [1.0, 2.0, 3.0], "b": [1.0, 2.0, 3.0], "c": [4.0, 4.0, 4.0]}[user],
+                    # b's method makes two calls per update; b's first update and c's second ran into the limit
+                    "answers": [] if s == 0 else ["short", "merged"] if user == "b" else ["refined"],
+                    "update_stopped_at_limit": int((user, s) in {("b", 1), ("c", 2)}),
+                }
+            )
     return pd.DataFrame(rows)
 
 
@@ -200,6 +221,7 @@ def test_summaries_match_hand_computed_numbers():
 
 # ---------------------------------------------------------------- stage errors: one line, no traceback
 
+
 def _invoke(command, tmp_path, params: dict, *args):
     import yaml
     from click.testing import CliRunner
@@ -210,13 +232,20 @@ def _invoke(command, tmp_path, params: dict, *args):
 
 
 EVAL_PARAMS = {
-    "evaluate": {"rounds": 2, "methods": {"untrained": {"update": "refine", "model": "policy", "weights": "models/embedded"},
-                                          "incupdate": {"update": "incupdate", "model": "frozen",
-                                                        "weights": "models/embedded"}},
-                 "users": {"domains": None, "per_domain": None},
-                 "sampling": {"temperature": 0.0, "max_new_tokens": 8},
-                 "bootstrap": {"resamples": 200, "level": 0.95, "seed": 0}, "similarity_embedder": None},
-    "reward": {"weights": {"prev": 1.0, "curr": 1.0, "fut": 1.0}}, "tau_pos": 0.5, "tau_neg": 0.0,
+    "evaluate": {
+        "rounds": 2,
+        "methods": {
+            "untrained": {"update": "refine", "model": "policy", "weights": "models/embedded"},
+            "incupdate": {"update": "incupdate", "model": "frozen", "weights": "models/embedded"},
+        },
+        "users": {"domains": None, "per_domain": None},
+        "sampling": {"temperature": 0.0, "max_new_tokens": 8},
+        "bootstrap": {"resamples": 200, "level": 0.95, "seed": 0},
+        "similarity_embedder": None,
+    },
+    "reward": {"weights": {"prev": 1.0, "curr": 1.0, "fut": 1.0}},
+    "tau_pos": 0.5,
+    "tau_neg": 0.0,
 }
 
 
@@ -239,23 +268,47 @@ def test_report_refuses_a_table_with_other_rounds(tmp_path):
     result = _invoke(report.main, tmp_path, params, "--eval-dir", tmp_path / "eval")
     one_line_error(result, "untrained.parquet", "rounds [0, 1, 2]", "evaluate.rounds=4")
     # with matching rounds the same tables make a report
-    ok = _invoke(report.main, tmp_path, EVAL_PARAMS, "--eval-dir", tmp_path / "eval",
-                 "--metrics", tmp_path / "eval.json", "--plots-dir", tmp_path / "plots",
-                 "--case-study", tmp_path / "case.md")
+    ok = _invoke(
+        report.main,
+        tmp_path,
+        EVAL_PARAMS,
+        "--eval-dir",
+        tmp_path / "eval",
+        "--metrics",
+        tmp_path / "eval.json",
+        "--plots-dir",
+        tmp_path / "plots",
+        "--case-study",
+        tmp_path / "case.md",
+    )
     assert ok.exit_code == 0, ok.output
     assert (tmp_path / "plots" / "mae_by_round.csv").read_text().splitlines()[0] == "method,round,mae"
     assert (tmp_path / "case.md").read_text().startswith("# Case study: user ")
 
 
-@pytest.mark.parametrize("edit, args, fragments", [
-    ({"rounds": 0}, ["--method", "incupdate"], ["evaluate.rounds", "must be >= 1, got 0"]),
-    ({"sampling": {"temperature": "hot"}}, ["--method", "incupdate"], ["evaluate.sampling.temperature"]),
-    ({"users": {"per_domain": -1}}, ["--method", "incupdate"], ["evaluate.users.per_domain"]),
-    ({"methods": {"deeper": {"update": "refine", "model": "policy", "weights": "models/adapters/it2"}}},
-     ["--method", "deeper", "--adapter", "no/such/adapter"], ["no/such/adapter", "run the training stage"]),
-    ({}, ["--method", "deeper"], ["--method", "'deeper' is not one of evaluate.methods: untrained, incupdate"]),
-    ({}, ["--method", "incupdate", "--adapter", "."], ["--adapter", "without an adapter"]),
-])
+@pytest.mark.parametrize(
+    "edit, args, fragments",
+    [
+        ({"rounds": 0}, ["--method", "incupdate"], ["evaluate.rounds", "must be >= 1, got 0"]),
+        ({"sampling": {"temperature": "hot"}}, ["--method", "incupdate"], ["evaluate.sampling.temperature"]),
+        ({"users": {"per_domain": -1}}, ["--method", "incupdate"], ["evaluate.users.per_domain"]),
+        (
+            {
+                "methods": {
+                    "deeper": {"update": "refine", "model": "policy", "weights": "models/adapters/it2"}
+                }
+            },
+            ["--method", "deeper", "--adapter", "no/such/adapter"],
+            ["no/such/adapter", "run the training stage"],
+        ),
+        (
+            {},
+            ["--method", "deeper"],
+            ["--method", "'deeper' is not one of evaluate.methods: untrained, incupdate"],
+        ),
+        ({}, ["--method", "incupdate", "--adapter", "."], ["--adapter", "without an adapter"]),
+    ],
+)
 def test_evaluate_bad_settings_are_one_line_errors(tmp_path, edit, args, fragments):
     from stages import evaluate
 
@@ -290,24 +343,55 @@ def test_the_evaluate_stage_renders_the_prompt_set_params_name(tmp_path, tiny_ll
     for u in range(2):
         for w in range(4):
             for p in range(3):
-                rows.append({"domain": "books", "item_type": "book", "seen": True, "user_id": f"e{u}", "split": "eval",
-                             "window": w, "pos": p, "item_id": f"{w}-{p}", "title": f"Book {u}-{w}-{p}",
-                             "rating": float(1 + (u + w + p) % 5)})
+                rows.append(
+                    {
+                        "domain": "books",
+                        "item_type": "book",
+                        "seen": True,
+                        "user_id": f"e{u}",
+                        "split": "eval",
+                        "window": w,
+                        "pos": p,
+                        "item_id": f"{w}-{p}",
+                        "title": f"Book {u}-{w}-{p}",
+                        "rating": float(1 + (u + w + p) % 5),
+                    }
+                )
     pd.DataFrame(rows).to_parquet(tmp_path / "windows.parquet", index=False)
     persona0 = "Reader 0 likes sagas."
-    pd.DataFrame([{"domain": "books", "user_id": f"e{u}", "split": "eval", "persona": f"Reader {u} likes sagas."}
-                  for u in range(2)]).to_parquet(tmp_path / "init.parquet", index=False)
+    pd.DataFrame(
+        [
+            {"domain": "books", "user_id": f"e{u}", "split": "eval", "persona": f"Reader {u} likes sagas."}
+            for u in range(2)
+        ]
+    ).to_parquet(tmp_path / "init.parquet", index=False)
     model = {"backend": "transformers", "name": str(tiny_llama), "adapter": None, "batch_size": 8}
     sampling = {"temperature": 1.0, "top_p": 1.0, "repetition_penalty": 1.0, "max_new_tokens": 8, "seed": 0}
-    base = {**EVAL_PARAMS, "models": {"frozen": model, "policy": model},
-            "predict": {"mode": "logprob", "rating": "expected"}, "persona": {"tokenizer": str(tiny_llama)},
-            "evaluate": {**EVAL_PARAMS["evaluate"], "sampling": sampling}}
+    base = {
+        **EVAL_PARAMS,
+        "models": {"frozen": model, "policy": model},
+        "predict": {"mode": "logprob", "rating": "expected"},
+        "persona": {"tokenizer": str(tiny_llama)},
+        "evaluate": {**EVAL_PARAMS["evaluate"], "sampling": sampling},
+    }
     tables = {}
     for name in ("tuned", "published"):
         monkeypatch.setenv("DEEPER_RESPONSE_CACHE", str(tmp_path / f"{name}_responses"))
-        done = _invoke(evaluate.main, tmp_path, {**base, "prompts": name}, "--method", "incupdate", "--windows",
-                       tmp_path / "windows.parquet", "--personas", tmp_path / "init.parquet", "--out-dir",
-                       tmp_path / name, "--runs-dir", tmp_path / f"{name}_runs")
+        done = _invoke(
+            evaluate.main,
+            tmp_path,
+            {**base, "prompts": name},
+            "--method",
+            "incupdate",
+            "--windows",
+            tmp_path / "windows.parquet",
+            "--personas",
+            tmp_path / "init.parquet",
+            "--out-dir",
+            tmp_path / name,
+            "--runs-dir",
+            tmp_path / f"{name}_runs",
+        )
         assert done.exit_code == 0, done.output
         tables[name] = pd.read_parquet(tmp_path / name / "incupdate.parquet").set_index(["user_id", "round"])
     tuned, published = tables["tuned"], tables["published"]
@@ -319,10 +403,22 @@ def test_the_evaluate_stage_renders_the_prompt_set_params_name(tmp_path, tiny_ll
 
     llm = load_llm(model)
     user0 = [r for r in rows if r["user_id"] == "e0"]
-    history = tuple(Window(titles=tuple(r["title"] for r in user0 if r["window"] == w),
-                           ratings=tuple(r["rating"] for r in user0 if r["window"] == w)) for w in (0, 1))
+    history = tuple(
+        Window(
+            titles=tuple(r["title"] for r in user0 if r["window"] == w),
+            ratings=tuple(r["rating"] for r in user0 if r["window"] == w),
+        )
+        for w in (0, 1)
+    )
     item = UpdateInput("book", persona0, history, (3.0, 3.0, 3.0))
-    keys = {name: generate_key(llm, IncUpdate(None, Sampling(), load_prompts(PROMPT_SETS[name])).chat(item),
-                               Sampling(**sampling), 0) for name in ("tuned", "published")}
+    keys = {
+        name: generate_key(
+            llm,
+            IncUpdate(None, Sampling(), load_prompts(PROMPT_SETS[name])).chat(item),
+            Sampling(**sampling),
+            0,
+        )
+        for name in ("tuned", "published")
+    }
     store = ResponseStore(tmp_path / "published_responses")
     assert set(store.get_many(list(keys.values()))) == {keys["published"]}

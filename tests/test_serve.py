@@ -40,7 +40,9 @@ def tiny_adapter(tiny_llama, tmp_path_factory) -> Path:
     torch.manual_seed(1)
     folder = tmp_path_factory.mktemp("adapter")
     base = AutoModelForCausalLM.from_pretrained(tiny_llama)
-    peft = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False))
+    peft = get_peft_model(
+        base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)
+    )
     peft.save_pretrained(str(folder))
     return folder
 
@@ -48,8 +50,14 @@ def tiny_adapter(tiny_llama, tmp_path_factory) -> Path:
 def tiny_params(tiny_llama, window_size: int = 3, **frozen) -> dict:
     """The repo's params.yaml with the tiny model everywhere, short generations and small windows."""
     params = load_params(REPO / "params.yaml")
-    block = {"backend": "transformers", "name": str(tiny_llama), "adapter": None, "batch_size": 4, "device": "cpu",
-             "dtype": "float32"}
+    block = {
+        "backend": "transformers",
+        "name": str(tiny_llama),
+        "adapter": None,
+        "batch_size": 4,
+        "device": "cpu",
+        "dtype": "float32",
+    }
     params["models"] = {"frozen": {**block, **frozen}, "policy": dict(block)}
     params["persona"].update(max_new_tokens=12, min_words=1, retries=1, tokenizer=str(tiny_llama))
     params["evaluate"]["sampling"]["max_new_tokens"] = 12
@@ -88,8 +96,11 @@ def source(folder: Path):
 def store_rows(store: Path, table: str = "personas") -> list[tuple]:
     with duckdb.connect(str(store), read_only=True) as con:
         order = "domain, user_id, round" if table == "personas" else "domain, user_id, pos"
-        return con.execute(f"SELECT * EXCLUDE (created_at) FROM {table} ORDER BY {order}"
-                           if table == "personas" else f"SELECT * FROM {table} ORDER BY {order}").fetchall()
+        return con.execute(
+            f"SELECT * EXCLUDE (created_at) FROM {table} ORDER BY {order}"
+            if table == "personas"
+            else f"SELECT * FROM {table} ORDER BY {order}"
+        ).fetchall()
 
 
 @pytest.fixture
@@ -107,7 +118,9 @@ def test_rounds_s0_for_new_users_and_waiting_users(tmp_path, tiny_llama, tiny_ad
     store = tmp_path / "store.duckdb"
     # user 1: 7 ratings = S_0 window + 1 refine window + 1 waiting; user 2: 2 ratings (waits, no persona yet)
     first = write_ratings(tmp_path / "r1", user_rows(1, range(1, 8)) + user_rows(2, range(10, 12)))
-    params["evaluate"]["methods"]["deeper"]["weights"] = str(tiny_adapter)  # the default: the `deeper` method's
+    params["evaluate"]["methods"]["deeper"]["weights"] = str(
+        tiny_adapter
+    )  # the default: the `deeper` method's
     summary = refine_users(params, source(first), store, log=quiet)
     assert summary["rounds_written"] == 2 and summary["users_new"] == 1 and summary["users_updated"] == 1
     assert summary["waiting"] == {"movielens/1": 1, "movielens/2": 2}
@@ -127,15 +140,24 @@ def test_rounds_s0_for_new_users_and_waiting_users(tmp_path, tiny_llama, tiny_ad
     assert rows[1]["adapter_fingerprint"] == adapter_fingerprint(tiny_adapter)
     assert rows[1]["adapter"] == str(tiny_adapter)
     assert "adapter=" + adapter_fingerprint(tiny_adapter) in rows[1]["policy_fingerprint"]
-    assert rows[0]["policy_fingerprint"] is None and rows[0]["frozen_fingerprint"] == rows[1]["frozen_fingerprint"]
+    assert (
+        rows[0]["policy_fingerprint"] is None
+        and rows[0]["frozen_fingerprint"] == rows[1]["frozen_fingerprint"]
+    )
     assert rows[1]["pending_after"] == 1
     with pytest.raises(InputError, match="no user '2'"):
         PersonaStore(store).history("2")  # waiting: no persona yet
 
     # the next file completes both users' windows: user 2 (new to the store) first gets S_0
-    second = write_ratings(tmp_path / "r2", user_rows(1, range(8, 10), 2000) + user_rows(2, range(12, 17), 2000))
+    second = write_ratings(
+        tmp_path / "r2", user_rows(1, range(8, 10), 2000) + user_rows(2, range(12, 17), 2000)
+    )
     summary = refine_users(params, source(second), store, str(tiny_adapter), log=quiet)
-    assert summary["rounds_written"] == 3 and summary["users_new"] == 1 and summary["waiting"] == {"movielens/2": 1}
+    assert (
+        summary["rounds_written"] == 3
+        and summary["users_new"] == 1
+        and summary["waiting"] == {"movielens/2": 1}
+    )
     rows = PersonaStore(store).history("1")
     assert [r["round"] for r in rows] == [0, 1, 2]
     assert rows[2]["item_ids"] == ["7", "8", "9"]  # the waiting rating first, then the new ones in time order
@@ -163,8 +185,20 @@ def test_bad_rating_files_are_one_line_and_write_nothing(tmp_path, tiny_llama, t
     store = tmp_path / "store.duckdb"
     good = write_ratings(tmp_path / "good", user_rows(1, range(1, 8)))
     runner = CliRunner()
-    args = ["--format", "movielens_csv", "--domain", "movielens", "--item-type", "movie", "--store", str(store),
-            "--adapter", str(tiny_adapter), "--params", str(params_path)]
+    args = [
+        "--format",
+        "movielens_csv",
+        "--domain",
+        "movielens",
+        "--item-type",
+        "movie",
+        "--store",
+        str(store),
+        "--adapter",
+        str(tiny_adapter),
+        "--params",
+        str(params_path),
+    ]
     done = runner.invoke(main, ["refine", str(good), *args])
     assert done.exit_code == 0
     # the tiny model's S_0 and refinement ran into their 12-token limit: the user reads it, and which knobs
@@ -186,18 +220,41 @@ def test_bad_rating_files_are_one_line_and_write_nothing(tmp_path, tiny_llama, t
     (header / "ratings.csv").write_text("user,movie,stars,when\n1,8,4,3000\n", encoding="utf-8")
     one_line_error(runner.invoke(main, ["refine", str(header), *args]), "ratings.csv:1", "missing column")
     one_line_error(runner.invoke(main, ["refine", str(tmp_path / "absent"), *args]), "absent", "not found")
-    one_line_error(runner.invoke(main, ["refine", str(good), *args[:2], "--store", str(store), "--adapter",
-                                        str(tiny_adapter), "--params", str(params_path)]), "--domain is needed")
+    one_line_error(
+        runner.invoke(
+            main,
+            [
+                "refine",
+                str(good),
+                *args[:2],
+                "--store",
+                str(store),
+                "--adapter",
+                str(tiny_adapter),
+                "--params",
+                str(params_path),
+            ],
+        ),
+        "--domain is needed",
+    )
     one_line_error(runner.invoke(main, ["refine", str(good), *args, "-S", "window.size=0"]), "window.size")
-    one_line_error(runner.invoke(main, ["refine", str(good), *args, "--adapter", str(tmp_path)]),
-                   "adapter_config.json missing")
+    one_line_error(
+        runner.invoke(main, ["refine", str(good), *args, "--adapter", str(tmp_path)]),
+        "adapter_config.json missing",
+    )
     default = [a for a in args if a != "--adapter" and a != str(tiny_adapter)]
-    one_line_error(runner.invoke(main, ["refine", str(good), *default, "-S",
-                                        f"evaluate.methods.deeper.weights={tmp_path / 'it2'}"]),
-                   "it2", "adapter_config.json missing")
+    one_line_error(
+        runner.invoke(
+            main, ["refine", str(good), *default, "-S", f"evaluate.methods.deeper.weights={tmp_path / 'it2'}"]
+        ),
+        "it2",
+        "adapter_config.json missing",
+    )
     not_store = tmp_path / "not_a_store.duckdb"
     not_store.write_text("hello", encoding="utf-8")
-    one_line_error(runner.invoke(main, ["refine", str(good), *args, "--store", str(not_store)]), "not_a_store")
+    one_line_error(
+        runner.invoke(main, ["refine", str(good), *args, "--store", str(not_store)]), "not_a_store"
+    )
     assert store_rows(store) == before and store_rows(store, "pending") == pending
 
 
@@ -219,12 +276,31 @@ REFINE = [sys.executable, "-m", "deeper.cli", "refine"]
 
 
 def cli_args(folder, store, adapter, params_path) -> list[str]:
-    return [str(folder), "--format", "movielens_csv", "--domain", "movielens", "--item-type", "movie",
-            "--store", str(store), "--adapter", str(adapter), "--params", str(params_path), "--json"]
+    return [
+        str(folder),
+        "--format",
+        "movielens_csv",
+        "--domain",
+        "movielens",
+        "--item-type",
+        "movie",
+        "--store",
+        str(store),
+        "--adapter",
+        str(adapter),
+        "--params",
+        str(params_path),
+        "--json",
+    ]
 
 
 def run_env(cache: Path) -> dict:
-    return {**os.environ, "DEEPER_RESPONSE_CACHE": str(cache), "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    return {
+        **os.environ,
+        "DEEPER_RESPONSE_CACHE": str(cache),
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": str(REPO),
+    }
 
 
 def test_two_processes_at_once_write_each_round_once(tmp_path, tiny_llama, tiny_adapter):
@@ -232,10 +308,17 @@ def test_two_processes_at_once_write_each_round_once(tmp_path, tiny_llama, tiny_
     store = tmp_path / "store.duckdb"
     same = write_ratings(tmp_path / "same", user_rows(1, range(1, 8)) + user_rows(2, range(2, 9)))
     other = write_ratings(tmp_path / "other", user_rows(5, range(11, 18)))
-    procs = [subprocess.Popen(REFINE + cli_args(folder, store, tiny_adapter, params_path), cwd=REPO,
-                              env=run_env(tmp_path / f"cache{i}"), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True)
-             for i, folder in enumerate([same, same, other])]
+    procs = [
+        subprocess.Popen(
+            REFINE + cli_args(folder, store, tiny_adapter, params_path),
+            cwd=REPO,
+            env=run_env(tmp_path / f"cache{i}"),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i, folder in enumerate([same, same, other])
+    ]
     outs = [p.communicate(timeout=900) for p in procs]
     for p, (out, err) in zip(procs, outs):
         assert p.returncode == 0, err
@@ -259,17 +342,26 @@ def cache_rows(cache: Path) -> int:
             return 0
 
 
-def test_a_killed_run_resumes_without_repeating_a_finished_call(tmp_path, tiny_llama, tiny_adapter, monkeypatch):
+def test_a_killed_run_resumes_without_repeating_a_finished_call(
+    tmp_path, tiny_llama, tiny_adapter, monkeypatch
+):
     params = tiny_params(tiny_llama, window_size=3, batch_size=1)
     params["models"]["policy"]["batch_size"] = 1
     params["persona"]["max_new_tokens"] = 48
     params_path = write_params(tmp_path, params)
     store, cache = tmp_path / "store.duckdb", tmp_path / "cache"
     # disjoint items: every model call of the run is a different prompt (no call is answered twice in one run)
-    folder = write_ratings(tmp_path / "r", [row for u in range(12) for row in user_rows(u, range(9 * u + 1, 9 * u + 10))])
-    proc = subprocess.Popen(REFINE + cli_args(folder, store, tiny_adapter, params_path), cwd=REPO,
-                            env=run_env(cache), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    folder = write_ratings(
+        tmp_path / "r", [row for u in range(12) for row in user_rows(u, range(9 * u + 1, 9 * u + 10))]
+    )
+    proc = subprocess.Popen(
+        REFINE + cli_args(folder, store, tiny_adapter, params_path),
+        cwd=REPO,
+        env=run_env(cache),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     try:
         while cache_rows(cache) < 4 and proc.poll() is None:
             time.sleep(0.05)
@@ -297,9 +389,18 @@ def test_the_openai_backend_requests_the_served_adapter(tmp_path, tiny_llama, ca
     from tests.openai_fake_server import FakeOpenAIServer
 
     params = tiny_params(tiny_llama)
-    with FakeOpenAIServer(reply=lambda messages: "A patient viewer who likes slow dramas and dislikes noise.") as server:
-        served = {"backend": "openai", "name": "base-model", "base_url": server.base_url, "concurrency": 2,
-                  "timeout": 10, "max_retries": 1, "prefill": "assistant"}
+    with FakeOpenAIServer(
+        reply=lambda messages: "A patient viewer who likes slow dramas and dislikes noise."
+    ) as server:
+        served = {
+            "backend": "openai",
+            "name": "base-model",
+            "base_url": server.base_url,
+            "concurrency": 2,
+            "timeout": 10,
+            "max_retries": 1,
+            "prefill": "assistant",
+        }
         params["models"] = {"frozen": served, "policy": dict(served)}
         folder = write_ratings(tmp_path / "r", user_rows(1, range(1, 7)))
         summary = refine_users(params, source(folder), tmp_path / "store.duckdb", "deeper", log=quiet)
@@ -335,9 +436,12 @@ def test_a_store_held_open_by_another_process_is_one_line(tmp_path, tiny_llama, 
     good = write_ratings(tmp_path / "good", user_rows(1, range(1, 3)))
     args = cli_args(good, store, tiny_adapter, params_path)[1:]
     assert CliRunner().invoke(main, ["refine", str(good), *args]).exit_code == 0
-    hold = "import duckdb, sys; con = duckdb.connect(sys.argv[1]); print('open', flush=True); sys.stdin.read()"
-    holder = subprocess.Popen([sys.executable, "-c", hold, str(store)],
-                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    hold = (
+        "import duckdb, sys; con = duckdb.connect(sys.argv[1]); print('open', flush=True); sys.stdin.read()"
+    )
+    holder = subprocess.Popen(
+        [sys.executable, "-c", hold, str(store)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
     try:
         assert holder.stdout.readline().strip() == "open"
         more = write_ratings(tmp_path / "more", user_rows(1, range(3, 6)))

@@ -47,10 +47,17 @@ def test_a_long_text_is_embedded_piece_by_piece_and_every_piece_counts(embedder)
 
 
 def test_consecutive_similarity_per_user_and_round(embedder):
-    personas = {("ml", "u1"): ["likes dramas", "likes dramas", "rates mysteries highly"],
-                ("ml", "u2"): ["a reader", "a reader", "a reader"]}
-    table = pd.DataFrame([{"domain": d, "user_id": u, "round": s, "persona": p}
-                          for (d, u), ps in personas.items() for s, p in enumerate(ps)])
+    personas = {
+        ("ml", "u1"): ["likes dramas", "likes dramas", "rates mysteries highly"],
+        ("ml", "u2"): ["a reader", "a reader", "a reader"],
+    }
+    table = pd.DataFrame(
+        [
+            {"domain": d, "user_id": u, "round": s, "persona": p}
+            for (d, u), ps in personas.items()
+            for s, p in enumerate(ps)
+        ]
+    )
     sims = consecutive_similarity(table.sample(frac=1, random_state=0), 2, embedder)
     got = {(r.user_id, r.round): r.similarity for r in sims.itertuples()}
     assert got[("u1", 1)] == pytest.approx(1.0) and got[("u2", 2)] == pytest.approx(1.0)

@@ -19,8 +19,10 @@ STAGES = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
 
 
 def imported_files(module: str) -> list[str]:
-    code = (f"import sys, {module}; root = {str(REPO)!r} + '/'; print('\\n'.join(sorted(m.__file__[len(root):] "
-            "for m in list(sys.modules.values()) if (getattr(m, '__file__', None) or '').startswith(root))))")
+    code = (
+        f"import sys, {module}; root = {str(REPO)!r} + '/'; print('\\n'.join(sorted(m.__file__[len(root):] "
+        "for m in list(sys.modules.values()) if (getattr(m, '__file__', None) or '').startswith(root))))"
+    )
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     return [f for f in out.stdout.split() if not f.startswith(".venv/")]
 

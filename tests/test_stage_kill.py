@@ -37,10 +37,23 @@ def windows_frame(users: int) -> pd.DataFrame:
     for u in range(users):
         for window in range(2):
             for pos in range(4):
-                title = f"Film no. {u}" if window == pos == 0 else MOVIES[(u + window * 4 + pos) % len(MOVIES)]
-                rows.append({"domain": "movielens", "item_type": "movie", "seen": True, "user_id": f"u{u:02d}",
-                             "split": "eval" if u % 4 == 0 else "train", "window": window, "pos": pos,
-                             "item_id": f"m{u}-{window}-{pos}", "title": title, "rating": float(1 + (u + pos) % 5)})
+                title = (
+                    f"Film no. {u}" if window == pos == 0 else MOVIES[(u + window * 4 + pos) % len(MOVIES)]
+                )
+                rows.append(
+                    {
+                        "domain": "movielens",
+                        "item_type": "movie",
+                        "seen": True,
+                        "user_id": f"u{u:02d}",
+                        "split": "eval" if u % 4 == 0 else "train",
+                        "window": window,
+                        "pos": pos,
+                        "item_id": f"m{u}-{window}-{pos}",
+                        "title": title,
+                        "rating": float(1 + (u + pos) % 5),
+                    }
+                )
     return pd.DataFrame(rows)
 
 
@@ -50,12 +63,30 @@ def sharp_llama(tmp_path_factory):
 
 
 def make_repo(path, model_dir):
-    model = {"backend": "transformers", "name": "models/embedded/tiny-llama", "adapter": None, "batch_size": 1,
-             "device": "cpu", "dtype": "float32"}
-    persona = {"temperature": 1.0, "top_p": 0.9, "repetition_penalty": 1.1, "max_new_tokens": 32, "seed": 7,
-               "retries": 0, "min_words": 0, "tokenizer": "models/embedded/tiny-llama"}
-    repo = pipeline_repo(path, ["init_personas"], {"models.frozen": model, "models.policy": model, "persona": persona},
-                         {"tiny-llama": model_dir})
+    model = {
+        "backend": "transformers",
+        "name": "models/embedded/tiny-llama",
+        "adapter": None,
+        "batch_size": 1,
+        "device": "cpu",
+        "dtype": "float32",
+    }
+    persona = {
+        "temperature": 1.0,
+        "top_p": 0.9,
+        "repetition_penalty": 1.1,
+        "max_new_tokens": 32,
+        "seed": 7,
+        "retries": 0,
+        "min_words": 0,
+        "tokenizer": "models/embedded/tiny-llama",
+    }
+    repo = pipeline_repo(
+        path,
+        ["init_personas"],
+        {"models.frozen": model, "models.policy": model, "persona": persona},
+        {"tiny-llama": model_dir},
+    )
     (repo / "data" / "window").mkdir(parents=True)
     windows_frame(USERS).to_parquet(repo / "data" / "window" / "windows.parquet", index=False)
     return repo
@@ -66,8 +97,9 @@ def kill_after_commits(repo, env, cache, commits: int) -> int:
     response cache holds `commits` rows. The number of rows committed when it died."""
     log_path = repo.parent / f"{repo.name}-killed.log"
     with log_path.open("w") as log:
-        proc = subprocess.Popen([DVC, "repro"], cwd=repo, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            [DVC, "repro"], cwd=repo, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
         deadline = time.monotonic() + 300
         while proc.poll() is None and len(cached_rows(cache)) < commits and time.monotonic() < deadline:
             time.sleep(0.01)

@@ -27,19 +27,29 @@ from tests.test_serve import tiny_adapter, tiny_params, user_rows, write_params,
 # refinement, user 4 (new) gets S_0. File 3: user 1 again (one rating repeated from file 1: skipped), user 3
 # gets S_0 and a refinement, user 4 waits.
 FILES = {
-    "f1": user_rows(1, range(1, 8), 1000) + user_rows(2, range(20, 22), 1000) + user_rows(3, range(40, 42), 1000),
-    "f2": user_rows(1, range(8, 10), 2000) + user_rows(2, range(22, 27), 2000) + user_rows(4, range(60, 63), 2000),
-    "f3": (user_rows(1, range(10, 13), 3000) + user_rows(1, range(1, 2), 1000) + user_rows(3, range(42, 47), 3000)
-           + user_rows(4, range(63, 65), 3000)),
+    "f1": user_rows(1, range(1, 8), 1000)
+    + user_rows(2, range(20, 22), 1000)
+    + user_rows(3, range(40, 42), 1000),
+    "f2": user_rows(1, range(8, 10), 2000)
+    + user_rows(2, range(22, 27), 2000)
+    + user_rows(4, range(60, 63), 2000),
+    "f3": (
+        user_rows(1, range(10, 13), 3000)
+        + user_rows(1, range(1, 2), 1000)
+        + user_rows(3, range(42, 47), 3000)
+        + user_rows(4, range(63, 65), 3000)
+    ),
 }
 # The guarded line: what `deeper show`, `deeper refine` and `deeper store check` print for a damaged block.
 # Written out here, not imported, so that a change of the message fails this test.
-DAMAGED = (r"error: {store}: damaged \((Corrupt database file: computed checksum \d+ does not match stored checksum "
-           r"\d+[^()]*)\); nothing was written; ways back: \(1\) `deeper store import BACKUP_DIR {store} --force` "
-           r"restores the last export \(the damaged file is kept, renamed\), then replay the rating files refined "
-           r"since; or \(2\) move the file aside and replay every rating file in its original order: `deeper refine "
-           r"FILE --store {store} \.\.\.` on each \(ratings already in the store are skipped; the response cache "
-           r"answers the calls already made: no model call again\)")
+DAMAGED = (
+    r"error: {store}: damaged \((Corrupt database file: computed checksum \d+ does not match stored checksum "
+    r"\d+[^()]*)\); nothing was written; ways back: \(1\) `deeper store import BACKUP_DIR {store} --force` "
+    r"restores the last export \(the damaged file is kept, renamed\), then replay the rating files refined "
+    r"since; or \(2\) move the file aside and replay every rating file in its original order: `deeper refine "
+    r"FILE --store {store} \.\.\.` on each \(ratings already in the store are skipped; the response cache "
+    r"answers the calls already made: no model call again\)"
+)
 CALLS = re.compile(r"^(frozen|policy) model: (\d+) calls made, (\d+) answered by the cache", re.MULTILINE)
 
 
@@ -49,8 +59,22 @@ def summary(output: str) -> list[str]:
 
 
 def refine_args(folder: Path, store: Path, built: dict) -> list[str]:
-    return ["refine", str(folder), "--format", "movielens_csv", "--domain", "movielens", "--item-type", "movie",
-            "--store", str(store), "--adapter", str(built["adapter"]), "--params", str(built["params"])]
+    return [
+        "refine",
+        str(folder),
+        "--format",
+        "movielens_csv",
+        "--domain",
+        "movielens",
+        "--item-type",
+        "movie",
+        "--store",
+        str(store),
+        "--adapter",
+        str(built["adapter"]),
+        "--params",
+        str(built["params"]),
+    ]
 
 
 def rows(store: Path, table: str, created_at: bool = True) -> list[tuple]:
@@ -78,8 +102,14 @@ def built(tmp_path_factory, tiny_llama, tiny_adapter):  # noqa: F811 (the fixtur
     root = tmp_path_factory.mktemp("store-tools")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("DEEPER_RESPONSE_CACHE", str(root / "cache"))
-        out = {"root": root, "adapter": tiny_adapter, "params": write_params(root, tiny_params(tiny_llama)),
-               "store": root / "personas.duckdb", "files": {}, "outputs": {}}
+        out = {
+            "root": root,
+            "adapter": tiny_adapter,
+            "params": write_params(root, tiny_params(tiny_llama)),
+            "store": root / "personas.duckdb",
+            "files": {},
+            "outputs": {},
+        }
         for name, rating_rows in FILES.items():
             out["files"][name] = write_ratings(root / name, rating_rows)
         runner = CliRunner()
@@ -89,7 +119,9 @@ def built(tmp_path_factory, tiny_llama, tiny_adapter):  # noqa: F811 (the fixtur
             out["outputs"][name] = result.output
             if name == "f2":
                 out["backup_after_f2"] = root / "backup-after-f2"
-                done = runner.invoke(main, ["store", "export", str(out["store"]), str(out["backup_after_f2"])])
+                done = runner.invoke(
+                    main, ["store", "export", str(out["store"]), str(out["backup_after_f2"])]
+                )
                 assert done.exit_code == 0, done.output
         # every kind of row is there: S_0 and refinements, waiting users, a skipped repeat
         assert {r[7] for r in rows(out["store"], "personas")} == {"init", "refine"}
@@ -107,10 +139,15 @@ def test_check_export_import_round_trip(built, tmp_path):
     users = len({r[1] for r in personas})
     waiting = len({r[1] for r in pending})
     assert result.output.splitlines() == [
-        (f"{store}: sound: every row of every table read back (personas {len(personas)} rows, pending "
-         f"{len(pending)} rows); indexes checked"),
-        (f"movielens: {users} users with a persona, {domain_rounds} rounds (highest round "
-         f"{max(r[2] for r in personas)}); {len(pending)} ratings of {waiting} users waiting for a full window")]
+        (
+            f"{store}: sound: every row of every table read back (personas {len(personas)} rows, pending "
+            f"{len(pending)} rows); indexes checked"
+        ),
+        (
+            f"movielens: {users} users with a persona, {domain_rounds} rounds (highest round "
+            f"{max(r[2] for r in personas)}); {len(pending)} ratings of {waiting} users waiting for a full window"
+        ),
+    ]
     report = json.loads(runner.invoke(main, ["store", "check", str(store), "--json"]).output)
     assert report["tables"] == {"personas": len(personas), "pending": len(pending)}
     assert report["domains"]["movielens"]["users"] == users == 4 and report["indexes_checked"]
@@ -118,12 +155,21 @@ def test_check_export_import_round_trip(built, tmp_path):
     backup = tmp_path / "backup"
     result = runner.invoke(main, ["store", "export", str(store), str(backup)])
     assert result.exit_code == 0, result.output
-    assert result.output.strip() == (f"exported {store} to {backup}: personas {len(personas)} rows, pending "
-                                     f"{len(pending)} rows (schema version 1)")
-    assert sorted(p.name for p in backup.iterdir()) == ["manifest.json", "pending.parquet", "personas.parquet"]
+    assert result.output.strip() == (
+        f"exported {store} to {backup}: personas {len(personas)} rows, pending "
+        f"{len(pending)} rows (schema version 1)"
+    )
+    assert sorted(p.name for p in backup.iterdir()) == [
+        "manifest.json",
+        "pending.parquet",
+        "personas.parquet",
+    ]
     manifest = json.loads((backup / "manifest.json").read_text())
     assert manifest["schema_version"] == 1 and manifest["format"] == "deeper-persona-store-export"
-    assert {t: e["rows"] for t, e in manifest["tables"].items()} == {"personas": len(personas), "pending": len(pending)}
+    assert {t: e["rows"] for t, e in manifest["tables"].items()} == {
+        "personas": len(personas),
+        "pending": len(pending),
+    }
     # a backup any tool reads: pyarrow alone, no DuckDB
     assert pq.read_table(backup / "personas.parquet").num_rows == len(personas)
     assert pq.read_table(backup / "pending.parquet").column_names == [n for n, _ in TABLES["pending"]]
@@ -136,8 +182,10 @@ def test_check_export_import_round_trip(built, tmp_path):
 
     # an existing store is replaced only with --force, and then kept under another name
     line = single_line(runner.invoke(main, ["store", "import", str(backup), str(restored)]))
-    assert line == (f"error: {restored}: a store is already here; import into a new path, or pass --force to "
-                    f"replace it (the old file is kept, renamed)")
+    assert line == (
+        f"error: {restored}: a store is already here; import into a new path, or pass --force to "
+        f"replace it (the old file is kept, renamed)"
+    )
     before = restored.read_bytes()
     result = runner.invoke(main, ["store", "import", str(backup), str(restored), "--force"])
     assert result.exit_code == 0 and "the store it replaced is kept as" in result.output, result.output
@@ -218,7 +266,9 @@ def test_a_damaged_store_is_one_line_for_show_refine_and_check(built, tmp_path, 
     store = tmp_path / "check.duckdb"
     result = runner.invoke(main, ["store", "import", str(built["backup_after_f2"]), str(store), "--force"])
     assert result.exit_code == 0, result.output
-    assert [p.name for p in tmp_path.iterdir() if p.name.startswith("check.duckdb.replaced-")]  # kept, not deleted
+    assert [
+        p.name for p in tmp_path.iterdir() if p.name.startswith("check.duckdb.replaced-")
+    ]  # kept, not deleted
     result = runner.invoke(main, refine_args(built["files"]["f3"], store, built))
     assert result.exit_code == 0, result.output
     for table in TABLES:
@@ -244,13 +294,17 @@ def test_a_damaged_index_is_found_by_check_and_loses_no_row(built, tmp_path):
     assert re.fullmatch(
         rf"error: {re.escape(str(found))}: damaged index \(Corrupt database file: [^()]*\); nothing was written; "
         rf"every row still reads back, so `deeper store export {re.escape(str(found))} DIR` then \(1\) with DIR "
-        rf"loses nothing; ways back: \(1\) .*", line), line
+        rf"loses nothing; ways back: \(1\) .*",
+        line,
+    ), line
     assert runner.invoke(main, ["show", "1", "--store", str(found)]).exit_code == 0  # reading needs no index
     # a write needs the index: the same one line as any damage, and nothing written
     writing = tmp_path / "writing.duckdb"
     shutil.copyfile(found, writing)
     data = writing.read_bytes()
-    more = write_ratings(tmp_path / "more", user_rows(1, range(70, 74), 5000) + user_rows(9, range(80, 84), 5000))
+    more = write_ratings(
+        tmp_path / "more", user_rows(1, range(70, 74), 5000) + user_rows(9, range(80, 84), 5000)
+    )
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("DEEPER_RESPONSE_CACHE", str(tmp_path / "cache"))
         result = runner.invoke(main, refine_args(more, writing, built))
@@ -267,9 +321,12 @@ def test_a_damaged_index_is_found_by_check_and_loses_no_row(built, tmp_path):
         assert rows(found, table) == rows(store, table), table
 
 
-def test_replay_in_the_original_order_rebuilds_the_store_row_for_row_without_a_model_call(built, tmp_path,
-                                                                                           monkeypatch):
-    monkeypatch.setenv("DEEPER_RESPONSE_CACHE", str(built["root"] / "cache"))  # the cache the original runs filled
+def test_replay_in_the_original_order_rebuilds_the_store_row_for_row_without_a_model_call(
+    built, tmp_path, monkeypatch
+):
+    monkeypatch.setenv(
+        "DEEPER_RESPONSE_CACHE", str(built["root"] / "cache")
+    )  # the cache the original runs filled
     rebuilt, runner = tmp_path / "rebuilt.duckdb", CliRunner()
     answered = 0
     for name, folder in built["files"].items():
@@ -277,13 +334,20 @@ def test_replay_in_the_original_order_rebuilds_the_store_row_for_row_without_a_m
         assert result.exit_code == 0, result.output
         calls = CALLS.findall(result.output)
         assert {role for role, _, _ in calls} == {"frozen", "policy"}, result.output
-        assert all(made == "0" for _, made, _ in calls), result.output  # no model call: the cache answered all
+        assert all(made == "0" for _, made, _ in calls), (
+            result.output
+        )  # no model call: the cache answered all
         answered += sum(int(hits) for _, _, hits in calls)
         # the replay reads, skips, writes and leaves waiting what the original run did
-        assert summary(result.output) == summary(built["outputs"][name].replace(str(built["store"]), str(rebuilt)))
+        assert summary(result.output) == summary(
+            built["outputs"][name].replace(str(built["store"]), str(rebuilt))
+        )
     assert answered > 0
     for table in TABLES:
-        original, again = rows(built["store"], table, created_at=False), rows(rebuilt, table, created_at=False)
+        original, again = (
+            rows(built["store"], table, created_at=False),
+            rows(rebuilt, table, created_at=False),
+        )
         assert original and again == original, table
     # created_at is the one column that differs: the replay's own time
     assert [r[-1] for r in rows(rebuilt, "personas")] != [r[-1] for r in rows(built["store"], "personas")]
@@ -292,7 +356,10 @@ def test_replay_in_the_original_order_rebuilds_the_store_row_for_row_without_a_m
 def test_check_of_no_store_or_another_file_is_one_line(tmp_path):
     runner = CliRunner()
     line = single_line(runner.invoke(main, ["store", "check", str(tmp_path / "absent.duckdb")]))
-    assert line == f"error: {tmp_path / 'absent.duckdb'}: no persona store here (`deeper refine --store` creates one)"
+    assert (
+        line
+        == f"error: {tmp_path / 'absent.duckdb'}: no persona store here (`deeper refine --store` creates one)"
+    )
     other = tmp_path / "other.duckdb"
     con = duckdb.connect(str(other))
     con.execute("CREATE TABLE ratings (x INTEGER)")
@@ -303,4 +370,6 @@ def test_check_of_no_store_or_another_file_is_one_line(tmp_path):
     text.write_text("hello", encoding="utf-8")
     line = single_line(runner.invoke(main, ["store", "export", str(text), str(tmp_path / "out")]))
     assert line.startswith(f"error: {text}: not a DuckDB persona store (") and "its header is damaged" in line
-    assert not (tmp_path / "out").exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]
+    assert not (tmp_path / "out").exists() and not [
+        p for p in tmp_path.iterdir() if p.name.startswith(".out.")
+    ]

@@ -18,21 +18,36 @@ from deeper.errors import ConfigError, InputError
 from deeper.train import TrainConfig, build_trainer, pairs_to_examples, train_dpo
 from tests.conftest import REPO
 
-PROMPT = json.dumps([
-    {"role": "system", "content": "Refine the persona."},
-    {"role": "user", "content": "Persona: a curious reader who rates mysteries highly. Predicted rating 3, actual rating 5."},
-])
+PROMPT = json.dumps(
+    [
+        {"role": "system", "content": "Refine the persona."},
+        {
+            "role": "user",
+            "content": "Persona: a curious reader who rates mysteries highly. Predicted rating 3, actual rating 5.",
+        },
+    ]
+)
 CHOSEN = "The user enjoys thoughtful dramas and dislikes loud action films."
 # Fast settings for the tiny model: a high learning rate so that a few steps visibly move the adapter.
-FAST = {"max_steps": 2, "per_device_batch": 2, "grad_accum": 1, "lr": 1e-2, "warmup_steps": 0, "max_length": 256}
+FAST = {
+    "max_steps": 2,
+    "per_device_batch": 2,
+    "grad_accum": 1,
+    "lr": 1e-2,
+    "warmup_steps": 0,
+    "max_length": 256,
+}
 
 
 def make_pairs(n=8, chosen=None):
-    return pd.DataFrame({
-        "context_id": [f"c{i}" for i in range(n)], "prompt": PROMPT,
-        "chosen": [chosen or f"{CHOSEN} {i}" for i in range(n)],
-        "rejected": [f"Toy Story (1995), Fargo (1996) {i}" for i in range(n)],
-    })
+    return pd.DataFrame(
+        {
+            "context_id": [f"c{i}" for i in range(n)],
+            "prompt": PROMPT,
+            "chosen": [chosen or f"{CHOSEN} {i}" for i in range(n)],
+            "rejected": [f"Toy Story (1995), Fargo (1996) {i}" for i in range(n)],
+        }
+    )
 
 
 def completion_logps(model, batch):
@@ -48,14 +63,19 @@ def completion_logps(model, batch):
 def model_1(tiny_llama, tmp_path_factory):
     """Iteration 1 through the public entry point: the adapter folder and the summary."""
     out = tmp_path_factory.mktemp("it1") / "adapter"
-    summary = train_dpo(tiny_llama, make_pairs(8), make_pairs(2), out, TrainConfig(**{**FAST, "max_steps": 3}))
+    summary = train_dpo(
+        tiny_llama, make_pairs(8), make_pairs(2), out, TrainConfig(**{**FAST, "max_steps": 3})
+    )
     return out, summary
 
 
 def test_iteration_1_saves_a_trained_adapter_and_a_summary(model_1):
     out, summary = model_1
-    assert sorted(p.name for p in out.iterdir() if p.suffix in (".json", ".safetensors")) == \
-        ["adapter_config.json", "adapter_model.safetensors", "train_log.json"]
+    assert sorted(p.name for p in out.iterdir() if p.suffix in (".json", ".safetensors")) == [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "train_log.json",
+    ]
     config = json.loads((out / "adapter_config.json").read_text())
     assert (config["r"], config["lora_alpha"], config["lora_dropout"]) == (16, 32, 0.2)
     weights = load_file(out / "adapter_model.safetensors")
@@ -76,7 +96,9 @@ def test_iteration_1_saves_a_trained_adapter_and_a_summary(model_1):
 def test_only_the_adapter_learns_and_the_sft_term_is_in_the_loss(tiny_llama, tmp_path):
     # Every pair has the same prompt and chosen text, so the first batch's SFT term is known in advance.
     pairs = make_pairs(4, chosen=CHOSEN)
-    trainer = build_trainer(tiny_llama, pairs_to_examples(pairs, "p"), [], TrainConfig(**FAST, sft_weight=1.0), tmp_path)
+    trainer = build_trainer(
+        tiny_llama, pairs_to_examples(pairs, "p"), [], TrainConfig(**FAST, sft_weight=1.0), tmp_path
+    )
     params = dict(trainer.model.named_parameters())
     before = {k: v.detach().clone() for k, v in params.items()}
     assert all(not v.requires_grad for k, v in params.items() if "lora_" not in k)
@@ -107,14 +129,17 @@ def test_sft_term_is_normalised_per_token_or_per_pair_as_configured(tiny_llama, 
     -sum log p / length (LLaMA-Factory's `-chosen_logps / chosen_length`, then the batch mean)."""
     pairs = make_pairs(2)
     pairs.loc[0, "chosen"] = "Loves dramas."
-    pairs.loc[1, "chosen"] = CHOSEN + " She also reads long historical novels about the sea and its sailors every winter."
+    pairs.loc[1, "chosen"] = (
+        CHOSEN + " She also reads long historical novels about the sea and its sailors every winter."
+    )
     config = TrainConfig(**{**FAST, "max_steps": 1}, sft_weight=1.0, sft_normalization=normalization)
     trainer = build_trainer(tiny_llama, pairs_to_examples(pairs, "p"), [], config, tmp_path)
     trainer.train()
     batch = trainer.data_collator([trainer.train_dataset[0], trainer.train_dataset[1]])
     with torch.no_grad():
         logits = AutoModelForCausalLM.from_pretrained(tiny_llama)(
-            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.double()
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+        ).logits.double()
     logps = torch.log_softmax(logits[:, :-1], -1).gather(-1, batch["input_ids"][:, 1:, None])[..., 0]
     mask = batch["completion_mask"][:, 1:].bool()
     lengths = mask[:2].sum(1)
@@ -132,21 +157,34 @@ def test_disable_dropout_zeroes_the_lora_dropout_as_llamafactory_did(tiny_llama,
     dropout of train.lora.dropout only acts when train.disable_dropout is false."""
     examples = pairs_to_examples(make_pairs(2), "p")
     for disable, p in ((False, 0.2), (True, 0.0)):
-        model = build_trainer(tiny_llama, examples, [], TrainConfig(**FAST, disable_dropout=disable), tmp_path).model
-        dropouts = {m.p for n, m in model.named_modules() if isinstance(m, torch.nn.Dropout) and "lora_dropout" in n}
+        model = build_trainer(
+            tiny_llama, examples, [], TrainConfig(**FAST, disable_dropout=disable), tmp_path
+        ).model
+        dropouts = {
+            m.p for n, m in model.named_modules() if isinstance(m, torch.nn.Dropout) and "lora_dropout" in n
+        }
         assert dropouts == {p}
 
 
 @pytest.mark.parametrize("reference", ["base", "previous"])
 def test_iteration_2_reference_is_base_or_model_1(tiny_llama, model_1, tmp_path, reference):
     adapter, _ = model_1
-    trainer = build_trainer(tiny_llama, pairs_to_examples(make_pairs(4), "p"), [], TrainConfig(**FAST), tmp_path,
-                            init_adapter=adapter, reference=reference)
+    trainer = build_trainer(
+        tiny_llama,
+        pairs_to_examples(make_pairs(4), "p"),
+        [],
+        TrainConfig(**FAST),
+        tmp_path,
+        init_adapter=adapter,
+        reference=reference,
+    )
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(2)])
     trainer.model.train()  # as during training: LoRA dropout is active in the policy
     ref_chosen, ref_rejected = trainer.compute_ref_log_probs(trainer.model, batch)
     base_chosen, base_rejected = completion_logps(AutoModelForCausalLM.from_pretrained(tiny_llama), batch)
-    model1 = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama), str(adapter)).merge_and_unload()
+    model1 = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(tiny_llama), str(adapter)
+    ).merge_and_unload()
     m1_chosen, m1_rejected = completion_logps(model1, batch)
     assert (base_chosen - m1_chosen).abs().min() > 0.05  # the two references differ measurably
     expected = (base_chosen, base_rejected) if reference == "base" else (m1_chosen, m1_rejected)
@@ -161,10 +199,20 @@ def test_iteration_2_reference_is_base_or_model_1(tiny_llama, model_1, tmp_path,
 def test_iteration_2_continues_model_1(tiny_llama, model_1, tmp_path):
     adapter, _ = model_1
     out = tmp_path / "it2"
-    summary = train_dpo(tiny_llama, make_pairs(4), make_pairs(0), out, TrainConfig(**{**FAST, "max_steps": 1}),
-                        init_adapter=adapter, reference="previous")
+    summary = train_dpo(
+        tiny_llama,
+        make_pairs(4),
+        make_pairs(0),
+        out,
+        TrainConfig(**{**FAST, "max_steps": 1}),
+        init_adapter=adapter,
+        reference="previous",
+    )
     assert summary["reference"] == "previous" and summary["eval"]["loss"] is None  # no val pairs: no eval
-    before, after = load_file(adapter / "adapter_model.safetensors"), load_file(out / "adapter_model.safetensors")
+    before, after = (
+        load_file(adapter / "adapter_model.safetensors"),
+        load_file(out / "adapter_model.safetensors"),
+    )
     assert set(before) == set(after)  # only the trained adapter is saved, not TRL's frozen "ref" copy
     assert any(not torch.equal(before[k], after[k]) for k in before if "lora_B" in k)
     assert not (out / "ref").exists()
@@ -180,7 +228,9 @@ def test_long_pairs_are_counted_truncated_or_dropped(tiny_llama, tmp_path):
     max_length = 100
 
     def length(messages, **kw):
-        return len(tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True, **kw)["input_ids"])
+        return len(
+            tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True, **kw)["input_ids"]
+        )
 
     examples = pairs_to_examples(pairs, "p")
     prompt_lengths = [length(e["prompt"], add_generation_prompt=True) for e in examples]
@@ -188,8 +238,13 @@ def test_long_pairs_are_counted_truncated_or_dropped(tiny_llama, tmp_path):
     assert prompt_lengths[3] >= max_length > prompt_lengths[0]  # the case TRL drops
     expected_truncated = sum(f > max_length for f, p in zip(full, prompt_lengths) if p < max_length)
     assert expected_truncated == 2
-    summary = train_dpo(tiny_llama, pairs, make_pairs(0), tmp_path / "a",
-                        TrainConfig(**{**FAST, "max_length": max_length, "max_steps": 1}))
+    summary = train_dpo(
+        tiny_llama,
+        pairs,
+        make_pairs(0),
+        tmp_path / "a",
+        TrainConfig(**{**FAST, "max_length": max_length, "max_steps": 1}),
+    )
     assert summary["dropped_prompt_too_long"] == {"train": 1, "val": 0}
     assert summary["truncated_pairs"] == {"train": expected_truncated}
     assert summary["longest_tokens"] == max(f for f, p in zip(full, prompt_lengths) if p < max_length)
@@ -203,7 +258,10 @@ def test_config_from_params():
     params["train"]["lr"] = "1e-4"  # YAML reads this as a string
     params["iter2"]["train"] = {"max_steps": 3}
     assert TrainConfig.from_params(params, 1).lr == 1e-4
-    assert TrainConfig.from_params(params, 2).max_steps == 3 and TrainConfig.from_params(params, 1).max_steps != 3
+    assert (
+        TrainConfig.from_params(params, 2).max_steps == 3
+        and TrainConfig.from_params(params, 1).max_steps != 3
+    )
     params["train"]["lr"] = "fast"
     with pytest.raises(ConfigError, match="train.lr: must be a number"):
         TrainConfig.from_params(params, 1)
@@ -237,9 +295,18 @@ def test_stage_writes_adapter_and_metrics_and_reports_bad_input(tiny_llama, tmp_
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     pairs = make_pairs(6).assign(split=["train"] * 5 + ["val"])
     pairs.to_parquet(tmp_path / "pairs.parquet")
-    args = ["--params", str(tmp_path / "params.yaml"), "--pairs", str(tmp_path / "pairs.parquet"),
-            "--out", str(tmp_path / "it1"), "--metrics", str(tmp_path / "train_it1.json"),
-            "--curves", str(tmp_path / "curves")]  # never the repository's plots/train
+    args = [
+        "--params",
+        str(tmp_path / "params.yaml"),
+        "--pairs",
+        str(tmp_path / "pairs.parquet"),
+        "--out",
+        str(tmp_path / "it1"),
+        "--metrics",
+        str(tmp_path / "train_it1.json"),
+        "--curves",
+        str(tmp_path / "curves"),
+    ]  # never the repository's plots/train
     result = CliRunner().invoke(main, ["--iteration", "1", *args])
     assert result.exit_code == 0, result.output
     assert (tmp_path / "it1" / "adapter_model.safetensors").is_file()
@@ -269,10 +336,13 @@ def test_no_training_pairs_carries_the_model_over_untrained(tiny_llama, model_1,
     assert lora_b and all(v.abs().sum() == 0 for v in lora_b)  # B = 0: exactly the base model
 
     adapter_1, _ = model_1
-    carried = train_dpo(tiny_llama, empty, empty, tmp_path / "it2", TrainConfig(**FAST), init_adapter=adapter_1)
+    carried = train_dpo(
+        tiny_llama, empty, empty, tmp_path / "it2", TrainConfig(**FAST), init_adapter=adapter_1
+    )
     assert carried["trained"] is False and carried["init_adapter"] is True
-    assert (tmp_path / "it2" / "adapter_model.safetensors").read_bytes() == \
-        (adapter_1 / "adapter_model.safetensors").read_bytes()
+    assert (tmp_path / "it2" / "adapter_model.safetensors").read_bytes() == (
+        adapter_1 / "adapter_model.safetensors"
+    ).read_bytes()
     assert set(carried) == set(model_1[1])  # the metrics keep their shape
     assert set(json.loads((tmp_path / "it2" / "train_log.json").read_text())) == {"seconds", "peak_rss_mb"}
 
@@ -305,8 +375,9 @@ def test_a_process_other_than_the_main_one_writes_nothing(tiny_llama, tmp_path, 
     assert not (tmp_path / "train_it1.json").exists()
     monkeypatch.setenv("RANK", "0")
     run(params, 1, tmp_path / "pairs.parquet", None, tmp_path / "it1", tmp_path / "train_it1.json")
-    assert sorted(p.name for p in (tmp_path / "it1").iterdir() if p.suffix != ".md" and p.name != "train_log.json") == \
-        ["adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(
+        p.name for p in (tmp_path / "it1").iterdir() if p.suffix != ".md" and p.name != "train_log.json"
+    ) == ["adapter_config.json", "adapter_model.safetensors"]
     assert json.loads((tmp_path / "train_it1.json").read_text())["processes"] == 2
 
 
@@ -321,13 +392,22 @@ def test_training_curves_are_dvclive_files_one_row_per_step_same_bytes_on_a_reru
     config = TrainConfig(**{**FAST, "max_steps": 3, "eval_steps": 2})
     runs = []
     for name in ("a", "b"):
-        summary = train_dpo(tiny_llama, make_pairs(8), make_pairs(2), tmp_path / name / "adapter", config,
-                            curves_dir=tmp_path / name / "curves")
+        summary = train_dpo(
+            tiny_llama,
+            make_pairs(8),
+            make_pairs(2),
+            tmp_path / name / "adapter",
+            config,
+            curves_dir=tmp_path / name / "curves",
+        )
         runs.append((summary, tmp_path / name / "curves" / "plots" / "metrics"))
     summary, curves = runs[0]
     files = sorted(str(p.relative_to(curves)) for p in curves.rglob("*.tsv"))
-    assert files == sorted(f"{split}/{name}.tsv" for split in ("train", "eval") for name in
-                           ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"))
+    assert files == sorted(
+        f"{split}/{name}.tsv"
+        for split in ("train", "eval")
+        for name in ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies")
+    )
     header, rows = read_curve(curves / "train" / "loss.tsv")
     assert header == ["step", "loss"] and [r[0] for r in rows] == [1, 2, 3]
     header, rows = read_curve(curves / "eval" / "rewards" / "margins.tsv")
@@ -347,7 +427,14 @@ def test_curve_names_keep_the_dpo_keys_and_drop_wall_clock():
     assert curve_name("loss") == "train/loss" and curve_name("eval_loss") == "eval/loss"
     assert curve_name("rewards/margins") == "train/rewards/margins"
     assert curve_name("eval_rewards/accuracies") == "eval/rewards/accuracies"
-    for key in ("train_runtime", "train_samples_per_second", "eval_runtime", "learning_rate", "epoch", "grad_norm"):
+    for key in (
+        "train_runtime",
+        "train_samples_per_second",
+        "eval_runtime",
+        "learning_rate",
+        "epoch",
+        "grad_norm",
+    ):
         assert curve_name(key) is None, key
 
 
@@ -355,7 +442,9 @@ def test_a_run_without_pairs_leaves_a_note_instead_of_curves(tiny_llama, tmp_pat
     curves = tmp_path / "curves"
     (curves / "plots").mkdir(parents=True)
     (curves / "plots" / "stale.tsv").write_text("step\tloss\n1\t0.5\n")
-    train_dpo(tiny_llama, make_pairs(0), make_pairs(0), tmp_path / "it1", TrainConfig(**FAST), curves_dir=curves)
+    train_dpo(
+        tiny_llama, make_pairs(0), make_pairs(0), tmp_path / "it1", TrainConfig(**FAST), curves_dir=curves
+    )
     assert [p.name for p in curves.rglob("*") if p.is_file()] == ["untrained.txt"]
 
 
@@ -365,7 +454,9 @@ def test_precomputed_reference_log_probs_train_the_same_adapter(tiny_llama, tmp_
     weights = {}
     for precompute in (False, True):
         out = tmp_path / str(precompute)
-        config = TrainConfig(**{**FAST, "max_steps": 2, "lora_dropout": 0.0, "precompute_ref_log_probs": precompute})
+        config = TrainConfig(
+            **{**FAST, "max_steps": 2, "lora_dropout": 0.0, "precompute_ref_log_probs": precompute}
+        )
         summary = train_dpo(tiny_llama, make_pairs(4), make_pairs(0), out, config)
         weights[precompute] = load_file(out / "adapter_model.safetensors")
         assert summary["steps"] == 2
@@ -391,27 +482,54 @@ def test_a_killed_run_resumes_from_its_checkpoint_to_the_same_adapter_and_curves
             if state.global_step == 3:
                 raise Killed
 
-    config = TrainConfig(**{**FAST, "max_steps": 5, "per_device_batch": 1, "checkpoint_steps": 2, "eval_steps": 2})
-    whole = train_dpo(tiny_llama, make_pairs(6), make_pairs(2), tmp_path / "whole", config,
-                      curves_dir=tmp_path / "whole-curves", checkpoint_dir=tmp_path / "ckpt-whole")
+    config = TrainConfig(
+        **{**FAST, "max_steps": 5, "per_device_batch": 1, "checkpoint_steps": 2, "eval_steps": 2}
+    )
+    whole = train_dpo(
+        tiny_llama,
+        make_pairs(6),
+        make_pairs(2),
+        tmp_path / "whole",
+        config,
+        curves_dir=tmp_path / "whole-curves",
+        checkpoint_dir=tmp_path / "ckpt-whole",
+    )
     assert not any((tmp_path / "ckpt-whole").iterdir())  # removed after the adapter was written
     with pytest.raises(Killed):
-        train_dpo(tiny_llama, make_pairs(6), make_pairs(2), tmp_path / "resumed", config,
-                  curves_dir=tmp_path / "resumed-curves", checkpoint_dir=tmp_path / "ckpt", callbacks=(KillAfterStep3(),))
+        train_dpo(
+            tiny_llama,
+            make_pairs(6),
+            make_pairs(2),
+            tmp_path / "resumed",
+            config,
+            curves_dir=tmp_path / "resumed-curves",
+            checkpoint_dir=tmp_path / "ckpt",
+            callbacks=(KillAfterStep3(),),
+        )
     (run_dir,) = (tmp_path / "ckpt").iterdir()
     assert latest_checkpoint(run_dir).name == "checkpoint-2"
+
     class StepsRun(TrainerCallback):
         steps: ClassVar[list] = []
 
         def on_step_end(self, args, state, control, **kwargs):
             self.steps.append(state.global_step)
 
-    resumed = train_dpo(tiny_llama, make_pairs(6), make_pairs(2), tmp_path / "resumed", config,
-                        curves_dir=tmp_path / "resumed-curves", checkpoint_dir=tmp_path / "ckpt", callbacks=(StepsRun(),))
+    resumed = train_dpo(
+        tiny_llama,
+        make_pairs(6),
+        make_pairs(2),
+        tmp_path / "resumed",
+        config,
+        curves_dir=tmp_path / "resumed-curves",
+        checkpoint_dir=tmp_path / "ckpt",
+        callbacks=(StepsRun(),),
+    )
     assert StepsRun.steps == [3, 4, 5]  # resumed after step 2, not from the start
     assert resumed["steps"] == whole["steps"] == 5 and not run_dir.exists()
-    assert (tmp_path / "resumed" / "adapter_model.safetensors").read_bytes() == \
-        (tmp_path / "whole" / "adapter_model.safetensors").read_bytes()
+    assert (tmp_path / "resumed" / "adapter_model.safetensors").read_bytes() == (
+        tmp_path / "whole" / "adapter_model.safetensors"
+    ).read_bytes()
     whole_curves, resumed_curves = tmp_path / "whole-curves", tmp_path / "resumed-curves"
     for path in whole_curves.rglob("*.tsv"):
         assert (resumed_curves / path.relative_to(whole_curves)).read_bytes() == path.read_bytes(), path
@@ -424,10 +542,13 @@ def test_a_checkpoint_of_other_inputs_is_never_resumed(tiny_llama, tmp_path):
     config = TrainConfig(**{**FAST, "checkpoint_steps": 2})
     examples = pairs_to_examples(make_pairs(2), "p")
     key = run_key(tiny_llama, examples, [], config, None, "base")
-    assert key == run_key(tiny_llama, examples, [], TrainConfig(**{**FAST, "checkpoint_steps": 5}), None, "base")
+    assert key == run_key(
+        tiny_llama, examples, [], TrainConfig(**{**FAST, "checkpoint_steps": 5}), None, "base"
+    )
     assert key != run_key(tiny_llama, examples[:1], [], config, None, "base")
-    assert key != run_key(tiny_llama, examples, [], TrainConfig(**{**FAST, "lr": 0.5, "checkpoint_steps": 2}), None,
-                          "base")
+    assert key != run_key(
+        tiny_llama, examples, [], TrainConfig(**{**FAST, "lr": 0.5, "checkpoint_steps": 2}), None, "base"
+    )
     assert key != run_key(tiny_llama, examples, [], config, None, "previous")
     adapter = tmp_path / "a"
     adapter.mkdir()
@@ -453,21 +574,30 @@ def test_a_damaged_checkpoint_is_a_warning_and_training_starts_over(tiny_llama, 
 
     config = TrainConfig(**{**FAST, "max_steps": 4, "per_device_batch": 1, "checkpoint_steps": 2})
     with pytest.raises(Killed):
-        train_dpo(tiny_llama, make_pairs(4), make_pairs(0), tmp_path / "a", config, checkpoint_dir=tmp_path / "ckpt",
-                  callbacks=(KillAfterStep3(),))
+        train_dpo(
+            tiny_llama,
+            make_pairs(4),
+            make_pairs(0),
+            tmp_path / "a",
+            config,
+            checkpoint_dir=tmp_path / "ckpt",
+            callbacks=(KillAfterStep3(),),
+        )
     (checkpoint,) = (tmp_path / "ckpt").glob("*/checkpoint-2")
     path = checkpoint / damage
     path.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 2])
     capsys.readouterr()
-    summary = train_dpo(tiny_llama, make_pairs(4), make_pairs(0), tmp_path / "a", config,
-                        checkpoint_dir=tmp_path / "ckpt")
+    summary = train_dpo(
+        tiny_llama, make_pairs(4), make_pairs(0), tmp_path / "a", config, checkpoint_dir=tmp_path / "ckpt"
+    )
     out = capsys.readouterr().out
     (line,) = [x for x in out.splitlines() if x.startswith("warning:")]
     assert f"{checkpoint}: damaged checkpoint (" in line and line.endswith("removed, training from step 0")
     assert summary["steps"] == 4
     train_dpo(tiny_llama, make_pairs(4), make_pairs(0), tmp_path / "b", config)
-    assert (tmp_path / "a" / "adapter_model.safetensors").read_bytes() == \
-        (tmp_path / "b" / "adapter_model.safetensors").read_bytes()
+    assert (tmp_path / "a" / "adapter_model.safetensors").read_bytes() == (
+        tmp_path / "b" / "adapter_model.safetensors"
+    ).read_bytes()
 
 
 def test_training_curves_are_written_in_a_git_repository_without_a_commit(tiny_llama, tmp_path, monkeypatch):
@@ -480,6 +610,12 @@ def test_training_curves_are_written_in_a_git_repository_without_a_commit(tiny_l
     subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
     dvc("init", "-q", cwd=tmp_path)
     monkeypatch.chdir(tmp_path)
-    train_dpo(tiny_llama, make_pairs(2), make_pairs(0), tmp_path / "a", TrainConfig(**{**FAST, "max_steps": 1}),
-              curves_dir=tmp_path / "curves")
+    train_dpo(
+        tiny_llama,
+        make_pairs(2),
+        make_pairs(0),
+        tmp_path / "a",
+        TrainConfig(**{**FAST, "max_steps": 1}),
+        curves_dir=tmp_path / "curves",
+    )
     assert (tmp_path / "curves" / "plots" / "metrics" / "train" / "loss.tsv").is_file()

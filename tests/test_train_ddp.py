@@ -27,8 +27,10 @@ BIN = Path(sys.executable).parent
 ACCELERATE = shutil.which("accelerate", path=str(BIN)) or shutil.which("accelerate")
 pytestmark = [
     pytest.mark.skipif(DVC is None, reason="dvc is not installed"),
-    pytest.mark.skipif(ACCELERATE is None or importlib.util.find_spec("accelerate") is None,
-                       reason="accelerate is not installed"),
+    pytest.mark.skipif(
+        ACCELERATE is None or importlib.util.find_spec("accelerate") is None,
+        reason="accelerate is not installed",
+    ),
 ]
 LAUNCHER = "ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2 -m tests.ddp_train_probe"
 
@@ -37,18 +39,31 @@ LAUNCHER = "ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processe
 def ddp_run(tiny_llama, tmp_path_factory):
     """A scratch DVC repo running this repository's train stage and code, after `dvc repro --single-item train@1`."""
     # 8 train pairs, 2 per process and step: one epoch is 2 optimizer steps when 2 processes share the data.
-    train = {"launcher": LAUNCHER, "max_steps": 2, "per_device_batch": 2, "grad_accum": 1, "lr": 1e-2,
-             "max_length": 256, "gradient_checkpointing": True}
-    overrides = {"models.policy": {"backend": "transformers", "name": str(tiny_llama)},
-                 **{f"train.{key}": value for key, value in train.items()}}
+    train = {
+        "launcher": LAUNCHER,
+        "max_steps": 2,
+        "per_device_batch": 2,
+        "grad_accum": 1,
+        "lr": 1e-2,
+        "max_length": 256,
+        "gradient_checkpointing": True,
+    }
+    overrides = {
+        "models.policy": {"backend": "transformers", "name": str(tiny_llama)},
+        **{f"train.{key}": value for key, value in train.items()},
+    }
     repo = pipeline_repo(tmp_path_factory.mktemp("ddp-repo"), ["train"], overrides, {})
     (repo / "tests").mkdir()
     (repo / "tests" / "__init__.py").write_text("")
     shutil.copy(REPO / "tests" / "ddp_train_probe.py", repo / "tests" / "ddp_train_probe.py")
     (repo / "models" / "embedded").mkdir(parents=True)
-    (repo / "models" / "embedded" / "README").write_text("the train stage's dependency; the model is tiny_llama\n")
+    (repo / "models" / "embedded" / "README").write_text(
+        "the train stage's dependency; the model is tiny_llama\n"
+    )
     (repo / "data" / "pairs" / "it1").mkdir(parents=True)
-    make_pairs(10).assign(split=["train"] * 8 + ["val"] * 2).to_parquet(repo / "data" / "pairs" / "it1" / "pairs.parquet")
+    make_pairs(10).assign(split=["train"] * 8 + ["val"] * 2).to_parquet(
+        repo / "data" / "pairs" / "it1" / "pairs.parquet"
+    )
 
     env = dvc_env(OMP_NUM_THREADS="1", DEEPER_PROBE_DIR=str(repo / "probe"), PYTHONPATH="")
     result = dvc_run("repro", "--single-item", "train@1", cwd=repo, env=env, timeout=900)
@@ -100,8 +115,11 @@ def test_the_adapter_loads_and_is_trained(ddp_run, tiny_llama):
     repo, result = ddp_run
     assert result.returncode == 0, result.stderr[-3000:]
     adapter = repo / "models" / "adapters" / "it1"
-    assert sorted(p.name for p in adapter.iterdir() if p.suffix in (".json", ".safetensors")) == \
-        ["adapter_config.json", "adapter_model.safetensors", "train_log.json"]  # train_log: rank 0 only
+    assert sorted(p.name for p in adapter.iterdir() if p.suffix in (".json", ".safetensors")) == [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "train_log.json",
+    ]  # train_log: rank 0 only
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama), str(adapter))
     lora_b = [p for n, p in model.named_parameters() if "lora_B" in n]
     assert lora_b and all(p.abs().sum() > 0 for p in lora_b)  # B starts at zero: the adapter was trained

@@ -22,8 +22,10 @@ from tests.test_vllm_engine import RATING_TOLERANCE
 
 pytestmark = [
     pytest.mark.vllm,
-    pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
-                       reason="vllm is not importable here: the vLLM venv runs these (.ci/run, docs/vllm.md)"),
+    pytest.mark.skipif(
+        importlib.util.find_spec("vllm") is None,
+        reason="vllm is not importable here: the vLLM venv runs these (.ci/run, docs/vllm.md)",
+    ),
 ]
 
 ADAPTER_NAME = "it1"
@@ -33,19 +35,40 @@ CONTINUE = {"continue_final_message": True, "add_generation_prompt": False}
 
 @pytest.fixture(scope="module")
 def server(smollm2_path, smollm2_adapter, tmp_path_factory):
-    extra = ["--dtype", "float32", "--max-lora-rank", "16", "--max-model-len", "2048", "--block-size", "32",
-             "--no-enable-chunked-prefill"]  # seeded requests crash the CPU engine with chunked prefill
+    extra = [
+        "--dtype",
+        "float32",
+        "--max-lora-rank",
+        "16",
+        "--max-model-len",
+        "2048",
+        "--block-size",
+        "32",
+        "--no-enable-chunked-prefill",
+    ]  # seeded requests crash the CPU engine with chunked prefill
     log = tmp_path_factory.mktemp("vllm-server") / "server.log"
-    command = lambda port: vllm_server_command(smollm2_path, port, {ADAPTER_NAME: smollm2_adapter}, extra=extra)
+    command = lambda port: vllm_server_command(
+        smollm2_path, port, {ADAPTER_NAME: smollm2_adapter}, extra=extra
+    )
     env = {"VLLM_CPU_KVCACHE_SPACE": "2", "VLLM_CPU_OMP_THREADS_BIND": "0-1"}
     with VLLMServer(command, log_path=log, startup_timeout=600, env=env) as running:
         yield running
 
 
 def client(server, name: str, adapter: str | None = None):
-    llm = load_llm({"backend": "openai", "name": name, "base_url": server.base_url, "prefill": "assistant",
-                    "concurrency": 2, "timeout": 300, "max_retries": 0, "rating_extra_body": CONTINUE},
-                   adapter=adapter)
+    llm = load_llm(
+        {
+            "backend": "openai",
+            "name": name,
+            "base_url": server.base_url,
+            "prefill": "assistant",
+            "concurrency": 2,
+            "timeout": 300,
+            "max_retries": 0,
+            "rating_extra_body": CONTINUE,
+        },
+        adapter=adapter,
+    )
     llm.show_progress = False
     return llm
 
@@ -57,7 +80,9 @@ def test_the_server_lists_the_model_and_the_adapter(server, smollm2_path):
 
 
 @pytest.mark.parametrize("with_adapter", [False, True], ids=["base", "adapter"])
-def test_generation_and_ratings_equal_the_transformers_backend(server, smollm2_path, smollm2_adapter, with_adapter):
+def test_generation_and_ratings_equal_the_transformers_backend(
+    server, smollm2_path, smollm2_adapter, with_adapter
+):
     adapter = smollm2_adapter if with_adapter else None
     served = client(server, smollm2_path, ADAPTER_NAME if with_adapter else None)
     local = load_llm({"backend": "transformers", "name": smollm2_path, "dtype": "float32"}, adapter=adapter)
@@ -91,11 +116,15 @@ def test_json_prediction_by_a_model_that_cannot_write_json_stops_with_one_line(s
 
     llm = client(server, smollm2_path)
     settings = PredictSettings.from_params({"predict": {"mode": "json", "json": {"max_new_tokens": 128}}})
-    requests = [WindowRequest("A viewer who loves thrillers and avoids musicals.", "movie", TITLES[:3], [4, 4, 4]),
-                WindowRequest("A viewer who loves thrillers and avoids musicals.", "movie", TITLES[3:], [2, 5])]
+    requests = [
+        WindowRequest("A viewer who loves thrillers and avoids musicals.", "movie", TITLES[:3], [4, 4, 4]),
+        WindowRequest("A viewer who loves thrillers and avoids musicals.", "movie", TITLES[3:], [2, 5]),
+    ]
     with pytest.raises(DeeperError) as caught:
         predict_windows(llm, requests, settings, prompts_from_params({"prompts": "published"}))
     message = str(caught.value)
     assert "\n" not in message
-    assert message.startswith(f"predict.json: openai model {smollm2_path} left 5 of 5 items (100%) without a valid "
-                              "rating after the retry, more than predict.json.max_parse_failed_share 0.05")
+    assert message.startswith(
+        f"predict.json: openai model {smollm2_path} left 5 of 5 items (100%) without a valid "
+        "rating after the retry, more than predict.json.max_parse_failed_share 0.05"
+    )

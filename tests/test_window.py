@@ -17,8 +17,14 @@ from deeper.data.readers.common import clean_title
 from deeper.data.schema import WINDOW_COLUMNS
 from deeper.data.window import make_windows, spec_from_params
 
-WINDOW = {"size": 10, "count": 6, "train_count": 4, "seed": 0,
-          "default": {"train_users": 24, "eval_users": 8, "seen": True}, "domains": {}}
+WINDOW = {
+    "size": 10,
+    "count": 6,
+    "train_count": 4,
+    "seed": 0,
+    "default": {"train_users": 24, "eval_users": 8, "seen": True},
+    "domains": {},
+}
 
 
 def windows(db: Path, out: Path, **changes) -> tuple[list[dict], dict]:
@@ -35,6 +41,7 @@ def by_user(rows: list[dict]) -> dict[str, list[dict]]:
 
 
 # --- raw data: MovieLens 100K ------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def ml(tmp_path_factory, shared_data) -> tuple[Path, dict[str, list[tuple]]]:
@@ -55,15 +62,24 @@ def test_windows_are_time_ordered_with_source_order_breaking_ties(ml, tmp_path):
     expected = {u: sorted(r)[:60] for u, r in ratings.items() if len(r) >= 60}
     # the data has users rating several movies in the same second inside their first 60: ties matter
     assert sum(len({t for t, *_ in r}) < 60 for r in expected.values()) > 100
-    rows, metrics = windows(db, tmp_path / "w.parquet", default={"train_users": 0, "eval_users": 10_000, "seen": True})
+    rows, metrics = windows(
+        db, tmp_path / "w.parquet", default={"train_users": 0, "eval_users": 10_000, "seen": True}
+    )
     got = by_user(rows)
     assert set(got) == set(expected)
     for user, seq in expected.items():
-        assert [(r["window"], r["pos"], r["item_id"], r["rating"]) for r in got[user]] == \
-            [(i // 10, i % 10, item, rating) for i, (_, _, item, rating) in enumerate(seq)], user
+        assert [(r["window"], r["pos"], r["item_id"], r["rating"]) for r in got[user]] == [
+            (i // 10, i % 10, item, rating) for i, (_, _, item, rating) in enumerate(seq)
+        ], user
     m = metrics["domains"]["movielens"]
-    assert m["eligible_users"] == {"train": sum(len(r) >= 40 for r in ratings.values()), "eval": len(expected)}
-    assert m["skipped_users"] == {"too_few_ratings": sum(len(r) < 40 for r in ratings.values()), "too_few_windows": 0}
+    assert m["eligible_users"] == {
+        "train": sum(len(r) >= 40 for r in ratings.values()),
+        "eval": len(expected),
+    }
+    assert m["skipped_users"] == {
+        "too_few_ratings": sum(len(r) < 40 for r in ratings.values()),
+        "too_few_windows": 0,
+    }
     # asking for more eval users than exist takes all and says so
     assert m["eval_users"] == len(expected) == 497 and m["requested_users"]["eval"] == 10_000
     assert m["windows"] == 6 * 497 and m["ratings"] == 60 * 497 and m["short_windows"] == 0
@@ -74,8 +90,18 @@ def test_split_counts_seed_and_file_shape(ml, tmp_path):
     rows, metrics = windows(db, tmp_path / "a.parquet")
     table = pq.read_table(tmp_path / "a.parquet")
     assert tuple(table.column_names) == WINDOW_COLUMNS
-    assert [str(t) for t in table.schema.types] == \
-        ["string", "string", "bool", "string", "string", "int32", "int32", "string", "string", "double"]
+    assert [str(t) for t in table.schema.types] == [
+        "string",
+        "string",
+        "bool",
+        "string",
+        "string",
+        "int32",
+        "int32",
+        "string",
+        "string",
+        "double",
+    ]
     keys = [(r["domain"], r["user_id"], r["window"], r["pos"]) for r in rows]
     assert keys == sorted(keys) and len(set(keys)) == len(keys)
     splits = {s: {r["user_id"] for r in rows if r["split"] == s} for s in ("train", "eval")}
@@ -83,7 +109,9 @@ def test_split_counts_seed_and_file_shape(ml, tmp_path):
     users = by_user(rows)
     assert all(len({r["window"] for r in users[u]}) == 6 for u in splits["eval"])
     # a train user keeps its full windows: at least train_count, at most count
-    assert all(4 <= len({r["window"] for r in users[u]}) == min(len(ratings[u]) // 10, 6) for u in splits["train"])
+    assert all(
+        4 <= len({r["window"] for r in users[u]}) == min(len(ratings[u]) // 10, 6) for u in splits["train"]
+    )
     assert metrics["domains"]["movielens"]["unused_users"] == 645 - 32
     again, _ = windows(db, tmp_path / "b.parquet")
     assert again == rows  # same seed, same file content
@@ -93,9 +121,14 @@ def test_split_counts_seed_and_file_shape(ml, tmp_path):
 
 def test_domain_override_and_seen_flag(ml, tmp_path):
     db, _ = ml
-    rows, metrics = windows(db, tmp_path / "w.parquet",
-                            domains={"movielens": {"train_users": 0, "eval_users": 5, "seen": False},
-                                     "amazon_arts": {"eval_users": 86}})  # absent domains are fine
+    rows, metrics = windows(
+        db,
+        tmp_path / "w.parquet",
+        domains={
+            "movielens": {"train_users": 0, "eval_users": 5, "seen": False},
+            "amazon_arts": {"eval_users": 86},
+        },
+    )  # absent domains are fine
     assert {(r["split"], r["seen"]) for r in rows} == {("eval", False)}
     assert len({r["user_id"] for r in rows}) == 5
     m = metrics["domains"]["movielens"]
@@ -106,10 +139,13 @@ def test_window_size_is_a_parameter(ml, tmp_path):
     db, ratings = ml
     rows, metrics = windows(db, tmp_path / "w.parquet", size=8)
     assert {r["pos"] for r in rows} == set(range(8))
-    assert metrics["domains"]["movielens"]["eligible_users"]["eval"] == sum(len(r) >= 48 for r in ratings.values())
+    assert metrics["domains"]["movielens"]["eligible_users"]["eval"] == sum(
+        len(r) >= 48 for r in ratings.values()
+    )
 
 
 # --- pre-windowed data: the DEEPER authors' windows ----------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def authors(tmp_path_factory, shared_data) -> tuple[Path, Path]:
@@ -125,7 +161,9 @@ def authors(tmp_path_factory, shared_data) -> tuple[Path, Path]:
 
 def csv_windows(path: Path) -> dict[str, list[dict]]:
     with open(path, newline="", encoding="utf-8") as f:
-        return {row["id"]: [ast.literal_eval(row[f"windows_{k}"]) for k in range(5)] for row in csv.DictReader(f)}
+        return {
+            row["id"]: [ast.literal_eval(row[f"windows_{k}"]) for k in range(5)] for row in csv.DictReader(f)
+        }
 
 
 def test_prewindowed_data_keeps_its_windows_and_split(authors, tmp_path):
@@ -141,8 +179,13 @@ def test_prewindowed_data_keeps_its_windows_and_split(authors, tmp_path):
         source = (train | test)[user]
         for k in range(5):
             mine = [(r["pos"], r["title"], r["rating"]) for r in rs if r["window"] == k]
-            kept = [(clean_title(t), float(x)) for t, x in zip(source[k]["items"], source[k]["ratings"]) if x != 0]
-            assert mine == [(p, t, x) for p, (t, x) in enumerate(kept)], (user, k)  # zeros skipped, order kept
+            kept = [
+                (clean_title(t), float(x)) for t, x in zip(source[k]["items"], source[k]["ratings"]) if x != 0
+            ]
+            assert mine == [(p, t, x) for p, (t, x) in enumerate(kept)], (
+                user,
+                k,
+            )  # zeros skipped, order kept
     # eval users: W0..W5 (count = 6, the JSONL's W6 is not needed); train users: their five CSV windows
     assert {len({r["window"] for r in rs}) for rs in users.values() if rs[0]["split"] == "eval"} == {6}
     assert {len({r["window"] for r in rs}) for rs in users.values() if rs[0]["split"] == "train"} == {5}
@@ -176,11 +219,15 @@ def test_the_paper_profile_trains_only_users_with_fifty_ratings(tmp_path):
     paper = apply_profile(params, load_profile("paper", params))["window"]
     folder = tmp_path / "ml"
     folder.mkdir()
-    (folder / "movies.csv").write_text("movieId,title,genres\n" + "".join(
-        f"{i},Movie {i} (1999),Drama\n" for i in range(100)), encoding="utf-8")
+    (folder / "movies.csv").write_text(
+        "movieId,title,genres\n" + "".join(f"{i},Movie {i} (1999),Drama\n" for i in range(100)),
+        encoding="utf-8",
+    )
     rows = [(user, i) for user, n in (("49", 49), ("50", 50)) for i in range(n)]
-    (folder / "ratings.csv").write_text("userId,movieId,rating,timestamp\n" + "".join(
-        f"{user},{i},4.0,{1000 + i}\n" for user, i in rows), encoding="utf-8")
+    (folder / "ratings.csv").write_text(
+        "userId,movieId,rating,timestamp\n" + "".join(f"{user},{i},4.0,{1000 + i}\n" for user, i in rows),
+        encoding="utf-8",
+    )
     db = tmp_path / "r.duckdb"
     ingest([Source("movielens_csv", folder, None, "movielens", "movie")], db)
     split = {"train_users": 10, "eval_users": 0, "seen": True}
@@ -194,10 +241,23 @@ def _authors_csv(path: Path, users: list[tuple[str, str]], item_type: str = "pro
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
-        writer.writerow(["id", "item_type", "split", "dataset_name", "source_url", *(f"windows_{k}" for k in range(5))])
+        writer.writerow(
+            ["id", "item_type", "split", "dataset_name", "source_url", *(f"windows_{k}" for k in range(5))]
+        )
         for user, split in users:
-            writer.writerow([user, item_type, split, path.parts[-3], "https://example.org", *(
-                repr({"items": [f"{user} item {k}a", f"{user} item {k}b"], "ratings": [4.0, 2.0]}) for k in range(5))])
+            writer.writerow(
+                [
+                    user,
+                    item_type,
+                    split,
+                    path.parts[-3],
+                    "https://example.org",
+                    *(
+                        repr({"items": [f"{user} item {k}a", f"{user} item {k}b"], "ratings": [4.0, 2.0]})
+                        for k in range(5)
+                    ),
+                ]
+            )
 
 
 def test_the_authors_folders_are_the_papers_domains_with_their_users_and_flags(tmp_path):
@@ -210,7 +270,10 @@ def test_the_authors_folders_are_the_papers_domains_with_their_users_and_flags(t
 
     params = load_params(REPO / "params.yaml")
     root = tmp_path / "raw"
-    food, sports = root / "deeper" / "food_com" / "split_data", root / "deeper" / "amazon_sports_and_outdoors" / "split_data"
+    food, sports = (
+        root / "deeper" / "food_com" / "split_data",
+        root / "deeper" / "amazon_sports_and_outdoors" / "split_data",
+    )
     _authors_csv(food / "train_dataset.csv", [("t1", "train"), ("t2", "train")], "recipe")
     _authors_csv(food / "test_dataset.csv", [("e1", "eval")], "recipe")
     _authors_csv(sports / "full_dataset.csv", [("s1", "eval"), ("s2", "test"), ("s3", "eval")])
@@ -232,13 +295,29 @@ def test_the_authors_domain_names_are_checked(tmp_path):
     from deeper.errors import ConfigError
 
     entry = {"format": "deeper_windows", "path": "deeper"}
-    for domains, message in (({"a": "x", "b": "x"}, "two folders are named 'x'"), (["a"], "must map folder names"),
-                             ({"a": ""}, "must map folder names")):
+    for domains, message in (
+        ({"a": "x", "b": "x"}, "two folders are named 'x'"),
+        (["a"], "must map folder names"),
+        ({"a": ""}, "must map folder names"),
+    ):
         with pytest.raises(ConfigError, match=rf"ingest\.presets\.p\[0\]\.domains: {message}"):
             sources_from_params(str(tmp_path), "p", {"p": [{**entry, "domains": domains}]})
     with pytest.raises(ConfigError, match=r"\.domains: not a setting of format foodcom"):
-        sources_from_params(str(tmp_path), "p", {"p": [{"format": "foodcom", "path": "f", "domain": "r",
-                                                        "item_type": "recipe", "domains": {"a": "b"}}]})
+        sources_from_params(
+            str(tmp_path),
+            "p",
+            {
+                "p": [
+                    {
+                        "format": "foodcom",
+                        "path": "f",
+                        "domain": "r",
+                        "item_type": "recipe",
+                        "domains": {"a": "b"},
+                    }
+                ]
+            },
+        )
 
 
 def test_the_authors_windows_run_as_the_papers_seen_domains(shared_data, tmp_path):
@@ -255,6 +334,12 @@ def test_the_authors_windows_run_as_the_papers_seen_domains(shared_data, tmp_pat
     db = tmp_path / "r.duckdb"
     ingest(sources_from_params(str(root), "deeper_authors", params["ingest"]["presets"]), db)
     rows, metrics = windows(db, tmp_path / "w.parquet", **params["window"])
-    assert sorted(metrics["domains"]) == ["amazon_books", "amazon_clothing", "amazon_movies_tv", "local_business",
-                                          "movielens", "recipe"]
+    assert sorted(metrics["domains"]) == [
+        "amazon_books",
+        "amazon_clothing",
+        "amazon_movies_tv",
+        "local_business",
+        "movielens",
+        "recipe",
+    ]
     assert {r["seen"] for r in rows} == {True}

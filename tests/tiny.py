@@ -30,19 +30,30 @@ def make_tiny_tokenizer(corpus: list[str] | None = None, vocab_size: int = 400) 
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=SPECIAL, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     tok.train_from_iterator(corpus or CORPUS, trainer)
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token=None, eos_token="<|im_end|>", pad_token="<|endoftext|>", unk_token=None
+        tokenizer_object=tok,
+        bos_token=None,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        unk_token=None,
     )
     fast.chat_template = CHATML_TEMPLATE
     return fast
 
 
-def make_tiny_llama(directory: str | Path, seed: int = 0, initializer_range: float = 0.02,
-                    corpus: list[str] | None = None, vocab_size: int = 400) -> Path:
+def make_tiny_llama(
+    directory: str | Path,
+    seed: int = 0,
+    initializer_range: float = 0.02,
+    corpus: list[str] | None = None,
+    vocab_size: int = 400,
+) -> Path:
     """Save a tiny random Llama (2 layers, hidden 64) and its tokenizer to `directory`; return the path.
 
     With the default (HF's) initializer_range its logits are nearly flat and hardly depend on the prompt:
@@ -53,10 +64,18 @@ def make_tiny_llama(directory: str | Path, seed: int = 0, initializer_range: flo
     tokenizer = make_tiny_tokenizer(corpus, vocab_size)
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
-        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=None,
-        tie_word_embeddings=True, initializer_range=initializer_range,
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
+        tie_word_embeddings=True,
+        initializer_range=initializer_range,
     )
     model = LlamaForCausalLM(config)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
@@ -81,12 +100,28 @@ def make_tiny_bert(directory: str | Path, seed: int = 0) -> Path:
     tok = Tokenizer(WordPiece(unk_token="[UNK]"))
     tok.normalizer = normalizers.BertNormalizer(lowercase=True)
     tok.pre_tokenizer = pre.BertPreTokenizer()
-    tok.train_from_iterator(CORPUS, WordPieceTrainer(vocab_size=300, special_tokens=special, show_progress=False))
+    tok.train_from_iterator(
+        CORPUS, WordPieceTrainer(vocab_size=300, special_tokens=special, show_progress=False)
+    )
     directory.mkdir(parents=True, exist_ok=True)
-    fast = BertTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
-                             sep_token="[SEP]", mask_token="[MASK]")
+    fast = BertTokenizerFast(
+        tokenizer_object=tok,
+        unk_token="[UNK]",
+        pad_token="[PAD]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
+    )
     torch.manual_seed(seed)
-    BertModel(BertConfig(vocab_size=len(fast), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                         intermediate_size=64, max_position_embeddings=512)).save_pretrained(directory)
+    BertModel(
+        BertConfig(
+            vocab_size=len(fast),
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=64,
+            max_position_embeddings=512,
+        )
+    ).save_pretrained(directory)
     fast.save_pretrained(directory)
     return directory

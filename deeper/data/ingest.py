@@ -25,20 +25,20 @@ from deeper.outputs import is_disk_full, replacing
 # Rows read but not kept, by reason; every domain reports every reason (0 included) so that the metrics
 # keep one shape across datasets and `dvc metrics diff` lines up.
 DROP_REASONS = (
-    "duplicate",        # the same (user, item, rating, time) again; the same user row again (pre-windowed)
-    "unrated",          # rating 0 where it means "reviewed without stars" (Food.com)
+    "duplicate",  # the same (user, item, rating, time) again; the same user row again (pre-windowed)
+    "unrated",  # rating 0 where it means "reviewed without stars" (Food.com)
     "window_mismatch",  # pre-windowed: a window whose title and rating lists differ in length
-    "unknown_user",     # pre-windowed: a JSONL window of a user the split CSVs lack
-    "untitled",         # pre-windowed: an empty title (the title is the only item id there)
-    "unknown_item",     # a rating of an item the item file does not list (ingest.unknown_items: drop)
+    "unknown_user",  # pre-windowed: a JSONL window of a user the split CSVs lack
+    "untitled",  # pre-windowed: an empty title (the title is the only item id there)
+    "unknown_item",  # a rating of an item the item file does not list (ingest.unknown_items: drop)
 )
 # Rows kept with a remark.
 NOTES = (
-    "title_from_id",        # items with no title in the source: title = FALLBACK_TITLE_PREFIX + id
-    "repeated_in_window",   # pre-windowed: an item rated twice within one window (kept)
-    "title_cleaned",        # items whose title lost HTML entities, tags or extra whitespace (clean_title)
-    "unknown_item",         # ratings of items the item file does not list, kept (ingest.unknown_items: keep)
-    "zero_rating",          # Food.com's 0 ("reviewed without stars") kept as the rating 0 (ingest.zero_ratings: keep)
+    "title_from_id",  # items with no title in the source: title = FALLBACK_TITLE_PREFIX + id
+    "repeated_in_window",  # pre-windowed: an item rated twice within one window (kept)
+    "title_cleaned",  # items whose title lost HTML entities, tags or extra whitespace (clean_title)
+    "unknown_item",  # ratings of items the item file does not list, kept (ingest.unknown_items: keep)
+    "zero_rating",  # Food.com's 0 ("reviewed without stars") kept as the rating 0 (ingest.zero_ratings: keep)
 )
 FALLBACK_TITLE_PREFIX = "item "
 # What happens to a rating of an item that the source's item file (titles, meta) does not list: kept with
@@ -50,10 +50,18 @@ UNKNOWN_ITEMS = ("keep", "drop")
 ZERO_RATINGS = ("drop", "keep")
 
 _BATCH = 500_000
-_RATING_SCHEMA = pa.schema([
-    ("domain", pa.string()), ("user_id", pa.string()), ("item_id", pa.string()), ("rating", pa.float64()),
-    ("ts", pa.int64()), ("seq", pa.int64()), ("window_hint", pa.int32()), ("split_hint", pa.string()),
-])
+_RATING_SCHEMA = pa.schema(
+    [
+        ("domain", pa.string()),
+        ("user_id", pa.string()),
+        ("item_id", pa.string()),
+        ("rating", pa.float64()),
+        ("ts", pa.int64()),
+        ("seq", pa.int64()),
+        ("window_hint", pa.int32()),
+        ("split_hint", pa.string()),
+    ]
+)
 
 
 def check_unknown_items(value) -> str:
@@ -72,33 +80,40 @@ def check_zero_ratings(value) -> str:
 
 def options_from_params(params: dict) -> tuple[str, str]:
     """(`ingest.unknown_items`, `ingest.zero_ratings`), checked; absent keys take the defaults keep / drop."""
-    return (check_unknown_items(get(params, "ingest.unknown_items", "keep")),
-            check_zero_ratings(get(params, "ingest.zero_ratings", "drop")))
+    return (
+        check_unknown_items(get(params, "ingest.unknown_items", "keep")),
+        check_zero_ratings(get(params, "ingest.zero_ratings", "drop")),
+    )
 
 
 class Sink:
     """Collects ratings and titles from readers and writes the tables into `con`."""
 
-    def __init__(self, con: duckdb.DuckDBPyConnection, unknown_items: str = "keep", zero_ratings: str = "drop"):
+    def __init__(
+        self, con: duckdb.DuckDBPyConnection, unknown_items: str = "keep", zero_ratings: str = "drop"
+    ):
         self.zero_ratings = check_zero_ratings(zero_ratings)
         self.con = con
         self.unknown_items = check_unknown_items(unknown_items)
         self.domains: dict[str, tuple[str, str, str]] = {}
         self.listing: set[str] = set()  # domains whose source has an item file: an item not in it is unknown
         self.titles: dict[tuple[str, str], str | None] = {}  # every listed item; None: listed without a title
-        self.cleaned: set[tuple[str, str]] = set()          # items whose title clean_title changed
+        self.cleaned: set[tuple[str, str]] = set()  # items whose title clean_title changed
         self.dropped: dict[str, Counter] = {}
         self.notes: dict[str, Counter] = {}
         self._columns: tuple[list, ...] = tuple([] for _ in _RATING_SCHEMA)
         self._seq = 0
         con.execute(f"CREATE TEMP TABLE staging ({TABLES['ratings']})")
 
-    def add_domain(self, domain: str, item_type: str, source_format: str, source_path: str,
-                   item_file: bool = False) -> None:
+    def add_domain(
+        self, domain: str, item_type: str, source_format: str, source_path: str, item_file: bool = False
+    ) -> None:
         """`item_file`: the source lists its items (titles, meta), so a rated item missing there is unknown."""
         if domain in self.domains:
-            raise DeeperError(f"domain {domain!r} comes from two sources ({self.domains[domain][2]} and "
-                              f"{source_path}); give each source its own domain in the ingest preset")
+            raise DeeperError(
+                f"domain {domain!r} comes from two sources ({self.domains[domain][2]} and "
+                f"{source_path}); give each source its own domain in the ingest preset"
+            )
         self.domains[domain] = (item_type, source_format, source_path)
         self.dropped[domain], self.notes[domain] = Counter(), Counter()
         if item_file:
@@ -115,8 +130,16 @@ class Sink:
         if cleaned is not None and cleaned != title:
             self.cleaned.add(key)
 
-    def rating(self, domain: str, user_id: str, item_id: str, rating: float, ts: int,
-               window: int | None = None, split: str | None = None) -> None:
+    def rating(
+        self,
+        domain: str,
+        user_id: str,
+        item_id: str,
+        rating: float,
+        ts: int,
+        window: int | None = None,
+        split: str | None = None,
+    ) -> None:
         c = self._columns
         c[0].append(domain), c[1].append(user_id), c[2].append(item_id), c[3].append(rating)
         c[4].append(ts), c[5].append(self._seq), c[6].append(window), c[7].append(split)
@@ -144,8 +167,10 @@ class Sink:
     def _flush(self) -> None:
         if not self._columns[0]:
             return
-        batch = pa.Table.from_arrays([pa.array(col, type=f.type) for col, f in zip(self._columns, _RATING_SCHEMA)],
-                                     schema=_RATING_SCHEMA)
+        batch = pa.Table.from_arrays(
+            [pa.array(col, type=f.type) for col, f in zip(self._columns, _RATING_SCHEMA)],
+            schema=_RATING_SCHEMA,
+        )
         self.con.register("batch", batch)
         self.con.execute("INSERT INTO staging SELECT * FROM batch")
         self.con.unregister("batch")
@@ -157,8 +182,10 @@ class Sink:
         self._flush()
         con = self.con
         con.execute(f"CREATE TABLE domains ({TABLES['domains']})")
-        con.executemany("INSERT INTO domains VALUES (?, ?, ?, ?)",
-                        [(d, *info) for d, info in sorted(self.domains.items())])
+        con.executemany(
+            "INSERT INTO domains VALUES (?, ?, ?, ?)",
+            [(d, *info) for d, info in sorted(self.domains.items())],
+        )
         # Exact duplicates: the first in source order stays.
         con.execute(f"CREATE TABLE ratings ({TABLES['ratings']})")
         con.execute("""
@@ -173,10 +200,22 @@ class Sink:
         con.execute("DROP TABLE staging")
 
         keys = list(self.titles)
-        titles = pa.table({"domain": [k[0] for k in keys], "item_id": [k[1] for k in keys],
-                           "title": [self.titles[k] for k in keys], "cleaned": [k in self.cleaned for k in keys]},
-                          schema=pa.schema([("domain", pa.string()), ("item_id", pa.string()),
-                                            ("title", pa.string()), ("cleaned", pa.bool_())]))
+        titles = pa.table(
+            {
+                "domain": [k[0] for k in keys],
+                "item_id": [k[1] for k in keys],
+                "title": [self.titles[k] for k in keys],
+                "cleaned": [k in self.cleaned for k in keys],
+            },
+            schema=pa.schema(
+                [
+                    ("domain", pa.string()),
+                    ("item_id", pa.string()),
+                    ("title", pa.string()),
+                    ("cleaned", pa.bool_()),
+                ]
+            ),
+        )
         con.register("titles", titles)
         con.register("listing", pa.table({"domain": pa.array(sorted(self.listing), type=pa.string())}))
         # Ratings of items the item file does not list: counted, then kept (fallback title) or dropped.
@@ -188,15 +227,20 @@ class Sink:
         for domain, n in con.execute("SELECT domain, sum(n) FROM unknown GROUP BY 1").fetchall():
             reason[domain]["unknown_item"] += int(n)
         if self.unknown_items == "drop":
-            con.execute("DELETE FROM ratings USING unknown u WHERE ratings.domain = u.domain "
-                        "AND ratings.item_id = u.item_id")
+            con.execute(
+                "DELETE FROM ratings USING unknown u WHERE ratings.domain = u.domain "
+                "AND ratings.item_id = u.item_id"
+            )
         con.execute("DROP TABLE unknown")
         con.execute(f"CREATE TABLE items ({TABLES['items']})")
-        con.execute("""
+        con.execute(
+            """
             INSERT INTO items
             SELECT r.domain, r.item_id, coalesce(t.title, ? || r.item_id)
             FROM (SELECT DISTINCT domain, item_id FROM ratings) r LEFT JOIN titles t USING (domain, item_id)
-            ORDER BY 1, 2""", [FALLBACK_TITLE_PREFIX])
+            ORDER BY 1, 2""",
+            [FALLBACK_TITLE_PREFIX],
+        )
         for domain, untitled, cleaned in con.execute("""
                 SELECT r.domain, count(*) FILTER (WHERE t.title IS NULL), count(*) FILTER (WHERE t.cleaned)
                 FROM (SELECT DISTINCT domain, item_id FROM ratings) r LEFT JOIN titles t USING (domain, item_id)
@@ -206,9 +250,12 @@ class Sink:
         con.unregister("titles")
         con.unregister("listing")
 
-        counts = {d: (u, i, n) for d, u, i, n in con.execute(
-            "SELECT domain, count(DISTINCT user_id), count(DISTINCT item_id), count(*) FROM ratings GROUP BY 1"
-        ).fetchall()}
+        counts = {
+            d: (u, i, n)
+            for d, u, i, n in con.execute(
+                "SELECT domain, count(DISTINCT user_id), count(DISTINCT item_id), count(*) FROM ratings GROUP BY 1"
+            ).fetchall()
+        }
         summary = {}
         for domain in sorted(self.domains):
             if domain not in counts:
@@ -216,7 +263,9 @@ class Sink:
                 raise InputError(self.domains[domain][2], f"no ratings to keep (rows skipped: {dropped})")
             users, items, ratings = counts[domain]
             summary[domain] = {
-                "users": users, "items": items, "ratings": ratings,
+                "users": users,
+                "items": items,
+                "ratings": ratings,
                 "dropped": {r: self.dropped[domain][r] for r in DROP_REASONS},
                 **{k: self.notes[domain][k] for k in NOTES},
             }
@@ -247,15 +296,26 @@ def sources_from_params(root: str, preset: str, presets: dict) -> list[Source]:
             if not isinstance(entry.get(name), str) or not entry[name].strip():
                 raise ConfigError(f"{key}.{name}", "missing")
         extra = set(entry) - {"format", "path", "meta", "domain", "item_type", "domains"}
-        if extra or (entry.get("meta") is not None and fmt not in WITH_META) or (
-                entry.get("domains") is not None and fmt not in SELF_NAMING):
-            unknown = sorted(extra) or (["meta"] if entry.get("meta") is not None and fmt not in WITH_META
-                                        else ["domains"])
+        if (
+            extra
+            or (entry.get("meta") is not None and fmt not in WITH_META)
+            or (entry.get("domains") is not None and fmt not in SELF_NAMING)
+        ):
+            unknown = sorted(extra) or (
+                ["meta"] if entry.get("meta") is not None and fmt not in WITH_META else ["domains"]
+            )
             raise ConfigError(f"{key}.{unknown[0]}", f"not a setting of format {fmt}")
         meta = entry.get("meta")
-        sources.append(Source(fmt, Path(root) / entry["path"], Path(root) / meta if meta else None,
-                              entry.get("domain"), entry.get("item_type"),
-                              _folder_domains(entry.get("domains"), f"{key}.domains")))
+        sources.append(
+            Source(
+                fmt,
+                Path(root) / entry["path"],
+                Path(root) / meta if meta else None,
+                entry.get("domain"),
+                entry.get("item_type"),
+                _folder_domains(entry.get("domains"), f"{key}.domains"),
+            )
+        )
     return sources
 
 
@@ -263,8 +323,9 @@ def _folder_domains(value, key: str) -> tuple[tuple[str, str], ...]:
     """A self-naming source's `domains`: folder name -> domain name, text to text, no two folders on one name."""
     if value is None:
         return ()
-    if not isinstance(value, dict) or not all(isinstance(k, str) and k.strip() and isinstance(v, str) and v.strip()
-                                              for k, v in value.items()):
+    if not isinstance(value, dict) or not all(
+        isinstance(k, str) and k.strip() and isinstance(v, str) and v.strip() for k, v in value.items()
+    ):
         raise ConfigError(key, f"must map folder names to domain names, got {value!r}")
     names = list(value.values())
     twice = next((n for n in names if names.count(n) > 1), None)
@@ -273,7 +334,9 @@ def _folder_domains(value, key: str) -> tuple[tuple[str, str], ...]:
     return tuple(sorted(value.items()))
 
 
-def ingest(sources: list[Source], out: str | Path, unknown_items: str = "keep", zero_ratings: str = "drop") -> dict:
+def ingest(
+    sources: list[Source], out: str | Path, unknown_items: str = "keep", zero_ratings: str = "drop"
+) -> dict:
     """Read every source into a fresh database at `out` (built beside it, then moved into place);
     `unknown_items`: keep or drop ratings of items the source's item file does not list; `zero_ratings`: drop or
     keep Food.com's 0 ("no stars")."""

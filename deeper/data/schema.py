@@ -8,9 +8,20 @@ TABLES = {
     # ts: unix seconds, or the position for pre-windowed data; seq: row order in the source (tie-break);
     # window_hint / split_hint: only for pre-windowed data (the DEEPER authors' windows), else NULL.
     "ratings": "domain VARCHAR, user_id VARCHAR, item_id VARCHAR, rating DOUBLE, ts BIGINT, seq BIGINT, "
-               "window_hint INTEGER, split_hint VARCHAR",
+    "window_hint INTEGER, split_hint VARCHAR",
 }
 
 SPLITS = ("train", "eval")
 
-WINDOW_COLUMNS = ("domain", "item_type", "seen", "user_id", "split", "window", "pos", "item_id", "title", "rating")
+WINDOW_COLUMNS = (
+    "domain",
+    "item_type",
+    "seen",
+    "user_id",
+    "split",
+    "window",
+    "pos",
+    "item_id",
+    "title",
+    "rating",
+)

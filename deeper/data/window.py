@@ -35,8 +35,8 @@ SPLIT_KEYS = ("train_users", "eval_users", "seen")
 @dataclass(frozen=True)
 class WindowSpec:
     size: int
-    count: int           # windows an evaluation user needs (and the most any user keeps)
-    train_count: int     # windows a training user needs
+    count: int  # windows an evaluation user needs (and the most any user keeps)
+    train_count: int  # windows a training user needs
     seed: int
 
 
@@ -51,8 +51,10 @@ def spec_from_params(window: dict) -> tuple[WindowSpec, DomainSplit, dict[str, d
     """The `window` params block, checked: (spec, default split, per-domain overrides)."""
     if not isinstance(window, dict):
         raise ConfigError("window", "must be a mapping")
-    numbers = {key: number(window.get(key), f"window.{key}", integer=True, low=low)
-               for key, low in (("size", 1), ("count", 1), ("train_count", 1), ("seed", 0))}
+    numbers = {
+        key: number(window.get(key), f"window.{key}", integer=True, low=low)
+        for key, low in (("size", 1), ("count", 1), ("train_count", 1), ("seed", 0))
+    }
     if numbers["train_count"] > numbers["count"]:
         raise ConfigError("window.train_count", f"must be <= window.count ({numbers['count']})")
     default = _split("window.default", window.get("default"), None)
@@ -127,22 +129,32 @@ def choose_users(con, spec: WindowSpec, default: DomainSplit, overrides: dict) -
     chosen, report = [], {}
     for (domain,) in domains:
         split = split_of(domain, default, overrides)
-        kinds = con.execute("""
+        kinds = con.execute(
+            """
             SELECT count(*) FILTER (window_hint IS NULL), count(*) FILTER (window_hint IS NOT NULL)
-            FROM ratings WHERE domain = ?""", [domain]).fetchone()
+            FROM ratings WHERE domain = ?""",
+            [domain],
+        ).fetchone()
         if kinds[0] and kinds[1]:
-            raise DeeperError(f"domain {domain!r} mixes pre-windowed and raw ratings; give them separate domains")
+            raise DeeperError(
+                f"domain {domain!r} mixes pre-windowed and raw ratings; give them separate domains"
+            )
         prewindowed = kinds[1] > 0
         skipped = dict.fromkeys(SKIP_REASONS, 0)
         pools: dict[str, list[str]] = {s: [] for s in SPLITS}
         windows_of: dict[str, int] = {}
         if prewindowed:
-            users = con.execute("""
+            users = con.execute(
+                """
                 SELECT user_id, min(split_hint), max(split_hint), list(DISTINCT window_hint)
-                FROM ratings WHERE domain = ? GROUP BY user_id""", [domain]).fetchall()
+                FROM ratings WHERE domain = ? GROUP BY user_id""",
+                [domain],
+            ).fetchall()
             for user, hint, other_hint, windows in users:
                 if hint != other_hint or hint not in SPLITS:
-                    raise DeeperError(f"domain {domain!r}: user {user!r} has split hints {hint!r}/{other_hint!r}")
+                    raise DeeperError(
+                        f"domain {domain!r}: user {user!r} has split hints {hint!r}/{other_hint!r}"
+                    )
                 n = _full_windows(windows, spec.count)
                 if n >= (spec.count if hint == "eval" else spec.train_count):
                     pools[hint].append(user)
@@ -150,8 +162,9 @@ def choose_users(con, spec: WindowSpec, default: DomainSplit, overrides: dict) -
                 else:
                     skipped["too_few_windows"] += 1
         else:
-            users = con.execute("SELECT user_id, count(*) FROM ratings WHERE domain = ? GROUP BY user_id",
-                                [domain]).fetchall()
+            users = con.execute(
+                "SELECT user_id, count(*) FROM ratings WHERE domain = ? GROUP BY user_id", [domain]
+            ).fetchall()
             for user, n_ratings in users:
                 n = min(n_ratings // spec.size, spec.count)
                 if n >= spec.train_count:
@@ -180,23 +193,39 @@ def choose_users(con, spec: WindowSpec, default: DomainSplit, overrides: dict) -
     return chosen, report
 
 
-_CHOSEN_SCHEMA = pa.schema([("domain", pa.string()), ("user_id", pa.string()), ("split", pa.string()),
-                            ("n_windows", pa.int32()), ("seen", pa.bool_())])
+_CHOSEN_SCHEMA = pa.schema(
+    [
+        ("domain", pa.string()),
+        ("user_id", pa.string()),
+        ("split", pa.string()),
+        ("n_windows", pa.int32()),
+        ("seen", pa.bool_()),
+    ]
+)
 
 
-def make_windows(db_path: str | Path, out: str | Path, spec: WindowSpec, default: DomainSplit,
-                 overrides: dict) -> dict:
+def make_windows(
+    db_path: str | Path, out: str | Path, spec: WindowSpec, default: DomainSplit, overrides: dict
+) -> dict:
     """Write windows.parquet (columns deeper.data.schema.WINDOW_COLUMNS); return the metrics."""
     db_path, out = Path(db_path), Path(out)
     con = _open(db_path)
     try:
         chosen, report = choose_users(con, spec, default, overrides)
-        con.register("chosen", pa.Table.from_arrays([pa.array(c, type=f.type) for c, f in
-                                                     zip(zip(*chosen) if chosen else [[]] * 5, _CHOSEN_SCHEMA)],
-                                                    schema=_CHOSEN_SCHEMA))
+        con.register(
+            "chosen",
+            pa.Table.from_arrays(
+                [
+                    pa.array(c, type=f.type)
+                    for c, f in zip(zip(*chosen) if chosen else [[]] * 5, _CHOSEN_SCHEMA)
+                ],
+                schema=_CHOSEN_SCHEMA,
+            ),
+        )
         # Raw users: position in time order -> (window, pos); pre-windowed: the source's window, position
         # within it. Either way (ts, seq) orders, seq being the source order.
-        table = con.sql("""
+        table = con.sql(
+            """
             WITH placed AS (
                 SELECT r.domain, r.user_id, c.split, c.seen, c.n_windows, r.item_id, r.rating, r.window_hint,
                        row_number() OVER (PARTITION BY r.domain, r.user_id, r.window_hint ORDER BY r.ts, r.seq) - 1
@@ -210,13 +239,20 @@ def make_windows(db_path: str | Path, out: str | Path, spec: WindowSpec, default
                    w.pos::INTEGER AS pos, w.item_id, i.title, w.rating
             FROM windowed w JOIN domains d USING (domain) JOIN items i USING (domain, item_id)
             WHERE w."window" < w.n_windows
-            ORDER BY w.domain, w.user_id, w."window", w.pos""", params={"size": spec.size}).to_arrow_table()
+            ORDER BY w.domain, w.user_id, w."window", w.pos""",
+            params={"size": spec.size},
+        ).to_arrow_table()
         con.unregister("chosen")
         con.register("written", table)
-        per_domain = {d: (n, short, r) for d, n, short, r in con.execute("""
+        per_domain = {
+            d: (n, short, r)
+            for d, n, short, r in con.execute(
+                """
             SELECT domain, count(*), count(*) FILTER (n < $size), sum(n)
             FROM (SELECT domain, user_id, "window", count(*) n FROM written GROUP BY ALL) GROUP BY 1""",
-            {"size": spec.size}).fetchall()}
+                {"size": spec.size},
+            ).fetchall()
+        }
     except duckdb.Error as e:
         if is_damage(e):  # a damaged block is met by the first query that reads it
             raise damaged(db_path, e) from None
@@ -228,9 +264,14 @@ def make_windows(db_path: str | Path, out: str | Path, spec: WindowSpec, default
     for domain, entry in report.items():
         windows, short, ratings = per_domain.get(domain, (0, 0, 0))
         entry.update(windows=windows, short_windows=short, ratings=int(ratings or 0))
-    total = {k: sum(e[k] for e in report.values())
-             for k in ("users", "train_users", "eval_users", "unused_users", "windows", "short_windows", "ratings")}
+    total = {
+        k: sum(e[k] for e in report.values())
+        for k in ("users", "train_users", "eval_users", "unused_users", "windows", "short_windows", "ratings")
+    }
     total["skipped_users"] = {r: sum(e["skipped_users"][r] for e in report.values()) for r in SKIP_REASONS}
     total["domains"] = len(report)
-    return {"domains": report, "total": total,
-            "spec": {"size": spec.size, "count": spec.count, "train_count": spec.train_count, "seed": spec.seed}}
+    return {
+        "domains": report,
+        "total": total,
+        "spec": {"size": spec.size, "count": spec.count, "train_count": spec.train_count, "seed": spec.seed},
+    }

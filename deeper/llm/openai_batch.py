@@ -57,7 +57,9 @@ class BatchRunner:
         self.client = llm.client
 
     def _fail(self, message: str) -> DeeperError:
-        return DeeperError(f"openai backend: {self.llm.base_url} model {self.llm.model}: {self.llm._redact(message)}")
+        return DeeperError(
+            f"openai backend: {self.llm.base_url} model {self.llm.model}: {self.llm._redact(message)}"
+        )
 
     def _call(self, fn, *args, **kwargs):
         """One Files or Batches API call with the backend's own retries for 429, 5xx and transport errors."""
@@ -82,11 +84,18 @@ class BatchRunner:
         results: list = [None] * len(bodies)
         todo = list(range(len(bodies)))
         for _round in range(self.llm.batch_max_rounds):
-            lines = [{"custom_id": str(i), "method": "POST", "url": ENDPOINT,
-                      "body": {"model": self.llm.model, **bodies[i]}} for i in todo]
+            lines = [
+                {
+                    "custom_id": str(i),
+                    "method": "POST",
+                    "url": ENDPOINT,
+                    "body": {"model": self.llm.model, **bodies[i]},
+                }
+                for i in todo
+            ]
             size = self.llm.batch_max_requests
             # every batch of the round is submitted before any is waited on: they run at OpenAI side by side
-            submitted = [self._submit(lines[k:k + size]) for k in range(0, len(lines), size)]
+            submitted = [self._submit(lines[k : k + size]) for k in range(0, len(lines), size)]
             finished = self._wait(submitted, len(lines), desc)
             answers, errors = {}, {}
             for (state_path, _batch, group), batch in zip(submitted, finished):
@@ -103,15 +112,22 @@ class BatchRunner:
                     errors.setdefault(str(i), f"malformed reply: {e}")
                     continue
                 usage = body.get("usage") or {}
-                self.llm.counters.add(calls=1, prompt_tokens=usage.get("prompt_tokens", 0) or 0,
-                                      completion_tokens=usage.get("completion_tokens", 0) or 0)
+                self.llm.counters.add(
+                    calls=1,
+                    prompt_tokens=usage.get("prompt_tokens", 0) or 0,
+                    completion_tokens=usage.get("completion_tokens", 0) or 0,
+                )
             todo = [i for i in todo if results[i] is None]
             if not todo:
                 break
             first = next((errors[str(i)] for i in todo if str(i) in errors), "no answer in the output file")
             self.llm.counters.add(retries=len(todo))
-            print(f"batch: {len(todo)} requests failed or did not run ({self.llm._redact(first)}); sending them "
-                  f"again", file=sys.stderr, flush=True)
+            print(
+                f"batch: {len(todo)} requests failed or did not run ({self.llm._redact(first)}); sending them "
+                f"again",
+                file=sys.stderr,
+                flush=True,
+            )
         return results
 
     # --- one batch -------------------------------------------------------------------------------------
@@ -126,20 +142,41 @@ class BatchRunner:
             try:
                 stored = json.loads(state_path.read_text(encoding="utf-8"))
                 batch = self._call(self.client.batches.retrieve, stored["batch_id"])
-                print(f"batch: resuming {batch.id} ({len(lines)} requests, {batch.status})", file=sys.stderr,
-                      flush=True)
+                print(
+                    f"batch: resuming {batch.id} ({len(lines)} requests, {batch.status})",
+                    file=sys.stderr,
+                    flush=True,
+                )
                 if batch.status not in ("failed", "cancelling"):  # refused or being cancelled: submit anew
                     return state_path, batch, lines
             except (ValueError, KeyError) as e:  # a damaged state file: the batch is submitted again
-                print(f"warning: {state_path}: unreadable ({e}); submitting the batch again", file=sys.stderr,
-                      flush=True)
-        uploaded = self._call(self.client.files.create, file=("requests.jsonl", jsonl.encode(), "application/jsonl"),
-                              purpose="batch")
-        batch = self._call(self.client.batches.create, input_file_id=uploaded.id, endpoint=ENDPOINT,
-                           completion_window="24h")
-        write_text(state_path, json.dumps({"batch_id": batch.id, "input_file_id": uploaded.id,
-                                           "requests": len(lines), "base_url": self.llm.base_url,
-                                           "model": self.llm.model}, indent=1) + "\n")
+                print(
+                    f"warning: {state_path}: unreadable ({e}); submitting the batch again",
+                    file=sys.stderr,
+                    flush=True,
+                )
+        uploaded = self._call(
+            self.client.files.create,
+            file=("requests.jsonl", jsonl.encode(), "application/jsonl"),
+            purpose="batch",
+        )
+        batch = self._call(
+            self.client.batches.create, input_file_id=uploaded.id, endpoint=ENDPOINT, completion_window="24h"
+        )
+        write_text(
+            state_path,
+            json.dumps(
+                {
+                    "batch_id": batch.id,
+                    "input_file_id": uploaded.id,
+                    "requests": len(lines),
+                    "base_url": self.llm.base_url,
+                    "model": self.llm.model,
+                },
+                indent=1,
+            )
+            + "\n",
+        )
         return state_path, batch, lines
 
     def _collect(self, state_path, batch, lines) -> tuple[dict[str, dict], dict[str, str]]:
@@ -174,8 +211,13 @@ class BatchRunner:
         batches = [batch for _path, batch, _lines in submitted]
         deadline = time.monotonic() + self.llm.batch_wait_s
         ids = ", ".join(b.id for b in batches)
-        with tqdm(total=total, desc=f"{desc} batch {ids}", unit="req", leave=False,
-                  disable=not self.llm.show_progress) as bar:
+        with tqdm(
+            total=total,
+            desc=f"{desc} batch {ids}",
+            unit="req",
+            leave=False,
+            disable=not self.llm.show_progress,
+        ) as bar:
             while True:
                 running = [b for b in batches if b.status not in DONE and b.status != "failed"]
                 done = sum(_finished_count(b, len(lines)) for b, (_p, _b, lines) in zip(batches, submitted))
@@ -184,15 +226,23 @@ class BatchRunner:
                     return batches
                 if time.monotonic() >= deadline:
                     status = ", ".join(sorted({b.status for b in running}))
-                    what = (f"batch {running[0].id}" if len(running) == 1
-                            else f"{len(running)} batches ({', '.join(b.id for b in running)})")
+                    what = (
+                        f"batch {running[0].id}"
+                        if len(running) == 1
+                        else f"{len(running)} batches ({', '.join(b.id for b in running)})"
+                    )
                     raise BatchPending(
                         f"openai backend: {what} of {total} requests is {status} ({done} done) after "
                         f"batch_wait_s={self.llm.batch_wait_s:g} s; run the stage again later (`dvc repro`): it "
-                        f"picks the batch up, nothing is sent or paid twice")
+                        f"picks the batch up, nothing is sent or paid twice"
+                    )
                 time.sleep(self.llm.batch_poll_s)
-                batches = [b if b.status in DONE or b.status == "failed"
-                           else self._call(self.client.batches.retrieve, b.id) for b in batches]
+                batches = [
+                    b
+                    if b.status in DONE or b.status == "failed"
+                    else self._call(self.client.batches.retrieve, b.id)
+                    for b in batches
+                ]
 
 
 def _finished_count(batch, lines: int) -> int:

@@ -109,6 +109,8 @@ def result_from_digit_logprobs(rows: Iterable[dict], digit_ids: list[list[int]])
 
     A digit's probability is the sum over its spellings (`digit_token_ids`); an id absent from a row counts 0.
     """
-    table = [[sum(math.exp(row[i]) for i in ids if i in row and math.isfinite(row[i])) for ids in digit_ids]
-             for row in rows]
+    table = [
+        [sum(math.exp(row[i]) for i in ids if i in row and math.isfinite(row[i])) for ids in digit_ids]
+        for row in rows
+    ]
     return _result(np.asarray(table, dtype=np.float64).reshape(-1, len(RATINGS)))

@@ -56,7 +56,9 @@ def persona_for(chat: Chat) -> str:
 class TastesLLM:
     backend = "tastes"
 
-    def __init__(self, name: str, adapter: str | None = None, where: str = "model", batch_size: int | None = 64):
+    def __init__(
+        self, name: str, adapter: str | None = None, where: str = "model", batch_size: int | None = 64
+    ):
         if adapter is not None:
             raise ConfigError(f"{where}.adapter", "the tastes backend has no weights, so no adapter")
         self.name = name

@@ -66,8 +66,11 @@ def score_naive(model, prompts: Sequence[Sequence[int]], pad_id: int, batch_size
         input_ids, mask = left_padded(chunk, pad_id)
         position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
         logits = model(
-            input_ids=input_ids.to(device), attention_mask=mask.to(device), position_ids=position_ids.to(device),
-            use_cache=False, logits_to_keep=1,
+            input_ids=input_ids.to(device),
+            attention_mask=mask.to(device),
+            position_ids=position_ids.to(device),
+            use_cache=False,
+            logits_to_keep=1,
         ).logits[:, -1]
         out.append(logits.float())
     return torch.cat(out)
@@ -103,7 +106,11 @@ class PrefixMemo:
 
 
 def score_prefix_reuse(
-    model, prompts: Sequence[Sequence[int]], pad_id: int, batch_size: int, method: str = "auto",
+    model,
+    prompts: Sequence[Sequence[int]],
+    pad_id: int,
+    batch_size: int,
+    method: str = "auto",
     memo: PrefixMemo | None = None,
 ):
     """Same result as `score_naive`, computing the shared token prefix once.
@@ -145,14 +152,19 @@ def _score_packed(model, cache, prefix_len: int, suffixes, pad_id: int):
     own_past = (segment[:, None] == segment[None, :]) & (offset[None, :] <= offset[:, None])
     allowed = torch.cat([torch.ones(total, prefix_len, dtype=torch.bool), own_past], dim=1)[None, None]
     if model.config._attn_implementation == "eager":  # eager attention adds the mask to the scores
-        allowed = torch.zeros(allowed.shape, dtype=model.dtype).masked_fill(~allowed, torch.finfo(model.dtype).min)
+        allowed = torch.zeros(allowed.shape, dtype=model.dtype).masked_fill(
+            ~allowed, torch.finfo(model.dtype).min
+        )
     input_ids = torch.tensor([[t for s in suffixes for t in s]])
     last = lengths.cumsum(0) - 1  # (n_items,): each suffix's last token in the packed sequence
     # logits_to_keep as a 1D tensor of positions (the documented form; transformers 5.19 indexes a 2D one
     # into an extra dimension)
     return model(
-        input_ids=input_ids.to(device), attention_mask=allowed.to(device),
-        position_ids=(prefix_len + offset)[None].to(device), past_key_values=cache, use_cache=True,
+        input_ids=input_ids.to(device),
+        attention_mask=allowed.to(device),
+        position_ids=(prefix_len + offset)[None].to(device),
+        past_key_values=cache,
+        use_cache=True,
         logits_to_keep=last.to(device),
     ).logits[0]
 
@@ -175,8 +187,12 @@ def _score_batched(model, cache, prefix_len: int, suffixes, pad_id: int):
     keep, which = torch.unique(last, sorted=True, return_inverse=True)
     cache.batch_repeat_interleave(rows)
     logits = model(
-        input_ids=input_ids.to(device), attention_mask=mask.to(device), position_ids=position_ids.to(device),
-        past_key_values=cache, use_cache=True, logits_to_keep=keep.to(device),
+        input_ids=input_ids.to(device),
+        attention_mask=mask.to(device),
+        position_ids=position_ids.to(device),
+        past_key_values=cache,
+        use_cache=True,
+        logits_to_keep=keep.to(device),
     ).logits
     return logits[torch.arange(rows), which.to(logits.device)]
 
@@ -209,7 +225,9 @@ class SeededSampler:
         uniform = torch.stack([torch.rand(scores.shape[-1], generator=g) for g in self.generators])
         kept = torch.isfinite(scores)
         noisy = torch.full_like(scores, float("-inf"))
-        noisy[kept] = scores[kept] - torch.log(-torch.log(uniform.to(scores.device)[kept].clamp(min=1e-20, max=1.0 - 1e-7)))
+        noisy[kept] = scores[kept] - torch.log(
+            -torch.log(uniform.to(scores.device)[kept].clamp(min=1e-20, max=1.0 - 1e-7))
+        )
         return noisy
 
 
@@ -217,8 +235,14 @@ class TransformersLLM(DigitTokens):
     backend = "transformers"
 
     def __init__(
-        self, name: str, adapter: str | None = None, batch_size: int = 16, device: str = "cpu",
-        dtype: str = "float32", revision: str | None = None, where: str = "model",
+        self,
+        name: str,
+        adapter: str | None = None,
+        batch_size: int = 16,
+        device: str = "cpu",
+        dtype: str = "float32",
+        revision: str | None = None,
+        where: str = "model",
     ):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -228,7 +252,9 @@ class TransformersLLM(DigitTokens):
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         source = resolve_model(name, revision, f"{where}.name")
-        self.fingerprint = combine(source.fingerprint, resolve_adapter(adapter, f"{where}.adapter"), dtype=dtype)
+        self.fingerprint = combine(
+            source.fingerprint, resolve_adapter(adapter, f"{where}.adapter"), dtype=dtype
+        )
         self.name, self.adapter, self.batch_size, self.device = name, adapter, int(batch_size), device
         self.counters = Counters()
         self.show_progress = True
@@ -279,23 +305,37 @@ class TransformersLLM(DigitTokens):
         texts: dict[tuple[int, int], Generation] = {}
         eos, not_text = torch.tensor(self.eos_ids), torch.tensor([self.pad_id, *self.eos_ids])
         batches = list(_batches(rows, self.batch_size))
-        for batch in tqdm(batches, desc="generate", unit="batch", leave=False, disable=not self.show_progress or len(batches) < 2):
+        for batch in tqdm(
+            batches,
+            desc="generate",
+            unit="batch",
+            leave=False,
+            disable=not self.show_progress or len(batches) < 2,
+        ):
             input_ids, mask = left_padded([prompts[c] for c, _ in batch], self.pad_id)
             width = input_ids.shape[1]
-            processors = [] if greedy else [
-                SeededSampler([sampling.seed + k for _, k in batch], sampling.temperature, sampling.top_p)
-            ]
+            processors = (
+                []
+                if greedy
+                else [
+                    SeededSampler([sampling.seed + k for _, k in batch], sampling.temperature, sampling.top_p)
+                ]
+            )
             with torch.inference_mode():
                 out = self.model.generate(
-                    input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device),
-                    generation_config=self._generation_config(sampling), logits_processor=processors,
+                    input_ids=input_ids.to(self.device),
+                    attention_mask=mask.to(self.device),
+                    generation_config=self._generation_config(sampling),
+                    logits_processor=processors,
                 )
             new = out[:, width:].cpu()
             for (c, k), tokens in zip(batch, new):
                 real = tokens[~torch.isin(tokens, not_text)]
                 # generate() ends a row at an end token (then pads) or at max_new_tokens: no end token = the limit
-                texts[(c, k)] = Generation(self.tokenizer.decode(tokens, skip_special_tokens=True),
-                                           stopped_at_limit=not bool(torch.isin(tokens, eos).any()))
+                texts[(c, k)] = Generation(
+                    self.tokenizer.decode(tokens, skip_special_tokens=True),
+                    stopped_at_limit=not bool(torch.isin(tokens, eos).any()),
+                )
                 self.counters.add(calls=1, prompt_tokens=len(prompts[c]), completion_tokens=len(real))
         return [[texts[(c, 0 if greedy else k)] for k in range(n)] for c in range(len(chats))]
 
@@ -303,8 +343,12 @@ class TransformersLLM(DigitTokens):
         from transformers import GenerationConfig
 
         return GenerationConfig(
-            do_sample=False, num_beams=1, max_new_tokens=sampling.max_new_tokens,
-            repetition_penalty=sampling.repetition_penalty, pad_token_id=self.pad_id, eos_token_id=self.eos_ids,
+            do_sample=False,
+            num_beams=1,
+            max_new_tokens=sampling.max_new_tokens,
+            repetition_penalty=sampling.repetition_penalty,
+            pad_token_id=self.pad_id,
+            eos_token_id=self.eos_ids,
         )
 
     def rating_logits(self, group: RatingGroup, prefix_reuse: bool | str = True):
@@ -330,7 +374,13 @@ class TransformersLLM(DigitTokens):
     def rating_probs(self, groups: list[RatingGroup], prefix_reuse: bool | str = True) -> list[RatingResult]:
         results = []
         total = sum(len(g.chats) for g in groups)
-        with tqdm(total=total, desc="rate", unit="item", leave=False, disable=not self.show_progress or len(groups) < 2) as bar:
+        with tqdm(
+            total=total,
+            desc="rate",
+            unit="item",
+            leave=False,
+            disable=not self.show_progress or len(groups) < 2,
+        ) as bar:
             for group in groups:
                 if not group.chats:
                     results.append(RatingResult(np.zeros((0, 5)), np.zeros(0), np.zeros(0, dtype=bool)))

@@ -48,7 +48,9 @@ def check_settings(settings: dict, where: str = "model") -> None:
         raise ConfigError(f"{where}.enable_lora", "is false, but an adapter is given")
     bind = settings.get("cpu_threads_bind")
     if bind is not None and (not isinstance(bind, str) or not bind.strip()):
-        raise ConfigError(f"{where}.cpu_threads_bind", f"must be a core list such as 0-1 or auto, got {bind!r}")
+        raise ConfigError(
+            f"{where}.cpu_threads_bind", f"must be a core list such as 0-1 or auto, got {bind!r}"
+        )
 
 
 def checkpoint_dtype(location: str) -> str:
@@ -58,7 +60,9 @@ def checkpoint_dtype(location: str) -> str:
         return ""
     data = json.loads(config.read_text())
     text = data.get("text_config", {}) if isinstance(data.get("text_config"), dict) else {}
-    return str(data.get("dtype") or data.get("torch_dtype") or text.get("dtype") or text.get("torch_dtype") or "")
+    return str(
+        data.get("dtype") or data.get("torch_dtype") or text.get("dtype") or text.get("torch_dtype") or ""
+    )
 
 
 def engine_dtype(dtype: str, location: str) -> str:
@@ -71,28 +75,52 @@ def engine_dtype(dtype: str, location: str) -> str:
 def sampling_params_kwargs(sampling: Sampling, index: int) -> dict:
     """SamplingParams arguments for sample `index` of a generate call."""
     return {
-        "n": 1, "seed": sampling.seed + index, "temperature": sampling.temperature, "top_p": sampling.top_p,
-        "repetition_penalty": sampling.repetition_penalty, "max_tokens": sampling.max_new_tokens,
+        "n": 1,
+        "seed": sampling.seed + index,
+        "temperature": sampling.temperature,
+        "top_p": sampling.top_p,
+        "repetition_penalty": sampling.repetition_penalty,
+        "max_tokens": sampling.max_new_tokens,
     }
 
 
 def rating_params_kwargs(digit_ids: list[list[int]]) -> dict:
     """SamplingParams arguments for a rating: one greedy token and the raw logprobs of every digit token."""
-    return {"n": 1, "temperature": 0.0, "max_tokens": 1, "logprob_token_ids": sorted({i for ids in digit_ids for i in ids})}
+    return {
+        "n": 1,
+        "temperature": 0.0,
+        "max_tokens": 1,
+        "logprob_token_ids": sorted({i for ids in digit_ids for i in ids}),
+    }
 
 
-def engine_kwargs(model: str, adapter: str | None, max_lora_rank: int = 16, gpu_memory_utilization: float = 0.85,
-                  dtype: str = "auto", max_model_len: int | None = None, revision: str | None = None,
-                  tensor_parallel_size: int = 1, data_parallel_size: int = 1, kv_cache_gib: int | None = None,
-                  block_size: int | None = None, enable_lora: bool | None = None,
-                  enable_chunked_prefill: bool | None = None, enforce_eager: bool = False,
-                  on_cpu: bool = False) -> dict:
+def engine_kwargs(
+    model: str,
+    adapter: str | None,
+    max_lora_rank: int = 16,
+    gpu_memory_utilization: float = 0.85,
+    dtype: str = "auto",
+    max_model_len: int | None = None,
+    revision: str | None = None,
+    tensor_parallel_size: int = 1,
+    data_parallel_size: int = 1,
+    kv_cache_gib: int | None = None,
+    block_size: int | None = None,
+    enable_lora: bool | None = None,
+    enable_chunked_prefill: bool | None = None,
+    enforce_eager: bool = False,
+    on_cpu: bool = False,
+) -> dict:
     """vllm.LLM arguments. Prefix caching always (the persona prefix repeats); LoRA with an adapter or when
     `enable_lora` asks for it; on a CPU chunked prefill is off unless asked for (seeded requests crash it)."""
     lora = bool(adapter) if enable_lora is None else enable_lora
     kwargs = {
-        "model": model, "enable_prefix_caching": True, "enable_lora": lora, "dtype": engine_dtype(dtype, model),
-        "tensor_parallel_size": tensor_parallel_size, "data_parallel_size": data_parallel_size,
+        "model": model,
+        "enable_prefix_caching": True,
+        "enable_lora": lora,
+        "dtype": engine_dtype(dtype, model),
+        "tensor_parallel_size": tensor_parallel_size,
+        "data_parallel_size": data_parallel_size,
         "gpu_memory_utilization": gpu_memory_utilization,
     }
     if lora:
@@ -140,11 +168,23 @@ class VLLMLLM(DigitTokens):
     check_settings = staticmethod(check_settings)  # check_spec runs it on a params block before loading
 
     def __init__(
-        self, name: str, adapter: str | None = None, max_lora_rank: int = 16, gpu_memory_utilization: float = 0.85,
-        dtype: str = "auto", max_model_len: int | None = None, revision: str | None = None,
-        batch_size: int = 256, tensor_parallel_size: int = 1, data_parallel_size: int = 1,
-        kv_cache_gib: int | None = None, cpu_threads_bind: str | None = None, block_size: int | None = None,
-        enable_lora: bool | None = None, enable_chunked_prefill: bool | None = None, enforce_eager: bool = False,
+        self,
+        name: str,
+        adapter: str | None = None,
+        max_lora_rank: int = 16,
+        gpu_memory_utilization: float = 0.85,
+        dtype: str = "auto",
+        max_model_len: int | None = None,
+        revision: str | None = None,
+        batch_size: int = 256,
+        tensor_parallel_size: int = 1,
+        data_parallel_size: int = 1,
+        kv_cache_gib: int | None = None,
+        cpu_threads_bind: str | None = None,
+        block_size: int | None = None,
+        enable_lora: bool | None = None,
+        enable_chunked_prefill: bool | None = None,
+        enforce_eager: bool = False,
         where: str = "model",
     ):
         check_settings(dict(locals()), where)
@@ -160,12 +200,26 @@ class VLLMLLM(DigitTokens):
 
         source = resolve_model(name, revision, f"{where}.name")
         if source.gguf_file:
-            raise ConfigError(f"{where}.name", "the vllm backend takes an HF folder or hub id, not a GGUF file")
+            raise ConfigError(
+                f"{where}.name", "the vllm backend takes an HF folder or hub id, not a GGUF file"
+            )
         on_cpu = current_platform.is_cpu()
         kwargs = engine_kwargs(
-            source.location, adapter, max_lora_rank, gpu_memory_utilization, dtype, max_model_len,
-            source.revision, tensor_parallel_size, data_parallel_size, kv_cache_gib, block_size, enable_lora,
-            enable_chunked_prefill, enforce_eager, on_cpu,
+            source.location,
+            adapter,
+            max_lora_rank,
+            gpu_memory_utilization,
+            dtype,
+            max_model_len,
+            source.revision,
+            tensor_parallel_size,
+            data_parallel_size,
+            kv_cache_gib,
+            block_size,
+            enable_lora,
+            enable_chunked_prefill,
+            enforce_eager,
+            on_cpu,
         )
         # The engine's dtype (not the param) goes into the fingerprint: `auto` may mean float32 or bfloat16.
         self.fingerprint = combine(
@@ -188,7 +242,8 @@ class VLLMLLM(DigitTokens):
     def _run(self, prompts: list[dict], params: list) -> list:
         outputs = self.engine.generate(prompts, params, lora_request=self.lora, use_tqdm=self.show_progress)
         self.counters.add(
-            calls=len(outputs), prompt_tokens=sum(len(p["prompt_token_ids"]) for p in prompts),
+            calls=len(outputs),
+            prompt_tokens=sum(len(p["prompt_token_ids"]) for p in prompts),
             completion_tokens=sum(len(o.outputs[0].token_ids) for o in outputs),
         )
         return outputs
@@ -198,10 +253,13 @@ class VLLMLLM(DigitTokens):
         greedy = sampling.temperature == 0  # every sample is the same text: one request per chat
         jobs = [(c, k) for c in range(len(chats)) for k in range(1 if greedy else n)]
         outputs = self._run(
-            [prompts[c] for c, _ in jobs], [self._params(**sampling_params_kwargs(sampling, k)) for _, k in jobs]
+            [prompts[c] for c, _ in jobs],
+            [self._params(**sampling_params_kwargs(sampling, k)) for _, k in jobs],
         )
-        texts = {job: Generation(o.outputs[0].text, stopped_at_limit=o.outputs[0].finish_reason == "length")
-                 for job, o in zip(jobs, outputs)}
+        texts = {
+            job: Generation(o.outputs[0].text, stopped_at_limit=o.outputs[0].finish_reason == "length")
+            for job, o in zip(jobs, outputs)
+        }
         return [[texts[(c, 0 if greedy else k)] for k in range(n)] for c in range(len(chats))]
 
     def rating_probs(self, groups: list[RatingGroup]) -> list[RatingResult]:

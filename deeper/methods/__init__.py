@@ -33,7 +33,11 @@ NO_ADAPTER = "models/embedded"  # `weights` of a method that runs on the bare mo
 METHOD_KEYS = ("update", "model", "weights")
 # `update` names of params evaluate.methods -> the class that writes the updates
 UPDATES: dict[str, type[UpdateMethod]] = {
-    "refine": Refine, "incupdate": IncUpdate, "hiermerge": HierMerge, "fullregen": FullRegen, "slideregen": SlideRegen,
+    "refine": Refine,
+    "incupdate": IncUpdate,
+    "hiermerge": HierMerge,
+    "fullregen": FullRegen,
+    "slideregen": SlideRegen,
 }
 
 
@@ -86,15 +90,19 @@ def trained_update_from_params(params: dict) -> type[UpdateMethod]:
     if update not in UPDATES:
         raise ConfigError("refiner.update", f"{update!r} is not one of {', '.join(UPDATES)}")
     if UPDATES[update] is HierMerge:
-        raise ConfigError("refiner.update", "hiermerge makes two calls per update; the RL pipeline trains one")
+        raise ConfigError(
+            "refiner.update", "hiermerge makes two calls per update; the RL pipeline trains one"
+        )
     return UPDATES[update]
 
 
 def methods_from_params(methods, key: str = "evaluate.methods") -> dict[str, MethodSpec]:
     """params evaluate.methods (in order) -> {name: MethodSpec}."""
     if not isinstance(methods, dict) or not methods:
-        raise ConfigError(key, f"must be a non-empty mapping of method name -> {{{', '.join(METHOD_KEYS)}}}, "
-                               f"got {methods!r}")
+        raise ConfigError(
+            key,
+            f"must be a non-empty mapping of method name -> {{{', '.join(METHOD_KEYS)}}}, got {methods!r}",
+        )
     return {name: method_spec(name, entry, key) for name, entry in methods.items()}
 
 

@@ -22,8 +22,12 @@ class HierMerge(UpdateMethod):
         return self.prompts.render("hiermerge_short", item_type=item.item_type, ratings=item.current.pairs())
 
     def merge_chat(self, item: UpdateInput, short_term_persona: str) -> Chat:
-        return self.prompts.render("hiermerge_merge", item_type=item.item_type, long_term_persona=item.persona,
-                                   short_term_persona=short_term_persona)
+        return self.prompts.render(
+            "hiermerge_merge",
+            item_type=item.item_type,
+            long_term_persona=item.persona,
+            short_term_persona=short_term_persona,
+        )
 
     def planned_chats(self, item: UpdateInput) -> list[Chat]:
         return [self.short_chat(item), self.merge_chat(item, item.persona)]
@@ -34,7 +38,9 @@ class HierMerge(UpdateMethod):
         mergeable = [
             i for i, text in enumerate(short) if degenerate_reason(text, min_words=0) not in FAILED_REASONS
         ]
-        merged = dict(zip(mergeable, self._generate([self.merge_chat(inputs[i], short[i]) for i in mergeable])))
+        merged = dict(
+            zip(mergeable, self._generate([self.merge_chat(inputs[i], short[i]) for i in mergeable]))
+        )
         results = []
         for i, item in enumerate(inputs):
             if i not in merged:

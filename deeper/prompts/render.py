@@ -68,6 +68,7 @@ _MARKER_OPEN, _MARKER_BROKEN = "<|", "< |"
 
 # ---------------------------------------------------------------- value formatting (one place for all prompts)
 
+
 def _clean(text: str, keep_lines: bool) -> str:
     """Drop byte-order marks; control characters become spaces (or line breaks, where lines are kept)."""
     out = []
@@ -153,6 +154,7 @@ def format_value(name: str, value) -> str:
 
 # ---------------------------------------------------------------- templates
 
+
 @dataclass(frozen=True)
 class Template:
     name: str
@@ -177,7 +179,9 @@ def parse_template(name: str, path: Path) -> Template:
     """Read and check one template file; every problem is a ConfigError naming the file."""
     where = str(path)
     if name not in PLACEHOLDERS:
-        raise ConfigError("(template)", f"unknown template name {name!r}; known: {sorted(PLACEHOLDERS)}", where)
+        raise ConfigError(
+            "(template)", f"unknown template name {name!r}; known: {sorted(PLACEHOLDERS)}", where
+        )
     try:
         raw = path.read_text(encoding="utf-8-sig")
     except FileNotFoundError:
@@ -192,7 +196,9 @@ def parse_template(name: str, path: Path) -> Template:
         if marker:
             current = marker.group(1)
             if current not in SECTIONS:
-                raise ConfigError(f"line {lineno}", f"unknown section {current!r}; known: {list(SECTIONS)}", where)
+                raise ConfigError(
+                    f"line {lineno}", f"unknown section {current!r}; known: {list(SECTIONS)}", where
+                )
             if current in sections:
                 raise ConfigError(f"line {lineno}", f"section {current!r} appears twice", where)
             sections[current] = []
@@ -222,17 +228,23 @@ def parse_template(name: str, path: Path) -> Template:
         for found in _PLACEHOLDER_RE.findall(text):
             if found not in PLACEHOLDERS[name]:
                 raise ConfigError(
-                    f"{{{{{found}}}}}", f"unknown placeholder in {role}; {name} knows {sorted(PLACEHOLDERS[name])}", where
+                    f"{{{{{found}}}}}",
+                    f"unknown placeholder in {role}; {name} knows {sorted(PLACEHOLDERS[name])}",
+                    where,
                 )
             used.add(found)
         leftover = _PLACEHOLDER_RE.sub("", text)
         if "{{" in leftover or "}}" in leftover:
             bad = re.search(r"\{\{[^\n]{0,30}|[^\n]{0,30}\}\}", leftover).group(0)
-            raise ConfigError(role, f"malformed placeholder near {bad!r}; write {{{{name}}}} in lower case", where)
+            raise ConfigError(
+                role, f"malformed placeholder near {bad!r}; write {{{{name}}}} in lower case", where
+            )
     missing = PLACEHOLDERS[name] - used - OPTIONAL.get(name, frozenset())
     if missing:
         raise ConfigError(
-            ", ".join(f"{{{{{m}}}}}" for m in sorted(missing)), f"placeholder missing from template {name}", where
+            ", ".join(f"{{{{{m}}}}}" for m in sorted(missing)),
+            f"placeholder missing from template {name}",
+            where,
         )
     ordered = {role: texts[role] for role in ("system", "user") if role in texts}
     return Template(name=name, path=path, sections=ordered, prefill=prefill)

@@ -35,10 +35,19 @@ def read(src: Source, sink) -> None:
         elif obj.get("reviewTime") is not None:
             ts = review_time.parse(obj["reviewTime"], row)
         else:
-            what = "field 'unixReviewTime' is null" if "unixReviewTime" in obj else "missing field 'unixReviewTime'"
+            what = (
+                "field 'unixReviewTime' is null"
+                if "unixReviewTime" in obj
+                else "missing field 'unixReviewTime'"
+            )
             raise InputError(path, f"{what} (and no 'reviewTime')", row)
-        sink.rating(src.domain, id_text(field(obj, "reviewerID", path, row), "reviewerID", path, row), asin,
-                    STARS_1_5.parse(field(obj, "overall", path, row), path, row), ts)
+        sink.rating(
+            src.domain,
+            id_text(field(obj, "reviewerID", path, row), "reviewerID", path, row),
+            asin,
+            STARS_1_5.parse(field(obj, "overall", path, row), path, row),
+            ts,
+        )
         rated.add(asin)
     if src.meta is not None:
         for row, obj in iter_json_objects(src.meta):

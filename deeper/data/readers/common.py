@@ -35,8 +35,8 @@ class Source:
 
     format: str
     path: Path
-    meta: Path | None = None      # titles file, where the format has one; None: titles from ids
-    domain: str | None = None     # None only for formats that name their domains (deeper_windows)
+    meta: Path | None = None  # titles file, where the format has one; None: titles from ids
+    domain: str | None = None  # None only for formats that name their domains (deeper_windows)
     item_type: str | None = None
     # deeper_windows: folder name -> domain name (a folder not listed keeps its name); a tuple of pairs so the
     # Source stays hashable
@@ -70,8 +70,14 @@ def iter_lines(path: Path, encoding: str = "utf-8", desc: str | None = None) -> 
         f = opener(path, "rb")
     except OSError as e:
         raise InputError(path, f"cannot open: {e.strerror or e}") from None
-    bar = tqdm(total=path.stat().st_size, unit="B", unit_scale=True, desc=desc or path.name,
-               disable=None, leave=False)
+    bar = tqdm(
+        total=path.stat().st_size,
+        unit="B",
+        unit_scale=True,
+        desc=desc or path.name,
+        disable=None,
+        leave=False,
+    )
     number, pending = 0, 0
     try:
         with f:
@@ -79,8 +85,9 @@ def iter_lines(path: Path, encoding: str = "utf-8", desc: str | None = None) -> 
                 try:
                     line = raw.decode(encoding)
                 except UnicodeDecodeError as e:
-                    raise InputError(path, f"not valid {encoding} text (byte {e.start + 1} of the line)", number) \
-                        from None
+                    raise InputError(
+                        path, f"not valid {encoding} text (byte {e.start + 1} of the line)", number
+                    ) from None
                 if number == 1 and line.startswith("\ufeff"):
                     line = line[1:]
                 pending += len(raw)
@@ -103,19 +110,33 @@ class CsvRows:
     the row number is the line where the record starts (a quoted field may span lines).
     """
 
-    def __init__(self, path: Path, required: tuple[str, ...], delimiter: str = ",",
-                 encoding: str = "utf-8", fieldnames: tuple[str, ...] | None = None, quoting: bool = True,
-                 extra_ok: bool = False):
+    def __init__(
+        self,
+        path: Path,
+        required: tuple[str, ...],
+        delimiter: str = ",",
+        encoding: str = "utf-8",
+        fieldnames: tuple[str, ...] | None = None,
+        quoting: bool = True,
+        extra_ok: bool = False,
+    ):
         self.path, self.required, self.fieldnames, self.extra_ok = path, required, fieldnames, extra_ok
         self._lines = iter_lines(path, encoding)
         self._line_no = 0
-        self._reader = csv.reader(self._text(), delimiter=delimiter, strict=True,
-                                  quoting=csv.QUOTE_MINIMAL if quoting else csv.QUOTE_NONE)
+        self._reader = csv.reader(
+            self._text(),
+            delimiter=delimiter,
+            strict=True,
+            quoting=csv.QUOTE_MINIMAL if quoting else csv.QUOTE_NONE,
+        )
         self.columns: list[str] = list(fieldnames) if fieldnames else self._header()
         missing = [c for c in required if c not in self.columns]
         if missing:
-            raise InputError(path, f"missing column(s) {', '.join(missing)}; found: {', '.join(self.columns)}",
-                             None if fieldnames else 1)
+            raise InputError(
+                path,
+                f"missing column(s) {', '.join(missing)}; found: {', '.join(self.columns)}",
+                None if fieldnames else 1,
+            )
 
     def _text(self):
         for number, line in self._lines:
@@ -151,8 +172,9 @@ class CsvRows:
             yield row, dict(zip(self.columns, fields))
 
 
-def iter_json_objects(path: Path, literal_ok: bool = True, desc: str | None = None) \
-        -> Iterator[tuple[int, dict]]:
+def iter_json_objects(
+    path: Path, literal_ok: bool = True, desc: str | None = None
+) -> Iterator[tuple[int, dict]]:
     """(line number, object) of a JSON-lines file. Some Amazon 2014 dumps hold Python dict literals
     instead of JSON: those are read with `ast.literal_eval` (never `eval`)."""
     any_object = False
@@ -168,8 +190,9 @@ def iter_json_objects(path: Path, literal_ok: bool = True, desc: str | None = No
             try:
                 obj = ast.literal_eval(text)
             except (ValueError, SyntaxError, MemoryError, RecursionError, TypeError):
-                raise InputError(path, f"neither JSON nor a Python dict literal: {e.msg} (column {e.colno})",
-                                 number) from None
+                raise InputError(
+                    path, f"neither JSON nor a Python dict literal: {e.msg} (column {e.colno})", number
+                ) from None
         if not isinstance(obj, dict):
             raise InputError(path, f"expected an object per line, found {type(obj).__name__}", number)
         any_object = True
@@ -227,8 +250,9 @@ class RatingScale:
             number = float(value)
         except ValueError:
             text = value.strip()
-            raise InputError(path, f"rating {text!r} is not a number" if text else "rating is empty", row) \
-                from None
+            raise InputError(
+                path, f"rating {text!r} is not a number" if text else "rating is empty", row
+            ) from None
         if not math.isfinite(number):
             raise InputError(path, f"rating {value!r} is not a finite number", row)
         if number == self.unrated:
@@ -253,13 +277,13 @@ UNIT_LIMIT = 10**11
 
 _NUMBER = re.compile(r"^[+-]?\d+(\.\d*)?$")
 _DATE_FORMATS = (  # the spellings the sources and their re-saved copies use, with what each encodes
-    ("%Y-%m-%d", DATE),              # Food.com, ISO
-    ("%Y/%m/%d", DATE),              # Food.com copies: 2017/8/18
-    ("%m/%d/%Y", DATE),              # Food.com copies re-saved by US spreadsheets: 8/18/2017 (month first)
-    ("%m %d, %Y", DATE),             # Amazon reviewTime "09 1, 2016"
+    ("%Y-%m-%d", DATE),  # Food.com, ISO
+    ("%Y/%m/%d", DATE),  # Food.com copies: 2017/8/18
+    ("%m/%d/%Y", DATE),  # Food.com copies re-saved by US spreadsheets: 8/18/2017 (month first)
+    ("%m %d, %Y", DATE),  # Amazon reviewTime "09 1, 2016"
     ("%Y-%m-%d %H:%M:%S", DATETIME),
     ("%Y/%m/%d %H:%M:%S", DATETIME),
-    ("%m/%d/%Y %H:%M", DATETIME),    # spreadsheets write minutes only
+    ("%m/%d/%Y %H:%M", DATETIME),  # spreadsheets write minutes only
     ("%m/%d/%Y %H:%M:%S", DATETIME),
 )
 KNOWN_SPELLINGS = "YYYY-MM-DD, YYYY/M/D, M/D/YYYY, 'MM DD, YYYY', ISO 8601"
@@ -305,19 +329,26 @@ class TimeColumn:
         if self.kind is None:
             self.kind, self.first_row = kind, row
         elif kind != self.kind:
-            raise InputError(self.path, f"{self.name} {shown!r} is a {kind}, but row {self.first_row} of this "
-                                        f"column is a {self.kind}: one column must keep one time encoding", row)
+            raise InputError(
+                self.path,
+                f"{self.name} {shown!r} is a {kind}, but row {self.first_row} of this "
+                f"column is a {self.kind}: one column must keep one time encoding",
+                row,
+            )
 
     def _unix(self, number: int, row: int) -> int:
         if self.kind is not UNIX:
             self._encoding(UNIX, number, row)
         if self.unit == "ms":
             if number < UNIT_LIMIT:
-                raise InputError(self.path, f"{self.name} {number} is too small for unix milliseconds "
-                                            "(seconds?)", row)
+                raise InputError(
+                    self.path, f"{self.name} {number} is too small for unix milliseconds (seconds?)", row
+                )
             return number // 1000
         if number >= UNIT_LIMIT:
-            raise InputError(self.path, f"{self.name} {number} is too large for unix seconds (milliseconds?)", row)
+            raise InputError(
+                self.path, f"{self.name} {number} is too large for unix seconds (milliseconds?)", row
+            )
         return number
 
     def _seconds(self, parsed: datetime, kind: str, row: int, shown=None) -> int:
@@ -347,10 +378,16 @@ class TimeColumn:
         else:
             return self._seconds(parsed, DATETIME if "T" in text or ":" in text else DATE, row, text)
         if (m := _DAY_FIRST.match(text)) and int(m.group(1)) > 12 >= int(m.group(2)):
-            raise InputError(self.path, f"{self.name} {text!r} puts the day first; slashed dates are read "
-                                        "month first (M/D/YYYY)", row)
-        raise InputError(self.path, f"{self.name} {text!r} is neither unix time nor a known date format "
-                                    f"({KNOWN_SPELLINGS})", row)
+            raise InputError(
+                self.path,
+                f"{self.name} {text!r} puts the day first; slashed dates are read month first (M/D/YYYY)",
+                row,
+            )
+        raise InputError(
+            self.path,
+            f"{self.name} {text!r} is neither unix time nor a known date format ({KNOWN_SPELLINGS})",
+            row,
+        )
 
 
 # --- titles -----------------------------------------------------------------------------------------------
@@ -358,8 +395,9 @@ class TimeColumn:
 # Scraped titles carry HTML: entities (&amp; &quot; &#39; &eacute;, sometimes escaped twice), stray tags and
 # the end of an attribute (`Evolution" />` in the DEEPER authors' Amazon windows). A prompt gets the text.
 _ENTITY = re.compile(r"&(?:#\d+|#[xX][0-9a-fA-F]+|[A-Za-z][A-Za-z0-9]*);")  # only with the `;`: "AT&T" stays
-_TAG = re.compile(r"</?(?:a|b|br|div|em|font|h\d|i|img|li|p|small|span|strong|sub|sup|td|tr|u|ul)\b[^<>]*>",
-                  re.IGNORECASE)
+_TAG = re.compile(
+    r"</?(?:a|b|br|div|em|font|h\d|i|img|li|p|small|span|strong|sub|sup|td|tr|u|ul)\b[^<>]*>", re.IGNORECASE
+)
 _ATTRIBUTE_END = re.compile(r"\s*[\"']?\s*/>\s*$")
 _SPACES = re.compile(r"\s+")
 _NEEDS_CLEANING = re.compile(r"[&<>]|\s\s|^\s|\s$|[^\S ]")  # the fast path: most titles are clean

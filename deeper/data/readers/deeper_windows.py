@@ -63,8 +63,8 @@ def item_id_from_title(title: str) -> str:
 @dataclass
 class Window:
     titles: list[str]
-    ratings: list[float | None]   # None: unrated (0)
-    dropped: int = 0              # > 0: title and rating lists differ in length; the window is dropped
+    ratings: list[float | None]  # None: unrated (0)
+    dropped: int = 0  # > 0: title and rating lists differ in length; the window is dropped
 
 
 @dataclass
@@ -102,7 +102,11 @@ def read(src: Source, sink) -> None:
     folders = sorted(p for p in root.iterdir() if (p / "split_data").is_dir())
     if not folders:
         looked_for = " or ".join(f"<domain>/split_data/{name}" for name, _ in SPLIT_FILES)
-        hint = "; this is a domain folder itself: give its parent as path" if (root / "split_data").is_dir() else ""
+        hint = (
+            "; this is a domain folder itself: give its parent as path"
+            if (root / "split_data").is_dir()
+            else ""
+        )
         raise InputError(root, f"no domain folder: looked for {looked_for} under it{hint}")
     names = dict(src.domains)
     for folder in folders:
@@ -111,12 +115,17 @@ def read(src: Source, sink) -> None:
 
 def read_domain(folder: Path, source_format: str, sink, domain: str | None = None) -> None:
     domain, users, item_type = domain or folder.name, {}, None
-    csv_files = [(folder / "split_data" / name, split) for name, split in SPLIT_FILES
-                 if (folder / "split_data" / name).exists()]
+    csv_files = [
+        (folder / "split_data" / name, split)
+        for name, split in SPLIT_FILES
+        if (folder / "split_data" / name).exists()
+    ]
     if not csv_files and (folder / "split_data" / FULL_FILE).exists():
         csv_files = [(folder / "split_data" / FULL_FILE, None)]
     if not csv_files:
-        raise InputError(folder / "split_data", f"has neither train_dataset.csv nor test_dataset.csv nor {FULL_FILE}")
+        raise InputError(
+            folder / "split_data", f"has neither train_dataset.csv nor test_dataset.csv nor {FULL_FILE}"
+        )
     duplicates = 0
     for path, file_split in csv_files:
         rows = CsvRows(path, ("id", "item_type", "windows_0") + (("split",) if file_split is None else ()))
@@ -126,7 +135,9 @@ def read_domain(folder: Path, source_format: str, sink, domain: str | None = Non
             if split is None:
                 split = ROW_SPLITS.get(rec["split"].strip())
                 if split is None:
-                    raise InputError(path, f"split {rec['split']!r} is not one of {', '.join(ROW_SPLITS)}", row)
+                    raise InputError(
+                        path, f"split {rec['split']!r} is not one of {', '.join(ROW_SPLITS)}", row
+                    )
             user_id = id_text(rec["id"], "id", path, row)
             row_type = rec["item_type"].strip()
             if not row_type:
@@ -134,8 +145,12 @@ def read_domain(folder: Path, source_format: str, sink, domain: str | None = Non
             if item_type is None:
                 item_type = row_type
             elif row_type != item_type:
-                raise InputError(path, f"item_type {row_type!r} differs from {item_type!r} of earlier rows", row)
-            windows = {k: w for k, column in columns if (w := _cell(rec[column], path, row, column)) is not None}
+                raise InputError(
+                    path, f"item_type {row_type!r} differs from {item_type!r} of earlier rows", row
+                )
+            windows = {
+                k: w for k, column in columns if (w := _cell(rec[column], path, row, column)) is not None
+            }
             if user_id in users:  # the same user twice: keep the first row
                 duplicates += sum(len(w.ratings) + w.dropped for w in windows.values())
                 continue

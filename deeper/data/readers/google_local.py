@@ -27,13 +27,17 @@ def read(src: Source, sink) -> None:
     rated: set[str] = set()
     for row, obj in iter_json_objects(path):
         place = id_text(field(obj, "gmap_id", path, row), "gmap_id", path, row)
-        sink.rating(src.domain, id_text(field(obj, "user_id", path, row), "user_id", path, row), place,
-                    STARS_1_5.parse(field(obj, "rating", path, row), path, row),
-                    time.parse(field(obj, "time", path, row), row))
+        sink.rating(
+            src.domain,
+            id_text(field(obj, "user_id", path, row), "user_id", path, row),
+            place,
+            STARS_1_5.parse(field(obj, "rating", path, row), path, row),
+            time.parse(field(obj, "time", path, row), row),
+        )
         rated.add(place)
     if src.meta is not None:
         for row, obj in iter_json_objects(src.meta):
             place = obj.get("gmap_id")
             if isinstance(place, str) and place in rated:
                 sink.title(src.domain, place, obj.get("address"))  # the first usable title wins:
-                sink.title(src.domain, place, obj.get("name"))     # the name only where the address is none
+                sink.title(src.domain, place, obj.get("name"))  # the name only where the address is none

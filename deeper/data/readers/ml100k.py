@@ -23,12 +23,23 @@ def read(src: Source, sink) -> None:
     folder = require_dir(src.path)
     sink.add_domain(src.domain, src.item_type, src.format, str(folder), item_file=True)
     items = folder / "u.item"
-    for row, rec in CsvRows(items, ITEM_FIELDS, delimiter="|", encoding="latin-1", fieldnames=ITEM_FIELDS,
-                            quoting=False, extra_ok=True):
+    for row, rec in CsvRows(
+        items,
+        ITEM_FIELDS,
+        delimiter="|",
+        encoding="latin-1",
+        fieldnames=ITEM_FIELDS,
+        quoting=False,
+        extra_ok=True,
+    ):
         sink.title(src.domain, id_text(rec["item_id"], "item id", items, row), rec["title"])
     data = folder / "u.data"
     timestamp = TimeColumn(data, "timestamp")
     for row, rec in CsvRows(data, DATA_FIELDS, delimiter="\t", fieldnames=DATA_FIELDS, quoting=False):
-        sink.rating(src.domain, id_text(rec["user_id"], "user id", data, row),
-                    id_text(rec["item_id"], "item id", data, row),
-                    STARS_1_5.parse(rec["rating"], data, row), timestamp.parse(rec["timestamp"], row))
+        sink.rating(
+            src.domain,
+            id_text(rec["user_id"], "user id", data, row),
+            id_text(rec["item_id"], "item id", data, row),
+            STARS_1_5.parse(rec["rating"], data, row),
+            timestamp.parse(rec["timestamp"], row),
+        )

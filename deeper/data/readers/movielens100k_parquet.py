@@ -53,5 +53,10 @@ def read(src: Source, sink) -> None:
     timestamp = TimeColumn(data_path, "timestamp")
     columns = zip(data["user_id"], data["movie_id"], data["rating"], data["timestamp"])
     for row, (user, movie, rating, ts) in enumerate(columns, 1):
-        sink.rating(src.domain, id_text(user, "user_id", data_path, row), id_text(movie, "movie_id", data_path, row),
-                    STARS_1_5.parse(rating, data_path, row), timestamp.parse(ts, row))
+        sink.rating(
+            src.domain,
+            id_text(user, "user_id", data_path, row),
+            id_text(movie, "movie_id", data_path, row),
+            STARS_1_5.parse(rating, data_path, row),
+            timestamp.parse(ts, row),
+        )

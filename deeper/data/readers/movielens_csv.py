@@ -24,6 +24,10 @@ def read(src: Source, sink) -> None:
     ratings = folder / "ratings.csv"
     timestamp = TimeColumn(ratings, "timestamp")
     for row, rec in CsvRows(ratings, ("userId", "movieId", "rating", "timestamp")):
-        sink.rating(src.domain, id_text(rec["userId"], "userId", ratings, row),
-                    id_text(rec["movieId"], "movieId", ratings, row),
-                    HALF_STARS.parse(rec["rating"], ratings, row), timestamp.parse(rec["timestamp"], row))
+        sink.rating(
+            src.domain,
+            id_text(rec["userId"], "userId", ratings, row),
+            id_text(rec["movieId"], "movieId", ratings, row),
+            HALF_STARS.parse(rec["rating"], ratings, row),
+            timestamp.parse(rec["timestamp"], row),
+        )

@@ -15,9 +15,9 @@ from deeper.data.readers.movielens100k_parquet import ITEMS, read_columns
 from deeper.diagnostic import GENRES, synthetic_users, with_genres
 from deeper.errors import InputError
 
-USERS = 400        # enough for 120 train and 40 evaluation users of the learning check, and more
-RATINGS = 60       # six windows of 10
-NOISE = 0.5        # standard deviation of a rating's noise, in stars
+USERS = 400  # enough for 120 train and 40 evaluation users of the learning check, and more
+RATINGS = 60  # six windows of 10
+NOISE = 0.5  # standard deviation of a rating's noise, in stars
 SEED = 0
 
 
