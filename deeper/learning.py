@@ -10,7 +10,8 @@ base model alone:
   share of pairs with a margin > 0.
 Intervals: a bootstrap over contexts (a context's pairs share a prompt, so they are resampled together).
 
-Also the diagnostic world's synthetic users (deeper/diagnostic.py) as the pipeline's users: `world_users`.
+Also the diagnostic world's synthetic users (deeper/diagnostic.py) as the pipeline's users: `world_users`; and
+why an iteration made the pairs it made: `pair_yield`.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from deeper.bootstrap import BootstrapSettings, percentile_interval
 from deeper.diagnostic import Tastes, synthetic_users
 from deeper.iteration import UserWindows
 from deeper.methods.base import Window
+from deeper.reward import NEW_COLUMNS, OLD_COLUMNS, is_negative, is_positive
 
 
 def completion_logps(llm, pairs: pd.DataFrame) -> np.ndarray:
@@ -141,3 +143,27 @@ def first_update_contrasts(
     contrasts = {f"{label} - {labels[0]}": (label, labels[0]) for label in labels[1:]}
     out = paired_means(values, wide.index.get_level_values("domain").to_numpy(), bootstrap, contrasts)
     return {**out, "users": len(wide)}
+
+
+def pair_yield(rewards: pd.DataFrame, tau_pos: float, tau_neg: float, delta: float) -> dict:
+    """Why an iteration made the pairs it made: per context, the spread of its candidates' rewards (a pair needs
+    a candidate above tau_pos and one below tau_neg, delta apart, in one context), and how the candidates'
+    errors compare with the old persona's. `rewards`: a reward stage's table (context_id, r, old_eps_*,
+    new_eps_*)."""
+    scored = rewards[rewards["r"].notna()]
+    by_context = scored.groupby("context_id")["r"]
+    spread = by_context.max() - by_context.min()
+    has_pos = by_context.apply(lambda r: bool(is_positive(r, tau_pos).any()))
+    has_neg = by_context.apply(lambda r: bool(is_negative(r, tau_neg).any()))
+    return {
+        "candidates": len(scored),
+        "contexts": len(spread),
+        "better_than_old": int((scored["r"] > 0).sum()),
+        "positives": int(is_positive(scored["r"], tau_pos).sum()),
+        "negatives": int(is_negative(scored["r"], tau_neg).sum()),
+        "contexts_with_positive_and_negative": int((has_pos & has_neg).sum()),
+        "contexts_spread_at_least_delta": int((spread >= delta).sum()),
+        "contexts_all_equal": int((spread <= 1e-9).sum()),
+        "old_eps_mean": float(scored[list(OLD_COLUMNS)].to_numpy().mean()),
+        "new_eps_mean": float(scored[list(NEW_COLUMNS)].to_numpy().mean()),
+    }

@@ -12,8 +12,9 @@ Reads a finished (or partly finished) run of the profile in RUN_DIR and writes O
   intervals (metrics/eval.json);
 - the share of candidates that are not a persona at all (assistant chatter; deeper.diagnostic.stated_tastes
   finds no taste), per iteration.
-It also copies the run's params.yaml, metrics and training curves into OUT. Parts whose inputs do not exist yet
-(a run still going) are reported as missing, not guessed.
+It also copies the run's params.yaml, metrics and training curves into OUT. Only the outputs of stages that ran
+with the run's params are read (its dvc.lock, `dvc status`): parts whose stages have not run yet (a run still
+going, or stopped) are left out, not guessed, and the default run's committed metrics are never taken for them.
 
     python scripts/learning_check_report.py --run-dir /path/to/run --out results/learning_check
 """
@@ -29,7 +30,30 @@ import click
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from stages._cli import user_errors  # after the repo root is on the path
+from deeper.errors import DeeperError  # after the repo root is on the path
+from stages._cli import user_errors
+
+
+def stages_run(run: Path) -> set[str]:
+    """The stages whose outputs in `run` are this run's: in its dvc.lock and up to date with its params and
+    code (`dvc status`). A workspace cloned from the repository also holds the committed metrics of the default
+    run, which must not be read as the profile's."""
+    import subprocess
+
+    import yaml
+
+    lock = run / "dvc.lock"
+    locked = (
+        set((yaml.safe_load(lock.read_text(encoding="utf-8")) or {}).get("stages", {}))
+        if lock.is_file()
+        else set()
+    )
+    dvc = shutil.which("dvc", path=str(Path(sys.executable).parent)) or "dvc"
+    done = subprocess.run([dvc, "status", "--json"], cwd=run, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise DeeperError(f"{run}: dvc status failed: {(done.stderr.strip().splitlines() or ['?'])[-1]}")
+    return locked - set(json.loads(done.stdout or "{}"))
+
 
 REFINERS = {"base": "untrained", "model_1": "deeper_it1", "model_2": "deeper"}  # evaluate.methods names
 
@@ -95,11 +119,12 @@ def main(run_dir, out, skip_preference):
 
     from deeper.bootstrap import BootstrapSettings
     from deeper.diagnostic import stated_tastes
-    from deeper.learning import first_update_contrasts
+    from deeper.learning import first_update_contrasts, pair_yield
     from deeper.metrics import write_json
 
     run, out = Path(run_dir), Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    ran = stages_run(run)
     params = yaml.safe_load((run / "params.yaml").read_text(encoding="utf-8"))
     shutil.copy2(run / "params.yaml", out / "params.yaml")
     report: dict = {
@@ -108,13 +133,18 @@ def main(run_dir, out, skip_preference):
 
     counts = {}
     for k in (1, 2):
-        for name in (f"pairs_it{k}", f"train_it{k}", f"reward_it{k}", f"sample_it{k}"):
+        for name, stage in (
+            (f"pairs_it{k}", f"pair@{k}"),
+            (f"train_it{k}", f"train@{k}"),
+            (f"reward_it{k}", f"reward@{k}"),
+            (f"sample_it{k}", f"sample@{k}"),
+        ):
             path = run / "metrics" / f"{name}.json"
-            if path.is_file():
+            if path.is_file() and stage in ran:
                 shutil.copy2(path, out / path.name)
                 counts[name] = json.loads(path.read_text(encoding="utf-8"))
         samples = run / f"data/samples/it{k}.parquet"
-        if samples.is_file():
+        if samples.is_file() and f"sample@{k}" in ran:
             table = pd.read_parquet(samples)
             no_taste = sum(not (t.loved or t.disliked) for t in map(stated_tastes, table["text"]))
             report[f"candidates_it{k}"] = {
@@ -122,11 +152,17 @@ def main(run_dir, out, skip_preference):
                 "stating_no_taste": no_taste,
                 "flagged": int((table["flag"].fillna("") != "").sum()),
             }
+        rewards = run / f"data/rewards/it{k}.parquet"
+        if rewards.is_file() and f"reward@{k}" in ran:
+            delta = params["delta"] if k == 1 else params["iter2"]["delta"]
+            report[f"pair_yield_it{k}"] = pair_yield(
+                pd.read_parquet(rewards), float(params["tau_pos"]), float(params["tau_neg"]), float(delta)
+            )
         log = run / f"models/adapters/it{k}/train_log.json"
-        if log.is_file():
+        if log.is_file() and f"train@{k}" in ran:
             report[f"train_log_it{k}"] = json.loads(log.read_text(encoding="utf-8"))
         curves = run / f"plots/train/it{k}"
-        if curves.is_dir():
+        if curves.is_dir() and f"train@{k}" in ran:
             shutil.copytree(curves, out / f"curves/it{k}", dirs_exist_ok=True)
     for k in (1, 2):
         train = counts.get(f"train_it{k}")
@@ -141,11 +177,11 @@ def main(run_dir, out, skip_preference):
                 "held_out_reward_accuracy": train["eval"]["reward_accuracy"],
             }
     images = run / "plots/images"
-    for image in sorted(images.glob("train_*.svg")) if images.is_dir() else []:
+    for image in sorted(images.glob("train_*.svg")) if images.is_dir() and "plots" in ran else []:
         (out / "images").mkdir(exist_ok=True)
         shutil.copy2(image, out / "images" / image.name)
 
-    if not skip_preference and (run / "data/pairs/it1/pairs.parquet").is_file():
+    if not skip_preference and (run / "data/pairs/it1/pairs.parquet").is_file() and "pair@1" in ran:
         pairs = held_out_pairs(run)
         report["held_out_pairs"] = {"pairs": len(pairs), "contexts": int(pairs["context_id"].nunique())}
         if len(pairs):
@@ -153,12 +189,18 @@ def main(run_dir, out, skip_preference):
                 run, pairs, float(params["train"]["beta"]), params["models"]["policy"]["name"]
             )
 
+    headroom = run / "metrics/headroom.json"
+    if headroom.is_file() and "headroom" in ran:
+        shutil.copy2(headroom, out / "headroom.json")
+        conditions = json.loads(headroom.read_text(encoding="utf-8"))["conditions"]
+        report["headroom_mae"] = {c: v["mae"] for c, v in conditions.items()}
+
     first = run / "plots/first_update_reward.csv"
     settings = BootstrapSettings.from_params(params)
-    if first.is_file():
+    if first.is_file() and "report" in ran:
         report["first_update_reward"] = first_update_contrasts(pd.read_csv(first), REFINERS, settings)
     evaluation = run / "metrics/eval.json"
-    if evaluation.is_file():
+    if evaluation.is_file() and "report" in ran:
         shutil.copy2(evaluation, out / "eval.json")
         boot = json.loads(evaluation.read_text(encoding="utf-8"))["bootstrap"]
         report["mean_mae_rounds_1_4"] = {m: v["mean_mae"] for m, v in boot["methods"].items()}
@@ -213,6 +255,29 @@ def render(report: dict) -> str:
             minus = report.get("deeper_minus", {}).get(method)
             lines.append(f"| {method} | {percentile_row(v)} | {percentile_row(minus) if minus else ''} |")
         lines.append("")
+    if "headroom_mae" in report:
+        lines += [
+            "The frozen model's MAE on W_1 by persona (stage headroom, evaluation users):",
+            "",
+            "| persona | MAE |",
+            "|---|---|",
+        ]
+        lines += [f"| {c} | {percentile_row(v)} |" for c, v in report["headroom_mae"].items()]
+        lines.append("")
+    for k in (1, 2):
+        y = report.get(f"pair_yield_it{k}")
+        if y:
+            lines += [
+                (
+                    f"Iteration {k} pair yield: {y['candidates']} candidates of {y['contexts']} contexts; "
+                    f"{y['better_than_old']} beat the old persona (r > 0), {y['positives']} positive, {y['negatives']} "
+                    f"negative; {y['contexts_with_positive_and_negative']} contexts hold both a positive and a "
+                    f"negative, {y['contexts_spread_at_least_delta']} a reward spread of at least delta, "
+                    f"{y['contexts_all_equal']} whose candidates all tie; mean error of the old persona "
+                    f"{y['old_eps_mean']:.3f}, of the candidates {y['new_eps_mean']:.3f}."
+                ),
+                "",
+            ]
     for k in (1, 2):
         t = report.get(f"train_vs_held_out_it{k}")
         if t:

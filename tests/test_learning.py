@@ -249,3 +249,43 @@ def test_first_update_contrasts_pair_the_same_users():
     assert out["means"]["base"]["low"] < out["means"]["base"]["estimate"] < out["means"]["base"]["high"]
     with pytest.raises(ValueError, match="no first-update reward of \\['nope'\\]"):
         first_update_contrasts(table, {"base": "nope"}, BootstrapSettings(resamples=100))
+
+
+def test_pair_yield_says_why_an_iteration_made_no_pair():
+    """Three contexts: one whose candidates all tie (no contrast), one with only negatives spread apart, one
+    with a positive and a negative delta apart (the only one that can make a pair)."""
+    from deeper.learning import pair_yield
+
+    rows = []
+    for ctx, rewards in {
+        "tie": [0.8, 0.8, 0.8],
+        "all_bad": [-0.2, -1.5, -3.0],
+        "pair": [0.6, -0.1, -0.4],
+    }.items():
+        for k, r in enumerate(rewards):
+            rows.append(
+                {
+                    "context_id": ctx,
+                    "sample": k,
+                    "r": r,
+                    "old_eps_prev": 0.5,
+                    "old_eps_curr": 0.7,
+                    "old_eps_fut": 0.6,
+                    "new_eps_prev": 1.0,
+                    "new_eps_curr": 1.0,
+                    "new_eps_fut": 1.3,
+                }
+            )
+    found = pair_yield(pd.DataFrame(rows), tau_pos=0.5, tau_neg=0.0, delta=0.5)
+    assert found == {
+        "candidates": 9,
+        "contexts": 3,
+        "better_than_old": 4,
+        "positives": 4,
+        "negatives": 5,
+        "contexts_with_positive_and_negative": 1,
+        "contexts_spread_at_least_delta": 2,
+        "contexts_all_equal": 1,
+        "old_eps_mean": pytest.approx(0.6),
+        "new_eps_mean": pytest.approx(1.1),
+    }
