@@ -21,9 +21,11 @@ $(VENV)/.installed: pyproject.toml
 repro: setup
 	dvc repro
 
-# ruff's lint first (seconds; config in pyproject.toml): a finding fails the run before the tests start
+# ruff's lint and format check first (seconds; config in pyproject.toml): a finding fails the run before the
+# tests start (`ruff format .` fixes the formatting)
 test: setup
 	ruff check .
+	ruff format --check .
 	pytest
 
 PROFILE ?= paper

@@ -39,24 +39,15 @@ from deeper.personas import clean_persona, count_words, degenerate_reason
 from deeper.predict import PredictSettings, PredictStats, WindowRequest, predict_windows
 from deeper.prompts import PromptSet, load_prompts
 from deeper.reward import NEW_COLUMNS, OLD_COLUMNS, PARTS
-from deeper.tables import first_bad_row, read_parquet_checked, read_windows
+from deeper.tables import (
+    CONTEXT_COLUMNS,
+    PERSONA_COLUMNS,
+    SAMPLE_COLUMNS,
+    read_windows,
+)
 
 # Windows of refinement step t, relative to t: previous, current, future (the reward's three parts).
 OFFSETS = dict(zip(PARTS, (-1, 0, 1)))
-# `predicted`: the ratings of W_t predicted with the old persona (the O_t half the prompt shows).
-CONTEXT_COLUMNS = (
-    "context_id",
-    "domain",
-    "user_id",
-    "t",
-    "item_type",
-    "persona_old",
-    "predicted",
-    "prompt",
-    *OLD_COLUMNS,
-)
-SAMPLE_COLUMNS = ("context_id", "sample", "text", "words", "flag")
-PERSONA_COLUMNS = ("domain", "user_id", "split", "persona")
 
 
 def context_id(domain: str, user_id: str, t: int) -> str:
@@ -145,20 +136,6 @@ def read_user_windows(path: str | Path, split: str = "train") -> list[UserWindow
     return user_windows(read_windows(path), split)
 
 
-def read_personas(path: str | Path, split: str = "train") -> dict[tuple[str, str], str]:
-    """(domain, user_id) -> S_0 from init_personas' output."""
-    path = Path(path)
-    df = read_parquet_checked(path, PERSONA_COLUMNS, "run `dvc repro init_personas` first")
-    bad = ~df["persona"].map(lambda v: isinstance(v, str))
-    if bad.any():
-        raise InputError(path, "persona is missing", first_bad_row(bad))
-    dup = df.duplicated(["domain", "user_id"])
-    if dup.any():
-        raise InputError(path, "duplicate (domain, user_id)", first_bad_row(dup))
-    rows = df[df["split"] == split]
-    return {(str(d), str(u)): p for d, u, p in zip(rows["domain"], rows["user_id"], rows["persona"])}
-
-
 def states_from_personas(users: Sequence[UserWindows], personas: dict[tuple[str, str], str], t: int = 1):
     """The states of step t: S_{t-1} = `personas`' persona of every user that has one and windows up to t+1.
 
@@ -234,26 +211,6 @@ def build_contexts(
             }
         )
     return pd.DataFrame(rows, columns=list(CONTEXT_COLUMNS)), stats
-
-
-def read_contexts(path: str | Path) -> pd.DataFrame:
-    path = Path(path)
-    df = read_parquet_checked(path, CONTEXT_COLUMNS, "run `dvc repro contexts` first")
-    dup = df.duplicated("context_id")
-    if dup.any():
-        raise InputError(path, f"context {df['context_id'][dup].iloc[0]!r} appears twice", first_bad_row(dup))
-    for i, prompt in enumerate(df["prompt"], 1):
-        try:
-            chat = json.loads(prompt)
-        except (TypeError, json.JSONDecodeError):
-            chat = None
-        if not (
-            isinstance(chat, list)
-            and chat
-            and all(isinstance(m, dict) and {"role", "content"} <= set(m) for m in chat)
-        ):
-            raise InputError(path, "prompt is not a JSON list of chat messages", i)
-    return df
 
 
 REFINED_COLUMNS = (*PERSONA_COLUMNS, "t", "context_id", "failure", "flag")
@@ -370,25 +327,6 @@ def sample_candidates(
         else {}
     )
     return samples, counts
-
-
-def read_samples(path: str | Path, contexts: pd.DataFrame) -> pd.DataFrame:
-    path = Path(path)
-    df = read_parquet_checked(path, SAMPLE_COLUMNS, "run `dvc repro sample` first")
-    dup = df.duplicated(["context_id", "sample"])
-    if dup.any():
-        raise InputError(path, "duplicate (context_id, sample)", first_bad_row(dup))
-    unknown = ~df["context_id"].isin(contexts["context_id"])
-    if unknown.any():
-        raise InputError(
-            path,
-            f"context {df['context_id'][unknown].iloc[0]!r} is not in the contexts file",
-            first_bad_row(unknown),
-        )
-    bad = ~df["text"].map(lambda v: isinstance(v, str) and v.strip() != "")
-    if bad.any():
-        raise InputError(path, "text is missing or empty", first_bad_row(bad))
-    return df
 
 
 def candidate_errors(

@@ -35,14 +35,14 @@ from tqdm.auto import tqdm
 
 from deeper.config import get
 from deeper.errors import ConfigError, InputError
-from deeper.iteration import read_personas, user_windows
+from deeper.iteration import user_windows
 from deeper.llm.base import LLM, Sampling, stopped_at_limit
 from deeper.methods.base import UpdateInput, UpdateMethod, Window
 from deeper.params import mapping, number, sampling_block
 from deeper.personas import count_words
 from deeper.predict import PredictSettings, PredictStats, WindowRequest, predict_windows
 from deeper.prompts import PromptSet
-from deeper.tables import domain_seen, read_parquet_checked, read_windows
+from deeper.tables import domain_seen, read_parquet_checked, read_personas, read_windows
 
 USER_KEYS = ("domains", "per_domain")
 

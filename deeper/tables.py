@@ -1,4 +1,6 @@
-"""Reading the Parquet files stages exchange: one checked reader, and the validated windows.parquet.
+"""Reading the Parquet files stages exchange: one checked reader, the validated windows.parquet, and the
+iteration stages' tables (personas, contexts, samples) with their column lists, so a stage that only reads
+them (pair@k) depends on no model code.
 
 Every problem is a one-line `deeper.errors.InputError` naming the file and, where there is one, the row
 (1-based; Parquet has no header line): a missing file (with a hint at the stage that writes it), a file
@@ -7,6 +9,7 @@ that is not Parquet, missing columns, and for windows.parquet any row the later 
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -17,6 +20,7 @@ import pyarrow.parquet as pq
 
 from deeper.data.schema import SPLITS, WINDOW_COLUMNS
 from deeper.errors import InputError
+from deeper.reward import OLD_COLUMNS
 
 WINDOWS_HINT = "run `dvc repro window` first"
 
@@ -126,3 +130,74 @@ def _number(value):
 def domain_seen(windows: pd.DataFrame) -> dict[str, bool]:
     """domain -> seen (in training) of a table from `read_windows` (one value per domain)."""
     return {str(d): bool(s) for d, s in windows.groupby("domain", sort=True)["seen"].first().items()}
+
+
+# ---------------------------------------------------------------- the iteration stages' tables
+
+# `predicted`: the ratings of W_t predicted with the old persona (the O_t half the prompt shows).
+CONTEXT_COLUMNS = (
+    "context_id",
+    "domain",
+    "user_id",
+    "t",
+    "item_type",
+    "persona_old",
+    "predicted",
+    "prompt",
+    *OLD_COLUMNS,
+)
+SAMPLE_COLUMNS = ("context_id", "sample", "text", "words", "flag")
+PERSONA_COLUMNS = ("domain", "user_id", "split", "persona")
+
+
+def read_personas(path: str | Path, split: str = "train") -> dict[tuple[str, str], str]:
+    """(domain, user_id) -> S_0 from init_personas' output."""
+    path = Path(path)
+    df = read_parquet_checked(path, PERSONA_COLUMNS, "run `dvc repro init_personas` first")
+    bad = ~df["persona"].map(lambda v: isinstance(v, str))
+    if bad.any():
+        raise InputError(path, "persona is missing", first_bad_row(bad))
+    dup = df.duplicated(["domain", "user_id"])
+    if dup.any():
+        raise InputError(path, "duplicate (domain, user_id)", first_bad_row(dup))
+    rows = df[df["split"] == split]
+    return {(str(d), str(u)): p for d, u, p in zip(rows["domain"], rows["user_id"], rows["persona"])}
+
+
+def read_contexts(path: str | Path) -> pd.DataFrame:
+    path = Path(path)
+    df = read_parquet_checked(path, CONTEXT_COLUMNS, "run `dvc repro contexts` first")
+    dup = df.duplicated("context_id")
+    if dup.any():
+        raise InputError(path, f"context {df['context_id'][dup].iloc[0]!r} appears twice", first_bad_row(dup))
+    for i, prompt in enumerate(df["prompt"], 1):
+        try:
+            chat = json.loads(prompt)
+        except (TypeError, json.JSONDecodeError):
+            chat = None
+        if not (
+            isinstance(chat, list)
+            and chat
+            and all(isinstance(m, dict) and {"role", "content"} <= set(m) for m in chat)
+        ):
+            raise InputError(path, "prompt is not a JSON list of chat messages", i)
+    return df
+
+
+def read_samples(path: str | Path, contexts: pd.DataFrame) -> pd.DataFrame:
+    path = Path(path)
+    df = read_parquet_checked(path, SAMPLE_COLUMNS, "run `dvc repro sample` first")
+    dup = df.duplicated(["context_id", "sample"])
+    if dup.any():
+        raise InputError(path, "duplicate (context_id, sample)", first_bad_row(dup))
+    unknown = ~df["context_id"].isin(contexts["context_id"])
+    if unknown.any():
+        raise InputError(
+            path,
+            f"context {df['context_id'][unknown].iloc[0]!r} is not in the contexts file",
+            first_bad_row(unknown),
+        )
+    bad = ~df["text"].map(lambda v: isinstance(v, str) and v.strip() != "")
+    if bad.any():
+        raise InputError(path, "text is missing or empty", first_bad_row(bad))
+    return df

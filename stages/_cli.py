@@ -8,7 +8,6 @@ import sys
 import click
 
 from deeper.errors import DeeperError, first_line
-from deeper.outputs import DiskFull, is_disk_full
 
 PARAMS_OPTION = click.option(
     "--params",
@@ -37,6 +36,11 @@ def user_errors(fn):
             click.echo(f"error: {e}", err=True)
             sys.exit(1)
         except OSError as e:  # a full disk met outside deeper.outputs (a log, a checkpoint): one line too
+            from deeper.outputs import (  # here: importing it would make it every stage's dep
+                DiskFull,
+                is_disk_full,
+            )
+
             if not is_disk_full(e):
                 raise
             click.echo(

@@ -20,20 +20,14 @@ import click
 import pandas as pd
 
 from deeper.errors import InputError
-from deeper.iteration import (
-    build_contexts,
-    load_frozen,
-    read_contexts,
-    read_personas,
-    read_user_windows,
-    states_from_personas,
-)
+from deeper.iteration import build_contexts, load_frozen, read_user_windows, states_from_personas
 from deeper.methods import trained_update_from_params
 from deeper.metrics import write_json
 from deeper.outputs import write_parquet
 from deeper.predict import PredictSettings
 from deeper.prompts import prompts_from_params
 from deeper.reward import OLD_COLUMNS, PARTS
+from deeper.tables import read_contexts, read_personas
 from stages._cli import PARAMS_OPTION, echo_calls, load_checked_params, user_errors
 
 

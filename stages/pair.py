@@ -16,7 +16,6 @@ from pathlib import Path
 
 import click
 
-from deeper.iteration import read_contexts
 from deeper.metrics import write_json
 from deeper.outputs import write_parquet
 from deeper.pairs import (
@@ -27,6 +26,7 @@ from deeper.pairs import (
     replay_max_from_params,
     replay_order_from_params,
 )
+from deeper.tables import read_contexts
 from stages._cli import PARAMS_OPTION, load_checked_params, user_errors
 
 

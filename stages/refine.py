@@ -18,11 +18,12 @@ from pathlib import Path
 
 import click
 
-from deeper.iteration import SampleSettings, load_policy, read_contexts, read_user_windows, refine_personas
+from deeper.iteration import SampleSettings, load_policy, read_user_windows, refine_personas
 from deeper.methods import trained_update_from_params
 from deeper.metrics import write_json
 from deeper.outputs import write_parquet
 from deeper.prompts import prompts_from_params
+from deeper.tables import read_contexts
 from stages._cli import PARAMS_OPTION, echo_calls, load_checked_params, user_errors
 
 

@@ -17,13 +17,14 @@ from pathlib import Path
 
 import click
 
-from deeper.iteration import candidate_errors, load_frozen, read_contexts, read_samples, read_user_windows
+from deeper.iteration import candidate_errors, load_frozen, read_user_windows
 from deeper.metrics import write_json
 from deeper.outputs import write_parquet
 from deeper.pairs import thresholds_from_params
 from deeper.predict import PredictSettings
 from deeper.prompts import prompts_from_params
 from deeper.reward import RewardWeights, compute_rewards, summarize_rewards
+from deeper.tables import read_contexts, read_samples
 from stages._cli import PARAMS_OPTION, echo_calls, load_checked_params, user_errors
 
 

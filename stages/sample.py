@@ -18,9 +18,10 @@ from pathlib import Path
 
 import click
 
-from deeper.iteration import POLICY_ROLES, SampleSettings, load_policy, read_contexts, sample_candidates
+from deeper.iteration import POLICY_ROLES, SampleSettings, load_policy, sample_candidates
 from deeper.metrics import write_json
 from deeper.outputs import write_parquet
+from deeper.tables import read_contexts
 from stages._cli import PARAMS_OPTION, echo_calls, load_checked_params, user_errors
 
 

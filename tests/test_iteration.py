@@ -20,12 +20,13 @@ import pytest
 import yaml
 
 from deeper.errors import InputError
-from deeper.iteration import State, clean_candidate, read_contexts, read_user_windows, update_input
+from deeper.iteration import State, clean_candidate, read_user_windows, update_input
 from deeper.llm import load_llm
 from deeper.llm.base import Sampling
 from deeper.methods import Refine
 from deeper.predict import PredictSettings, WindowRequest, predict_windows
 from deeper.reward import NEW_COLUMNS, OLD_COLUMNS, PARTS, is_negative, is_positive
+from deeper.tables import read_contexts
 from tests.stage_runs import cached_rows, stage_calls
 
 REPO = Path(__file__).resolve().parents[1]

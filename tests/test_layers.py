@@ -10,68 +10,15 @@ an edited copy of the tree."""
 
 from __future__ import annotations
 
-import ast
 import re
-from pathlib import Path
 
 import pytest
 
+from scripts.import_graph import PACKAGES, imports
 from tests.conftest import REPO
 
-PACKAGES = ("deeper", "stages")
 # package markers that may stay out of the table: they hold a docstring and a version, and import nothing
 MARKERS = {"deeper"}
-
-
-def modules(root: Path) -> dict[str, Path]:
-    """{dotted module name: file} of every .py under the packages (a package is its __init__.py)."""
-    found = {}
-    for package in PACKAGES:
-        for path in sorted((root / package).rglob("*.py")):
-            parts = list(path.relative_to(root).with_suffix("").parts)
-            if parts[-1] == "__init__":
-                parts.pop()
-            found[".".join(parts)] = path
-    return found
-
-
-def _known(name: str, known) -> str | None:
-    """The longest repository module `name` is or lies in: deeper.llm.base.Sampling -> deeper.llm.base."""
-    while name and name not in known:
-        name = name.rpartition(".")[0]
-    return name or None
-
-
-def imports(root: Path) -> dict[str, list[tuple[str, int]]]:
-    """{module: [(repository module it imports, line), ...]}, every import statement of the file wherever it
-    stands; imports of the module itself and of other libraries are left out."""
-    known = modules(root)
-    graph = {}
-    for name, path in known.items():
-        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
-        found = []
-        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
-            targets = []
-            if isinstance(node, ast.Import):
-                targets = [alias.name for alias in node.names]
-            elif isinstance(node, ast.ImportFrom):
-                base = node.module or ""
-                if node.level:  # relative: `from . import x`, `from ..y import z`
-                    parts = package.split(".")[: len(package.split(".")) - node.level + 1]
-                    base = ".".join(parts + ([node.module] if node.module else []))
-                # `from deeper.llm import cache` imports the module deeper.llm.cache, not a name of deeper.llm
-                targets = [
-                    f"{base}.{alias.name}" if f"{base}.{alias.name}" in known else base
-                    for alias in node.names
-                ]
-            elif isinstance(node, ast.Constant) and isinstance(node.value, str) and "." in node.value:
-                targets = [node.value] if node.value in known else []
-            for target in targets:
-                module = _known(target, known)
-                if module and module != name:
-                    found.append((module, node.lineno))
-        graph[name] = found
-    return graph
 
 
 def layers(text: str) -> list[tuple[str, list[str]]]:
