@@ -31,7 +31,13 @@ def run(dvc_yaml_path: Path, out_dir: Path) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     for definition in definitions:
-        rows = {path: read_plot_rows(root / path, definition) for path in definition.paths}
+        # a training curve the run did not write (no validation pairs, or no pairs: the model carried over
+        # untrained) leaves its line out; a plot with no data file at all is skipped, and said so
+        present = [path for path in definition.paths if (root / path).is_file()]
+        if not present:
+            click.echo(f"skipped {definition.image}: no data file ({', '.join(definition.paths)})", err=True)
+            continue
+        rows = {path: read_plot_rows(root / path, definition) for path in present}
         image = out_dir / definition.image
         write_text(image, render_svg(vega_lite_spec(definition, rows, root / TEMPLATE_DIR)))
         click.echo(f"{image}: {', '.join(definition.paths)} ({sum(map(len, rows.values()))} rows)", err=True)

@@ -161,6 +161,18 @@ def test_an_overlay_of_files_is_one_image_with_a_line_per_file(tmp_path):
     )
     assert result.exit_code == 0, result.output
     assert (tmp_path / "i" / "train_loss.svg").read_text(encoding="utf-8") == svg
+    # no validation pairs: no eval curve; the chart holds the train line alone
+    (folder / "c/it1/eval/loss.tsv").unlink()
+    result = CliRunner().invoke(
+        plots_main, ["--dvc-yaml", str(folder / "dvc.yaml"), "--out", str(tmp_path / "j")]
+    )
+    assert result.exit_code == 0, result.output
+    only_train = render_svg(
+        vega_lite_spec(
+            definition, {"c/it1/train/loss.tsv": rows["c/it1/train/loss.tsv"]}, folder / TEMPLATE_DIR
+        )
+    )
+    assert (tmp_path / "j" / "train_loss.svg").read_text(encoding="utf-8") == only_train
 
 
 # ---- data rows and the filled template
@@ -304,9 +316,19 @@ def test_stage_bad_input_is_one_line(tmp_path, monkeypatch):
     scratch_project(tmp_path, [{"mae.csv": MAE_PLOT}], {"mae.csv": "method,round\ndeeper,0\n"})
     monkeypatch.chdir(tmp_path)
     one_line_error(CliRunner().invoke(plots_main, []), "mae.csv:1: no column 'mae'")
-    (tmp_path / "mae.csv").unlink()
-    one_line_error(CliRunner().invoke(plots_main, []), "mae.csv: missing: the data of plot mae in dvc.yaml")
     one_line_error(CliRunner().invoke(plots_main, ["--dvc-yaml", "none.yaml"]), "none.yaml: missing")
+
+
+def test_a_plot_without_any_data_file_is_skipped_and_said(tmp_path, monkeypatch):
+    """A knob that leaves no validation pairs (or no pairs) writes fewer training-curve files: the stage draws
+    what exists and skips, with one printed line, a plot that has nothing; `dvc repro` goes on."""
+    scratch_project(tmp_path, [{"mae.csv": MAE_PLOT}], {"mae.csv": "method,round,mae\ndeeper,0,0.9\n"})
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mae.csv").unlink()
+    result = CliRunner().invoke(plots_main, ["--out", "images"])
+    assert result.exit_code == 0, result.output
+    assert "skipped mae.svg: no data file (mae.csv)" in result.output
+    assert not (tmp_path / "images" / "mae.svg").exists()
 
 
 # ---- the repository: dvc.yaml's `plots` stage, the committed images and the offline page
@@ -325,8 +347,11 @@ def test_plots_stage_depends_on_every_plot_file_and_template():
     assert {"plots/mae_by_round.csv", "plots/headroom.csv"} <= {d.path for d in definitions}
     assert "plots/train/it2/plots/metrics/eval/loss.tsv" in {p for d in definitions for p in d.paths}
     for definition in definitions:
-        for path in definition.paths:
-            assert path in deps, f"add {path} to the deps of stage `plots` in dvc.yaml"
+        for path in definition.paths:  # a file, or the training curves' folder (train@k's output) holding it
+            covered = path in deps or any(
+                path.startswith(f"{d}/") for d in deps if d.startswith("plots/train/")
+            )
+            assert covered, f"add {path} to the deps of stage `plots` in dvc.yaml"
         template = definition.properties.get("template")
         if (REPO / TEMPLATE_DIR / f"{template}.json").is_file():
             assert f"{TEMPLATE_DIR.as_posix()}/{template}.json" in deps, (
