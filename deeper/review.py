@@ -350,7 +350,12 @@ class StageChange:
             parts.append("dependencies: " + _some(self.deps))
         if self.command:
             parts.append("command")
-        return "; ".join(parts) or "same inputs (forced re-run, e.g. `dvc repro -f`)"
+        # the inputs match but an output's hash does not: run again (`dvc repro -f`, or a run elsewhere that
+        # wrote other bytes, such as a DuckDB file's random identifier or a timing)
+        return (
+            "; ".join(parts)
+            or "same inputs, other outputs (run again: `dvc repro -f`, or on another machine)"
+        )
 
     def outputs(self) -> str:
         if self.status == "removed":
