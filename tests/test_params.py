@@ -144,7 +144,7 @@ def edited(key, value) -> dict:
 
 def test_the_repository_params_and_every_profile_pass():
     lines = check_params(PARAMS)
-    assert len(lines) == len(BLOCKS) == 18
+    assert len(lines) == len(BLOCKS) == 19
     assert "prompts (tuned)" in lines
     for name in available():
         assert check_params(apply_profile(PARAMS, load_profile(name, PARAMS)))

@@ -87,7 +87,11 @@ def test_two_processes_trained_and_only_rank_0_wrote(ddp_run):
     records = {r["rank"]: r for r in (json.loads(p.read_text()) for p in (repo / "probe").glob("rank*.json"))}
     assert sorted(records) == [0, 1]
     assert all(r["world_size"] == 2 and r["exit_code"] == 0 for r in records.values())
-    assert records[0]["wrote"] == [["adapter", "models/adapters/it1"], ["metrics", "metrics/train_it1.json"]]
+    # the adapter is saved into its partial folder, swapped in whole (deeper.outputs.replacing)
+    assert records[0]["wrote"] == [
+        ["adapter", "models/adapters/.it1.partial"],
+        ["metrics", "metrics/train_it1.json"],
+    ]
     assert records[1]["wrote"] == []
     # DDP: both replicas ended with the same LoRA weights, and rank 0 saved exactly those
     assert records[0]["lora_sha256"] == records[1]["lora_sha256"]
