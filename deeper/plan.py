@@ -27,7 +27,7 @@ models behind OpenAI's API and GPU-hours for models on a GPU. Where each number 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from deeper.config import get
 from deeper.errors import ConfigError
@@ -85,7 +85,6 @@ class Line:
     dollars: float | None = None  # live API calls
     dollars_batch: float | None = None  # the same calls through the Batch API
     gpu_hours: float | None = None
-    notes: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -246,10 +245,6 @@ class PromptSizes:
         )
 
 
-def _max_new(block) -> int:
-    return int(block.max_new_tokens)
-
-
 def plan_lines(params: dict, users: Users, sizes: PromptSizes, settings: PlanSettings) -> list[Line]:
     """The calls of every model-calling stage of the DAG, in dvc.yaml's order."""
     from deeper.headroom import HeadroomSettings
@@ -267,8 +262,10 @@ def plan_lines(params: dict, users: Users, sizes: PromptSizes, settings: PlanSet
     tr, ev = users.train, users.eval
     lines: list[Line] = []
 
-    def persona_out(max_new: int) -> int:
-        return min(settings.persona_tokens, max_new)
+    def persona_out(
+        sampling,
+    ) -> int:  # a generated persona's tokens: the planned length, at most max_new_tokens
+        return min(settings.persona_tokens, int(sampling.max_new_tokens))
 
     def predictions(stage: str, windows: int, split: str) -> None:
         per_window, prompt, completion = sizes.prediction(split)
@@ -284,7 +281,7 @@ def plan_lines(params: dict, users: Users, sizes: PromptSizes, settings: PlanSet
             "generate",
             tr + ev,
             tr * sizes.init("train") + ev * sizes.init("eval"),
-            (tr + ev) * persona_out(_max_new(persona.sampling)),
+            (tr + ev) * persona_out(persona.sampling),
         )
     )
     # headroom (deeper/headroom.py measure): two oracle personas per evaluation user, then five conditions on W_w
@@ -296,7 +293,7 @@ def plan_lines(params: dict, users: Users, sizes: PromptSizes, settings: PlanSet
             "generate",
             2 * ev,
             ev * (one + every),
-            2 * ev * persona_out(_max_new(persona.sampling)),
+            2 * ev * persona_out(persona.sampling),
         )
     )
     predictions("headroom", 5 * ev, "eval")
@@ -316,7 +313,7 @@ def plan_lines(params: dict, users: Users, sizes: PromptSizes, settings: PlanSet
                 "generate",
                 calls,
                 calls * prompt,
-                calls * persona_out(_max_new(sample.sampling)),
+                calls * persona_out(sample.sampling),
             )
         )
         # reward@k (candidate_errors): each candidate predicts W_{t-1}, W_t, W_{t+1}
@@ -331,7 +328,7 @@ def plan_lines(params: dict, users: Users, sizes: PromptSizes, settings: PlanSet
                     "generate",
                     tr * per_update,
                     tr * per_update * prompt,
-                    tr * per_update * persona_out(_max_new(sample.sampling)),
+                    tr * per_update * persona_out(sample.sampling),
                 )
             )
     # evaluate@m (deeper/rollout.py rollout): `rounds` updates per user, and the predictions of rounds + 5 windows
@@ -349,7 +346,7 @@ def plan_lines(params: dict, users: Users, sizes: PromptSizes, settings: PlanSet
                 "generate",
                 calls,
                 calls * prompt,
-                calls * persona_out(_max_new(evaluate.sampling)),
+                calls * persona_out(evaluate.sampling),
             )
         )
         predictions(stage, ev * (rounds + 5 - (0 if i == 0 else shared)), "eval")

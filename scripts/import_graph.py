@@ -86,14 +86,3 @@ def imports(root: Path, eager: bool = False) -> dict[str, list[tuple[str, int]]]
                     found.append((module, node.lineno))
         graph[name] = found
     return graph
-
-
-def closure(graph: dict[str, list[tuple[str, int]]], start: str) -> set[str]:
-    """Every module `start` imports, directly or through others, and `start` itself."""
-    seen, todo = set(), [start]
-    while todo:
-        module = todo.pop()
-        if module not in seen:
-            seen.add(module)
-            todo.extend(target for target, _line in graph.get(module, ()))
-    return seen
