@@ -142,8 +142,11 @@ def test_the_profile_holds_the_papers_settings(paper):
     processes = int(re.search(r"--num_processes (\d+)", train["launcher"]).group(1))
     assert train["launcher"].startswith("accelerate launch --multi_gpu")
     assert train["per_device_batch"] * train["grad_accum"] * processes == 128  # the paper's batch (Sec. 4.1)
-    # the ten domains: the ones the paper_raw preset reads, with Table 11's users
-    assert paper["ingest"]["preset"] == "paper_raw"
+    # the authors' users by default (their windows, split and item-type labels); the ten domains: the ones
+    # their folders are mapped to, and the ones the paper_raw switch reads, with Table 11's users
+    assert paper["ingest"]["preset"] == "deeper_authors"
+    (authors,) = paper["ingest"]["presets"]["deeper_authors"]
+    assert authors["format"] == "deeper_windows" and set(authors["domains"].values()) == PAPER_DOMAINS
     assert (
         paper["ingest"]["zero_ratings"] == "keep"
     )  # Food.com's 0: as the authors' windows (and MAE) have it

@@ -115,8 +115,15 @@ def test_split_counts_seed_and_file_shape(ml, tmp_path):
     assert metrics["domains"]["movielens"]["unused_users"] == 645 - 32
     again, _ = windows(db, tmp_path / "b.parquet")
     assert again == rows  # same seed, same file content
-    other, _ = windows(db, tmp_path / "c.parquet", seed=1)
+    other, other_metrics = windows(db, tmp_path / "c.parquet", seed=1)
     assert {r["user_id"] for r in other} != {r["user_id"] for r in rows}
+    # drawn users: the metrics name the draw and tell the two seeds' evaluation users apart
+    m, o = metrics["domains"]["movielens"], other_metrics["domains"]["movielens"]
+    assert (m["users_from"], o["users_from"]) == ("drawn (window.seed 0)", "drawn (window.seed 1)")
+    assert m["eval_users_sha256"] != o["eval_users_sha256"]
+    from deeper.data.window import users_digest
+
+    assert m["eval_users_sha256"] == users_digest(list(splits["eval"]))
 
 
 def test_domain_override_and_seen_flag(ml, tmp_path):
@@ -288,6 +295,29 @@ def test_the_authors_folders_are_the_papers_domains_with_their_users_and_flags(t
     assert metrics["domains"]["amazon_sports"]["eval_users"] == 3  # full_dataset.csv: test counts as eval
     assert metrics["domains"]["amazon_sports"]["requested_users"] == {"train": 0, "eval": 185}
     assert metrics["domains"]["recipe"]["train_users"] == 2
+    # the metrics say which users ran: the source's split, and a digest of exactly these evaluation users
+    from deeper.data.window import users_digest
+
+    sports = metrics["domains"]["amazon_sports"]
+    assert sports["users_from"] == "source split"
+    assert sports["eval_users_sha256"] == users_digest(["s3", "s2", "s1"]) != users_digest(["s1", "s2"])
+    assert len(sports["eval_users_sha256"]) == 16
+
+
+def test_a_missing_authors_folder_says_where_to_get_it(tmp_path):
+    """The paper profile reads the authors' windows by default: without them, ingest says where they come from
+    and what the switch to the raw files is, in one line."""
+    from deeper.config import load_params
+    from deeper.data.ingest import sources_from_params
+    from deeper.errors import InputError
+    from tests.conftest import REPO
+
+    presets = load_params(REPO / "params.yaml")["ingest"]["presets"]
+    with pytest.raises(InputError) as e:
+        ingest(sources_from_params(str(tmp_path), "deeper_authors", presets), tmp_path / "r.duckdb")
+    assert str(tmp_path / "deeper") in str(e.value) and "\n" not in str(e.value)
+    assert "github.com/sheep333c/DEEPER" in str(e.value) and "-S ingest.preset=paper_raw" in str(e.value)
+    assert not (tmp_path / "r.duckdb").exists()
 
 
 def test_the_authors_domain_names_are_checked(tmp_path):

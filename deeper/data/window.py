@@ -12,6 +12,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -123,6 +125,11 @@ def _draw(pool: list[str], k: int, seed: int, domain: str, split: str) -> list[s
     return rng.sample(sorted(pool), min(k, len(pool)))
 
 
+def users_digest(users: list[str]) -> str:
+    """The first 16 hex digits of the SHA-256 of the sorted user ids, one a line: the same set, the same digest."""
+    return hashlib.sha256("".join(f"{u}\n" for u in sorted(users)).encode()).hexdigest()[:16]
+
+
 def choose_users(con, spec: WindowSpec, default: DomainSplit, overrides: dict) -> tuple[list[tuple], dict]:
     """Rows (domain, user_id, split, windows) of the chosen users, and the per-domain counts."""
     domains = con.execute("SELECT domain FROM domains ORDER BY domain").fetchall()
@@ -189,6 +196,10 @@ def choose_users(con, spec: WindowSpec, default: DomainSplit, overrides: dict) -
             "eval_users": len(picked["eval"]),
             "unused_users": len(windows_of) - len(picked["train"]) - len(picked["eval"]),
             "skipped_users": skipped,
+            # which users these are: the source's own split (the authors' windows) or a draw from the raw
+            # ratings, and a digest of the evaluation users' ids, so that two runs' users can be compared
+            "users_from": "source split" if prewindowed else f"drawn (window.seed {spec.seed})",
+            "eval_users_sha256": users_digest(picked["eval"]),
         }
     return chosen, report
 

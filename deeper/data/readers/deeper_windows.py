@@ -97,7 +97,16 @@ def _cell(text: str, path: Path, row: int, column: str) -> Window | None:
     return _window(value["items"], value["ratings"], path, row, column)
 
 
+# Where a user gets these files (the message of a missing folder; docs/data.md says the same).
+DOWNLOAD = (
+    "the DEEPER authors' windows go here: git clone https://github.com/sheep333c/DEEPER and copy its "
+    "data/data_process/ folder to this path (or draw users from the raw files instead: -S ingest.preset=paper_raw)"
+)
+
+
 def read(src: Source, sink) -> None:
+    if not src.path.exists():
+        raise InputError(src.path, f"not found: {DOWNLOAD}")
     root = require_dir(src.path)
     folders = sorted(p for p in root.iterdir() if (p / "split_data").is_dir())
     if not folders:
