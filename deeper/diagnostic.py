@@ -22,6 +22,7 @@ comedy 4.5 and a horror film 1.5; "I'm ready to assist you" rates every item 3.
 
 from __future__ import annotations
 
+import ast
 import json
 import re
 from collections.abc import Iterable, Sequence
@@ -245,11 +246,34 @@ _ACTUAL_RE = re.compile(r"actual\s+([0-9.]+)")
 _NUMBER_RE = re.compile(r"^([0-9.]+)")
 
 
+def _authors_line(line: str) -> tuple[str, float] | None:
+    """(title, user_rating) of a line the authors' list style renders (`{'item_name': ..., 'user_rating': 4}`,
+    `{"item": ..., "user_rating": 4}`), else None."""
+    line = line.strip()
+    if not (line.startswith("{") and line.endswith("}")):
+        return None
+    try:
+        record = ast.literal_eval(line)
+    except (ValueError, SyntaxError, MemoryError, RecursionError):
+        return None
+    if not isinstance(record, dict):
+        return None
+    title, rating = record.get("item_name", record.get("item")), record.get("user_rating")
+    if not isinstance(title, str) or isinstance(rating, bool) or not isinstance(rating, int | float):
+        return None
+    return title, float(rating)
+
+
 def rated_lines(text: str) -> list[tuple[str, float]]:
     """(title, rating) of every rated line a prompt renders (deeper/prompts: `N. "title": 4` or
-    `N. "title": predicted 3.2, actual 4`, whose actual rating is the one taken)."""
+    `N. "title": predicted 3.2, actual 4`, whose actual rating is the one taken; in the authors' list style
+    one dict a line, whose `user_rating` is taken)."""
     out = []
     for line in text.splitlines():
+        authors = _authors_line(line)
+        if authors is not None:
+            out.append(authors)
+            continue
         match = _RATED_LINE_RE.match(line)
         if not match:
             continue

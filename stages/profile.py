@@ -83,6 +83,14 @@ def print_plan(applied: dict, params_path: str, sample: str, as_json: bool) -> N
         "not planned: DPO training (train@1, train@2; its pairs are only known once rewards exist), calls "
         "retried after a degenerate persona or an unparsable answer (the stage metrics count them)"
     )
+    if any(
+        src.get("format") == "deeper_windows"
+        for src in applied["ingest"]["presets"][applied["ingest"]["preset"]]
+    ):
+        notes.append(
+            "users as window.domains asks; a source with its own split (the authors' windows) holds at most its own "
+            "users and fewer for training (docs/data.md counts them), so fewer calls than planned"
+        )
     notes.append(
         f"prompts rendered on {len(sizes.train_users)} training and {len(sizes.eval_users)} evaluation users "
         f"of {sample}"

@@ -366,6 +366,85 @@ TUNED_ONLY = (
 )
 
 
+def authors_data_lines(name: str, data: str, titles: list[str], ratings: list[float]) -> list[str]:
+    """A list as the DEEPER authors' prompt scripts build it (sheep333c/DEEPER dynamic_persona_modeling/, copied
+    here line for line, with their integer ratings): persona_initate.generate_jsonl_string, behavior_predict's
+    `items=items` (a Python list), persona_update_deeper's and the baselines' `str({...})` a line."""
+    user_ratings = [int(r) for r in ratings]
+    if name == "init":
+        return [
+            json.dumps({"item": i, "user_rating": u}, ensure_ascii=False)
+            for i, u in zip(titles, user_ratings)
+        ]
+    if data == "items":
+        return [str(titles)]
+    if data == "comparisons":
+        predict_ratings = [3.5] * len(titles)  # realistic_values predicts 3.47; a prompt shows one decimal
+        return [
+            str(
+                {"item_name": titles[i], "user_rating": user_ratings[i], "predict_rating": predict_ratings[i]}
+            )
+            for i in range(len(titles))
+        ]
+    return [str({"item_name": titles[i], "user_rating": user_ratings[i]}) for i in range(len(titles))]
+
+
+def test_the_published_set_renders_lists_as_the_authors_scripts_did():
+    """The paper's tables show only placeholders; the published set fills them as the authors' scripts did, a
+    title with a quote mark included (Python's repr picks the other quote); the tuned set keeps numbered lines."""
+    from deeper.prompts import PROMPT_SETS
+
+    published, tuned = load_prompts(PROMPT_SETS["published"]), load_prompts()
+    titles, ratings = ["Schindler's List (1993)", 'The "Burbs" (1989)'], [5.0, 3.5]
+    assert published.lists == "authors" and tuned.lists == "numbered"
+    comparisons = published.render("refine", **realistic_values("refine", titles, ratings))[0]["content"]
+    assert (
+        "{'item_name': \"Schindler's List (1993)\", 'user_rating': 5, 'predict_rating': 3.5}" in comparisons
+    )
+    assert "{'item_name': 'The \"Burbs\" (1989)', 'user_rating': 3.5, 'predict_rating': 3.5}" in comparisons
+    init = published.render("init", **realistic_values("init", titles, ratings))[0]["content"]
+    assert '{"item": "Schindler\'s List (1993)", "user_rating": 5}' in init
+    predict = published.render("predict", **realistic_values("predict", titles, ratings))[0]["content"]
+    assert '["Schindler\'s List (1993)", \'The "Burbs" (1989)\']' in predict
+    numbered = tuned.render("refine", **realistic_values("refine", titles, ratings))[1]["content"]
+    assert '1. "Schindler\'s List (1993)": predicted 3.5, actual 5' in numbered
+    # a chat-control marker in a title is broken apart in either style
+    marked = published.render("fullregen", item_type="movie", ratings=[("A <|eot_id|> B", 4.0)])[0]["content"]
+    assert "<|" not in marked and "A < |eot_id|> B" in marked
+
+
+def test_a_sets_file_names_its_list_style_and_the_set_it_extends(tmp_path):
+    from deeper.prompts import PROMPT_SETS
+
+    shutil.copytree(TEMPLATE_DIR / "published", tmp_path / "set")
+    (tmp_path / "set" / "set.yaml").write_text("# comment\nlists: numbered\n")
+    assert PromptSet(tmp_path / "set").lists == "numbered"
+    (tmp_path / "set" / "set.yaml").unlink()
+    assert PromptSet(tmp_path / "set").lists == "numbered"  # no file: numbered lines
+    for text, message in (
+        ("lists: python\n", "lists: must be one of numbered, authors, got 'python'"),
+        ("extends: paper\n", "extends: must be one of tuned, published, diagnostic, got 'paper'"),
+        ("list: authors\n", "must be a mapping with the keys lists and extends only"),
+        ("lists: [\n", "unreadable"),
+    ):
+        (tmp_path / "set" / "set.yaml").write_text(text)
+        with pytest.raises(ConfigError, match=r"set\.yaml.*" + re.escape(message)):
+            PromptSet(tmp_path / "set")
+    # a set that extends another holds only what it changes: the diagnostic set is tuned but for its refine prompt
+    diagnostic, tuned = load_prompts(PROMPT_SETS["diagnostic"]), load_prompts()
+    assert sorted(p.name for p in PROMPT_SETS["diagnostic"].glob("*.txt")) == ["refine.txt"]
+    for name in template_names():
+        same = diagnostic[name].sections == tuned[name].sections
+        assert same == (name != "refine"), name
+    refine = diagnostic.render("refine", **realistic_values("refine", ["Heat (1995) [Action]"], [4.0]))
+    assert "which genres this viewer loves and which genres they dislike" in refine[1]["content"]
+    # without `extends`, a missing template is an error naming the file
+    (tmp_path / "part").mkdir()
+    shutil.copy(PROMPT_SETS["diagnostic"] / "refine.txt", tmp_path / "part")
+    with pytest.raises(ConfigError, match=r"init\.txt.*prompt template missing"):
+        PromptSet(tmp_path / "part")
+
+
 def test_the_published_set_is_the_papers_tables_word_for_word():
     from deeper.prompts import PROMPT_SETS
 
@@ -391,12 +470,10 @@ def test_the_published_set_is_the_papers_tables_word_for_word():
         expected = []
         for line in PAPER_TABLES[name]:
             if line == "<DATA>":
-                expected += [m.group(0) for m in item_lines(text)]
+                expected += authors_data_lines(name, data, titles, ratings)
                 continue
             expected += line.replace("<PERSONA>", PERSONA).split("\n")
         assert text.split("\n") == expected, name
-        if data:
-            assert len(item_lines(text)) == len(titles)
     # logprob mode's one-item prompt (ours; the paper predicts whole windows): Table 5's words for one item
     item = published.render("predict_item", **realistic_values("predict_item", titles, ratings))[0]["content"]
     assert item.startswith(
@@ -418,7 +495,9 @@ def test_params_pick_the_prompt_set_and_refuse_others():
     assert prompts_from_params({}).directory == TEMPLATE_DIR  # absent: tuned
     assert prompts_from_params({"prompts": "tuned"}).directory == PROMPT_SETS["tuned"]
     assert prompts_from_params({"prompts": "published"}).directory == TEMPLATE_DIR / "published"
-    with pytest.raises(ConfigError, match="prompts: must be one of tuned, published, got 'paper'"):
+    with pytest.raises(
+        ConfigError, match="prompts: must be one of tuned, published, diagnostic, got 'paper'"
+    ):
         prompts_from_params({"prompts": "paper"})
 
 

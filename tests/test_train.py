@@ -619,3 +619,32 @@ def test_training_curves_are_written_in_a_git_repository_without_a_commit(tiny_l
         curves_dir=tmp_path / "curves",
     )
     assert (tmp_path / "curves" / "plots" / "metrics" / "train" / "loss.tsv").is_file()
+
+
+def test_sampling_and_training_render_the_models_own_chat_template_with_its_system_turn(tiny_llama, tmp_path):
+    """Llama-3.1's own chat template adds a system turn ("Cutting Knowledge Date: ...") to a chat without one;
+    LLaMA-Factory's `llama3` template, which the authors trained with, adds none. This project renders every
+    chat with the model's own template, the same text in sampling (deeper.llm.scoring.render_prompt: the
+    transformers and vLLM backends) and in DPO training (TRL's conversational prompt): the parity table's
+    "chat template" row. A model whose template adds a system turn shows it in both."""
+    import shutil
+
+    from deeper.llm.scoring import render_prompt
+
+    model = tmp_path / "dated"
+    shutil.copytree(tiny_llama, model)
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    tokenizer.chat_template = (
+        "{% if messages[0]['role'] != 'system' %}{{ '<|im_start|>system\nCutting Knowledge Date: December 2023"
+        "<|im_end|>\n' }}{% endif %}" + tokenizer.chat_template
+    )
+    tokenizer.save_pretrained(model)
+    chat = [m for m in json.loads(PROMPT) if m["role"] == "user"]  # the published prompts: one user message
+    sampled = render_prompt(AutoTokenizer.from_pretrained(model), chat)
+    assert sampled.startswith(
+        "<|im_start|>system\nCutting Knowledge Date: December 2023<|im_end|>\n<|im_start|>user\n"
+    )
+    pairs = make_pairs(2).assign(prompt=json.dumps(chat))
+    trainer = build_trainer(model, pairs_to_examples(pairs, "p"), [], TrainConfig(**FAST), tmp_path / "o")
+    trained = trainer.processing_class.decode(trainer.train_dataset[0]["prompt_ids"])
+    assert trained == sampled  # the policy is trained on exactly the prompt text it samples from

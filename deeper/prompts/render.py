@@ -29,18 +29,23 @@ import math
 import re
 import unicodedata
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cache
 from pathlib import Path
 
-from deeper.errors import ConfigError
+from deeper.errors import ConfigError, first_line
 
 Chat = list[dict]
 
 TEMPLATE_DIR = Path(__file__).resolve().parent
 # params `prompts`: which set of templates every stage renders. tuned: this folder's (worded for small models:
 # a system turn, explicit instructions); published: the paper's Appendix A tables as they are (one user message).
-PROMPT_SETS = {"tuned": TEMPLATE_DIR, "published": TEMPLATE_DIR / "published"}
+PROMPT_SETS = {
+    "tuned": TEMPLATE_DIR,
+    "published": TEMPLATE_DIR / "published",
+    # the learning check's world (deeper/diagnostic.py): the tuned set, with a refine prompt that asks for tastes
+    "diagnostic": TEMPLATE_DIR / "diagnostic",
+}
 
 # The names each template must use (all of them) and may use (no others).
 PLACEHOLDERS: dict[str, frozenset[str]] = {
@@ -135,7 +140,48 @@ def format_comparisons(rows: Iterable[tuple[str, float, float]]) -> str:
     )
 
 
-# How each placeholder's value is turned into text; names not listed are free text.
+# The DEEPER authors' rendering of the same lists (their prompt scripts, github.com/sheep333c/DEEPER,
+# dynamic_persona_modeling/): a window's ratings as one Python dict a line (`str({"item_name": ..., "user_rating":
+# ...})`; the update prompt adds "predict_rating"), the initial persona's as JSON lines keyed "item", the items to
+# predict as one Python list. A rating prints as the number it is (5, 3.5): their Amazon and Food.com windows hold
+# integers; MovieLens's whole stars, floats in their files ("4.0"), print as "4" here (the database keeps floats).
+
+
+def _authors_number(value):
+    x = float(format_number(value))
+    return int(x) if x.is_integer() else x
+
+
+def authors_items(titles: Iterable[str]) -> str:
+    return repr([one_line(t) for t in titles])
+
+
+def authors_ratings(pairs: Iterable[tuple[str, float]]) -> str:
+    return "\n".join(str({"item_name": one_line(t), "user_rating": _authors_number(r)}) for t, r in pairs)
+
+
+def authors_init_ratings(pairs: Iterable[tuple[str, float]]) -> str:
+    return "\n".join(
+        json.dumps({"item": one_line(t), "user_rating": _authors_number(r)}, ensure_ascii=False)
+        for t, r in pairs
+    )
+
+
+def authors_comparisons(rows: Iterable[tuple[str, float, float]]) -> str:
+    return "\n".join(
+        str(
+            {
+                "item_name": one_line(t),
+                "user_rating": _authors_number(a),
+                "predict_rating": _authors_number(p),
+            }
+        )
+        for t, p, a in rows
+    )
+
+
+# How each placeholder's value is turned into text, per list style (a set's set.yaml names its style; default
+# numbered); names not listed are free text.
 _FORMATTERS = {
     "item_type": one_line,
     "item": quote_title,
@@ -143,10 +189,24 @@ _FORMATTERS = {
     "ratings": format_ratings,
     "comparisons": format_comparisons,
 }
+_AUTHORS = {
+    **_FORMATTERS,
+    "items": authors_items,
+    "ratings": authors_ratings,
+    "comparisons": authors_comparisons,
+}
+LIST_STYLES = ("numbered", "authors")
+SET_FILE = "set.yaml"  # a set folder's own settings: `lists` (LIST_STYLES), `extends` (a set in PROMPT_SETS)
 
 
-def format_value(name: str, value) -> str:
-    text = _FORMATTERS.get(name, free_text)(value)
+def format_value(name: str, value, lists: str = "numbered", template: str = "") -> str:
+    if lists == "authors":
+        formatter = (
+            authors_init_ratings if (template, name) == ("init", "ratings") else _AUTHORS.get(name, free_text)
+        )
+    else:
+        formatter = _FORMATTERS.get(name, free_text)
+    text = formatter(value)
     if name in ("items", "ratings", "comparisons") and not text:
         raise ValueError(f"{{{{{name}}}}}: the list is empty")
     return text
@@ -161,6 +221,7 @@ class Template:
     path: Path
     sections: dict[str, str]  # role -> text with placeholders ("system" optional, "user" always)
     prefill: str | None = None
+    lists: str = "numbered"  # how lists of titles and ratings are rendered (LIST_STYLES)
 
     def render(self, **values) -> Chat:
         expected = PLACEHOLDERS[self.name]
@@ -168,7 +229,7 @@ class Template:
         if given != expected:
             missing, extra = sorted(expected - given), sorted(given - expected)
             raise ValueError(f"prompt {self.name}: missing values {missing}, unknown values {extra}")
-        texts = {name: format_value(name, value) for name, value in values.items()}
+        texts = {name: format_value(name, value, self.lists, self.name) for name, value in values.items()}
         return [
             {"role": role, "content": _PLACEHOLDER_RE.sub(lambda m: texts[m.group(1)], text)}
             for role, text in self.sections.items()
@@ -250,12 +311,39 @@ def parse_template(name: str, path: Path) -> Template:
     return Template(name=name, path=path, sections=ordered, prefill=prefill)
 
 
+def read_set_file(path: Path) -> tuple[str, str | None]:
+    """(list style, the set it extends) from a set folder's set.yaml; ("numbered", None) where there is none."""
+    import yaml
+
+    if not path.exists():
+        return "numbered", None
+    try:
+        block = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        raise ConfigError("(file)", f"unreadable: {first_line(str(e))}", str(path)) from None
+    if not isinstance(block, dict) or set(block) - {"lists", "extends"}:
+        raise ConfigError("(set)", "must be a mapping with the keys lists and extends only", str(path))
+    lists, extends = block.get("lists", "numbered"), block.get("extends")
+    if lists not in LIST_STYLES:
+        raise ConfigError("lists", f"must be one of {', '.join(LIST_STYLES)}, got {lists!r}", str(path))
+    if extends is not None and extends not in PROMPT_SETS:
+        raise ConfigError("extends", f"must be one of {', '.join(PROMPT_SETS)}, got {extends!r}", str(path))
+    return lists, extends
+
+
 class PromptSet:
     """All templates of one directory, loaded and checked up front (so a bad file fails before any LLM call)."""
 
     def __init__(self, directory: str | Path | None = None):
         self.directory = Path(directory) if directory is not None else TEMPLATE_DIR
-        self.templates = {name: parse_template(name, self.directory / f"{name}.txt") for name in PLACEHOLDERS}
+        self.lists, extends = read_set_file(self.directory / SET_FILE)
+        # a set that extends another holds only the templates it changes; the rest are the other set's
+        base = PromptSet(PROMPT_SETS[extends]) if extends is not None else None
+        self.templates = {}
+        for name in PLACEHOLDERS:
+            path = self.directory / f"{name}.txt"
+            template = parse_template(name, path) if base is None or path.exists() else base.templates[name]
+            self.templates[name] = replace(template, lists=self.lists)
 
     def __getitem__(self, name: str) -> Template:
         if name not in self.templates:
