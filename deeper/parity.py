@@ -80,9 +80,35 @@ PAPER = (
         "tests/test_prompts.py::test_the_published_set_is_the_papers_tables_word_for_word",
     ),
     Row(
+        "list rendering",
+        "not shown: the tables hold placeholders",
+        "one Python dict a line (`str({'item_name': ..., 'user_rating': ..., 'predict_rating': ...})`), S_0's "
+        "ratings as JSON lines keyed `item`, the items to predict as one Python list",
+        ("prompts",),
+        "tests/test_prompts.py::test_the_published_set_renders_lists_as_the_authors_scripts_did",
+    ),
+    Row(
+        "initial persona answer",
+        'Table 4: plain text after "User Persona(at least **200 words**):"',
+        'a JSON answer {"persona": ...} in a ```json block, parsed',
+        (),
+        "tests/test_prompts.py::test_the_published_set_is_the_papers_tables_word_for_word",
+        code="Table 4's plain-text answer (the table speaks; its text is the one both readers have)",
+    ),
+    Row(
+        "chat template",
+        "not stated",
+        "LLaMA-Factory `template: llama3`: no system turn",
+        (),
+        "tests/test_train.py::test_sampling_and_training_render_the_models_own_chat_template_with_its_system_turn",
+        open=True,
+        code="the model's own chat template (Llama-3.1's adds a dated system turn to a chat without one), the same "
+        "text in sampling, DPO training and evaluation",
+    ),
+    Row(
         "baseline word counts",
         "none in Tables 7, 8, 10",
-        "FullRegen asks for at least 250 words",
+        "FullRegen asks for at least 250 words, SlideRegen and HierMerge's short-term persona for at least 190",
         (),
         "tests/test_prompts.py::test_the_published_set_is_the_papers_tables_word_for_word",
         open=True,
@@ -234,6 +260,30 @@ PAPER = (
         "tests/test_window.py::test_the_authors_folders_are_the_papers_domains_with_their_users_and_flags",
     ),
     Row(
+        "users",
+        "which users: not released with the paper",
+        "their train and test windows (data/data_process): every evaluation user, training users of three domains",
+        ("ingest.preset",),
+        _P + SETTINGS,
+    ),
+    Row(
+        "item-type labels",
+        "not stated ({item_type} in Tables 4-10)",
+        "the files' labels: `book`, `clothing_shoes_jewelry`, `movies_and_TV`, `recipe`, `local_business`, "
+        "`movie`, `art_crafts_sewing`, `automative`, ...",
+        ("ingest.preset",),
+        "tests/test_window.py::test_the_authors_folders_are_the_papers_domains_with_their_users_and_flags",
+    ),
+    Row(
+        "validation split",
+        "10% of the pairs; how they are drawn: not stated",
+        "LLaMA-Factory `val_size: 0.1`: pairs drawn at random",
+        ("pair.val_fraction",),
+        "tests/test_pairs.py::test_validation_holds_out_whole_contexts_by_seeded_hash",
+        open=True,
+        code="whole contexts held out (a context's pairs never straddle train and validation)",
+    ),
+    Row(
         "Food.com rating 0",
         "not stated",
         "kept in the windows, counted by the MAE",
@@ -244,7 +294,7 @@ PAPER = (
     Row(
         "update generation (evaluation)",
         "not stated",
-        "not stated",
+        "temperature 0 (their update scripts, DEEPER's and the baselines')",
         ("evaluate.sampling.temperature",),
         _P + SETTINGS,
         open=True,
@@ -264,9 +314,8 @@ def _value(value) -> str:
 
 def profile_value(row: Row, params: dict) -> str:
     """The row's keys and their values in `params` (the profile applied), or what the code does."""
-    if not row.keys:
-        return row.code
-    return "; ".join(f"`{key}: {_value(get(params, key))}`" for key in row.keys)
+    values = [f"`{key}: {_value(get(params, key))}`" for key in row.keys]
+    return "; ".join(values + ([row.code] if row.code else []))
 
 
 def render(rows: tuple[Row, ...], params: dict) -> str:

@@ -283,7 +283,9 @@ def test_the_authors_folders_are_the_papers_domains_with_their_users_and_flags(t
     )
     _authors_csv(food / "train_dataset.csv", [("t1", "train"), ("t2", "train")], "recipe")
     _authors_csv(food / "test_dataset.csv", [("e1", "eval")], "recipe")
-    _authors_csv(sports / "full_dataset.csv", [("s1", "eval"), ("s2", "test"), ("s3", "eval")])
+    _authors_csv(
+        sports / "full_dataset.csv", [("s1", "eval"), ("s2", "test"), ("s3", "eval")], "sports_outdoors"
+    )
     sources = sources_from_params(str(root), "deeper_authors", params["ingest"]["presets"])
     db = tmp_path / "r.duckdb"
     summary = ingest(sources, db)
@@ -292,6 +294,11 @@ def test_the_authors_folders_are_the_papers_domains_with_their_users_and_flags(t
     rows, metrics = windows(db, tmp_path / "w.parquet", **window)
     seen = {(r["domain"], r["split"]): r["seen"] for r in rows}
     assert seen == {("recipe", "train"): True, ("recipe", "eval"): True, ("amazon_sports", "eval"): False}
+    # the item-type label is the files' own spelling (what every prompt's {{item_type}} shows)
+    assert {(r["domain"], r["item_type"]) for r in rows} == {
+        ("recipe", "recipe"),
+        ("amazon_sports", "sports_outdoors"),
+    }
     assert metrics["domains"]["amazon_sports"]["eval_users"] == 3  # full_dataset.csv: test counts as eval
     assert metrics["domains"]["amazon_sports"]["requested_users"] == {"train": 0, "eval": 185}
     assert metrics["domains"]["recipe"]["train_users"] == 2
