@@ -16,6 +16,14 @@ CHATML_TEMPLATE = (
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+# SmolLM2-135M's layer shapes (its config.json): a random model of the embedded model's compute
+SMOLLM2_SHAPE = {
+    "hidden_size": 576,
+    "intermediate_size": 1536,
+    "num_hidden_layers": 30,
+    "num_attention_heads": 9,
+    "num_key_value_heads": 3,
+}
 CORPUS = [
     "The user enjoys thoughtful dramas and dislikes loud action films. Rating: 1 2 3 4 5",
     "Persona: a curious reader who rates mysteries highly and romance poorly.",
@@ -53,6 +61,7 @@ def make_tiny_llama(
     initializer_range: float = 0.02,
     corpus: list[str] | None = None,
     vocab_size: int = 400,
+    shape: dict | None = None,
 ) -> Path:
     """Save a tiny random Llama (2 layers, hidden 64) and its tokenizer to `directory`; return the path.
 
@@ -77,6 +86,9 @@ def make_tiny_llama(
         tie_word_embeddings=True,
         initializer_range=initializer_range,
     )
+    # e.g. SMOLLM2_SHAPE: a random model of a real model's size (bench/gpu_check.py)
+    for key, value in (shape or {}).items():
+        setattr(config, key, value)
     model = LlamaForCausalLM(config)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
