@@ -15,11 +15,11 @@ experiment (the baseline commit first) with the numbers the paper's Tables 19-21
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import yaml
 
+from deeper.bootstrap import format_interval
 from deeper.errors import DeeperError
 from deeper.outputs import write_text
 from deeper.profile import PROFILES_DIR, dvc_flags, load_profile
@@ -89,13 +89,7 @@ def _dig(data: dict, dotted: str):
 
 def _interval(data: dict, dotted: str, digits: int) -> str:
     value = _dig(data, dotted)
-    if not isinstance(value, dict) or not all(
-        isinstance(value.get(k), (int, float)) for k in ("estimate", "low", "high")
-    ):
-        return "-"
-    if any(math.isnan(value[k]) for k in ("estimate", "low", "high")):
-        return "-"
-    return f"{value['estimate']:.{digits}f} [{value['low']:.{digits}f}, {value['high']:.{digits}f}]"
+    return format_interval(value if isinstance(value, dict) else None, digits)
 
 
 def comparison(exp_show: list, baseline_rev: str) -> list[dict]:

@@ -16,6 +16,8 @@ DEEPER predicts better). Intervals are percentile intervals of `resamples` resam
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,6 +28,27 @@ from deeper.errors import DeeperError
 from deeper.params import mapping, param
 
 STATISTICS = ("mean_mae", "reduction_pct")
+NO_VALUE = "—"
+
+
+def format_interval(value, digits: int = 3, signed: bool = False) -> str:
+    """An interval as every page and log line shows it, "0.707 [0.633, 0.780]" (signed: "+0.707 [...]"):
+    `value` is a {estimate, low, high} mapping (percentile_interval's) or an object with those attributes
+    (deeper.review.Interval). The estimate alone where a bound is missing or not finite; NO_VALUE where the
+    estimate is."""
+    if value is None:
+        return NO_VALUE
+    parts = [
+        value.get(k) if isinstance(value, Mapping) else getattr(value, k, None)
+        for k in ("estimate", "low", "high")
+    ]
+    finite = [isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x) for x in parts]
+    spec = f"{'+' if signed else ''}.{digits}f"
+    if not finite[0]:
+        return NO_VALUE
+    if not (finite[1] and finite[2]):
+        return format(parts[0], spec)
+    return f"{format(parts[0], spec)} [{format(parts[1], spec)}, {format(parts[2], spec)}]"
 
 
 @dataclass(frozen=True)

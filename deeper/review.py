@@ -27,6 +27,8 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from deeper.bootstrap import format_interval
+
 # The method the paired differences are taken against (eval.json bootstrap.vs_deeper: DEEPER minus the method).
 REFERENCE = "deeper"
 # GitHub refuses a comment longer than 65,536 characters; CML adds its watermark. The folded metrics diff is cut
@@ -185,14 +187,6 @@ def headline_rows(base_eval: dict | None, head_eval: dict | None, key: str = "me
         )
         for m in names
     ]
-
-
-def format_interval(value: Interval | None, digits: int) -> str:
-    if value is None:
-        return "—"
-    if value.low is None or value.high is None:
-        return f"{value.estimate:.{digits}f}"
-    return f"{value.estimate:.{digits}f} [{value.low:.{digits}f}, {value.high:.{digits}f}]"
 
 
 def format_change(old: Interval | None, new: Interval | None) -> str:

@@ -30,7 +30,8 @@ import click
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from deeper.errors import DeeperError  # after the repo root is on the path
+from deeper.bootstrap import format_interval  # after the repo root is on the path
+from deeper.errors import DeeperError
 from stages._cli import user_errors
 
 
@@ -94,7 +95,7 @@ def preference(run: Path, pairs, beta: float, policy_name: str) -> dict:
 
 
 def percentile_row(interval: dict) -> str:
-    return f"{interval['estimate']:+.3f} [{interval['low']:+.3f}, {interval['high']:+.3f}]"
+    return format_interval(interval, signed=True)
 
 
 @click.command(help=__doc__.split("\n\n")[0])

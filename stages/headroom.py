@@ -22,7 +22,7 @@ from pathlib import Path
 import click
 import pyarrow as pa
 
-from deeper.bootstrap import BootstrapSettings
+from deeper.bootstrap import BootstrapSettings, format_interval
 from deeper.config import get
 from deeper.headroom import CONDITIONS, CONTRASTS, HeadroomSettings, check_window, measure, plot_rows
 from deeper.iteration import load_frozen
@@ -89,10 +89,7 @@ def run(params: dict, windows: Path, personas: Path, out: Path, metrics: Path, p
             for row in plot_rows(summary)
         ),
     )
-    shown = ", ".join(
-        f"{name} {summary[name]['estimate']:+.3f} [{summary[name]['low']:+.3f}, {summary[name]['high']:+.3f}]"
-        for name in CONTRASTS
-    )
+    shown = ", ".join(f"{name} {format_interval(summary[name], signed=True)}" for name in CONTRASTS)
     click.echo(f"wrote {out}, {metrics}, {plot}: {shown}", err=True)
     return summary
 

@@ -39,7 +39,7 @@ from pathlib import Path
 
 import click
 
-from deeper.bootstrap import BootstrapSettings, paired_bootstrap
+from deeper.bootstrap import BootstrapSettings, format_interval, paired_bootstrap
 from deeper.metrics import write_json
 from deeper.outputs import write_csv, write_text
 from deeper.pairs import thresholds_from_params
@@ -84,14 +84,10 @@ def run(
         boot = metrics["bootstrap"]
         mean = boot["methods"][method]["mean_mae"]
         versus = boot.get("vs_deeper", {}).get(method, {}).get("mean_mae")
-        versus_shown = (
-            f", deeper minus it {versus['estimate']:+.3f} [{versus['low']:+.3f}, {versus['high']:+.3f}]"
-            if versus
-            else ""
-        )
+        versus_shown = f", deeper minus it {format_interval(versus, signed=True)}" if versus else ""
         click.echo(
             f"{method:>11}: mae r0 {shown[0]} -> r{rounds} {shown[1]} (reduction {cut_shown}); mean of rounds "
-            f"1-{rounds} {mean['estimate']:.3f} [{mean['low']:.3f}, {mean['high']:.3f}]{versus_shown}",
+            f"1-{rounds} {format_interval(mean)}{versus_shown}",
             err=True,
         )
     click.echo(

@@ -98,3 +98,22 @@ def test_methods_on_other_users_are_refused():
     fewer = dict(list(USERS.items())[1:])
     with pytest.raises(DeeperError, match="different users"):
         paired_bootstrap({"deeper": table(USERS), "x": table(fewer)}, ROUNDS, FAST)
+
+
+def test_one_interval_formatter_for_every_page_and_log_line():
+    from deeper.bootstrap import format_interval
+    from deeper.review import Interval
+
+    assert format_interval({"estimate": 0.7071, "low": 0.6329, "high": 0.78}) == "0.707 [0.633, 0.780]"
+    assert (
+        format_interval({"estimate": -0.02, "low": -0.055, "high": 0.007}, signed=True)
+        == "-0.020 [-0.055, +0.007]"
+    )
+    assert format_interval({"estimate": 12.345, "low": 1.0, "high": 20.0}, 1) == "12.3 [1.0, 20.0]"
+    assert format_interval(Interval(-24.3764, -82.2122, 21.0091), 1) == "-24.4 [-82.2, 21.0]"  # an object too
+    # a missing or non-finite bound shows the estimate alone; a missing estimate shows the dash
+    assert format_interval({"estimate": 1.0, "low": float("nan"), "high": 2.0}) == "1.000"
+    assert format_interval(Interval(1.0, 0.5, None), 3) == "1.000"
+    assert format_interval({"estimate": float("nan"), "low": 0.0, "high": 1.0}) == "—"
+    assert format_interval({"estimate": True, "low": 0.0, "high": 1.0}) == "—"
+    assert format_interval(None) == format_interval({}) == "—"

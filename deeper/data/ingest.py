@@ -50,7 +50,9 @@ UNKNOWN_ITEMS = ("keep", "drop")
 ZERO_RATINGS = ("drop", "keep")
 
 _BATCH = 500_000
-DUCKDB_MEMORY_LIMIT = "1GB"  # DuckDB's own buffers while ingesting; Python's (one batch, the titles) come on top
+DUCKDB_MEMORY_LIMIT = (
+    "1GB"  # DuckDB's own buffers while ingesting; Python's (one batch, the titles) come on top
+)
 _RATING_SCHEMA = pa.schema(
     [
         ("domain", pa.string()),
