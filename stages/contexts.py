@@ -22,13 +22,12 @@ import pandas as pd
 from deeper.errors import InputError
 from deeper.iteration import build_contexts, load_frozen, read_user_windows, states_from_personas
 from deeper.methods import trained_update_from_params
-from deeper.metrics import write_json
-from deeper.outputs import write_parquet
 from deeper.predict import PredictSettings
 from deeper.prompts import prompts_from_params
 from deeper.reward import OLD_COLUMNS, PARTS
 from deeper.tables import read_contexts, read_personas
-from stages._cli import PARAMS_OPTION, echo_calls, load_checked_params, user_errors
+from stages._cli import PARAMS_OPTION, load_checked_params, user_errors
+from stages._tail import stage_tail
 
 
 def summarize(contexts: pd.DataFrame, new: int, skipped: dict, predict: dict) -> dict:
@@ -72,14 +71,9 @@ def run(
         raise InputError(
             previous, f"context {contexts['context_id'][twice].iloc[0]!r} is built again at t={iteration}"
         )
-    write_parquet(contexts, out)
     summary = summarize(contexts, len(new), skipped, stats.to_metrics())
-    write_json(metrics, summary)
-    echo_calls("frozen", frozen)
-    click.echo(
-        f"wrote {out}: {len(contexts)} contexts ({len(new)} new) in {time.perf_counter() - start:.1f} s",
-        err=True,
-    )
+    what = f"{len(contexts)} contexts ({len(new)} new)"
+    stage_tail(contexts, out, metrics, summary, {"frozen": frozen}, what, start)
     return summary
 
 

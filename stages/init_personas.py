@@ -27,8 +27,6 @@ import pyarrow as pa
 from deeper.config import get
 from deeper.data.schema import SPLITS
 from deeper.errors import ConfigError
-from deeper.metrics import write_json
-from deeper.outputs import write_parquet
 from deeper.personas import (
     PersonaSettings,
     count_words,
@@ -39,7 +37,8 @@ from deeper.personas import (
 )
 from deeper.prompts import prompts_from_params
 from deeper.tables import read_windows
-from stages._cli import PARAMS_OPTION, echo_calls, load_checked_params, user_errors
+from stages._cli import PARAMS_OPTION, load_checked_params, user_errors
+from stages._tail import stage_tail
 
 OUT_SCHEMA = pa.schema(
     [
@@ -107,8 +106,6 @@ def run(params: dict, windows: Path, out: Path, metrics: Path) -> dict:
     personas, tries, at_limit = generate_personas(
         llm, chats, settings, log=lambda line: click.echo(line, err=True)
     )
-    echo_calls("frozen", llm)
-
     df = pd.DataFrame(users, columns=["domain", "user_id", "split"])
     df["persona"] = personas
     df["persona_tokens"] = [counter(p) for p in personas]
@@ -116,15 +113,13 @@ def run(params: dict, windows: Path, out: Path, metrics: Path) -> dict:
     df["attempts"] = tries
     df["degenerate"] = [degenerate_reason(p, settings.min_words) for p in personas]
     df["stopped_at_limit"] = at_limit
-    write_parquet(df, out, OUT_SCHEMA)
     summary = summarise(df, retried=int((df["attempts"] > 1).sum()), tokenizer=settings.tokenizer)
-    write_json(metrics, summary)
     flagged = sum(summary["degenerate"].values())
-    click.echo(
-        f"wrote {out}: {len(df)} personas, {flagged} flagged degenerate, {summary['stopped_at_limit']} "
-        f"stopped at max_new_tokens={settings.sampling.max_new_tokens}; metrics in {metrics}",
-        err=True,
+    what = (
+        f"{len(df)} personas, {flagged} flagged degenerate, {summary['stopped_at_limit']} stopped at "
+        f"max_new_tokens={settings.sampling.max_new_tokens}; metrics in {metrics}"
     )
+    stage_tail(df, out, metrics, summary, {"frozen": llm}, what, schema=OUT_SCHEMA)
     return summary
 
 

@@ -20,11 +20,10 @@ import click
 
 from deeper.iteration import SampleSettings, load_policy, read_user_windows, refine_personas
 from deeper.methods import trained_update_from_params
-from deeper.metrics import write_json
-from deeper.outputs import write_parquet
 from deeper.prompts import prompts_from_params
 from deeper.tables import read_contexts
-from stages._cli import PARAMS_OPTION, echo_calls, load_checked_params, user_errors
+from stages._cli import PARAMS_OPTION, load_checked_params, user_errors
+from stages._tail import stage_tail
 
 
 def run(params: dict, contexts_path: Path, windows: Path, adapter: Path, out: Path, metrics: Path) -> dict:
@@ -47,14 +46,8 @@ def run(params: dict, contexts_path: Path, windows: Path, adapter: Path, out: Pa
         source=str(contexts_path),
         update=trained_update_from_params(params),
     )
-    write_parquet(refined, out)
-    write_json(metrics, counts)
-    echo_calls("policy", policy)
-    click.echo(
-        f"wrote {out}: {counts['refined']} personas ({counts['empty']} empty answers kept the old one) "
-        f"in {time.perf_counter() - start:.1f} s",
-        err=True,
-    )
+    what = f"{counts['refined']} personas ({counts['empty']} empty answers kept the old one)"
+    stage_tail(refined, out, metrics, counts, {"policy": policy}, what, start)
     return counts
 
 

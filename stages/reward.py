@@ -18,14 +18,13 @@ from pathlib import Path
 import click
 
 from deeper.iteration import candidate_errors, load_frozen, read_user_windows
-from deeper.metrics import write_json
-from deeper.outputs import write_parquet
 from deeper.pairs import thresholds_from_params
 from deeper.predict import PredictSettings
 from deeper.prompts import prompts_from_params
 from deeper.reward import RewardWeights, compute_rewards, summarize_rewards
 from deeper.tables import read_contexts, read_samples
-from stages._cli import PARAMS_OPTION, echo_calls, load_checked_params, user_errors
+from stages._cli import PARAMS_OPTION, load_checked_params, user_errors
+from stages._tail import stage_tail
 
 
 def run(
@@ -43,21 +42,15 @@ def run(
     errors, stats = candidate_errors(contexts, samples, users, frozen, settings, prompts_from_params(params))
     rewards = compute_rewards(errors, weights, source=str(samples_path))
     rewards = rewards.merge(contexts[["context_id", "t"]], on="context_id", how="left")
-    write_parquet(rewards, out)
     summary = summarize_rewards(rewards, tau_pos, tau_neg)
     summary["r_mean_by_step"] = {
         f"t{t}": float(rows["r"].mean()) for t, rows in rewards.groupby("t", sort=True)
     }
     summary["predict"] = stats.to_metrics()
-    write_json(metrics, summary)
-    echo_calls("frozen", frozen)
     mean_r = summary["r"]["mean"]  # None when no candidate could be scored
     mean_shown = "none scored" if mean_r is None else f"{mean_r:.3f}"
-    click.echo(
-        f"wrote {out}: {len(rewards)} rewarded candidates, mean r {mean_shown}, "
-        f"in {time.perf_counter() - start:.1f} s",
-        err=True,
-    )
+    what = f"{len(rewards)} rewarded candidates, mean r {mean_shown},"
+    stage_tail(rewards, out, metrics, summary, {"frozen": frozen}, what, start)
     return summary
 
 

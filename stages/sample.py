@@ -19,10 +19,9 @@ from pathlib import Path
 import click
 
 from deeper.iteration import POLICY_ROLES, SampleSettings, load_policy, sample_candidates
-from deeper.metrics import write_json
-from deeper.outputs import write_parquet
 from deeper.tables import read_contexts
-from stages._cli import PARAMS_OPTION, echo_calls, load_checked_params, user_errors
+from stages._cli import PARAMS_OPTION, load_checked_params, user_errors
+from stages._tail import stage_tail
 
 
 def run(
@@ -44,14 +43,8 @@ def run(
         err=True,
     )
     samples, counts = sample_candidates(contexts, policy, settings.n, settings.sampling)
-    write_parquet(samples, out)
-    write_json(metrics, counts)
-    echo_calls("policy", policy)
-    click.echo(
-        f"wrote {out}: {len(samples)} candidates ({counts['empty']} empty dropped) "
-        f"in {time.perf_counter() - start:.1f} s",
-        err=True,
-    )
+    what = f"{len(samples)} candidates ({counts['empty']} empty dropped)"
+    stage_tail(samples, out, metrics, counts, {"policy": policy}, what, start)
     return counts
 
 
