@@ -24,8 +24,9 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeGuard
 
 # The method the paired differences are taken against (eval.json bootstrap.vs_deeper: DEEPER minus the method).
 REFERENCE = "deeper"
@@ -93,7 +94,7 @@ class Interval:
         return cls(float(node["estimate"]), float(low), float(high))
 
 
-def _number(value) -> bool:
+def _number(value) -> TypeGuard[float]:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
@@ -198,6 +199,7 @@ def format_interval(value: Interval | None, digits: int) -> str:
 def format_change(old: Interval | None, new: Interval | None) -> str:
     mark = mark_change(old, new)
     if mark in (NOISE, OUTSIDE, NO_INTERVAL):
+        assert old is not None and new is not None  # mark_change gives these marks only with both
         # four decimals: eval.json's rounding, so float noise (0.0001) shows as what it is
         return f"{new.estimate - old.estimate:+.4f} {MARK_TEXT[mark]}"
     return MARK_TEXT[mark]
@@ -205,9 +207,7 @@ def format_change(old: Interval | None, new: Interval | None) -> str:
 
 def _rounds(base_eval: dict | None, head_eval: dict | None) -> str:
     rounds = [
-        ev.get("rounds")
-        for ev in (head_eval, base_eval)
-        if isinstance(ev, dict) and _number(ev.get("rounds"))
+        value for ev in (head_eval, base_eval) if isinstance(ev, dict) and _number(value := ev.get("rounds"))
     ]
     return f"rounds 1-{int(rounds[0])}" if rounds else "rounds 1-R"
 
@@ -388,6 +388,7 @@ def stage_changes(base_lock: dict | None, head_lock: dict | None) -> list[StageC
         if old == new:
             continue
         if old is None:
+            assert new is not None  # old == new (both None) continued above
             changes.append(StageChange(name, "new", outs_total=len(_by_path(new.get("outs")))))
             continue
         if new is None:
@@ -676,8 +677,8 @@ def build_review(
     params_diff: dict | None,
     metrics_md: str,
     images: list[PlotImage],
-    unchanged_plots: list[str] = (),
-    missing_plots: list[tuple[str, str]] = (),
+    unchanged_plots: Sequence[str] = (),
+    missing_plots: Sequence[tuple[str, str]] = (),
     limit: int = COMMENT_LIMIT,
 ) -> str:
     """The whole page; its length stays under `limit` by cutting the folded metrics diff."""
