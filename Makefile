@@ -21,11 +21,13 @@ $(VENV)/.installed: pyproject.toml
 repro: setup
 	dvc repro
 
-# ruff's lint and format check first (seconds; config in pyproject.toml): a finding fails the run before the
-# tests start (`ruff format .` fixes the formatting)
+# ruff's lint and format check (seconds) and mypy's type check of deeper/ (minutes with an empty .mypy_cache,
+# then under one) first, config in pyproject.toml: a finding fails the run before the tests start (`ruff format .`
+# fixes the formatting)
 test: setup
 	ruff check .
 	ruff format --check .
+	mypy
 	pytest
 
 PROFILE ?= paper

@@ -105,7 +105,7 @@ def comparison(exp_show: list, baseline_rev: str) -> list[dict]:
         records += found
         for record in found:
             baselines[record["rev"]] = entry["rev"]
-    by_name = {}
+    by_name: dict[str, dict] = {}
     for record in records:  # the first listed is the newest commit's
         if record.get("name"):
             by_name.setdefault(record["name"], record)
@@ -114,10 +114,10 @@ def comparison(exp_show: list, baseline_rev: str) -> list[dict]:
         raise DeeperError(f"dvc exp show has no record of the baseline commit {baseline_rev[:7]}")
     rows = [_row("baseline (HEAD)", baseline_rev[:7], "-", base)]
     for name in available():
-        record = by_name.get(experiment_name(name))
-        if record is None or not record["data"].get("metrics"):
+        latest = by_name.get(experiment_name(name))
+        if latest is None or not latest["data"].get("metrics"):
             continue  # not run (yet), or failed: `dvc queue status` says which
-        rows.append(_row(experiment_name(name), baselines[record["rev"]][:7], _changes(name), record))
+        rows.append(_row(experiment_name(name), baselines[latest["rev"]][:7], _changes(name), latest))
     return rows
 
 

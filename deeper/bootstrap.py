@@ -126,7 +126,7 @@ def user_matrix(table: pd.DataFrame, rounds: int) -> pd.DataFrame:
 def _statistics(round_means: list[np.ndarray]) -> dict[str, np.ndarray]:
     """Per domain (..., rounds + 1) round means -> each statistic averaged over domains (each domain weighs the
     same, and the reduction is each domain's own, as metrics/eval.json's `all`), shape (...)."""
-    stats = {"mean_mae": [], "reduction_pct": []}
+    stats: dict[str, list[np.ndarray]] = {"mean_mae": [], "reduction_pct": []}
     for means in round_means:
         r0, last = means[..., 0], means[..., -1]
         stats["mean_mae"].append(means[..., 1:].mean(axis=-1))

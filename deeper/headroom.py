@@ -159,6 +159,7 @@ def measure(
     rows = []
     for k, (request, prediction) in enumerate(zip(requests, predictions)):
         user = users[k % n]
+        assert request.actual is not None  # every request above carries the window's ratings
         rows.append(
             (
                 user.domain,

@@ -22,9 +22,10 @@ progress and stores each chunk as it returns, so a killed stage resumes where it
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -165,7 +166,7 @@ def _window_requests(state: State) -> list[WindowRequest]:
     ]
 
 
-def update_input(state: State, predictions: Sequence[float]) -> UpdateInput:
+def update_input(state: State, predictions: Iterable[float]) -> UpdateInput:
     """The refine method's input: S_{t-1}, the history up to W_t and the ratings predicted for W_t."""
     return UpdateInput(
         item_type=state.user.item_type,
@@ -196,6 +197,11 @@ def build_contexts(
     rows = []
     for i, state in enumerate(states):
         mine = dict(zip(PARTS, preds[3 * i : 3 * i + 3]))
+        old_errors = {}
+        for part, col in zip(PARTS, OLD_COLUMNS):
+            error = mine[part].mae
+            assert error is not None  # each request of _window_requests carries the window's actual ratings
+            old_errors[col] = float(error)
         item = update_input(state, mine["curr"].ratings)
         rows.append(
             {
@@ -207,7 +213,7 @@ def build_contexts(
                 "persona_old": state.persona,
                 "predicted": list(item.predictions),
                 "prompt": json.dumps(refine_chat(item, prompts, update), ensure_ascii=False),
-                **{col: float(mine[part].mae) for part, col in zip(PARTS, OLD_COLUMNS)},
+                **old_errors,
             }
         )
     return pd.DataFrame(rows, columns=list(CONTEXT_COLUMNS)), stats
@@ -292,7 +298,7 @@ def sample_candidates(
     ids = list(contexts["context_id"])
     old = dict(zip(ids, contexts["persona_old"]))
     rows = []
-    counts = {
+    counts: dict[str, Any] = {
         "contexts": len(ids),
         "requested": len(ids) * n,
         **dict.fromkeys(FAILED_REASONS + FLAGGED_REASONS, 0),

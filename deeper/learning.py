@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -70,8 +71,7 @@ def preference_report(
     the policy's and the base's preference accuracy, their difference, the implicit reward margin and the
     reward accuracy."""
     bootstrap = bootstrap or BootstrapSettings()
-    contexts = np.asarray(contexts)
-    names, index = np.unique(contexts, return_inverse=True)
+    names, index = np.unique(np.asarray(contexts), return_inverse=True)
     policy_right = (policy[:, 0] > policy[:, 1]).astype(float)
     base_right = (base[:, 0] > base[:, 1]).astype(float)
     margin = beta * ((policy[:, 0] - base[:, 0]) - (policy[:, 1] - base[:, 1]))
@@ -87,7 +87,7 @@ def preference_report(
     counts = np.stack([np.bincount(d, minlength=len(names)) for d in draws])  # (resamples, contexts)
     pairs_per_context = np.bincount(index, minlength=len(names))
     weights = counts[:, index]  # each pair weighs as often as its context was drawn
-    out = {"pairs": len(contexts), "contexts": len(names)}
+    out: dict[str, Any] = {"pairs": len(contexts), "contexts": len(names)}
     for name, v in values.items():
         resampled = (weights * v).sum(axis=1) / (counts * pairs_per_context).sum(axis=1)
         out[name] = percentile_interval(v.mean(), resampled, bootstrap.level)

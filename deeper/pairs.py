@@ -43,7 +43,7 @@ import pandas as pd
 
 from deeper.config import get
 from deeper.errors import ConfigError, InputError
-from deeper.params import mapping, number, param
+from deeper.params import NumberRule, mapping, number, param
 from deeper.reward import THRESHOLD_TOLERANCE, is_negative, is_positive
 from deeper.tables import first_bad_row, read_parquet_checked
 
@@ -65,7 +65,7 @@ PAIR_COLUMNS = (
 STRATEGIES = ("largest_margin", "best_vs_worst", "all")
 REPLAY_ORDERS = ("largest_margin", "random")  # iter2.replay_order
 # params pair.<name>: ranges of its numbers (deeper.params.number)
-PAIR_RULES = {
+PAIR_RULES: dict[str, NumberRule] = {
     "max_per_context": {"integer": True, "low": 1, "nullable": True},  # null: no cap
     "val_fraction": {"low": 0.0, "high": 1.0, "high_open": True},
     "seed": {"integer": True, "low": 0},

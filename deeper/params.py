@@ -18,11 +18,23 @@ from __future__ import annotations
 
 import math
 import re
+from typing import TypedDict
 
 from deeper.config import get
 from deeper.errors import ConfigError
 
 _DECIMAL = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+
+
+class NumberRule(TypedDict, total=False):
+    """A key's rule in the *_RULES tables: number()'s keyword arguments."""
+
+    integer: bool
+    low: float
+    high: float
+    low_open: bool
+    high_open: bool
+    nullable: bool
 
 
 def number(
@@ -86,7 +98,7 @@ def param(params: dict, key: str, **rule):
 MODEL_ROLES = ("frozen", "policy", "sampler")
 
 SAMPLING_KEYS = ("temperature", "top_p", "repetition_penalty", "max_new_tokens", "seed")
-SAMPLING_RULES = {
+SAMPLING_RULES: dict[str, NumberRule] = {
     "temperature": {"low": 0.0},
     "top_p": {"low": 0.0, "low_open": True, "high": 1.0},
     "repetition_penalty": {"low": 0.0, "low_open": True},

@@ -91,7 +91,8 @@ def plot_definitions(dvc_yaml: dict, source: str = "dvc.yaml") -> list[PlotDefin
             raise ConfigError(
                 where, f"the images do not draw {unknown}; keys: x, y, {', '.join(PROPERTIES)}", source
             )
-        y_value, more_paths = props.get("y"), ()
+        y_value = props.get("y")
+        more_paths: tuple[str, ...] = ()
         if isinstance(y_value, dict) and len(y_value) > 1:
             fields = set(y_value.values())
             if len(fields) != 1 or not all(isinstance(f, str) and f for f in fields):
@@ -299,4 +300,7 @@ def build_offline_page() -> str:
         f"the javascript_bundle of vl-convert-python {version('vl-convert-python')}; "
         f"made by scripts/build_offline_plots_page.py"
     )
-    return offline_page(vl_convert.javascript_bundle(vl_version=VEGA_LITE_VERSION), provenance)
+    bundle = vl_convert.javascript_bundle(  # type: ignore[call-arg]  # stub: snippet required; default None
+        vl_version=VEGA_LITE_VERSION
+    )
+    return offline_page(bundle, provenance)

@@ -26,7 +26,7 @@ def build_report(
     weights: RewardWeights,
     tau_pos: float,
     tau_neg: float,
-    refiners: set[str] = frozenset(),
+    refiners: set[str] | frozenset[str] = frozenset(),
 ) -> tuple[dict, dict[str, list[dict]]]:
     """(metrics, plot rows by file name) from each method's evaluation table; `refiners`: the methods whose
     first update is scored as a reward (the ones that run DEEPER's refine prompt)."""

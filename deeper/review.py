@@ -24,8 +24,9 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeGuard
 
 from deeper.bootstrap import format_interval
 
@@ -95,7 +96,7 @@ class Interval:
         return cls(float(node["estimate"]), float(low), float(high))
 
 
-def _number(value) -> bool:
+def _number(value) -> TypeGuard[float]:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
@@ -192,6 +193,7 @@ def headline_rows(base_eval: dict | None, head_eval: dict | None, key: str = "me
 def format_change(old: Interval | None, new: Interval | None) -> str:
     mark = mark_change(old, new)
     if mark in (NOISE, OUTSIDE, NO_INTERVAL):
+        assert old is not None and new is not None  # mark_change gives these marks only with both
         # four decimals: eval.json's rounding, so float noise (0.0001) shows as what it is
         return f"{new.estimate - old.estimate:+.4f} {MARK_TEXT[mark]}"
     return MARK_TEXT[mark]
@@ -199,9 +201,7 @@ def format_change(old: Interval | None, new: Interval | None) -> str:
 
 def _rounds(base_eval: dict | None, head_eval: dict | None) -> str:
     rounds = [
-        ev.get("rounds")
-        for ev in (head_eval, base_eval)
-        if isinstance(ev, dict) and _number(ev.get("rounds"))
+        value for ev in (head_eval, base_eval) if isinstance(ev, dict) and _number(value := ev.get("rounds"))
     ]
     return f"rounds 1-{int(rounds[0])}" if rounds else "rounds 1-R"
 
@@ -382,6 +382,7 @@ def stage_changes(base_lock: dict | None, head_lock: dict | None) -> list[StageC
         if old == new:
             continue
         if old is None:
+            assert new is not None  # old == new (both None) continued above
             changes.append(StageChange(name, "new", outs_total=len(_by_path(new.get("outs")))))
             continue
         if new is None:
@@ -670,8 +671,8 @@ def build_review(
     params_diff: dict | None,
     metrics_md: str,
     images: list[PlotImage],
-    unchanged_plots: list[str] = (),
-    missing_plots: list[tuple[str, str]] = (),
+    unchanged_plots: Sequence[str] = (),
+    missing_plots: Sequence[tuple[str, str]] = (),
     limit: int = COMMENT_LIMIT,
 ) -> str:
     """The whole page; its length stays under `limit` by cutting the folded metrics diff."""

@@ -141,7 +141,8 @@ def load_eval_users(
             )
     initial = read_personas(personas, split="eval")
     skipped = {"too_few_windows": 0, "no_persona": 0}
-    users, taken = [], {}
+    users: list[EvalUser] = []
+    taken: dict[str, int] = {}
     for user in user_windows(table, split="eval"):  # sorted by domain, user_id
         if domains is not None and user.domain not in domains:
             continue
@@ -173,7 +174,7 @@ def rollout(
     frozen: LLM,
     rounds: int,
     predict_settings: PredictSettings | None = None,
-    count_tokens: Callable[[str], int] | None = None,
+    count_tokens: Callable[[str], float] | None = None,
     progress: bool = True,
     label: str | None = None,
     prompts: PromptSet | None = None,
@@ -220,6 +221,7 @@ def rollout(
         stats.add(step_stats)
         for key, pred in zip(keys, preds):
             failed = 0 if pred.failed is None else int(np.asarray(pred.failed).sum())
+            assert pred.mae is not None  # every request above carries the window's actual ratings
             results[key] = (np.asarray(pred.ratings, dtype=float), float(pred.mae), failed)
 
     def first_update_keys(s: int) -> list[tuple[int, int, int]]:

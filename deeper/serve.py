@@ -26,6 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import duckdb
 from tqdm.auto import tqdm
@@ -42,6 +43,9 @@ from deeper.personas import PersonaSettings, count_words, degenerate_reason, gen
 from deeper.predict import PredictSettings, WindowRequest, predict_windows
 from deeper.prompts import prompts_from_params
 from deeper.store import PersonaStore, Rating, StaleState, UserState, window_key
+
+if TYPE_CHECKING:
+    from deeper.llm.cache import CachedLLM
 
 DEEPER_METHOD = "deeper"  # the evaluation method whose adapter is the default: Model 2 (models/adapters/it2)
 DEFAULT_STORE = "personas.duckdb"
@@ -131,8 +135,8 @@ def plan_user(state: UserState, item_type: str, new: list[Rating], size: int) ->
 class Models:
     """The loaded models and what the store records about them."""
 
-    frozen: object
-    policy: object
+    frozen: CachedLLM
+    policy: CachedLLM
     adapter: str | None
     adapter_fingerprint: str | None
     count_tokens: Callable[[str], int]
@@ -255,6 +259,7 @@ def compute_rounds(plans: list[UserPlan], models: Models, params: dict, log: Cal
             current[i] = (1, 0, persona)
     for i, p in enumerate(plans):
         if p.windows and p.state.last_round is not None:
+            assert p.state.persona is not None  # a stored round has its persona (NOT NULL)
             current[i] = (0, p.state.last_round, p.state.persona)
     steps = max((len(plans[i].windows) - current[i][0] for i in current), default=0)
     for step in tqdm(range(steps), desc="refine", unit="round", disable=steps == 0):
@@ -288,6 +293,7 @@ def compute_rounds(plans: list[UserPlan], models: Models, params: dict, log: Cal
         for i, w, pred, res in zip(todo, windows, preds, results):
             index, rnd, _ = current[i]
             failed = 0 if pred.failed is None else int(pred.failed.sum())
+            assert pred.mae is not None  # every request above carries the window's actual ratings
             plans[i].rounds.append(
                 _round_row(
                     plans[i],

@@ -304,9 +304,11 @@ class PersonaStore:
                 [domains[0], user_id],
             )
             rows = [dict(zip(PERSONA_COLUMNS, row)) for row in cur.fetchall()]
-            pending = con.execute(
+            count = con.execute(
                 "SELECT count(*) FROM pending WHERE domain = ? AND user_id = ?", [domains[0], user_id]
-            ).fetchone()[0]
+            ).fetchone()
+            assert count is not None  # count(*) always gives one row
+            pending = count[0]
         for row in rows:
             row["pending_after"] = None
         if rows:
@@ -326,6 +328,7 @@ class PersonaStore:
         user of `expected` changed since it was read."""
         users = sorted(expected)
         with self.connect(write=True) as con:
+            assert con is not None  # connect(write=True) always yields a connection
             for statement in SCHEMA:
                 con.execute(statement)
             con.execute("BEGIN TRANSACTION")

@@ -29,6 +29,7 @@ import shutil
 import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 import duckdb
 
@@ -79,7 +80,7 @@ def check_store(path: str | Path) -> dict:
     if not path.exists():
         raise InputError(path, "no persona store here (`deeper refine --store` creates one)")
     store = PersonaStore(path)
-    report = {
+    report: dict[str, Any] = {
         "store": str(path),
         "bytes": path.stat().st_size,
         "tables": {t: 0 for t in TABLES},
@@ -196,7 +197,7 @@ def export_store(path: str | Path, folder: str | Path, force: bool = False) -> d
     # built beside the target and swapped in whole (deeper.outputs): an interrupted export or a full disk leaves
     # no folder that looks whole, and with --force the old export goes only once the new one is complete
     with replacing(folder, folder=True) as partial:
-        manifest = {
+        manifest: dict[str, Any] = {
             "format": EXPORT_FORMAT,
             "schema_version": SCHEMA_VERSION,
             "store": str(path),

@@ -46,6 +46,7 @@ import time
 import warnings
 from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
@@ -53,7 +54,7 @@ from deeper.config import get
 from deeper.errors import ConfigError, DeeperError, InputError
 from deeper.metrics import write_json
 from deeper.outputs import replacing
-from deeper.params import number
+from deeper.params import NumberRule, number
 from deeper.tables import first_bad_row, read_parquet_checked
 
 REFERENCES = ("base", "previous")
@@ -112,7 +113,8 @@ class TrainConfig:
     @classmethod
     def from_params(cls, params: dict, iteration: int = 1) -> TrainConfig:
         """`train` (+ `iter2.train` overrides for iteration 2) and the top-level `alpha`."""
-        raw, overrides, lora = get(params, "train"), {}, {}
+        raw = get(params, "train")
+        overrides: dict = {}
         if iteration == 2:
             overrides = get(params, "iter2.train", None) or {}
         for key, value in (("train", raw), ("iter2.train", overrides)):
@@ -182,7 +184,7 @@ class TrainConfig:
 
 
 # The numeric trainer settings and their ranges (deeper.params.number); lora_* are params train.lora.*.
-NUMBER_RULES = {
+NUMBER_RULES: dict[str, NumberRule] = {
     "lora_r": {"integer": True, "low": 1},
     "lora_alpha": {"low": 0.0, "low_open": True},
     "lora_dropout": {"low": 0.0, "high": 1.0, "high_open": True},
@@ -307,7 +309,7 @@ def build_trainer(
     import torch
     from datasets import Dataset
     from peft import LoraConfig, PeftConfig, PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
     from trl import DPOConfig
 
     if reference not in REFERENCES:
@@ -322,12 +324,14 @@ def build_trainer(
     base_model = str(base_model)
     try:
         tokenizer = AutoTokenizer.from_pretrained(base_model)
-        model = AutoModelForCausalLM.from_pretrained(base_model, dtype=getattr(torch, config.dtype))
+        model: PreTrainedModel | PeftModel = AutoModelForCausalLM.from_pretrained(
+            base_model, dtype=getattr(torch, config.dtype)
+        )
     except OSError as e:
         raise ConfigError(
             "models.policy.name", f"cannot load {base_model}: {str(e).splitlines()[0]}"
         ) from None
-    lora = LoraConfig(
+    lora: LoraConfig | None = LoraConfig(
         r=config.lora_r,
         lora_alpha=config.lora_alpha,
         lora_dropout=config.lora_dropout,
@@ -461,7 +465,8 @@ def _load_adapter_weights(model, adapter_dir: Path) -> None:
     weights = adapter_dir / "adapter_model.safetensors"
     if not weights.is_file():
         raise InputError(adapter_dir, "adapter_model.safetensors missing")
-    result = set_peft_model_state_dict(model, load_file(str(weights)), adapter_name="default")
+    # torch's _IncompatibleKeys (missing_keys, unexpected_keys); peft annotates it as `namedtuple`, not a type
+    result: Any = set_peft_model_state_dict(model, load_file(str(weights)), adapter_name="default")
     missing_lora = [k for k in result.missing_keys if "lora_" in k]
     if result.unexpected_keys or missing_lora:
         raise InputError(
@@ -526,6 +531,7 @@ def training_curves(directory: str | Path):
                 self._write(state.global_step, logs or {})
 
         def _write(self, step: int, logs: dict) -> None:
+            assert self.live is not None  # made with live= (below)
             self.live.step = step  # train and eval rows of one optimizer step share its number
             for key, value in logs.items():
                 name = curve_name(key)
@@ -569,7 +575,7 @@ def _last_logged(history: list[dict], key: str):
     return None
 
 
-def _write_train_log(folder: Path, started: float, out_dir: Path) -> dict:
+def _write_train_log(folder: Path, started: float, out_dir: str | Path) -> dict:
     """Wall-clock seconds and peak memory: printed on one line and written to train_log.json in the adapter
     `folder` being built for `out_dir`, not into the metrics (they differ on every run and would make
     `dvc metrics diff` noisy)."""
@@ -777,7 +783,9 @@ def train_dpo(
             base_model, out_dir, config, init_adapter, reference, len(val_examples), started, base_name
         )
     resumable = config.checkpoint_steps is not None and checkpoint_dir is not None
+    work_context: contextlib.AbstractContextManager[str]
     if resumable:
+        assert checkpoint_dir is not None  # resumable implies it (above)
         work = Path(checkpoint_dir) / run_key(
             base_model, train_examples, val_examples, config, init_adapter, reference
         )
@@ -812,7 +820,7 @@ def train_dpo(
             print(f"train: resuming from {resume_from} (step {resume_from.name.split('-')[-1]})", flush=True)
         output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
         history = trainer.state.log_history
-        final_eval = {}
+        final_eval: dict = {}
         if val_ds is not None and len(val_ds):
             # with eval_steps, the Trainer evaluates at the last step itself: once is enough (and one curve row)
             final_eval = _logged_at(history, trainer.state.global_step, "eval_loss") or trainer.evaluate()

@@ -144,8 +144,14 @@ class Sink:
         split: str | None = None,
     ) -> None:
         c = self._columns
-        c[0].append(domain), c[1].append(user_id), c[2].append(item_id), c[3].append(rating)
-        c[4].append(ts), c[5].append(self._seq), c[6].append(window), c[7].append(split)
+        c[0].append(domain)
+        c[1].append(user_id)
+        c[2].append(item_id)
+        c[3].append(rating)
+        c[4].append(ts)
+        c[5].append(self._seq)
+        c[6].append(window)
+        c[7].append(split)
         self._seq += 1
         if len(c[0]) >= _BATCH:
             self._flush()

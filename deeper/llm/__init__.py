@@ -14,10 +14,15 @@ from __future__ import annotations
 
 import importlib
 import inspect
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from deeper.errors import ConfigError
 from deeper.llm.base import LLM, RATINGS, Chat, Counters, RatingGroup, RatingResult, Sampling
 from deeper.llm.fingerprint import EMBEDDED_PREFIX
+
+if TYPE_CHECKING:
+    from deeper.params import NumberRule
 
 # backend name -> (module, class); each class's keyword arguments are the params keys it accepts.
 BACKENDS = {
@@ -29,7 +34,7 @@ BACKENDS = {
 }
 _NOT_PARAMS = {"self", "name", "adapter", "where"}
 # Numeric keys of the backends' params blocks and their ranges (deeper.params.number), whichever backend has them.
-NUMBER_RULES = {
+NUMBER_RULES: dict[str, NumberRule] = {
     "batch_size": {"integer": True, "low": 1, "nullable": True},
     "concurrency": {"integer": True, "low": 1},
     "timeout": {"low": 0.0, "low_open": True},
@@ -62,7 +67,7 @@ def spec_keys(backend: str) -> list[str]:
     return [p for p in inspect.signature(backend_class(backend)).parameters if p not in _NOT_PARAMS]
 
 
-def check_spec(spec: dict, adapter: str | None = None, where: str = "model") -> tuple[type, dict]:
+def check_spec(spec: dict, adapter: str | Path | None = None, where: str = "model") -> tuple[type[LLM], dict]:
     """load_llm's checks without building anything (no model, GPU, server or key needed): the backend class
     and its keyword arguments. Unknown backends, unknown or missing keys and values a backend's own
     `check_settings` refuses are one-line ConfigErrors."""
@@ -109,7 +114,7 @@ def check_spec(spec: dict, adapter: str | None = None, where: str = "model") -> 
     return cls, kwargs
 
 
-def load_llm(spec: dict, adapter: str | None = None, where: str = "model") -> LLM:
+def load_llm(spec: dict, adapter: str | Path | None = None, where: str = "model") -> LLM:
     """Build the backend a params block names. `adapter` (a peft folder) overrides the block's `adapter`.
 
     `where` names the block in error messages (e.g. "models.frozen"). Unknown backends, unknown or missing

@@ -18,7 +18,7 @@ That is what lets the response cache fetch any missing (chat, sample) alone afte
 from __future__ import annotations
 
 import threading
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Protocol, runtime_checkable
 
 import numpy as np
@@ -82,7 +82,7 @@ class RatingGroup:
 @dataclass
 class RatingResult:
     probs: np.ndarray  # (n_items, 5), rows sum to 1 (renormalised over "1".."5")
-    digit_mass: np.ndarray = field(default=None)  # (n_items,), mass on the five digits before renormalising
+    digit_mass: np.ndarray | None = None  # (n_items,), mass on the five digits before renormalising
     # (n_items,) bool or None (= none failed): True where the backend gave up (e.g. malformed server output) and
     # returned the stated fallback (uniform probs, digit_mass 0). Such rows are counted, never cached.
     failed: np.ndarray | None = None

@@ -33,8 +33,10 @@ import sqlite3
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 from filelock import FileLock
@@ -235,7 +237,7 @@ class ResponseStore:
             except sqlite3.Error:  # closing a connection to a damaged file may fail; it is dropped either way
                 pass
 
-    def _damage_found(self, error: Exception) -> str:
+    def _damage_found(self, error: sqlite3.Error | _Unreadable) -> str:
         """What was found, when `error` says the file is damaged; any other sqlite error becomes one line
         (DeeperError: locked, disk full, I/O, read-only), a misuse of sqlite3 here stays a bug's traceback."""
         if isinstance(error, _Unreadable):
@@ -324,7 +326,7 @@ class ResponseStore:
 
     # --- rows -----------------------------------------------------------------------------------------
 
-    def get_many(self, keys: list[str]) -> dict[str, object]:
+    def get_many(self, keys: list[str]) -> dict[str, dict]:
         unique = list(dict.fromkeys(keys))
 
         def read(conn):
@@ -347,7 +349,7 @@ class ResponseStore:
 
         return self._run(read)
 
-    def put_many(self, rows: list[tuple[str, str, object]]) -> None:
+    def put_many(self, rows: Sequence[tuple[str, str, object]]) -> None:
         """Store (key, op, value) rows in one transaction (all or nothing)."""
         if not rows:
             return
@@ -426,6 +428,9 @@ def _salvage(aside: Path, fresh: sqlite3.Connection) -> tuple[int, int]:
             bad, good = (bad, mid) if readable_from(mid) else (mid, good)
         return good
 
+    start: int | None = _INT64[0]
+    budget = 0
+
     def take(row) -> None:
         nonlocal start, skipped, budget
         rowid, key, op, value, created = row
@@ -439,8 +444,6 @@ def _salvage(aside: Path, fresh: sqlite3.Connection) -> tuple[int, int]:
         if len(batch) >= _SALVAGE_BATCH:
             flush()
 
-    start: int | None = _INT64[0]
-    budget = 0
     try:
         # a bound on the rows read, whatever a damaged page claims: no row of this table is smaller than 16
         # bytes
@@ -558,7 +561,7 @@ class CachedLLM:
             for k, indices in sorted(by_index.items()):
                 for part in _chunks(indices, self.batch_size):
                     run(part, 1, replace(sampling, seed=sampling.seed + k), k)
-        return texts
+        return cast(list[list[Generation]], texts)  # run() filled in every missing sample
 
     # --- rating ---------------------------------------------------------------------------------------
 
@@ -569,16 +572,17 @@ class CachedLLM:
         pieces = []  # (group index, item indices) of cache misses, at most batch_size items each
         for g, (group, row) in enumerate(zip(groups, keys)):
             n_items = len(group.chats)
+            digit_mass = np.zeros(n_items)  # result.digit_mass
             result = RatingResult(
                 probs=np.zeros((n_items, len(RATINGS))),
-                digit_mass=np.zeros(n_items),
+                digit_mass=digit_mass,
                 failed=np.zeros(n_items, dtype=bool),
             )
             todo = []
             for j, key in enumerate(row):
                 if key in found:
                     result.probs[j] = found[key]["probs"]
-                    result.digit_mass[j] = found[key]["digit_mass"]
+                    digit_mass[j] = found[key]["digit_mass"]
                 else:
                     todo.append(j)
             pieces += [(g, part) for part in _chunks(todo, self.batch_size)]

@@ -47,6 +47,8 @@ class LocalServer:
         return f"http://127.0.0.1:{self.port}/v1"
 
     def command(self) -> list[str]:
+        if self._command is None:  # a subclass without a command argument overrides command()
+            raise TypeError(f"{type(self).__name__}: pass a command or override command()")
         return list(self._command(self.port))
 
     def log_tail(self, lines: int = 15) -> str:

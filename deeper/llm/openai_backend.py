@@ -174,13 +174,13 @@ class OpenAILLM:
         self.retry_base_delay, self.retry_max_delay = float(retry_base_delay), float(retry_max_delay)
         self.client = openai.OpenAI(api_key=key, base_url=base_url, timeout=float(timeout), max_retries=0)
         self._errors = openai
-        settings = {"prefill": prefill, "extra_body": self.extra_body}
+        settings: dict[str, object] = {"prefill": prefill, "extra_body": self.extra_body}
         if not send_repetition_penalty:  # only then: the fingerprints of existing blocks stay as they were
             settings["send_repetition_penalty"] = False
         if rating_extra_body:
             settings["rating_extra_body"] = rating_extra_body
-        settings = json.dumps(settings, sort_keys=True)
-        self.fingerprint = f"openai:{self.base_url}|{self.model}|{settings}"
+        settings_json = json.dumps(settings, sort_keys=True)
+        self.fingerprint = f"openai:{self.base_url}|{self.model}|{settings_json}"
         self.counters = Counters()
         self.show_progress = True
 
@@ -378,6 +378,7 @@ class OpenAILLM:
             no_reply = np.array([r is None for r in rows], dtype=bool)
             failed = no_reply | result.failed
             result.probs[failed] = uniform_result(len(rows)).probs[failed]
+            assert result.digit_mass is not None  # result_from_top_logprobs sets it
             result.digit_mass[no_reply] = 0.0
             result.failed = failed
             results.append(result)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from typing import Any
 
 import numpy as np
 
@@ -56,6 +57,8 @@ class DigitTokens:
     digits is a one-line DeeperError naming the model."""
 
     _digit_ids: list[list[int]] | None = None
+    tokenizer: Any  # the backend's (set in its __init__)
+    name: str
 
     @property
     def digit_ids(self) -> list[list[int]]:

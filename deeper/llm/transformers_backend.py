@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 from tqdm import tqdm
@@ -87,9 +88,9 @@ def packing_supported(model) -> bool:
 class PrefixMemo:
     """The KV cache of the last scored prefix. Never mutated: every use scores against a deep copy."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.tokens: tuple[int, ...] = ()
-        self.cache = None
+        self.cache: Any = None  # the model's past_key_values for self.tokens
         self.hits = 0
 
     def get(self, model, tokens: Sequence[int]):
@@ -206,10 +207,10 @@ class SeededSampler:
 
     def __init__(self, seeds: Sequence[int], temperature: float, top_p: float):
         import torch
-        from transformers import TemperatureLogitsWarper, TopPLogitsWarper
+        from transformers import LogitsProcessor, TemperatureLogitsWarper, TopPLogitsWarper
 
         self.generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
-        self.warpers = [TemperatureLogitsWarper(float(temperature))]
+        self.warpers: list[LogitsProcessor] = [TemperatureLogitsWarper(float(temperature))]
         if top_p < 1.0:
             self.warpers.append(TopPLogitsWarper(float(top_p)))
 
@@ -274,7 +275,7 @@ class TransformersLLM(DigitTokens):
             # every linear layer (bench/adapter_merge.py: generation 1.22x, rating 1.13x faster on SmolLM2, same
             # greedy tokens; the fingerprint still names the adapter).
             model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
-        self.model = model.to(device).eval()
+        self.model = model.to(device).eval()  # type: ignore[arg-type]  # its @wraps(Module.to) drops self
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.pad_id = self.tokenizer.pad_token_id
@@ -332,10 +333,9 @@ class TransformersLLM(DigitTokens):
             for (c, k), tokens in zip(batch, new):
                 real = tokens[~torch.isin(tokens, not_text)]
                 # generate() ends a row at an end token (then pads) or at max_new_tokens: no end token = the limit
-                texts[(c, k)] = Generation(
-                    self.tokenizer.decode(tokens, skip_special_tokens=True),
-                    stopped_at_limit=not bool(torch.isin(tokens, eos).any()),
-                )
+                text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+                assert isinstance(text, str)  # one row of tokens decodes to one string
+                texts[(c, k)] = Generation(text, stopped_at_limit=not bool(torch.isin(tokens, eos).any()))
                 self.counters.add(calls=1, prompt_tokens=len(prompts[c]), completion_tokens=len(real))
         return [[texts[(c, 0 if greedy else k)] for k in range(n)] for c in range(len(chats))]
 

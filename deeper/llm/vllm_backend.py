@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 from deeper.errors import ConfigError, DeeperError
 from deeper.llm.base import Chat, Counters, Generation, RatingGroup, RatingResult, Sampling
@@ -145,7 +146,7 @@ def cpu_environment(kv_cache_gib: int | None, cpu_threads_bind: str | None) -> d
 
 
 # One engine per process and setting: loading one costs tens of seconds and GBs of KV cache.
-_ENGINES: dict[str, object] = {}
+_ENGINES: dict[str, Any] = {}
 
 
 def shared_engine(vllm, kwargs: dict, environment: dict):

@@ -28,10 +28,11 @@ import json
 import math
 import re
 import unicodedata
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from functools import cache
 from pathlib import Path
+from typing import Any
 
 from deeper.errors import ConfigError, first_line
 
@@ -182,14 +183,14 @@ def authors_comparisons(rows: Iterable[tuple[str, float, float]]) -> str:
 
 # How each placeholder's value is turned into text, per list style (a set's set.yaml names its style; default
 # numbered); names not listed are free text.
-_FORMATTERS = {
+_FORMATTERS: dict[str, Callable[[Any], str]] = {
     "item_type": one_line,
     "item": quote_title,
     "items": format_items,
     "ratings": format_ratings,
     "comparisons": format_comparisons,
 }
-_AUTHORS = {
+_AUTHORS: dict[str, Callable[[Any], str]] = {
     **_FORMATTERS,
     "items": authors_items,
     "ratings": authors_ratings,
@@ -296,7 +297,9 @@ def parse_template(name: str, path: Path) -> Template:
             used.add(found)
         leftover = _PLACEHOLDER_RE.sub("", text)
         if "{{" in leftover or "}}" in leftover:
-            bad = re.search(r"\{\{[^\n]{0,30}|[^\n]{0,30}\}\}", leftover).group(0)
+            found_bad = re.search(r"\{\{[^\n]{0,30}|[^\n]{0,30}\}\}", leftover)
+            assert found_bad is not None  # leftover holds "{{" or "}}", which the pattern matches
+            bad = found_bad.group(0)
             raise ConfigError(
                 role, f"malformed placeholder near {bad!r}; write {{{{name}}}} in lower case", where
             )
@@ -320,7 +323,7 @@ def read_set_file(path: Path) -> tuple[str, str | None]:
     try:
         block = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
-        raise ConfigError("(file)", f"unreadable: {first_line(str(e))}", str(path)) from None
+        raise ConfigError("(file)", f"unreadable: {first_line(e)}", str(path)) from None
     if not isinstance(block, dict) or set(block) - {"lists", "extends"}:
         raise ConfigError("(set)", "must be a mapping with the keys lists and extends only", str(path))
     lists, extends = block.get("lists", "numbered"), block.get("extends")
@@ -339,7 +342,7 @@ class PromptSet:
         self.lists, extends = read_set_file(self.directory / SET_FILE)
         # a set that extends another holds only the templates it changes; the rest are the other set's
         base = PromptSet(PROMPT_SETS[extends]) if extends is not None else None
-        self.templates = {}
+        self.templates: dict[str, Template] = {}
         for name in PLACEHOLDERS:
             path = self.directory / f"{name}.txt"
             template = parse_template(name, path) if base is None or path.exists() else base.templates[name]

@@ -51,6 +51,6 @@ def read(src: Source, sink) -> None:
         rated.add(asin)
     if src.meta is not None:
         for row, obj in iter_json_objects(src.meta):
-            asin = obj.get("asin")
-            if isinstance(asin, str) and asin in rated:  # meta files list millions of unrated products
-                sink.title(src.domain, asin, obj.get("title"))
+            item = obj.get("asin")
+            if isinstance(item, str) and item in rated:  # meta files list millions of unrated products
+                sink.title(src.domain, item, obj.get("title"))

@@ -124,7 +124,7 @@ def read(src: Source, sink) -> None:
 
 def read_domain(folder: Path, source_format: str, sink, domain: str | None = None) -> None:
     domain, users, item_type = domain or folder.name, {}, None
-    csv_files = [
+    csv_files: list[tuple[Path, str | None]] = [
         (folder / "split_data" / name, split)
         for name, split in SPLIT_FILES
         if (folder / "split_data" / name).exists()

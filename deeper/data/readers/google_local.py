@@ -37,7 +37,7 @@ def read(src: Source, sink) -> None:
         rated.add(place)
     if src.meta is not None:
         for row, obj in iter_json_objects(src.meta):
-            place = obj.get("gmap_id")
-            if isinstance(place, str) and place in rated:
-                sink.title(src.domain, place, obj.get("address"))  # the first usable title wins:
-                sink.title(src.domain, place, obj.get("name"))  # the name only where the address is none
+            gmap_id = obj.get("gmap_id")
+            if isinstance(gmap_id, str) and gmap_id in rated:
+                sink.title(src.domain, gmap_id, obj.get("address"))  # the first usable title wins:
+                sink.title(src.domain, gmap_id, obj.get("name"))  # the name only where the address is none
