@@ -130,7 +130,7 @@ BAD = [
     ("fetch.models", ["gpt2"], "fetch.models: unknown model 'gpt2'"),
     ("pair.val_fraction", -0.1, "pair.val_fraction: must be >= 0, got -0.1"),
     ("pair.seed", 1.5, "pair.seed: must be an integer, got 1.5"),
-    ("prompts", "paper", "prompts: must be one of tuned, published, got 'paper'"),
+    ("prompts", "paper", "prompts: must be one of tuned, published, diagnostic, got 'paper'"),
     ("models.sampler.backend", "llamacpp", "models.sampler.backend: 'llamacpp' is not one of"),
     ("models.policy.name", "embedded:gpt2", "models.policy.name: 'embedded:gpt2': the embedded models"),
     ("headroom.window", 6, "headroom.window: W_6 does not exist: users have window.count=6"),
