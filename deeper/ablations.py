@@ -30,7 +30,9 @@ EVAL_METRICS = "metrics/eval.json"
 PAIR_METRICS = {1: "metrics/pairs_it1.json", 2: "metrics/pairs_it2.json"}
 # (column label, method of evaluate.methods): Table 20 reads Model 1 against Model 2 in every row, Table 26 the
 # untrained policy (before training) against Model 2 (after)
-METHOD_COLUMNS = (("untrained", "untrained"), ("Model 1", "deeper_it1"), ("DEEPER (Model 2)", "deeper"))
+# The comparison's columns: which evaluation method each is, found in each run's own evaluate.methods by place and
+# weights (deeper.methods: the untrained refiner, train@1's, the reference = DEEPER's Model 2), not by name.
+METHOD_COLUMNS = (("untrained", "untrained"), ("Model 1", "model_1"), ("DEEPER (Model 2)", "reference"))
 
 
 def available() -> list[str]:
@@ -127,15 +129,38 @@ def _changes(name: str) -> str:
     return " ".join(f"{key}={value}" for key, value in entries.items())
 
 
+def _method_roles(record: dict) -> dict[str, str | None]:
+    """The run's method names of METHOD_COLUMNS' roles, from its own params (evaluate.methods)."""
+    from deeper.methods import method_with_adapter, methods_from_params, reference_method
+
+    methods = _dig(_file_data(record, "params", "params.yaml"), "evaluate.methods")
+    specs = methods_from_params(methods) if isinstance(methods, dict) and methods else {}
+    if not specs:
+        return dict.fromkeys(("untrained", "model_1", "reference"))
+    return {
+        "untrained": method_with_adapter(specs, None),
+        "model_1": method_with_adapter(specs, 1),
+        "reference": reference_method(specs),
+    }
+
+
 def _row(label: str, baseline: str, changes: str, record: dict) -> dict:
     evaluation = _file_data(record, "metrics", EVAL_METRICS)
     row = {"experiment": label, "baseline": baseline, "changes": changes}
     for k, path in PAIR_METRICS.items():
         row[f"pairs_it{k}"] = _file_data(record, "metrics", path).get("pairs", "-")
-    for column, method in METHOD_COLUMNS:
-        row[f"{column}: mean MAE r1-4"] = _interval(evaluation, f"bootstrap.methods.{method}.mean_mae", 3)
-    row["DEEPER: r0->r4 reduction %"] = _interval(evaluation, "bootstrap.methods.deeper.reduction_pct", 1)
-    row["DEEPER - untrained: mean MAE"] = _interval(evaluation, "bootstrap.vs_deeper.untrained.mean_mae", 3)
+    names = _method_roles(record)
+    for column, role in METHOD_COLUMNS:
+        row[f"{column}: mean MAE r1-4"] = _interval(
+            evaluation, f"bootstrap.methods.{names[role]}.mean_mae", 3
+        )
+    reference, untrained = names["reference"], names["untrained"]
+    row["DEEPER: r0->r4 reduction %"] = _interval(
+        evaluation, f"bootstrap.methods.{reference}.reduction_pct", 1
+    )
+    row["DEEPER - untrained: mean MAE"] = _interval(
+        evaluation, f"bootstrap.vs_{reference}.{untrained}.mean_mae", 3
+    )
     return row
 
 

@@ -138,7 +138,7 @@ def paired_bootstrap(
     tables: dict[str, pd.DataFrame],
     rounds: int,
     settings: BootstrapSettings = BootstrapSettings(),
-    reference: str | None = "deeper",
+    reference: str | None = None,
 ) -> dict:
     """{"resamples", "level", "seed", "methods": {m: {stat: {estimate, low, high}}},
     "vs_<reference>": {m: {stat: {estimate, low, high}}}} (reference minus m; absent without the reference)."""

@@ -104,8 +104,8 @@ overridable with -S key=value (a YAML value), e.g. -S window.size=5 or
     "--adapter",
     default=None,
     help="The trained LoRA adapter on models.policy; with the openai backend, the name the server serves "
-    "it under (vLLM: --lora-modules NAME=folder). Default: the `deeper` evaluation method's "
-    "(params evaluate.methods.deeper.weights: models/adapters/it2, Model 2 of the run).",
+    "it under (vLLM: --lora-modules NAME=folder). Default: the weights of the first evaluation "
+    "method, the reference (params evaluate.methods.deeper.weights: models/adapters/it2, Model 2 of the run).",
 )
 @click.option("--no-adapter", is_flag=True, help="Refine with the untrained policy (no adapter).")
 @PARAMS_OPTION

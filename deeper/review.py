@@ -30,8 +30,8 @@ from typing import Any, TypeGuard
 
 from deeper.bootstrap import format_interval
 
-# The method the paired differences are taken against (eval.json bootstrap.vs_deeper: DEEPER minus the method).
-REFERENCE = "deeper"
+# The method the paired differences are taken against is the one eval.json's `bootstrap.vs_<reference>` names
+# (the first of params evaluate.methods: DEEPER minus each method); the review finds it there (`reference_of`).
 # GitHub refuses a comment longer than 65,536 characters; CML adds its watermark. The folded metrics diff is cut
 # to keep the page under this (the whole diff stays in metrics_diff.md beside it).
 COMMENT_LIMIT = 60_000
@@ -134,7 +134,7 @@ class RevisionData:
 class Headline:
     """A number of eval.json `bootstrap` that the review tabulates per method."""
 
-    key: str  # bootstrap.methods.<method>.<key>, bootstrap.vs_deeper.<method>.<key>
+    key: str  # bootstrap.methods.<method>.<key>, bootstrap.vs_<reference>.<method>.<key>
     name: str  # its column name
     digits: int  # decimals of the estimates and intervals shown
     intro: str  # what it is, `{rounds}` filled in
@@ -162,10 +162,12 @@ HEADLINES = (
 class HeadlineRow:
     method: str
     value: tuple[Interval | None, Interval | None]  # (base, head): the method's own estimate
-    vs_deeper: tuple[Interval | None, Interval | None]  # (base, head): DEEPER minus this method
+    vs_reference: tuple[
+        Interval | None, Interval | None
+    ]  # (base, head): the reference (DEEPER) minus this method
 
     def marks(self) -> tuple[str, str]:
-        return mark_change(*self.value), mark_change(*self.vs_deeper)
+        return mark_change(*self.value), mark_change(*self.vs_reference)
 
 
 def _bootstrap(ev: dict | None, group: str, method: str, key: str) -> Interval | None:
@@ -173,18 +175,29 @@ def _bootstrap(ev: dict | None, group: str, method: str, key: str) -> Interval |
     return Interval.read(node.get(key) if isinstance(node, dict) else None)
 
 
+def reference_of(*evals: dict | None) -> str | None:
+    """The method the first eval.json with a `bootstrap.vs_<method>` block measures the others against."""
+    for ev in evals:
+        for group in (ev or {}).get("bootstrap") or {}:
+            if group.startswith("vs_"):
+                return group[len("vs_") :]
+    return None
+
+
 def headline_rows(base_eval: dict | None, head_eval: dict | None, key: str = "mean_mae") -> list[HeadlineRow]:
-    """One row per method of either revision's bootstrap: DEEPER first, then the head's order, then methods the
-    base alone has."""
+    """One row per method of either revision's bootstrap: the reference (DEEPER) first, then the head's order,
+    then methods the base alone has."""
     names: list[str] = []
     for ev in (head_eval, base_eval):
         names += list(((ev or {}).get("bootstrap") or {}).get("methods", {}))
-    names = sorted(dict.fromkeys(names), key=lambda m: m != REFERENCE)
+    reference = reference_of(head_eval, base_eval)
+    names = sorted(dict.fromkeys(names), key=lambda m: m != reference)
+    versus = f"vs_{reference}"
     return [
         HeadlineRow(
             m,
             (_bootstrap(base_eval, "methods", m, key), _bootstrap(head_eval, "methods", m, key)),
-            (_bootstrap(base_eval, "vs_deeper", m, key), _bootstrap(head_eval, "vs_deeper", m, key)),
+            (_bootstrap(base_eval, versus, m, key), _bootstrap(head_eval, versus, m, key)),
         )
         for m in names
     ]
@@ -227,13 +240,13 @@ def headline_table(base: RevisionData, head: RevisionData, headline: Headline = 
         "|---|---|---|---|---|---|---|",
     ]
     for row in rows:
-        if row.method == REFERENCE:
+        if row.method == reference_of(head.eval, base.eval):
             diff = ["—", "—", ""]
         else:
             diff = [
-                format_interval(row.vs_deeper[0], headline.digits),
-                format_interval(row.vs_deeper[1], headline.digits),
-                format_change(*row.vs_deeper),
+                format_interval(row.vs_reference[0], headline.digits),
+                format_interval(row.vs_reference[1], headline.digits),
+                format_change(*row.vs_reference),
             ]
         lines.append(
             _row(

@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from deeper.config import get
 from deeper.data.ingest import check_unknown_items, ingest
 from deeper.data.readers import READERS, SELF_NAMING, WITH_META, Source
-from deeper.errors import ConfigError, DeeperError, InputError
+from deeper.errors import DeeperError, InputError
 from deeper.llm.base import stopped_at_limit
 from deeper.methods.base import UpdateInput, Window
 from deeper.methods.refine import Refine
@@ -47,7 +47,6 @@ from deeper.store import PersonaStore, Rating, StaleState, UserState, window_key
 if TYPE_CHECKING:
     from deeper.llm.cache import CachedLLM
 
-DEEPER_METHOD = "deeper"  # the evaluation method whose adapter is the default: Model 2 (models/adapters/it2)
 DEFAULT_STORE = "personas.duckdb"
 MAX_PLANS = 5  # plans per run: another run writing the same users in between makes this one plan again
 SHOWN_WAITING = 10  # users listed by name in the "waiting for a full window" line
@@ -143,15 +142,11 @@ class Models:
 
 
 def default_adapter(params: dict) -> str | None:
-    """The adapter of the evaluation's `deeper` method, params evaluate.methods.deeper.weights (Model 2)."""
-    from deeper.methods import methods_from_params
+    """The adapter of the evaluation's reference method (the first of params evaluate.methods: Model 2)."""
+    from deeper.methods import methods_from_params, reference_method
 
     specs = methods_from_params(get(params, "evaluate.methods"))
-    if DEEPER_METHOD not in specs:
-        raise ConfigError(
-            f"evaluate.methods.{DEEPER_METHOD}", "missing: it names the default adapter (or pass --adapter)"
-        )
-    return specs[DEEPER_METHOD].adapter
+    return specs[reference_method(specs)].adapter
 
 
 def adapter_identity(policy_spec: dict, adapter: str | None) -> str | None:

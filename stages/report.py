@@ -40,6 +40,7 @@ from pathlib import Path
 import click
 
 from deeper.bootstrap import BootstrapSettings, format_interval, paired_bootstrap
+from deeper.methods import reference_method
 from deeper.metrics import write_json
 from deeper.outputs import write_csv, write_text
 from deeper.pairs import thresholds_from_params
@@ -65,7 +66,8 @@ def run(
     tau_pos, tau_neg = thresholds_from_params(params)
     tables = {m: read_eval_table(eval_dir / f"{m}.parquet", m, rounds) for m in methods}
     metrics, plots = build_report(tables, rounds, weights, tau_pos, tau_neg, refiners)
-    metrics["bootstrap"] = paired_bootstrap(tables, rounds, BootstrapSettings.from_params(params))
+    reference = reference_method(settings.methods)
+    metrics["bootstrap"] = paired_bootstrap(tables, rounds, BootstrapSettings.from_params(params), reference)
     folder = embedder_from_params(params)
     embedder = PersonaEmbedder(folder) if folder is not None else None
     metrics["persona_similarity"], plots["persona_similarity.csv"] = persona_similarity(
@@ -83,8 +85,8 @@ def run(
         cut_shown = f"{cut:.1f} %" if isinstance(cut, float) else str(cut)
         boot = metrics["bootstrap"]
         mean = boot["methods"][method]["mean_mae"]
-        versus = boot.get("vs_deeper", {}).get(method, {}).get("mean_mae")
-        versus_shown = f", deeper minus it {format_interval(versus, signed=True)}" if versus else ""
+        versus = boot.get(f"vs_{reference}", {}).get(method, {}).get("mean_mae")
+        versus_shown = f", {reference} minus it {format_interval(versus, signed=True)}" if versus else ""
         click.echo(
             f"{method:>11}: mae r0 {shown[0]} -> r{rounds} {shown[1]} (reduction {cut_shown}); mean of rounds "
             f"1-{rounds} {format_interval(mean)}{versus_shown}",

@@ -247,3 +247,24 @@ def test_only_the_trained_refiners_depend_on_training():
                 iteration = spec.adapter[-1]
                 assert f"train@{iteration}" in upstream, name
                 assert "train@2" not in upstream or iteration == "2", name
+
+
+def test_code_finds_the_methods_it_needs_by_place_and_weights_not_by_name():
+    """Method names live in params evaluate.methods alone: the reference is the first entry, Model k the policy
+    method on train@k's adapter (whatever its update), the untrained one the refiner on the bare policy."""
+    from deeper.methods import method_with_adapter, methods_from_params, reference_method
+
+    specs = methods_from_params(
+        {
+            "m2": {"update": "incupdate", "model": "policy", "weights": "models/adapters/it2"},
+            "base": {"update": "incupdate", "model": "policy", "weights": "models/embedded"},
+            "bare": {"update": "refine", "model": "policy", "weights": "models/embedded"},
+            "m1": {"update": "incupdate", "model": "policy", "weights": "models/adapters/it1"},
+            "frozen": {"update": "refine", "model": "frozen", "weights": "models/embedded"},
+        }
+    )
+    assert reference_method(specs) == "m2"
+    assert (method_with_adapter(specs, 1), method_with_adapter(specs, 2)) == ("m1", "m2")
+    assert method_with_adapter(specs, None) == "bare"  # a refiner, on the policy, with no adapter
+    assert method_with_adapter(specs, 3) is None
+    assert method_with_adapter({k: v for k, v in specs.items() if k != "bare"}, None) is None

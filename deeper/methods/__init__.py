@@ -17,6 +17,7 @@ The baselines run on the frozen model, as in the paper (GPT-4o-mini served all b
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from deeper.errors import ConfigError
 from deeper.llm.base import LLM, Sampling
@@ -96,6 +97,27 @@ def trained_update_from_params(params: dict) -> type[UpdateMethod]:
     return UPDATES[update]
 
 
+def reference_method(specs: dict[str, MethodSpec]) -> str:
+    """The method every other is measured against (eval.json `bootstrap.vs_<it>`: it minus each other; `deeper
+    refine`'s default adapter): the first entry of evaluate.methods, DEEPER's Model 2 in params.yaml. The method
+    names live in params alone; code finds the ones it needs by their place and their weights."""
+    return next(iter(specs))
+
+
+def method_with_adapter(specs: dict[str, MethodSpec], iteration: int | None) -> str | None:
+    """The first method on the policy whose adapter is train@`iteration`'s (models/adapters/it<k>: Model k,
+    whatever its update), or with iteration None the first refiner on the bare policy (the untrained refiner);
+    None where there is none."""
+    for name, spec in specs.items():
+        if spec.role != "policy":
+            continue
+        if iteration is None and spec.adapter is None and spec.is_refiner:
+            return name
+        if iteration is not None and spec.adapter is not None and Path(spec.adapter).name == f"it{iteration}":
+            return name
+    return None
+
+
 def methods_from_params(methods, key: str = "evaluate.methods") -> dict[str, MethodSpec]:
     """params evaluate.methods (in order) -> {name: MethodSpec}."""
     if not isinstance(methods, dict) or not methods:
@@ -121,6 +143,8 @@ __all__ = [
     "UpdateResult",
     "Window",
     "method_spec",
+    "method_with_adapter",
     "methods_from_params",
+    "reference_method",
     "trained_update_from_params",
 ]
