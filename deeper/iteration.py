@@ -80,22 +80,31 @@ def load_policy(params: dict, adapter: str | Path | None = None, role: str = "po
     "policy" (the refiner DPO trains, and Models 1 and 2 on it) or "sampler" (the model that samples iteration
     1's candidates; a block of its own so that training another backbone on the same pairs re-runs training and
     what follows, not the sampling: the paper's Table 26)."""
-    from deeper.llm import load_llm
-    from deeper.llm.cache import CachedLLM
+    from deeper.llm.loading import load_cached
 
     if role not in POLICY_ROLES:
         raise ConfigError("role", f"{role!r} is not one of {', '.join(POLICY_ROLES)}")
     if adapter is not None and not Path(adapter).is_dir():
         raise InputError(adapter, "adapter folder not found; run the previous iteration's train stage first")
-    return CachedLLM(load_llm(get(params, f"models.{role}"), adapter=adapter, where=f"models.{role}"))
+    return load_cached(get(params, f"models.{role}"), adapter=adapter, where=f"models.{role}")
 
 
 def load_frozen(params: dict):
     """The frozen model of params `models.frozen` (all predictions) behind the response cache."""
-    from deeper.llm import load_llm
-    from deeper.llm.cache import CachedLLM
+    from deeper.llm.loading import load_cached
 
-    return CachedLLM(load_llm(get(params, "models.frozen"), where="models.frozen"))
+    return load_cached(get(params, "models.frozen"), where="models.frozen")
+
+
+def load_frozen_and_writer(params: dict, role: str, adapter: str | Path | None = None) -> tuple:
+    """(frozen model, the model of params `models.<role>` + `adapter` that writes persona updates), both behind
+    the response cache; one model, loaded once, where both blocks name the same model and there is no adapter."""
+    from deeper.llm.loading import load_cached
+
+    frozen = load_frozen(params)
+    if adapter is None and get(params, f"models.{role}") == get(params, "models.frozen"):
+        return frozen, frozen
+    return frozen, load_cached(get(params, f"models.{role}"), adapter=adapter, where=f"models.{role}")
 
 
 # ---------------------------------------------------------------- inputs

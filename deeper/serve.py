@@ -168,15 +168,9 @@ def adapter_identity(policy_spec: dict, adapter: str | None) -> str | None:
 
 
 def load_models(params: dict, adapter: str | None, adapter_fingerprint: str | None) -> Models:
-    from deeper.llm import load_llm
-    from deeper.llm.cache import CachedLLM
+    from deeper.iteration import load_frozen_and_writer
 
-    frozen_spec, policy_spec = get(params, "models.frozen"), get(params, "models.policy")
-    frozen = CachedLLM(load_llm(frozen_spec, where="models.frozen"))
-    if adapter is None and policy_spec == frozen_spec:  # one model serves both: load it once
-        policy = frozen
-    else:
-        policy = CachedLLM(load_llm(policy_spec, adapter=adapter, where="models.policy"))
+    frozen, policy = load_frozen_and_writer(params, "policy", adapter)
     counter = token_counter(str(get(params, "persona.tokenizer")))
     return Models(frozen, policy, adapter, adapter_fingerprint, counter)
 

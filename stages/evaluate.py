@@ -72,8 +72,7 @@ def run(
     runs_dir: Path | None = None,
 ) -> dict:
     """Evaluate one method; returns the small summary written next to the table."""
-    from deeper.llm import load_llm
-    from deeper.llm.cache import CachedLLM
+    from deeper.iteration import load_frozen_and_writer
     from deeper.personas import token_counter
 
     settings = EvaluateSettings.from_params(params)
@@ -93,17 +92,11 @@ def run(
     domains, per_domain = settings.domains, settings.per_domain
     predict_settings = PredictSettings.from_params(params)
     tokenizer = get(params, "persona.tokenizer")
-    frozen_spec = get(params, "models.frozen")
-    update_spec = get(params, f"models.{spec.role}")
     users, skipped = load_eval_users(windows, personas, rounds, domains, per_domain)
     count_tokens = token_counter(str(tokenizer))
 
     started = time.perf_counter()
-    frozen = CachedLLM(load_llm(frozen_spec, where="models.frozen"))
-    if adapter is None and update_spec == frozen_spec:  # one model serves both: load it once
-        updater = frozen
-    else:
-        updater = CachedLLM(load_llm(update_spec, adapter=adapter, where=f"models.{spec.role}"))
+    frozen, updater = load_frozen_and_writer(params, spec.role, adapter)
     load_seconds = time.perf_counter() - started
     click.echo(
         f"evaluate {method}: {len(users)} users, {rounds} rounds, updates by models.{spec.role}"

@@ -83,8 +83,7 @@ def summarise(df: pd.DataFrame, retried: int, tokenizer: str) -> dict:
 
 
 def run(params: dict, windows: Path, out: Path, metrics: Path) -> dict:
-    from deeper.llm import load_llm
-    from deeper.llm.cache import CachedLLM
+    from deeper.llm.loading import load_cached
 
     settings = PersonaSettings.from_params(params)
     spec = get(params, "models.frozen")
@@ -102,7 +101,7 @@ def run(params: dict, windows: Path, out: Path, metrics: Path) -> dict:
         chats.append(init_chat(prompts, rows["item_type"].iloc[0], zip(rows["title"], rows["rating"])))
     click.echo(f"{len(users)} users: writing S0 with {spec.get('name')} ({spec.get('backend')})", err=True)
 
-    llm = CachedLLM(load_llm(spec, where="models.frozen"))
+    llm = load_cached(spec, where="models.frozen")
     personas, tries, at_limit = generate_personas(
         llm, chats, settings, log=lambda line: click.echo(line, err=True)
     )
