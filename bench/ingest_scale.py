@@ -171,7 +171,7 @@ from deeper.data.ingest import ingest, sources_from_params
 start = time.perf_counter()
 summary = ingest(sources_from_params({root!r}, "p", {{"p": [{entry!r}]}}), {db!r})
 seconds = time.perf_counter() - start
-print(json.dumps({{"seconds": seconds, "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+print("RESULT " + json.dumps({{"seconds": seconds, "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                   "ratings": summary["domains"]["d"]["ratings"]}}))
 """
 NATIVE = """
@@ -182,7 +182,7 @@ con.execute("CREATE TABLE t AS SELECT * FROM {reader}")
 n = con.execute("SELECT count(*) FROM t").fetchone()[0]
 con.close()
 seconds = time.perf_counter() - start
-print(json.dumps({{"seconds": seconds, "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "ratings": n}}))
+print("RESULT " + json.dumps({{"seconds": seconds, "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "ratings": n}}))
 """
 
 
@@ -190,7 +190,11 @@ def _run(code: str) -> dict:
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise click.ClickException(done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "failed")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    # the result line is marked: a library may print to stdout too
+    marked = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    if not marked:
+        raise click.ClickException(f"no result line; the run printed: {done.stdout[-500:]!r}")
+    return json.loads(marked[-1][len("RESULT ") :])
 
 
 def measure(fmt: str, rows: int, work: Path, baseline: str | None = None) -> dict:

@@ -72,7 +72,7 @@ def held_out_pairs(run: Path):
     return held.reset_index(drop=True)
 
 
-def preference(run: Path, pairs, beta: float, policy_name: str) -> dict:
+def preference(run: Path, pairs, beta: float, policy_name: str, ran: set[str]) -> dict:
     from deeper.learning import completion_logps, preference_report
     from deeper.llm import load_llm
 
@@ -85,8 +85,9 @@ def preference(run: Path, pairs, beta: float, policy_name: str) -> dict:
     }
     base = completion_logps(load_llm(spec), pairs)
     out = {}
-    for label, folder in (("model_1", "models/adapters/it1"), ("model_2", "models/adapters/it2")):
-        if not (run / folder / "adapter_model.safetensors").is_file():
+    for k, label, folder in ((1, "model_1", "models/adapters/it1"), (2, "model_2", "models/adapters/it2")):
+        # an adapter another run left behind is not this run's
+        if not (run / folder / "adapter_model.safetensors").is_file() or f"train@{k}" not in ran:
             out[label] = "missing: the run has not trained it yet"
             continue
         policy = completion_logps(load_llm(spec, adapter=str(run / folder)), pairs)
@@ -187,7 +188,7 @@ def main(run_dir, out, skip_preference):
         report["held_out_pairs"] = {"pairs": len(pairs), "contexts": int(pairs["context_id"].nunique())}
         if len(pairs):
             report["preference"] = preference(
-                run, pairs, float(params["train"]["beta"]), params["models"]["policy"]["name"]
+                run, pairs, float(params["train"]["beta"]), params["models"]["policy"]["name"], ran
             )
 
     headroom = run / "metrics/headroom.json"
