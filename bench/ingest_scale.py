@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import subprocess
 import sys
 import tempfile
@@ -190,11 +191,11 @@ def _run(code: str) -> dict:
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise click.ClickException(done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "failed")
-    # the result line is marked: a library may print to stdout too
-    marked = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    # the result is marked: DuckDB's progress bar writes to stdout too, without a line break
+    marked = re.findall(r"RESULT (\{.*\})", done.stdout)
     if not marked:
         raise click.ClickException(f"no result line; the run printed: {done.stdout[-500:]!r}")
-    return json.loads(marked[-1][len("RESULT ") :])
+    return json.loads(marked[-1])
 
 
 def measure(fmt: str, rows: int, work: Path, baseline: str | None = None) -> dict:
