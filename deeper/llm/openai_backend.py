@@ -173,7 +173,8 @@ class OpenAILLM:
         self.batch_max_rounds, self.batch_max_requests = int(batch_max_rounds), int(batch_max_requests)
         self.retry_base_delay, self.retry_max_delay = float(retry_base_delay), float(retry_max_delay)
         self.client = openai.OpenAI(api_key=key, base_url=base_url, timeout=float(timeout), max_retries=0)
-        self._errors = openai
+        # the openai module, whose exception classes the live and the batch path (openai_batch) both catch
+        self.api_errors = openai
         settings: dict[str, object] = {"prefill": prefill, "extra_body": self.extra_body}
         if not send_repetition_penalty:  # only then: the fingerprints of existing blocks stay as they were
             settings["send_repetition_penalty"] = False
@@ -200,12 +201,13 @@ class OpenAILLM:
 
     # --- one request with retries ----------------------------------------------------------------------
 
-    def _redact(self, text: str) -> str:
+    def redact(self, text: str) -> str:
+        """`text` on one line with the API key masked: every message either path prints goes through it."""
         text = " ".join(str(text).split())  # one line
         return text.replace(self._key, "***") if self._key and self._key != "EMPTY" else text
 
     def _request(self, parse, **kwargs):
-        errors = self._errors
+        errors = self.api_errors
         reason, malformed = "no attempt", False
         for attempt in range(self.max_retries + 1):
             retry_after = None
@@ -233,7 +235,7 @@ class OpenAILLM:
                     ) from None
                 if status != 429 and status < 500 and status != 408:
                     raise DeeperError(
-                        f"openai backend: {self.base_url} model {self.model}: {status}: {self._redact(e.message)}"
+                        f"openai backend: {self.base_url} model {self.model}: {status}: {self.redact(e.message)}"
                     ) from None
                 reason, malformed = f"HTTP {status}", False
                 retry_after = _retry_after(e)
@@ -244,7 +246,7 @@ class OpenAILLM:
             if attempt < self.max_retries:
                 self.counters.add(retries=1)
                 time.sleep(backoff_delay(attempt, self.retry_base_delay, self.retry_max_delay, retry_after))
-        raise _GaveUp(self._redact(reason), malformed)
+        raise _GaveUp(self.redact(reason), malformed)
 
     def _run_all(self, jobs, desc: str) -> list:
         """Run `jobs` (zero-argument callables) on the bounded pool; results in order."""

@@ -58,12 +58,12 @@ class BatchRunner:
 
     def _fail(self, message: str) -> DeeperError:
         return DeeperError(
-            f"openai backend: {self.llm.base_url} model {self.llm.model}: {self.llm._redact(message)}"
+            f"openai backend: {self.llm.base_url} model {self.llm.model}: {self.llm.redact(message)}"
         )
 
     def _call(self, fn, *args, **kwargs):
         """One Files or Batches API call with the backend's own retries for 429, 5xx and transport errors."""
-        errors = self.llm._errors
+        errors = self.llm.api_errors
         for attempt in range(self.llm.max_retries + 1):
             try:
                 return fn(*args, **kwargs)
@@ -123,7 +123,7 @@ class BatchRunner:
             first = next((errors[str(i)] for i in todo if str(i) in errors), "no answer in the output file")
             self.llm.counters.add(retries=len(todo))
             print(
-                f"batch: {len(todo)} requests failed or did not run ({self.llm._redact(first)}); sending them "
+                f"batch: {len(todo)} requests failed or did not run ({self.llm.redact(first)}); sending them "
                 f"again",
                 file=sys.stderr,
                 flush=True,
