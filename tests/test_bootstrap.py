@@ -63,7 +63,7 @@ def test_pairing_cancels_what_every_method_shares():
     """Another method that is worse by exactly 0.1 for every user in every round: the difference's interval is
     that 0.1, although each method's own interval is wide."""
     worse = {k: [m + 0.1 for m in v] for k, v in USERS.items()}
-    out = paired_bootstrap({"deeper": table(USERS), "other": table(worse)}, ROUNDS, FAST)
+    out = paired_bootstrap({"deeper": table(USERS), "other": table(worse)}, ROUNDS, FAST, reference="deeper")
     diff = out["vs_deeper"]["other"]["mean_mae"]
     assert diff == pytest.approx({"estimate": -0.1, "low": -0.1, "high": -0.1})
     own = out["methods"]["other"]["mean_mae"]
@@ -91,7 +91,11 @@ def test_seeded_and_shaped_for_metrics():
     )
     narrow, wide = a["methods"]["deeper"]["mean_mae"], wider["methods"]["deeper"]["mean_mae"]
     assert wide["low"] <= narrow["low"] and wide["high"] >= narrow["high"]
-    assert "vs_deeper" not in paired_bootstrap({"x": table(USERS)}, ROUNDS, FAST)
+    assert "vs_deeper" not in paired_bootstrap({"x": table(USERS)}, ROUNDS, FAST, reference="deeper")
+    # the reference is the caller's (the first of evaluate.methods), never a name the code assumes
+    assert not any(k.startswith("vs_") for k in a)
+    named = paired_bootstrap({"deeper": table(USERS), "x": table(USERS)}, ROUNDS, FAST, reference="x")
+    assert set(named["vs_x"]) == {"deeper"}
 
 
 def test_methods_on_other_users_are_refused():
