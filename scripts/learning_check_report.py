@@ -56,7 +56,16 @@ def stages_run(run: Path) -> set[str]:
     return locked - set(json.loads(done.stdout or "{}"))
 
 
-REFINERS = {"base": "untrained", "model_1": "deeper_it1", "model_2": "deeper"}  # evaluate.methods names
+def refiners(params: dict) -> dict[str, str | None]:
+    """The run's evaluate.methods names of the base policy, Model 1 and Model 2, found by their weights."""
+    from deeper.methods import method_with_adapter, methods_from_params
+
+    specs = methods_from_params(params["evaluate"]["methods"])
+    return {
+        "base": method_with_adapter(specs, None),
+        "model_1": method_with_adapter(specs, 1),
+        "model_2": method_with_adapter(specs, 2),
+    }
 
 
 def held_out_pairs(run: Path):
@@ -200,13 +209,15 @@ def main(run_dir, out, skip_preference):
     first = run / "plots/first_update_reward.csv"
     settings = BootstrapSettings.from_params(params)
     if first.is_file() and "report" in ran:
-        report["first_update_reward"] = first_update_contrasts(pd.read_csv(first), REFINERS, settings)
+        found = {label: name for label, name in refiners(params).items() if name is not None}
+        report["first_update_reward"] = first_update_contrasts(pd.read_csv(first), found, settings)
     evaluation = run / "metrics/eval.json"
     if evaluation.is_file() and "report" in ran:
         shutil.copy2(evaluation, out / "eval.json")
         boot = json.loads(evaluation.read_text(encoding="utf-8"))["bootstrap"]
         report["mean_mae_rounds_1_4"] = {m: v["mean_mae"] for m, v in boot["methods"].items()}
-        report["deeper_minus"] = {m: v["mean_mae"] for m, v in boot["vs_deeper"].items()}
+        versus = next((k for k in boot if k.startswith("vs_")), None)  # vs_<the reference method>
+        report["deeper_minus"] = {m: v["mean_mae"] for m, v in boot.get(versus, {}).items()}
     write_json(out / "report.json", report)
     (out / "report.md").write_text(render(report), encoding="utf-8")
     click.echo(f"wrote {out / 'report.json'} and {out / 'report.md'}")
