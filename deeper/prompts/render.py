@@ -16,7 +16,8 @@ Rules that keep rendering safe:
   title containing "{{persona}}" or "{x}" stays text.
 - Values are typed by placeholder name: `ratings`, `items`, `item` and `comparisons` take titles (and
   numbers) and render one item per line, each title folded to one line and quoted as a JSON string (quotes,
-  backslashes escaped). Free text (`persona`, ...) keeps its line breaks.
+  backslashes escaped); a set whose set.yaml says `lists: authors` renders them as the DEEPER authors' scripts
+  did (Python dicts / lists, titles quoted by repr). Free text (`persona`, ...) keeps its line breaks.
 - Every value loses byte-order marks and control characters (spaces instead), and chat-control markers of the `<|...|>` family
   (ChatML's <|im_start|>, Llama 3's <|eot_id|>, ...) are broken apart ("<|" -> "< |"), so a
   value cannot open a new chat turn even in a backend whose tokenizer parses special tokens inside text.
